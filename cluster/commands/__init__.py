@@ -1,0 +1,38 @@
+"""Sub-commands of the ``wattwise`` CLI, one module per group.
+
+Each module exposes ``register(subparsers)``, which adds its parsers and sets
+``func`` to a ``run(args) -> int`` returning the exit status. Bad input is
+raised as :class:`profiler.errors.BadInputError`; the CLI prints it as one
+line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+#: Modules registered in the CLI, in help order.
+MODULES: tuple[str, ...] = (
+    "cluster.commands.store_cmds",
+    "cluster.commands.import_cmds",
+    "cluster.commands.energy_cmds",
+    "cluster.commands.step_cmds",
+    "cluster.commands.profiler_cmds",
+    "cluster.commands.demo_cmds",
+)
+
+_BENCH: dict[int, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
+
+
+def bench_subparsers(
+    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
+) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The sub-parsers of ``wattwise bench``, created on first use.
+
+    Several modules add benchmark commands (``bench step``, ``bench pre``);
+    each calls this to get the shared ``bench`` group.
+    """
+    key = id(subparsers)
+    if key not in _BENCH:
+        bench = subparsers.add_parser("bench", help="accuracy benchmarks on recorded runs")
+        _BENCH[key] = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    return _BENCH[key]

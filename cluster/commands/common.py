@@ -1,0 +1,59 @@
+"""Helpers shared by the CLI commands: store option, rich console, parquet reading."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    import polars as pl
+    from rich.console import Console
+
+    from profiler.store import Store
+
+
+def add_store_option(parser: argparse.ArgumentParser) -> None:
+    """Add ``--store DIR`` (default ``$WATTWISE_STORE`` or the per-user data directory)."""
+    parser.add_argument(
+        "--store",
+        metavar="DIR",
+        default=None,
+        help="run store directory (default: $WATTWISE_STORE, else ~/.local/share/wattwise/store)",
+    )
+
+
+def open_store(args: argparse.Namespace) -> Store:
+    """The store named by ``--store``."""
+    from profiler.store import Store
+
+    return Store(getattr(args, "store", None))
+
+
+def console(stderr: bool = False) -> Console:
+    """A rich console (plain text when not a terminal)."""
+    from rich.console import Console
+
+    return Console(stderr=stderr, highlight=False)
+
+
+def read_parquet(path: str, what: str) -> pl.DataFrame:
+    """Read a parquet file given on the command line.
+
+    Raises:
+        BadInputError: The file is missing or not parquet.
+
+    """
+    import polars as pl
+
+    p = Path(path)
+    if not p.is_file():
+        raise BadInputError(f"{path}: expected a parquet file of {what}; no such file")
+    try:
+        return pl.read_parquet(p)
+    except Exception as err:  # polars raises several types for corrupt files
+        raise BadInputError(
+            f"{path}: expected a parquet file of {what}; could not read it ({err})"
+        ) from err

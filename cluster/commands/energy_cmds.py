@@ -1,0 +1,156 @@
+"""``wattwise energy``: per-epoch energy of a stored run, or of parquet files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import TYPE_CHECKING, Any
+
+from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``energy`` command."""
+    p = sub.add_parser(
+        "energy",
+        help="per-epoch energy of a run (store) or of sample/epoch parquet files",
+        description=(
+            "Per-epoch energy: counter deltas where a cumulative counter exists, else "
+            "trapezoids of power; samples straddling an epoch mark are split at the mark; "
+            "intervals longer than --gap-threshold are not integrated and reported as gap_s."
+        ),
+    )
+    p.add_argument("--run", metavar="RUN_ID", help="a run in the store")
+    p.add_argument("--samples", metavar="S.parquet", help="file mode: samples parquet")
+    p.add_argument("--epochs", metavar="E.parquet", help="file mode: epoch marks parquet")
+    p.add_argument("--out", metavar="OUT.parquet", help="file mode: where to write the result")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument(
+        "--gap-threshold",
+        type=float,
+        default=5.0,
+        metavar="S",
+        help="longest sample interval in s integrated from power (default 5)",
+    )
+    add_store_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``wattwise energy``."""
+    file_mode = any((args.samples, args.epochs, args.out))
+    if file_mode == bool(args.run) or (file_mode and not (args.samples and args.epochs)):
+        raise BadInputError(
+            "expected either --run RUN_ID, or --samples S.parquet --epochs E.parquet "
+            "[--out OUT.parquet]"
+        )
+    if file_mode:
+        return _file_mode(args)
+    return _run_mode(args)
+
+
+def _file_mode(args: argparse.Namespace) -> int:
+    from estimators.energy import epoch_energy
+    from profiler.store import atomic_write_parquet
+
+    samples = read_parquet(args.samples, "samples (run_id, timestamp, power_w[, energy_j])")
+    epochs = read_parquet(args.epochs, "epoch marks (run_id, epoch, start, end)")
+    result = epoch_energy(
+        samples,
+        epochs,
+        gap_threshold_s=args.gap_threshold,
+        samples_file=args.samples,
+        epochs_file=args.epochs,
+    )
+    if args.out:
+        from pathlib import Path
+
+        atomic_write_parquet(result, Path(args.out))
+    _show(result, args, title=f"Per-epoch energy ({args.samples})")
+    return 0
+
+
+def _run_mode(args: argparse.Namespace) -> int:
+    from estimators.energy import epoch_energy, run_energy
+
+    store = open_store(args)
+    record = store.run(args.run)
+    samples = store.samples(args.run)
+    epochs = store.epochs(args.run)
+    if samples.height == 0:
+        raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
+    if epochs.height == 0:
+        result = run_energy(samples, gap_threshold_s=args.gap_threshold)
+        note = "no epoch marks recorded: whole run from first to last sample"
+    else:
+        result = epoch_energy(samples, epochs, gap_threshold_s=args.gap_threshold)
+        note = f"{epochs.height} epochs"
+    where = f"{record.get('node_type') or '?'} ({record.get('gpu_model') or '?'})"
+    title = f"Run {args.run} on {where}: {note}"
+    _show(result, args, title=title)
+    return 0
+
+
+def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None:
+    totals = {
+        "energy_j": float(result["energy_j"].sum()),
+        "duration_s": float(result["duration_s"].sum()),
+        "gap_s": float(result["gap_s"].sum()),
+        "n_skipped": int(result["n_skipped"].max() or 0) if result.height else 0,
+    }
+    if args.json:
+        rows: list[dict[str, Any]] = result.with_columns(
+            *(result[c].dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") for c in ("start", "end"))
+        ).to_dicts()
+        print(json.dumps({"rows": rows, "total": totals}, indent=1))
+        return
+    from rich.table import Table
+
+    has_epoch = "epoch" in result.columns
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("run" if not has_epoch else "epoch", "right"),
+        ("start (UTC)", "left"),
+        ("duration s", "right"),
+        ("energy kJ", "right"),
+        ("mean W", "right"),
+        ("gap s", "right"),
+        ("samples", "right"),
+        ("method", "left"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for r in result.iter_rows(named=True):
+        table.add_row(
+            str(r["epoch"] if has_epoch else r["run_id"]),
+            r["start"].strftime("%Y-%m-%d %H:%M:%S"),
+            f"{r['duration_s']:.1f}",
+            f"{r['energy_j'] / 1e3:.3f}",
+            "-" if r["mean_power_w"] is None else f"{r['mean_power_w']:.1f}",
+            f"{r['gap_s']:.1f}" if r["gap_s"] else "0",
+            str(r["n_samples"]),
+            r["method"],
+        )
+    table.add_section()
+    table.add_row(
+        "total",
+        "",
+        f"{totals['duration_s']:.1f}",
+        f"{totals['energy_j'] / 1e3:.3f}",
+        "",
+        f"{totals['gap_s']:.1f}",
+        "",
+        "",
+    )
+    out = console()
+    out.print(table)
+    if totals["gap_s"]:
+        out.print(f"[yellow]{totals['gap_s']:.1f} s had no measurement and add no energy.[/]")
+    if totals["n_skipped"]:
+        out.print(
+            f"[yellow]{totals['n_skipped']} samples had neither power nor a counter "
+            "and were skipped.[/]"
+        )

@@ -1,0 +1,1 @@
+"""Pure estimators on polars frames: energy integration, STEP, PRE, baselines."""

@@ -1,0 +1,517 @@
+"""Energy of runs and epochs from power samples: counter deltas or trapezoids, split at epoch marks.
+
+For each stream of samples (one run, node and device), in time order, every
+interval between two consecutive samples is one of:
+
+* **counter**: both samples carry the cumulative ``energy_j`` counter and it did
+  not go backwards; the interval's energy is the counter delta. A counter is
+  measured energy, so such an interval is never a gap, however long.
+* **power**: otherwise, when both samples have ``power_w`` and the interval is
+  at most ``gap_threshold_s`` long; the energy is the trapezoid.
+  A counter reset (the counter going backwards) falls back to this rule.
+* **gap**: anything else. Its energy is not invented: it counts 0 J and its
+  length is reported as ``gap_s``.
+
+Within an interval the cumulative energy is known as a function of time
+(quadratic for a trapezoid, linear for a counter), so an epoch boundary that
+falls inside an interval splits it exactly. Before a stream's first sample and
+after its last, power is held at the edge sample's value for up to
+``gap_threshold_s`` seconds (a 1 Hz sampler rarely hits an epoch mark exactly);
+beyond that the uncovered time is a gap. Devices and nodes of one run add up
+per epoch; ``gap_s`` of a row is the largest over its devices.
+
+Samples whose ``power_w`` and ``energy_j`` are both null carry no measurement
+and are skipped; their number is reported as ``n_skipped``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from profiler.errors import BadInputError, where
+
+DEFAULT_GAP_THRESHOLD_S = 5.0
+_POWER, _COUNTER, _GAP = 0, 1, 2
+
+
+@dataclass(frozen=True, slots=True)
+class _Stream:
+    """One device's samples prepared for exact integration.
+
+    Attributes:
+        t: Sample times in s since the Unix epoch (float64), strictly increasing.
+        e: Cumulative integrated energy at each sample in J (``e[0] == 0``).
+        g: Cumulative gap time at each sample in s.
+        kind: Kind of each interval (length ``len(t) - 1``).
+        p: Power at each sample in W (NaN where unknown).
+        inc: Energy of each interval in J.
+        edge_first_w: Power held before the first sample, in W (NaN if unknown).
+        edge_last_w: Power held after the last sample, in W (NaN if unknown).
+        thr: Gap threshold in s.
+        n_skipped: Samples dropped because they carried neither power nor counter.
+
+    """
+
+    t: np.ndarray
+    e: np.ndarray
+    g: np.ndarray
+    kind: np.ndarray
+    p: np.ndarray
+    inc: np.ndarray
+    edge_first_w: float
+    edge_last_w: float
+    thr: float
+    n_skipped: int
+
+    @classmethod
+    def build(
+        cls, t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float, n_skipped: int = 0
+    ) -> _Stream:
+        # Written to allocate few large temporaries: on big inputs, fresh memory (page
+        # faults) costs more than the arithmetic.
+        dt = np.diff(t)
+        inc = p[:-1] + p[1:]  # becomes the energy of each interval, in J
+        inc *= 0.5
+        inc *= dt
+        gap = (dt > thr) | np.isnan(inc)
+        kind = np.where(gap, _GAP, _POWER).astype(np.int8)
+        if c is not None:
+            dc = np.diff(c)
+            counter_ok = dc >= 0  # False for NaN (a missing counter) and for resets
+            kind[counter_ok] = _COUNTER
+            inc[counter_ok] = dc[counter_ok]
+            gap &= ~counter_ok
+        inc[gap] = 0.0
+        e = np.empty(len(t))
+        e[0] = 0.0
+        np.cumsum(inc, out=e[1:])
+        g = np.zeros(len(t))
+        if gap.any():
+            np.cumsum(np.where(gap, dt, 0.0), out=g[1:])
+
+        def edge(sample_w: float, interval: int) -> float:
+            if not np.isnan(sample_w):
+                return float(sample_w)
+            if len(dt) > interval >= -len(dt) and kind[interval] == _COUNTER and dt[interval] > 0:
+                return float(inc[interval] / dt[interval])
+            return float("nan")
+
+        return cls(t, e, g, kind, p, inc, edge(p[0], 0), edge(p[-1], -1), thr, n_skipped)
+
+    def at(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative energy (J) and gap time (s) since the first sample, at times ``x`` (s)."""
+        t, n = self.t, len(self.t)
+        i = np.searchsorted(t, x, side="right") - 1
+        energy = np.empty_like(x)
+        gap = np.empty_like(x)
+        before, after = i < 0, i >= n - 1
+        inner = ~(before | after)
+        # Inside an interval: exact partial integral.
+        ii = i[inner]
+        s = x[inner] - t[ii]
+        dt = t[ii + 1] - t[ii]
+        k = self.kind[ii]
+        pa, pb = self.p[ii], self.p[np.minimum(ii + 1, n - 1)]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
+            part_counter = self.inc[ii] * s / dt
+        energy[inner] = self.e[ii] + np.where(
+            k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
+        )
+        gap[inner] = self.g[ii] + np.where(k == _GAP, s, 0.0)
+        # Outside the samples: hold the edge power up to the threshold, then a gap.
+        for mask, sign, anchor_e, anchor_g, anchor_t, w in (
+            (before, -1.0, 0.0, 0.0, t[0], self.edge_first_w),
+            (after, 1.0, self.e[-1], self.g[-1], t[-1], self.edge_last_w),
+        ):
+            if not mask.any():
+                continue
+            d = np.abs(x[mask] - anchor_t)
+            held = np.minimum(d, self.thr) if not np.isnan(w) else np.zeros_like(d)
+            energy[mask] = anchor_e + sign * held * (0.0 if np.isnan(w) else w)
+            gap[mask] = anchor_g + sign * (d - held)
+        return energy, gap
+
+
+def _seconds(col: pl.Expr) -> pl.Expr:
+    """Datetime (naive = UTC, or any zone) to float seconds since the Unix epoch."""
+    return col.dt.epoch("us").cast(pl.Float64) / 1e6
+
+
+def _as_utc(df: pl.DataFrame, name: str, file: str | None) -> pl.DataFrame:
+    dtype = df.schema[name]
+    if isinstance(dtype, pl.Datetime):
+        if dtype.time_zone is not None:
+            return df.with_columns(pl.col(name).dt.convert_time_zone("UTC"))
+        return df.with_columns(pl.col(name).dt.replace_time_zone("UTC"))
+    raise BadInputError(
+        f"{where(file, label=repr(name))}expected a datetime column (UTC, or naive meaning UTC); "
+        f"found {dtype}"
+    )
+
+
+def _require(df: pl.DataFrame, cols: tuple[str, ...], what: str, file: str | None) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise BadInputError(
+            f"{where(file)}{what} need column(s) {missing}; found columns {df.columns}"
+        )
+
+
+def _first_row(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def _check_values(df: pl.DataFrame, name: str, file: str | None) -> None:
+    """Refuse NaN, infinite and negative values in a float column (nulls are fine)."""
+    col = pl.col(name)
+    bad = df.select((col.is_nan() | col.is_infinite() | (col < 0)).any()).item()
+    if bad:
+        r = _first_row(
+            df.select((col.is_nan() | col.is_infinite() | (col < 0)).fill_null(False))
+            .to_series()
+            .to_numpy()
+        )
+        raise BadInputError(
+            f"{where(file, r + 1, repr(name))}expected a finite number >= 0; found {df[name][r]}"
+        )
+
+
+def _prepare_streams(
+    samples: pl.DataFrame, thr: float, file: str | None
+) -> dict[tuple[str, str, str], _Stream]:
+    """Validate samples and build one integration stream per (run_id, node, device).
+
+    Samples of several devices may be interleaved; within one device they
+    must be in strictly increasing time.
+
+    Raises:
+        BadInputError: Missing columns, non-numeric, negative or non-finite
+            power or energy, a null run id, or timestamps of one device not
+            strictly increasing (unsorted or duplicated).
+
+    """
+    _require(samples, ("run_id", "timestamp", "power_w"), "samples", file)
+    has_counter = "energy_j" in samples.columns
+    for name in ("power_w", "energy_j") if has_counter else ("power_w",):
+        dtype = samples.schema[name]
+        if not (dtype.is_numeric() or dtype == pl.Null):
+            raise BadInputError(f"{where(file, label=repr(name))}expected numbers; found {dtype}")
+    samples = _as_utc(samples, "timestamp", file)
+    keys = [c for c in ("run_id", "node", "device") if c in samples.columns]
+    df = samples.select(
+        *keys,
+        pl.col("timestamp").dt.epoch("us").alias("us"),
+        pl.col("power_w").cast(pl.Float64),
+        *([pl.col("energy_j").cast(pl.Float64)] if has_counter else []),
+    ).with_row_index("row", offset=1)
+    for name in ("power_w", "energy_j") if has_counter else ("power_w",):
+        _check_values(df, name, file)
+    if df["run_id"].null_count():
+        r = _first_row(df["run_id"].is_null().to_numpy())
+        raise BadInputError(f"{where(file, r + 1, repr('run_id'))}expected a run id; found null")
+    streams: dict[tuple[str, str, str], _Stream] = {}
+    for key, part in _split_streams(df, keys):
+        named = dict(zip(keys, key, strict=True))
+        ident = (str(named["run_id"]), str(named.get("node", "")), str(named.get("device", "0")))
+        us = part["us"].to_numpy()
+        p = part["power_w"].to_numpy()  # nulls become NaN; real NaNs were refused above
+        c = part["energy_j"].to_numpy() if has_counter else None
+        empty = np.isnan(p) if c is None else np.isnan(p) & np.isnan(c)
+        n_skipped = int(empty.sum())
+        if n_skipped:
+            keep = ~empty
+            us, p, part = us[keep], p[keep], part.filter(pl.Series(keep))
+            c = None if c is None else c[keep]
+        if len(us) == 0:
+            continue
+        back = np.flatnonzero(us[1:] <= us[:-1])
+        if len(back):
+            _unsorted(part, int(back[0]) + 1, ident, file)
+        if c is not None and np.isnan(c).all():
+            c = None
+        streams[ident] = _Stream.build(us / 1e6, p, c, thr, n_skipped)
+    return streams
+
+
+def _split_streams(
+    df: pl.DataFrame, keys: list[str]
+) -> list[tuple[tuple[object, ...], pl.DataFrame]]:
+    """Rows of each (run_id, node, device), in input order.
+
+    Streams usually arrive contiguous (one device after another), and slicing
+    them out is nearly free; interleaved devices fall back to a hash partition.
+    """
+    if df.height == 0:
+        return []
+    constant = df.select((pl.col(k) == pl.col(k).first()).all() for k in keys).row(0)
+    varying = [k for k, const in zip(keys, constant, strict=True) if not const]
+    if not varying:
+        return [(df.select(keys).row(0), df)]
+    expr = pl.col(varying[0]) if len(varying) == 1 else pl.struct(varying)
+    seg = df.select(expr.rle_id()).to_series().to_numpy()
+    starts = np.concatenate(([0], np.flatnonzero(np.diff(seg)) + 1))
+    firsts = df.select(keys)[starts].rows()
+    if len(set(firsts)) == len(firsts):
+        ends = [*starts[1:], df.height]
+        return [
+            (k, df.slice(int(a), int(b - a))) for k, a, b in zip(firsts, starts, ends, strict=True)
+        ]
+    return list(df.partition_by(keys, as_dict=True, maintain_order=True).items())
+
+
+def _unsorted(part: pl.DataFrame, i: int, ident: tuple[str, str, str], file: str | None) -> None:
+    rec, prev = part.row(i, named=True), part.row(i - 1, named=True)
+    what = "a duplicated" if rec["us"] == prev["us"] else "an out-of-order"
+    stamp = pl.Series([rec["us"], prev["us"]]).cast(pl.Datetime("us", "UTC")).to_list()
+    raise BadInputError(
+        f"{where(file, rec['row'], 'run ' + repr(ident[0]))}node {ident[1]!r} device "
+        f"{ident[2]!r} has {what} timestamp {stamp[0]} after {stamp[1]} (row {prev['row']}); "
+        "expected strictly increasing times per run, node and device. Sort the samples and "
+        "drop duplicates first"
+    )
+
+
+def _label(row: dict[str, object], *, epoch: bool = True) -> str:
+    text = f"run {row['run_id']!r}"
+    return text + (f" epoch {row['epoch']}" if epoch else "")
+
+
+def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataFrame:
+    """Validate epoch marks.
+
+    Raises:
+        BadInputError: Missing columns, null values, an epoch ending before it
+            starts, a repeated (run_id, epoch), or epochs of one run overlapping.
+
+    """
+    _require(epochs, ("run_id", "epoch", "start", "end"), "epochs", file)
+    epochs = _as_utc(_as_utc(epochs, "start", file), "end", file)
+    if not epochs.schema["epoch"].is_integer():
+        raise BadInputError(
+            f"{where(file, label=repr('epoch'))}expected integer epoch numbers; "
+            f"found {epochs.schema['epoch']}"
+        )
+    df = epochs.select(
+        pl.col("run_id").cast(pl.String),
+        pl.col("epoch").cast(pl.Int64),
+        "start",
+        "end",
+        pl.int_range(1, pl.len() + 1, dtype=pl.Int64).alias("row"),
+    )
+    for c in ("run_id", "epoch", "start", "end"):
+        if df[c].null_count():
+            r = _first_row(df[c].is_null().to_numpy())
+            raise BadInputError(f"{where(file, r + 1, repr(c))}expected a value; found null")
+    bad = df.filter(pl.col("end") <= pl.col("start")).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'], _label(r))}expected end "
+            f"after start; found start {r['start']} and end {r['end']}"
+        )
+    dup = df.filter(pl.struct("run_id", "epoch").is_duplicated()).head(1)
+    if dup.height:
+        r = dup.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'], _label(r, epoch=False))}epoch {r['epoch']} appears more "
+            "than once; expected one mark per (run_id, epoch)"
+        )
+    df = df.sort("run_id", "start")
+    over = df.filter(pl.col("start") < pl.col("end").shift(1).over("run_id")).head(1)
+    if over.height:
+        r = over.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'], _label(r, epoch=False))}epoch {r['epoch']} starts at "
+            f"{r['start']}, before the previous epoch ends; expected epochs that do not overlap"
+        )
+    return df.with_columns(
+        _seconds(pl.col("start")).alias("t0"), _seconds(pl.col("end")).alias("t1")
+    )
+
+
+def _method(streams: list[_Stream]) -> str:
+    kinds = set()
+    for s in streams:
+        if (s.kind == _COUNTER).any():
+            kinds.add("counter")
+        if (s.kind == _POWER).any():
+            kinds.add("power")
+    return "+".join(sorted(kinds)) if kinds else "none"
+
+
+def epoch_energy(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame,
+    *,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
+    samples_file: str | None = None,
+    epochs_file: str | None = None,
+) -> pl.DataFrame:
+    """Energy per (run, epoch), summed over the run's devices and nodes.
+
+    Args:
+        samples: Samples with at least ``run_id``, ``timestamp``, ``power_w``
+            (W); optional ``energy_j`` (cumulative J), ``node``, ``device``.
+        epochs: Epoch marks with ``run_id``, ``epoch``, ``start``, ``end``.
+        gap_threshold_s: Longest interval between two samples, in s, that is
+            integrated from power; longer ones are gaps.
+        samples_file: Where the samples came from, for messages.
+        epochs_file: Where the epoch marks came from, for messages.
+
+    Returns:
+        One row per epoch, ordered by run and start, with ``energy_j`` (J),
+        ``duration_s`` (s), ``mean_power_w`` (W, energy over duration),
+        ``gap_s`` (s without measurement, largest over devices), ``n_samples``
+        (samples inside the epoch, all devices), ``n_skipped`` (samples of the
+        run without any value), ``devices`` and ``method`` (counter, power or
+        counter+power).
+
+    Raises:
+        BadInputError: See :func:`_prepare_streams` and :func:`prepare_epochs`.
+
+    """
+    if gap_threshold_s <= 0:
+        raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
+    streams = _prepare_streams(samples, gap_threshold_s, samples_file)
+    ep = prepare_epochs(epochs, file=epochs_file)
+    by_run: dict[str, list[_Stream]] = {}
+    for (run_id, _, _), st in streams.items():
+        by_run.setdefault(run_id, []).append(st)
+    parts = []
+    for (run_id,), marks in ep.partition_by("run_id", as_dict=True, maintain_order=True).items():
+        t0 = marks["t0"].to_numpy()
+        t1 = marks["t1"].to_numpy()
+        n = len(t0)
+        energy = np.zeros(n)
+        gap = np.zeros(n)
+        count = np.zeros(n, dtype=np.int64)
+        run_streams = by_run.get(str(run_id), [])
+        for st in run_streams:
+            e, g = st.at(np.concatenate((t0, t1)))
+            energy += e[n:] - e[:n]
+            gap = np.maximum(gap, g[n:] - g[:n])
+            count += np.searchsorted(st.t, t1, side="left") - np.searchsorted(st.t, t0, "left")
+        if not run_streams:
+            gap = t1 - t0
+        duration = t1 - t0
+        parts.append(
+            pl.DataFrame(
+                {
+                    "run_id": marks["run_id"],
+                    "epoch": marks["epoch"],
+                    "start": marks["start"],
+                    "end": marks["end"],
+                    "energy_j": energy,
+                    "duration_s": duration,
+                    "mean_power_w": energy / duration,
+                    "gap_s": gap,
+                    "n_samples": count,
+                    "n_skipped": sum(st.n_skipped for st in run_streams),
+                    "devices": len(run_streams),
+                    "method": _method(run_streams),
+                },
+                schema_overrides={"n_skipped": pl.Int64, "devices": pl.Int64},
+            )
+        )
+    if not parts:
+        return _empty_epoch_result()
+    return pl.concat(parts)
+
+
+def _empty_epoch_result() -> pl.DataFrame:
+    return pl.DataFrame(
+        schema={
+            "run_id": pl.String,
+            "epoch": pl.Int64,
+            "start": pl.Datetime("us", "UTC"),
+            "end": pl.Datetime("us", "UTC"),
+            "energy_j": pl.Float64,
+            "duration_s": pl.Float64,
+            "mean_power_w": pl.Float64,
+            "gap_s": pl.Float64,
+            "n_samples": pl.Int64,
+            "n_skipped": pl.Int64,
+            "devices": pl.Int64,
+            "method": pl.String,
+        }
+    )
+
+
+def run_energy(
+    samples: pl.DataFrame,
+    *,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
+    file: str | None = None,
+) -> pl.DataFrame:
+    """Total energy per run, from each device's first sample to its last.
+
+    Args:
+        samples: As for :func:`epoch_energy`.
+        gap_threshold_s: As for :func:`epoch_energy`.
+        file: Where the input came from, for messages.
+
+    Returns:
+        One row per run: ``run_id``, ``start``, ``end`` (UTC), ``energy_j``
+        (J, all devices), ``duration_s`` (s, first to last sample of any
+        device), ``mean_power_w`` (W), ``gap_s`` (s, largest over devices),
+        ``n_samples``, ``n_skipped``, ``devices``, ``method``.
+
+    """
+    if gap_threshold_s <= 0:
+        raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
+    streams = _prepare_streams(samples, gap_threshold_s, file)
+    rows: dict[str, dict[str, object]] = {}
+    for (run_id, _, _), st in streams.items():
+        r = rows.setdefault(
+            run_id,
+            {"t0": np.inf, "t1": -np.inf, "energy_j": 0.0, "gap_s": 0.0, "n": 0, "streams": []},
+        )
+        r["t0"] = min(r["t0"], st.t[0])  # type: ignore[call-overload]
+        r["t1"] = max(r["t1"], st.t[-1])  # type: ignore[call-overload]
+        r["energy_j"] = r["energy_j"] + st.e[-1]  # type: ignore[operator]
+        r["gap_s"] = max(r["gap_s"], st.g[-1])  # type: ignore[call-overload]
+        r["n"] = r["n"] + len(st.t)  # type: ignore[operator]
+        r["streams"].append(st)  # type: ignore[attr-defined]
+    out = pl.DataFrame(
+        {
+            "run_id": list(rows),
+            "t0": [r["t0"] for r in rows.values()],
+            "t1": [r["t1"] for r in rows.values()],
+            "energy_j": [r["energy_j"] for r in rows.values()],
+            "gap_s": [r["gap_s"] for r in rows.values()],
+            "n_samples": [r["n"] for r in rows.values()],
+            "n_skipped": [sum(st.n_skipped for st in r["streams"]) for r in rows.values()],  # type: ignore[attr-defined]
+            "devices": [len(r["streams"]) for r in rows.values()],  # type: ignore[arg-type]
+            "method": [_method(r["streams"]) for r in rows.values()],  # type: ignore[arg-type]
+        },
+        schema_overrides={"n_samples": pl.Int64, "n_skipped": pl.Int64, "devices": pl.Int64},
+    )
+    to_dt = (pl.col("t0") * 1e6).round().cast(pl.Int64).cast(pl.Datetime("us", "UTC"))
+    to_dt1 = (pl.col("t1") * 1e6).round().cast(pl.Int64).cast(pl.Datetime("us", "UTC"))
+    out = out.with_columns(
+        to_dt.alias("start"),
+        to_dt1.alias("end"),
+        (pl.col("t1") - pl.col("t0")).alias("duration_s"),
+    ).with_columns(
+        pl.when(pl.col("duration_s") > 0)
+        .then(pl.col("energy_j") / pl.col("duration_s"))
+        .otherwise(None)
+        .alias("mean_power_w")
+    )
+    return out.select(
+        "run_id",
+        "start",
+        "end",
+        "energy_j",
+        "duration_s",
+        "mean_power_w",
+        "gap_s",
+        "n_samples",
+        "n_skipped",
+        "devices",
+        "method",
+    ).sort("run_id")

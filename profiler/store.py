@@ -1,0 +1,313 @@
+"""The run store: three parquet tables in one directory, written atomically and idempotently.
+
+Layout under the store root::
+
+    runs.parquet                     one row per run (upserted by run_id)
+    epochs.parquet                   one row per (run_id, epoch) (upserted)
+    samples/<run_id>/part-<seq>.parquet   appended batches of one run
+    samples/<run_id>/base-<seq>.parquet   compaction of every part up to <seq>
+    samples/_unassigned/...          samples not yet tied to a run
+    .lock                            writers hold an exclusive flock
+
+Every file is written to a hidden temporary name in its final directory,
+fsynced, then renamed into place, so a reader never sees half a file and a
+crash leaves at most a hidden temporary that the next writer removes. Writers
+serialise on ``.lock``; readers take no lock. A sample's identity is
+(run_id, node, device, timestamp): writing it again is a no-op, writing a
+different value for it is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import re
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+
+from profiler.errors import BadInputError, SchemaError, StoreError
+from profiler.schema import KEYS, check_run_id, conform, empty, schema
+
+UNASSIGNED = "_unassigned"
+_PART_RE = re.compile(r"^(part|base)-(\d{12})\.parquet$")
+#: Compact a run's sample directory once it holds this many part files.
+COMPACT_AFTER = 64
+
+
+def default_root() -> Path:
+    """The store directory: ``$WATTWISE_STORE``, else the per-user data directory."""
+    env = os.environ.get("WATTWISE_STORE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "wattwise" / "store"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` so that readers see either the old file or the whole new one.
+
+    Raises:
+        StoreError: The write failed (for example the disk is full); the
+            temporary file is removed and ``path`` is untouched.
+
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            df.write_parquet(fh, compression="zstd", statistics=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except BaseException as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        if isinstance(err, OSError):
+            why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+            raise StoreError(f"could not write {path}: {why}; the store is unchanged") from err
+        raise
+
+
+class Store:
+    """A run store rooted at a directory.
+
+    Args:
+        root: Store directory; ``None`` means :func:`default_root`.
+
+    Attributes:
+        root: The store directory (created on first write).
+
+    """
+
+    def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
+        self.root = Path(root).expanduser() if root is not None else default_root()
+
+    def __repr__(self) -> str:
+        return f"Store({str(self.root)!r})"
+
+    # -- locking -----------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fh = open(self.root / ".lock", "a+b")  # noqa: SIM115 - closed below
+        except OSError as err:
+            raise StoreError(f"cannot open the store at {self.root}: {err}") from err
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+            self._sweep_temporaries()
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+            fh.close()
+
+    def _sweep_temporaries(self) -> None:
+        """Remove hidden temporaries left by a writer that died (we hold the lock)."""
+        for tmp in self.root.glob(".tmp-*"):
+            tmp.unlink(missing_ok=True)
+        samples = self.root / "samples"
+        if samples.is_dir():
+            for tmp in samples.glob("*/.tmp-*"):
+                tmp.unlink(missing_ok=True)
+
+    # -- paths -------------------------------------------------------------------------------
+    def _run_dir(self, run_id: str | None) -> Path:
+        name = UNASSIGNED if run_id is None else check_run_id(run_id)
+        path = (self.root / "samples" / name).resolve()
+        # check_run_id forbids separators and leading dots; this is a second line of defence.
+        if path.parent != (self.root / "samples").resolve():
+            raise SchemaError(f"run_id {run_id!r} would leave the store at {self.root}")
+        return path
+
+    @staticmethod
+    def _live_parts(run_dir: Path) -> tuple[list[Path], int]:
+        """Files of a run that hold its samples, and the highest sequence number in use."""
+        parts: list[tuple[int, str, Path]] = []
+        for p in run_dir.iterdir() if run_dir.is_dir() else []:
+            m = _PART_RE.match(p.name)
+            if m:
+                parts.append((int(m.group(2)), m.group(1), p))
+        bases = [seq for seq, kind, _ in parts if kind == "base"]
+        base_seq = max(bases) if bases else -1
+        live = [
+            p
+            for seq, kind, p in sorted(parts)
+            if (kind == "base" and seq == base_seq) or (kind == "part" and seq > base_seq)
+        ]
+        top = max((seq for seq, _, _ in parts), default=-1)
+        return live, top
+
+    # -- samples -----------------------------------------------------------------------------
+    def write_samples(self, df: pl.DataFrame, *, file: str | None = None) -> int:
+        """Append samples; rows already stored are skipped.
+
+        Args:
+            df: Rows in the ``samples`` schema (missing optional columns allowed).
+            file: Where the rows came from, for messages.
+
+        Returns:
+            How many rows were new.
+
+        Raises:
+            SchemaError: The rows do not fit the schema, or a row has the key
+                of a stored row but different values.
+            StoreError: The store could not be written; it is unchanged.
+
+        """
+        df = conform(df, "samples", file=file).unique(maintain_order=True)
+        if df.height == 0:
+            return 0
+        groups = df.partition_by("run_id", as_dict=True, maintain_order=True)
+        for (rid,) in groups:
+            self._run_dir(rid if rid is None else str(rid))  # validate every id before writing
+        new_total = 0
+        with self._locked():
+            for (rid,), part in groups.items():
+                run_dir = self._run_dir(None if rid is None else str(rid))
+                new = self._only_new(part, run_dir, file)
+                if new.height == 0:
+                    continue
+                _, top = self._live_parts(run_dir)
+                atomic_write_parquet(
+                    new.sort("node", "device", "timestamp"),
+                    run_dir / f"part-{top + 1:012d}.parquet",
+                )
+                new_total += new.height
+                self._maybe_compact(run_dir)
+        return new_total
+
+    def _only_new(self, part: pl.DataFrame, run_dir: Path, file: str | None) -> pl.DataFrame:
+        live, _ = self._live_parts(run_dir)
+        if not live:
+            return part
+        key = ["node", "device", "timestamp"]
+        old = pl.scan_parquet(live).select(*key, "power_w", "energy_j").collect()
+        both = part.join(old, on=key, how="inner", suffix="_old")
+        clash = both.filter(
+            ~pl.col("power_w").eq_missing(pl.col("power_w_old"))
+            | ~pl.col("energy_j").eq_missing(pl.col("energy_j_old"))
+        )
+        if clash.height:
+            r = clash.row(0, named=True)
+            raise SchemaError(
+                f"{file + ': ' if file else ''}sample node={r['node']!r} device={r['device']!r} "
+                f"timestamp={r['timestamp']} of run {run_dir.name!r} is already stored with "
+                f"power_w={r['power_w_old']}, energy_j={r['energy_j_old']}; the new value is "
+                f"power_w={r['power_w']}, energy_j={r['energy_j']}. A sample is written once; "
+                "delete the run first to replace it"
+            )
+        return part.join(old.select(key), on=key, how="anti")
+
+    def _maybe_compact(self, run_dir: Path) -> None:
+        live, top = self._live_parts(run_dir)
+        if len(live) < COMPACT_AFTER:
+            return
+        merged = pl.read_parquet(live).sort("node", "device", "timestamp")
+        atomic_write_parquet(merged, run_dir / f"base-{top:012d}.parquet")
+        for p in live:  # superseded by the base; harmless if a crash leaves them
+            p.unlink(missing_ok=True)
+
+    def samples(self, run_id: str | None = None, *, unassigned: bool = False) -> pl.DataFrame:
+        """Read samples, sorted by run, node, device and time.
+
+        Args:
+            run_id: One run's samples; ``None`` for every run.
+            unassigned: With ``run_id=None``, also return samples without a run.
+
+        Returns:
+            A frame in the ``samples`` schema.
+
+        """
+        base = self.root / "samples"
+        if run_id is not None:
+            dirs = [self._run_dir(run_id)]
+        elif base.is_dir():
+            dirs = sorted(
+                d for d in base.iterdir() if d.is_dir() and (unassigned or d.name != UNASSIGNED)
+            )
+        else:
+            dirs = []
+        files = [p for d in dirs for p in self._live_parts(d)[0]]
+        if not files:
+            return empty("samples")
+        df = pl.read_parquet(files, schema=schema("samples")) if files else empty("samples")
+        return df.sort("run_id", "node", "device", "timestamp", nulls_last=True)
+
+    # -- runs and epochs (small tables, rewritten whole) -----------------------------------
+    def _upsert(self, table: str, df: pl.DataFrame, file: str | None) -> int:
+        df = conform(df, table, file=file).unique(maintain_order=True)
+        key = list(KEYS[table])
+        with self._locked():
+            path = self.root / f"{table}.parquet"
+            old = pl.read_parquet(path) if path.exists() else empty(table)
+            if table == "runs":
+                # A partial update (say, only the status) keeps the fields it leaves null.
+                df = df.join(old, on=key, how="left", suffix="_old").select(
+                    *key,
+                    *(pl.coalesce(c, f"{c}_old").alias(c) for c in df.columns if c not in key),
+                )
+            changed = df.join(old, on=df.columns, how="anti", nulls_equal=True)
+            if changed.height == 0:
+                return 0
+            merged = pl.concat([old.join(changed.select(key), on=key, how="anti"), changed])
+            atomic_write_parquet(merged.sort(key), path)
+            return changed.height
+
+    def write_runs(self, df: pl.DataFrame, *, file: str | None = None) -> int:
+        """Insert or update runs by ``run_id``; returns how many rows changed.
+
+        A null field of an update keeps the stored value, so a status change
+        can be written as just ``run_id`` and ``status``.
+        """
+        return self._upsert("runs", df, file)
+
+    def write_epochs(self, df: pl.DataFrame, *, file: str | None = None) -> int:
+        """Insert or update epoch marks by (run_id, epoch); returns how many rows changed."""
+        return self._upsert("epochs", df, file)
+
+    def _read_small(self, table: str) -> pl.DataFrame:
+        path = self.root / f"{table}.parquet"
+        return pl.read_parquet(path) if path.exists() else empty(table)
+
+    def runs(self) -> pl.DataFrame:
+        """Every run, sorted by ``run_id``."""
+        return self._read_small("runs")
+
+    def epochs(self, run_id: str | None = None) -> pl.DataFrame:
+        """Epoch marks, of one run or of all, sorted by run and epoch."""
+        df = self._read_small("epochs")
+        if run_id is not None:
+            df = df.filter(pl.col("run_id") == check_run_id(run_id))
+        return df
+
+    def run(self, run_id: str) -> dict[str, object]:
+        """One run's record.
+
+        Raises:
+            BadInputError: No run has this id (the message lists a few that exist).
+
+        """
+        runs = self.runs()
+        hit = runs.filter(pl.col("run_id") == check_run_id(run_id))
+        if hit.height == 0:
+            known = runs["run_id"].head(5).to_list()
+            raise BadInputError(
+                f"no run {run_id!r} in the store at {self.root}; "
+                + (f"it has {runs.height} runs, e.g. {known}" if known else "the store is empty")
+            )
+        return hit.row(0, named=True)

@@ -17,6 +17,7 @@ MODULES: tuple[str, ...] = (
     "cluster.commands.energy_cmds",
     "cluster.commands.step_cmds",
     "cluster.commands.profiler_cmds",
+    "cluster.commands.pre_cmds",
     "cluster.commands.demo_cmds",
 )
 

@@ -25,12 +25,12 @@ import fcntl
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import polars as pl
 
-from profiler.errors import BadInputError, SchemaError, StoreError
+from profiler.errors import BadInputError, SchemaError, StoreError, where
 from profiler.schema import KEYS, check_run_id, conform, empty, schema
 
 UNASSIGNED = "_unassigned"
@@ -153,12 +153,23 @@ class Store:
         return live, top
 
     # -- samples -----------------------------------------------------------------------------
-    def write_samples(self, df: pl.DataFrame, *, file: str | None = None) -> int:
+    def write_samples(
+        self,
+        df: pl.DataFrame,
+        *,
+        file: str | None = None,
+        on_run: Callable[[str | None, int], None] | None = None,
+    ) -> int:
         """Append samples; rows already stored are skipped.
+
+        The batch is all or nothing for conflicts: every run is checked before
+        any is written.
 
         Args:
             df: Rows in the ``samples`` schema (missing optional columns allowed).
             file: Where the rows came from, for messages.
+            on_run: Called with (run_id, new rows) after each run of the
+                batch is written, e.g. to advance a progress bar.
 
         Returns:
             How many rows were new.
@@ -175,21 +186,27 @@ class Store:
         groups = df.partition_by("run_id", as_dict=True, maintain_order=True)
         for (rid,) in groups:
             self._run_dir(rid if rid is None else str(rid))  # validate every id before writing
-        new_total = 0
         with self._locked():
+            # Check every run before writing any, so a conflict leaves the store unchanged.
+            pending: dict[Path, pl.DataFrame] = {}
             for (rid,), part in groups.items():
                 run_dir = self._run_dir(None if rid is None else str(rid))
                 new = self._only_new(part, run_dir, file)
-                if new.height == 0:
-                    continue
-                _, top = self._live_parts(run_dir)
-                atomic_write_parquet(
-                    new.sort("node", "device", "timestamp"),
-                    run_dir / f"part-{top + 1:012d}.parquet",
-                )
-                new_total += new.height
-                self._maybe_compact(run_dir)
-        return new_total
+                if new.height:
+                    pending[run_dir] = new
+            for (rid,) in groups:
+                run_dir = self._run_dir(None if rid is None else str(rid))
+                new = pending.get(run_dir)
+                if new is not None:
+                    _, top = self._live_parts(run_dir)
+                    atomic_write_parquet(
+                        new.sort("node", "device", "timestamp"),
+                        run_dir / f"part-{top + 1:012d}.parquet",
+                    )
+                    self._maybe_compact(run_dir)
+                if on_run is not None:
+                    on_run(None if rid is None else str(rid), 0 if new is None else new.height)
+        return sum(new.height for new in pending.values())
 
     def _only_new(self, part: pl.DataFrame, run_dir: Path, file: str | None) -> pl.DataFrame:
         live, _ = self._live_parts(run_dir)
@@ -205,11 +222,11 @@ class Store:
         if clash.height:
             r = clash.row(0, named=True)
             raise SchemaError(
-                f"{file + ': ' if file else ''}sample node={r['node']!r} device={r['device']!r} "
-                f"timestamp={r['timestamp']} of run {run_dir.name!r} is already stored with "
-                f"power_w={r['power_w_old']}, energy_j={r['energy_j_old']}; the new value is "
-                f"power_w={r['power_w']}, energy_j={r['energy_j']}. A sample is written once; "
-                "delete the run first to replace it"
+                f"{where(file, label='run ' + repr(run_dir.name))}sample node {r['node']!r} "
+                f"device {r['device']!r} at {r['timestamp']} is already in the store at "
+                f"{self.root} with power_w={r['power_w_old']}, energy_j={r['energy_j_old']}; "
+                f"the new value is power_w={r['power_w']}, energy_j={r['energy_j']}. Expected "
+                "the same values (a sample is stored once): write it under another run id or node"
             )
         return part.join(old.select(key), on=key, how="anti")
 

@@ -68,7 +68,8 @@ def test_a_conflicting_rewrite_is_refused_and_the_store_is_unchanged(tmp_path):
     s = Store(tmp_path)
     s.write_samples(batch(0, 3))
     before = snapshot(tmp_path)
-    with pytest.raises(SchemaError, match=r"already stored with power_w=100.0.*new value is"):
+    clash = r"run 'r1': .* already in the store .* power_w=100.0.*new value is"
+    with pytest.raises(SchemaError, match=clash):
         s.write_samples(batch(0, 3, power=5.0))
     assert snapshot(tmp_path) == before
 

@@ -1,0 +1,342 @@
+"""Read the CSV that ``nvidia-smi --query-gpu=... --format=csv`` writes into the ``samples`` schema.
+
+Accepted input:
+
+* Header names as nvidia-smi writes them (``timestamp, name, utilization.gpu
+  [%], ..., power.draw [W], ...``, with a space after each comma) or renamed
+  (``timestamp,gpu_name,gpu_usage,gpu_memory_usage,...,gpu_power_draw,...``);
+  matching ignores case, spaces and the ``[unit]`` suffix. Columns that map to
+  nothing in the store (``memory.total``, ``power.max_limit``...) are ignored.
+* Timestamps ``2022-12-05 09:55:42.535`` or ``2023/03/09 13:27:53.079`` (the
+  fraction is optional): naive local time of the measuring machine, read in
+  the time zone ``tz`` and stored in UTC.
+* Cells with or without units (``47.60 W``, ``0 %``, ``24268 MiB``: the
+  ``nounits`` format too). ``[N/A]``, ``[Not Supported]``, any other
+  bracketed note, ``N/A`` and empty cells are null.
+* Several GPUs in one file: the device id is the ``uuid`` column, else
+  ``index``, else ``pci.bus_id``, else ``"0"`` for every row. Rows of several
+  GPUs may interleave.
+* Blank lines and repeated header lines (``nvidia-smi ... >> file`` restarted)
+  are skipped. A final line cut off mid-write (no newline at the end, fewer
+  fields than the header) is kept with the fields it has; a cut-off last
+  field counts as missing. A warning is logged.
+
+Everything else is refused with :class:`profiler.errors.BadInputError`
+naming the file, the 1-based data row (the header is not counted, so data
+row N is line N + 1) and the column.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import zoneinfo
+from dataclasses import dataclass
+from pathlib import Path
+
+import polars as pl
+
+from profiler.errors import BadInputError, where
+from profiler.importers import check_increasing
+from profiler.schema import check_run_id, conform
+
+log = logging.getLogger(__name__)
+
+#: Timestamp layout after ``/`` is replaced by ``-``; ``%.f`` makes the fraction optional.
+TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S%.f"
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """A store column and the header names nvidia-smi (or a renaming script) gives it.
+
+    Attributes:
+        target: Column name in the samples schema (or an internal name).
+        names: Accepted header names, normalised, in order of preference.
+        unit: Unit allowed after the number inside a cell, if any.
+        example: A valid cell, for messages.
+
+    """
+
+    target: str
+    names: tuple[str, ...]
+    unit: str | None = None
+    example: str = ""
+
+
+_FIELDS: tuple[_Field, ...] = (
+    _Field("timestamp", ("timestamp",), example="2022-12-05 09:55:42.535"),
+    _Field("model", ("name", "gpu_name")),
+    _Field("uuid", ("uuid", "gpu_uuid")),
+    _Field("index", ("index", "gpu_index")),
+    _Field("pci", ("pci.bus_id", "gpu_bus_id", "gpu_pci_bus_id")),
+    _Field(
+        "power_w",
+        ("power.draw", "gpu_power_draw", "power.draw.instant", "power.draw.average"),
+        "W",
+        "47.60 W",
+    ),
+    _Field("gpu_util_pct", ("utilization.gpu", "gpu_usage", "gpu_utilization"), "%", "93 %"),
+    _Field(
+        "mem_util_pct",
+        ("utilization.memory", "gpu_memory_usage", "memory_utilization"),
+        "%",
+        "40 %",
+    ),
+    _Field("mem_used_mib", ("memory.used", "gpu_memory_used"), "MiB", "11135 MiB"),
+    _Field("temp_c", ("temperature.gpu", "gpu_temperature"), "C", "65"),
+)
+_NUMERIC = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c")
+_NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
+
+
+def _normalise(header: str) -> str:
+    """``' power.draw [W]'`` -> ``'power.draw'``."""
+    return re.sub(r"\s*\[[^\]]*\]\s*$", "", header.strip()).strip().lower()
+
+
+def _null_marker(col: pl.Expr) -> pl.Expr:
+    """True where a (stripped) cell says 'no value': empty, ``N/A`` or a bracketed note."""
+    return (
+        col.is_null()
+        | (col == "")
+        | col.str.contains(r"^\[.*\]$")
+        | col.str.to_uppercase().is_in(["N/A", "NA"])
+    )
+
+
+def _resolve_header(header: list[str], file: str) -> dict[str, int]:
+    """Map each known target to its column index (first preferred name found)."""
+    norm = [_normalise(h) for h in header]
+    found: dict[str, int] = {}
+    for f in _FIELDS:
+        for name in f.names:
+            if name in norm:
+                found[f.target] = norm.index(name)
+                break
+    for need in ("timestamp", "power_w"):
+        if need not in found:
+            names = next(f.names for f in _FIELDS if f.target == need)
+            raise BadInputError(
+                f"{where(file, label='header')}expected a {names[0]!r} column (accepted names: "
+                f"{', '.join(names)}); found columns {[h.strip() for h in header]}. Record with "
+                "nvidia-smi --query-gpu=timestamp,index,uuid,name,power.draw,utilization.gpu,"
+                "utilization.memory,memory.used,temperature.gpu --format=csv -l 1"
+            )
+    return found
+
+
+def read_nvidia_smi_csv(
+    path: str | Path, *, node: str, run_id: str | None, tz: str = "UTC"
+) -> pl.DataFrame:
+    """Read one nvidia-smi CSV file into samples.
+
+    Args:
+        path: The CSV file.
+        node: Host name to store the samples under.
+        run_id: Run the samples belong to, or ``None`` for unassigned samples.
+        tz: IANA time zone the file's naive timestamps were written in
+            (``"UTC"``, ``"Europe/Madrid"``...).
+
+    Returns:
+        A frame in the ``samples`` schema (source ``nvidia-smi``, timestamps
+        UTC), in file order; ``energy_j`` is null (nvidia-smi has no counter).
+
+    Raises:
+        BadInputError: The file is missing, empty or not UTF-8; the header
+            lacks a timestamp or power column; a row has the wrong number of
+            fields; a timestamp is missing, unparsable, or does not exist in
+            ``tz`` (or is ambiguous there); a power value is non-numeric or
+            negative; a numeric cell holds something else; timestamps of one
+            device are unsorted or duplicated.
+
+    """
+    file = str(path)
+    if run_id is not None:
+        check_run_id(run_id, context=where(file))
+    try:
+        zone = zoneinfo.ZoneInfo(tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
+        raise BadInputError(
+            f"unknown time zone {tz!r}; expected an IANA name such as 'UTC' or 'Europe/Madrid'"
+        ) from err
+    try:
+        raw = Path(path).read_bytes()
+    except FileNotFoundError as err:
+        raise BadInputError(f"{file}: expected an nvidia-smi CSV file; no such file") from err
+    except OSError as err:
+        raise BadInputError(f"{file}: cannot read the file ({err})") from err
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"{file}: expected a UTF-8 text file written by nvidia-smi; found byte "
+            f"{raw[err.start]:#04x} at offset {err.start}"
+        ) from err
+    if not text.strip():
+        raise BadInputError(
+            f"{file}: empty file; expected a header line such as 'timestamp, name, power.draw "
+            "[W]' followed by one row per sample"
+        )
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    torn = not text.endswith(("\n", "\r"))
+    header_line = lines[0]
+    header = header_line.split(",")
+    if re.match(r"^\s*\d{4}[-/]\d{2}[-/]\d{2}", header_line):
+        raise BadInputError(
+            f"{where(file, label='header')}expected a header line such as 'timestamp, name, "
+            f"power.draw [W]'; found data {header_line[:60]!r}. Record without 'noheader'"
+        )
+    cols = _resolve_header(header, file)
+    n_fields = len(header)
+
+    df = pl.DataFrame({"line": lines[1:]}, schema={"line": pl.String}).with_row_index(
+        "row", offset=1
+    )
+    last_row = len(lines) - 1
+    df = df.with_columns(pl.col("row").cast(pl.Int64)).filter(
+        (pl.col("line").str.strip_chars() != "") & (pl.col("line") != header_line)
+    )
+    if df.height == 0:
+        raise BadInputError(
+            f"{file}: empty file: the header has no data rows below it; expected one row per sample"
+        )
+    df = df.with_columns(pl.col("line").str.split(",").alias("f"))
+    df = df.with_columns(pl.col("f").list.len().alias("n")).with_columns(
+        (pl.lit(torn) & (pl.col("row") == last_row) & (pl.col("n") < n_fields)).alias("torn")
+    )
+    bad = df.filter((pl.col("n") != n_fields) & ~pl.col("torn"))
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'])}expected {n_fields} comma-separated fields as in the "
+            f"header; found {r['n']}: {r['line'][:80]!r}"
+        )
+    if df["torn"].any():
+        r = df.filter("torn").row(0, named=True)
+        log.warning(
+            "%s, row %d: the last line is cut off (%d of %d fields, no newline at the end); "
+            "kept the fields it has",
+            file,
+            r["row"],
+            r["n"],
+            n_fields,
+        )
+        # The last field of a cut-off line may itself be cut off ("11" of "11135 MiB"):
+        # keep it only if the writer got past it (a space or unit follows the number).
+        keep_last = re.match(rf"^\s*{_NUMBER}\s+\S*$|^\s*{_NUMBER}\s*(W|%|MiB|C)$", r["f"][-1])
+        if not keep_last:
+            df = df.with_columns(
+                pl.when("torn").then(pl.col("f").list.head(r["n"] - 1)).otherwise("f").alias("f")
+            )
+
+    cells = {
+        target: pl.col("f").list.get(i, null_on_oob=True).str.strip_chars().alias(target)
+        for target, i in cols.items()
+    }
+    df = df.select("row", "torn", *cells.values())
+    label = {t: repr(header[i].strip()) for t, i in cols.items()}
+
+    # Timestamps: both layouts, then local time in tz -> UTC.
+    ts_raw = pl.col("timestamp")
+    parsed = ts_raw.str.replace_all("/", "-").str.to_datetime(
+        TIMESTAMP_FORMAT, strict=False, time_unit="us"
+    )
+    df = df.with_columns(parsed.alias("_ts"))
+    df = df.filter(~(pl.col("torn") & pl.col("_ts").is_null()))  # a cut-off timestamp: drop
+    bad = df.filter(pl.col("_ts").is_null()).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        found = "an empty cell" if not r["timestamp"] else repr(r["timestamp"])
+        raise BadInputError(
+            f"{where(file, r['row'], 'column ' + label['timestamp'])}expected a timestamp like "
+            f"'2022-12-05 09:55:42.535' or '2023/03/09 13:27:53.079'; found {found}"
+        )
+    local = pl.col("_ts").dt.replace_time_zone(zone.key, ambiguous="null", non_existent="null")
+    df = df.with_columns(local.alias("_local"))
+    bad = df.filter(pl.col("_local").is_null()).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'], 'column ' + label['timestamp'])}local time {r['_ts']} does "
+            f"not exist or is ambiguous in time zone {tz!r} (a daylight-saving change); expected "
+            "an unambiguous time. Pass the zone's fixed offset instead, e.g. --tz Etc/GMT-1"
+        )
+    df = df.with_columns(
+        pl.col("_local").dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("timestamp")
+    ).drop("_ts", "_local")
+
+    # Numeric cells: number plus the column's unit, or a null marker.
+    for f in _FIELDS:
+        if f.target not in cols or f.target not in _NUMERIC:
+            continue
+        col = pl.col(f.target)
+        unit = rf"(?:\s*{re.escape(f.unit)})?" if f.unit else ""
+        num = col.str.extract(rf"^({_NUMBER}){unit}$", 1)
+        df = df.with_columns(
+            pl.when(_null_marker(col)).then(None).otherwise(num).alias("_num"),
+            (~_null_marker(col) & num.is_null()).alias("_bad"),
+        )
+        bad = df.filter(pl.col("_bad") & ~pl.col("torn")).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            what = "a power in W" if f.target == "power_w" else "a number"
+            raise BadInputError(
+                f"{where(file, r['row'], 'column ' + label[f.target])}expected {what} such as "
+                f"{f.example!r} (or [N/A]); found {r[f.target]!r}"
+            )
+        df = df.with_columns(
+            pl.when(pl.col("_bad"))
+            .then(None)
+            .otherwise(pl.col("_num"))
+            .cast(pl.Float64)
+            .alias(f.target)
+        ).drop("_num", "_bad")
+    bad = df.filter(pl.col("power_w") < 0).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise BadInputError(
+            f"{where(file, r['row'], 'column ' + label['power_w'])}expected a power >= 0 W; "
+            f"found {r['power_w']} W"
+        )
+
+    # Device id: uuid, else index, else PCI bus id, else one device "0".
+    dev_col = next((c for c in ("uuid", "index", "pci") if c in cols), None)
+    if dev_col is None:
+        df = df.with_columns(pl.lit("0").alias("device"))
+    else:
+        df = df.with_columns(
+            pl.when(_null_marker(pl.col(dev_col)))
+            .then(None)
+            .otherwise(pl.col(dev_col))
+            .alias("device")
+        )
+        bad = df.filter(pl.col("device").is_null()).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise BadInputError(
+                f"{where(file, r['row'], 'column ' + label[dev_col])}expected a device id; "
+                f"found {r[dev_col]!r}"
+            )
+    model = (
+        pl.when(_null_marker(pl.col("model"))).then(None).otherwise(pl.col("model"))
+        if "model" in cols
+        else pl.lit(None, pl.String)
+    )
+    df = df.with_columns(model.alias("model"))
+    hint = (
+        "; if the file holds several GPUs, add index or uuid to --query-gpu"
+        if dev_col is None
+        else ""
+    )
+    check_increasing(df, file=file, key=("device",), hint=hint)
+    out = df.select(
+        pl.lit(run_id, pl.String).alias("run_id"),
+        pl.lit(node, pl.String).alias("node"),
+        "device",
+        "model",
+        "timestamp",
+        *[pl.col(c) if c in cols else pl.lit(None, pl.Float64).alias(c) for c in _NUMERIC],
+        pl.lit("nvidia-smi").alias("source"),
+    )
+    return conform(out, "samples", file=file)

@@ -26,6 +26,7 @@ and are skipped; their number is reported as ``n_skipped``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -238,7 +239,7 @@ def _prepare_streams(
 
 
 def _split_streams(
-    df: pl.DataFrame, keys: list[str]
+    df: pl.DataFrame, keys: Sequence[str]
 ) -> list[tuple[tuple[object, ...], pl.DataFrame]]:
     """Rows of each (run_id, node, device), in input order.
 
@@ -304,8 +305,8 @@ def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataF
     )
     for c in ("run_id", "epoch", "start", "end"):
         if df[c].null_count():
-            r = _first_row(df[c].is_null().to_numpy())
-            raise BadInputError(f"{where(file, r + 1, repr(c))}expected a value; found null")
+            i = _first_row(df[c].is_null().to_numpy())
+            raise BadInputError(f"{where(file, i + 1, repr(c))}expected a value; found null")
     bad = df.filter(pl.col("end") <= pl.col("start")).head(1)
     if bad.height:
         r = bad.row(0, named=True)
@@ -464,29 +465,21 @@ def run_energy(
     if gap_threshold_s <= 0:
         raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
     streams = _prepare_streams(samples, gap_threshold_s, file)
-    rows: dict[str, dict[str, object]] = {}
+    by_run: dict[str, list[_Stream]] = {}
     for (run_id, _, _), st in streams.items():
-        r = rows.setdefault(
-            run_id,
-            {"t0": np.inf, "t1": -np.inf, "energy_j": 0.0, "gap_s": 0.0, "n": 0, "streams": []},
-        )
-        r["t0"] = min(r["t0"], st.t[0])  # type: ignore[call-overload]
-        r["t1"] = max(r["t1"], st.t[-1])  # type: ignore[call-overload]
-        r["energy_j"] = r["energy_j"] + st.e[-1]  # type: ignore[operator]
-        r["gap_s"] = max(r["gap_s"], st.g[-1])  # type: ignore[call-overload]
-        r["n"] = r["n"] + len(st.t)  # type: ignore[operator]
-        r["streams"].append(st)  # type: ignore[attr-defined]
+        by_run.setdefault(run_id, []).append(st)
+    runs = list(by_run.values())
     out = pl.DataFrame(
         {
-            "run_id": list(rows),
-            "t0": [r["t0"] for r in rows.values()],
-            "t1": [r["t1"] for r in rows.values()],
-            "energy_j": [r["energy_j"] for r in rows.values()],
-            "gap_s": [r["gap_s"] for r in rows.values()],
-            "n_samples": [r["n"] for r in rows.values()],
-            "n_skipped": [sum(st.n_skipped for st in r["streams"]) for r in rows.values()],  # type: ignore[attr-defined]
-            "devices": [len(r["streams"]) for r in rows.values()],  # type: ignore[arg-type]
-            "method": [_method(r["streams"]) for r in rows.values()],  # type: ignore[arg-type]
+            "run_id": list(by_run),
+            "t0": [min(st.t[0] for st in r) for r in runs],
+            "t1": [max(st.t[-1] for st in r) for r in runs],
+            "energy_j": [sum(float(st.e[-1]) for st in r) for r in runs],
+            "gap_s": [max(float(st.g[-1]) for st in r) for r in runs],
+            "n_samples": [sum(len(st.t) for st in r) for r in runs],
+            "n_skipped": [sum(st.n_skipped for st in r) for r in runs],
+            "devices": [len(r) for r in runs],
+            "method": [_method(r) for r in runs],
         },
         schema_overrides={"n_samples": pl.Int64, "n_skipped": pl.Int64, "devices": pl.Int64},
     )

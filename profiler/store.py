@@ -196,16 +196,16 @@ class Store:
                     pending[run_dir] = new
             for (rid,) in groups:
                 run_dir = self._run_dir(None if rid is None else str(rid))
-                new = pending.get(run_dir)
-                if new is not None:
+                fresh = pending.get(run_dir)
+                if fresh is not None:
                     _, top = self._live_parts(run_dir)
                     atomic_write_parquet(
-                        new.sort("node", "device", "timestamp"),
+                        fresh.sort("node", "device", "timestamp"),
                         run_dir / f"part-{top + 1:012d}.parquet",
                     )
                     self._maybe_compact(run_dir)
                 if on_run is not None:
-                    on_run(None if rid is None else str(rid), 0 if new is None else new.height)
+                    on_run(None if rid is None else str(rid), 0 if fresh is None else fresh.height)
         return sum(new.height for new in pending.values())
 
     def _only_new(self, part: pl.DataFrame, run_dir: Path, file: str | None) -> pl.DataFrame:

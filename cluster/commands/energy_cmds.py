@@ -100,7 +100,7 @@ def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None
         "energy_j": float(result["energy_j"].sum()),
         "duration_s": float(result["duration_s"].sum()),
         "gap_s": float(result["gap_s"].sum()),
-        "n_skipped": int(result["n_skipped"].max() or 0) if result.height else 0,
+        "n_skipped": int(result["n_skipped"].fill_null(0).max() or 0),  # type: ignore[arg-type]
     }
     if args.json:
         rows: list[dict[str, Any]] = result.with_columns(

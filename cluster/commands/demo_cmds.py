@@ -1,0 +1,138 @@
+"""``wattwise demo``: the main job end to end on the embedded default (local store, no GPU)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cluster.commands.common import add_store_option, console, open_store
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from profiler.store import Store
+
+#: The real traces, relative to the repository root (the demo runs from there).
+SHARED_DATA = Path("..") / "shared" / "data" / "seaa2023"
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``demo`` command."""
+    p = sub.add_parser(
+        "demo",
+        help="run the main job end to end on the embedded default (no GPU needed)",
+        description=(
+            "Imports the real SEAA 2023 traces into the store, checks the importers against the "
+            "dataset's own energy figures, and shows per-epoch energy by architecture and GPU."
+        ),
+    )
+    p.add_argument(
+        "--data",
+        default=str(SHARED_DATA),
+        metavar="DIR",
+        help=f"folder of the SEAA 2023 dataset (default: {SHARED_DATA})",
+    )
+    add_store_option(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``wattwise demo``."""
+    out = console()
+    store = open_store(args)
+    out.rule("[bold]wattwise demo")
+    out.print(f"store: {store.root}")
+    data = Path(args.data)
+    if not (data / "runs.parquet").is_file():
+        out.print(
+            f"[yellow]The real traces are not at {data}; pass --data DIR (the SEAA 2023 "
+            "dataset layout: runs.parquet, traces.parquet, nvidia-smi-*.csv).[/]"
+        )
+        return 2
+    _import_dataset(store, data, out)
+    _check_raw_csvs(store, data, out)
+    _savings(store, out)
+    return 0
+
+
+def _import_dataset(store: Store, data: Path, out: Console) -> None:
+    from profiler.importers.seaa2023 import import_seaa2023
+
+    out.rule("1. Import the real traces")
+    summary = import_seaa2023(store, data, progress=True)
+    out.print(
+        f"{len(summary.runs)} runs, {summary.samples_total:,} samples "
+        f"({summary.samples_new:,} new) in {store.root}"
+    )
+
+
+def _check_raw_csvs(store: Store, data: Path, out: Console) -> None:
+    """Integrate the raw nvidia-smi CSVs and compare with the dataset's reported energy."""
+    import json
+
+    from rich.table import Table
+
+    from estimators.energy import run_energy
+    from profiler.importers.nvidia_smi import read_nvidia_smi_csv
+
+    out.rule("2. Raw nvidia-smi CSVs against the dataset's own figures")
+    runs = {r["run_id"]: r for r in store.runs().iter_rows(named=True)}
+    table = Table(title_justify="left")
+    for col in ("run", "samples", "wattwise kJ", "reported kJ", "difference"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for csv in sorted(data.glob("nvidia-smi-*.csv")):
+        run_id = csv.stem.removeprefix("nvidia-smi-")
+        samples = read_nvidia_smi_csv(csv, node="demo", run_id=run_id)
+        energy = float(run_energy(samples)["energy_j"].item())
+        config = json.loads(runs[run_id]["config"] or "{}") if run_id in runs else {}
+        reported = config.get("gpu_energy_j")
+        diff = f"{(energy / reported - 1) * 100:+.2f} %" if reported else "-"
+        table.add_row(
+            run_id,
+            f"{samples.height:,}",
+            f"{energy / 1e3:,.1f}",
+            "-" if not reported else f"{reported / 1e3:,.1f}",
+            diff,
+        )
+    out.print(table)
+    out.print(
+        "The dataset's figure sums integer-watt samples; wattwise integrates the "
+        "centiwatt readings with trapezoids."
+    )
+
+
+def _savings(store: Store, out: Console) -> None:
+    """Per-epoch energy by architecture and GPU: what picking the right GPU saves."""
+    import polars as pl
+    from rich.table import Table
+
+    out.rule("3. Per-epoch energy by architecture and GPU (measured)")
+    runs = store.runs().filter(
+        (pl.col("status") == "finished")
+        & pl.col("energy_j").is_not_null()
+        & (pl.col("trained_epochs") > 0)
+    )
+    per = (
+        runs.with_columns((pl.col("energy_j") / pl.col("trained_epochs")).alias("epoch_j"))
+        .group_by("architecture", "gpu_model")
+        .agg(pl.col("epoch_j").mean(), pl.len().alias("runs"))
+        .sort("architecture", "epoch_j")
+    )
+    table = Table(title_justify="left")
+    for col in ("architecture", "GPU", "runs", "kJ per epoch", "saving vs worst"):
+        table.add_column(col, justify="left" if col in ("architecture", "GPU") else "right")
+    for (arch,), part in per.partition_by("architecture", as_dict=True).items():
+        worst = float(part["epoch_j"].max())  # type: ignore[arg-type]
+        for i, r in enumerate(part.iter_rows(named=True)):
+            saving = 1 - r["epoch_j"] / worst
+            table.add_row(
+                str(arch) if i == 0 else "",
+                ("[bold green]" if i == 0 else "") + str(r["gpu_model"]).removeprefix("NVIDIA "),
+                str(r["runs"]),
+                f"{r['epoch_j'] / 1e3:,.1f}",
+                f"{saving * 100:.1f} %" if saving > 0 else "-",
+            )
+        table.add_section()
+    out.print(table)
+    out.print("Data: del Rey et al., SEAA 2023 (GAISSA-UPC/seaa2023_ect), CC BY 4.0")

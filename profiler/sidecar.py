@@ -1,0 +1,484 @@
+"""The per-node sidecar: samples sources on a steady clock and ships batches without losing any.
+
+Two threads. The *sampler* reads every source at ``interval_s`` (ticks are
+scheduled on ``time.monotonic()`` as ``t0 + k * interval_s``, so they do not
+drift; ticks missed because the machine stalled are skipped and counted),
+checks readings with :class:`~profiler.sources.base.SampleGuard`, and every
+``batch_interval_s`` cuts the buffered samples into a numbered batch. The
+*shipper* hands batches to the receiver oldest first. When the receiver
+raises, the batch and every queued one go to the spill :class:`Journal` on
+local disk, and the shipper retries the oldest journal batch every
+``retry_s``; once it is accepted the journal is drained in order. Memory is
+bounded: when queued batches exceed ``max_memory_rows`` the sampler spills
+new batches straight to the journal.
+
+A source read that raises or does not return within ``read_timeout_s`` is
+reported once per incident; its devices get a marked sample (power and
+counter null, ``note`` set) for that tick, and the other sources carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol
+
+import polars as pl
+
+from profiler.journal import Journal, default_journal_dir
+from profiler.schema import check_run_id
+from profiler.sources.base import PowerSample, PowerSource, SampleGuard, samples_frame, utc_now
+
+log = logging.getLogger(__name__)
+
+
+class Receiver(Protocol):
+    """Where sample batches go: the aggregator, or the local store until there is one."""
+
+    def send(self, batch: pl.DataFrame) -> None:
+        """Accept a batch in the ``samples`` schema; raise if it was not taken."""
+        ...
+
+
+class StoreReceiver:
+    """A receiver that writes batches to a local :class:`profiler.store.Store`.
+
+    Args:
+        store: The store; ``None`` opens the default one.
+
+    """
+
+    def __init__(self, store: object | None = None) -> None:
+        if store is None:
+            from profiler.store import Store
+
+            store = Store()
+        self.store = store
+
+    def send(self, batch: pl.DataFrame) -> None:
+        """Write the batch (idempotently) to the store."""
+        self.store.write_samples(batch)  # type: ignore[attr-defined]
+
+
+class _CallableReceiver:
+    def __init__(self, fn: Callable[[pl.DataFrame], object]) -> None:
+        self.fn = fn
+
+    def send(self, batch: pl.DataFrame) -> None:
+        self.fn(batch)
+
+
+@dataclass(slots=True)
+class SidecarStats:
+    """Counters of a sidecar, in rows (samples) unless named otherwise.
+
+    Attributes:
+        ticks: Sampling rounds done.
+        skipped_ticks: Rounds skipped because the sampler fell behind.
+        samples: Samples taken (including marked ones).
+        marked: Samples marked because their source failed, hung or gave nonsense.
+        bad_reads: Source reads that raised or timed out.
+        sent: Rows the receiver accepted (first try or from the journal).
+        spilled: Rows written to the journal.
+        lost: Rows dropped because neither the receiver nor the journal took them.
+        batches_sent: Batches the receiver accepted.
+        send_failures: Receiver calls that raised.
+
+    """
+
+    ticks: int = 0
+    skipped_ticks: int = 0
+    samples: int = 0
+    marked: int = 0
+    bad_reads: int = 0
+    sent: int = 0
+    spilled: int = 0
+    lost: int = 0
+    batches_sent: int = 0
+    send_failures: int = 0
+
+
+@dataclass(slots=True)
+class _Runner:
+    """One source with its guard, worker thread and the devices it has shown."""
+
+    source: PowerSource
+    guard: SampleGuard
+    pool: ThreadPoolExecutor
+    pending: Future[list[PowerSample]] | None = None
+    devices: dict[str, str | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Batch:
+    seq: int
+    frame: pl.DataFrame | None  # None once spilled to the journal
+
+
+class Sidecar:
+    """Samples power sources and ships them in batches to a receiver.
+
+    Use :meth:`start`/:meth:`stop` (or ``with Sidecar(...)``) to run it in the
+    background, :meth:`run` to block for a while, or :meth:`tick`,
+    :meth:`cut` and :meth:`ship` to drive it step by step.
+
+    Args:
+        sources: Power sources to read each tick.
+        node: Node name stored with the samples; default the host name.
+        run_id: Run the samples belong to (``None``: unassigned).
+        interval_s: Seconds between ticks, 0.1 to 3600.
+        batch_interval_s: Seconds between batches (at least one tick).
+        receiver: A :class:`Receiver` or a callable taking the batch frame;
+            default writes to the local store.
+        journal: Spill journal, or its directory; default
+            ``default_journal_dir()/<node>``.
+        max_memory_rows: Rows kept in memory waiting to be shipped before new
+            batches go straight to the journal.
+        read_timeout_s: Longest a source read may take in s; default the interval, at
+            least 1 s (a busy machine can delay a read by a few ticks at 10 Hz).
+        retry_s: Seconds between receiver retries during an outage; default
+            ``batch_interval_s``.
+
+    Attributes:
+        stats: The :class:`SidecarStats` counters.
+
+    Raises:
+        BadInputError: An interval outside its range, or a bad run id.
+
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[PowerSource],
+        *,
+        node: str | None = None,
+        run_id: str | None = None,
+        interval_s: float = 1.0,
+        batch_interval_s: float = 5.0,
+        receiver: Receiver | Callable[[pl.DataFrame], object] | None = None,
+        journal: Journal | str | Path | None = None,
+        max_memory_rows: int = 100_000,
+        read_timeout_s: float | None = None,
+        retry_s: float | None = None,
+    ) -> None:
+        from profiler.errors import BadInputError
+
+        if not 0.1 <= interval_s <= 3600:
+            raise BadInputError(
+                f"sidecar interval must be between 0.1 s and 3600 s; found {interval_s} s"
+            )
+        if not sources:
+            raise BadInputError("the sidecar needs at least one power source; none given")
+        self.node = node or socket.gethostname()
+        self.run_id = None if run_id is None else check_run_id(run_id)
+        self.interval_s = float(interval_s)
+        self.batch_interval_s = max(float(batch_interval_s), self.interval_s)
+        self.read_timeout_s = (
+            max(self.interval_s, 1.0) if read_timeout_s is None else read_timeout_s
+        )
+        self.retry_s = self.batch_interval_s if retry_s is None else retry_s
+        self.max_memory_rows = max_memory_rows
+        if receiver is None:
+            receiver = StoreReceiver()
+        elif not hasattr(receiver, "send"):
+            receiver = _CallableReceiver(receiver)
+        self.receiver: Receiver = receiver  # type: ignore[assignment]
+        if not isinstance(journal, Journal):
+            journal = Journal(journal if journal is not None else default_journal_dir() / self.node)
+        self.journal = journal
+        self.stats = SidecarStats()
+        self._runners = [
+            _Runner(
+                s,
+                SampleGuard(getattr(s, "name", type(s).__name__), log),
+                ThreadPoolExecutor(1, thread_name_prefix=f"wattwise-read-{s.name}"),
+            )
+            for s in sources
+        ]
+        self._buffer: list[PowerSample] = []
+        self._queue: deque[_Batch] = deque()
+        self._queued_rows = 0
+        self._seq = max((seq for seq, _ in self.journal.pending()), default=0)
+        self._lock = threading.Lock()
+        self._ship_lock = threading.Lock()
+        self._outage = False
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- sampling -----------------------------------------------------------------------------
+    def tick(self) -> int:
+        """Read every source once (in parallel, each within the read timeout).
+
+        Returns:
+            Samples added to the buffer.
+
+        """
+        started: list[_Runner] = []
+        marks: list[PowerSample] = []
+        for r in self._runners:
+            if r.pending is not None and not r.pending.done():
+                marks += self._mark(r, "hang", "still hung from an earlier tick")
+                continue
+            r.pending = r.pool.submit(r.source.read)
+            started.append(r)
+        deadline = time.monotonic() + self.read_timeout_s
+        got: list[PowerSample] = []
+        for r in started:
+            fut = r.pending
+            assert fut is not None
+            try:
+                res = fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception as err:
+                if not fut.done():
+                    self.stats.bad_reads += 1
+                    r.guard.report(
+                        "*",
+                        "hang",
+                        f"read did not return within {self.read_timeout_s} s; its devices get "
+                        "marked samples until it does",
+                    )
+                    marks += self._mark(r, "hang", f"no reading within {self.read_timeout_s} s")
+                    continue
+                r.pending = None
+                self.stats.bad_reads += 1
+                r.guard.report("*", "error", f"read failed: {type(err).__name__}: {err}")
+                marks += self._mark(r, "error", f"read failed: {err}")
+                continue
+            r.pending = None
+            r.guard.resolve("*", "hang")
+            r.guard.resolve("*", "error")
+            checked = r.guard.check(res)
+            for s in checked:
+                r.devices[s.device] = s.model
+            got += checked
+        got += marks
+        with self._lock:
+            self._buffer.extend(got)
+        self.stats.ticks += 1
+        self.stats.samples += len(got)
+        self.stats.marked += sum(1 for s in got if s.note)
+        return len(got)
+
+    def _mark(self, r: _Runner, kind: str, note: str) -> list[PowerSample]:
+        ts = utc_now()
+        out = [
+            PowerSample(dev, model, ts, None, None, source=r.source.name, note=note)
+            for dev, model in r.devices.items()
+        ]
+        return r.guard.check(out)
+
+    # -- batching and shipping ---------------------------------------------------------------
+    def cut(self) -> int:
+        """Turn the buffered samples into the next numbered batch.
+
+        Returns:
+            Rows in the batch (0 when the buffer was empty).
+
+        """
+        with self._lock:
+            buf, self._buffer = self._buffer, []
+            if not buf:
+                return 0
+            frame = samples_frame(buf, node=self.node, run_id=self.run_id)
+            self._seq += 1
+            batch = _Batch(self._seq, frame)
+            if self._queued_rows + frame.height > self.max_memory_rows or self._outage:
+                self._spill(batch)
+            else:
+                self._queue.append(batch)
+                self._queued_rows += frame.height
+        self._wake.set()
+        return frame.height
+
+    def _spill(self, batch: _Batch) -> None:
+        """Move a batch to the journal (caller holds ``_lock``)."""
+        assert batch.frame is not None
+        n = batch.frame.height
+        try:
+            self.journal.append(batch.frame, seq=batch.seq)
+        except Exception as err:  # disk full, journal bound: the rows are lost, say so
+            self.stats.lost += n
+            log.error(
+                "sidecar: could not spill %d samples to %s: %s; they are lost",
+                n,
+                self.journal.directory,
+                err,
+            )
+        else:
+            self.stats.spilled += n
+
+    def set_run(self, run_id: str | None) -> None:
+        """Assign samples from now on to ``run_id`` (the buffer is cut first)."""
+        rid = None if run_id is None else check_run_id(run_id)
+        self.cut()
+        self.run_id = rid
+
+    def ship(self) -> bool:
+        """Deliver queued and spilled batches, oldest first, until one fails.
+
+        Returns:
+            True when nothing is left to deliver.
+
+        """
+        with self._ship_lock:
+            while True:
+                with self._lock:
+                    item = self._oldest()
+                if item is None:
+                    return True
+                seq, frame, from_memory = item
+                try:
+                    self.receiver.send(frame)
+                except Exception as err:
+                    self.stats.send_failures += 1
+                    with self._lock:
+                        if not self._outage:
+                            log.warning(
+                                "sidecar: receiver %s refused batch %d (%s: %s); spilling to "
+                                "%s and retrying every %.1f s",
+                                type(self.receiver).__name__,
+                                seq,
+                                type(err).__name__,
+                                err,
+                                self.journal.directory,
+                                self.retry_s,
+                            )
+                        self._outage = True
+                        while self._queue:
+                            b = self._queue.popleft()
+                            self._queued_rows -= b.frame.height if b.frame is not None else 0
+                            self._spill(b)
+                    return False
+                with self._lock:
+                    if from_memory:
+                        b = self._queue.popleft()
+                        self._queued_rows -= frame.height
+                    else:
+                        self.journal.remove(seq)
+                    self.stats.sent += frame.height
+                    self.stats.batches_sent += 1
+                    if self._outage and not from_memory and len(self.journal) == 0:
+                        self._outage = False
+                        log.warning("sidecar: receiver is back; the journal has been resent")
+
+    def _oldest(self) -> tuple[int, pl.DataFrame, bool] | None:
+        pending = self.journal.pending()
+        j = pending[0] if pending else None
+        m = self._queue[0] if self._queue else None
+        if j is not None and (m is None or j[0] < m.seq):
+            return j[0], self.journal.read(j[1]), False
+        if m is not None and m.frame is not None:
+            return m.seq, m.frame, True
+        return None
+
+    # -- threads ------------------------------------------------------------------------------
+    def _sample_loop(self) -> None:
+        t0 = time.monotonic()
+        k = 0
+        next_cut = t0 + self.batch_interval_s
+        while not self._stop.is_set():
+            try:
+                self.tick()
+            except Exception:  # never let one bad round stop sampling
+                log.exception("sidecar: sampling round failed")
+            now = time.monotonic()
+            if now >= next_cut:
+                self.cut()
+                next_cut += self.batch_interval_s * max(
+                    1, int((now - next_cut) // self.batch_interval_s) + 1
+                )
+            k += 1
+            due = t0 + k * self.interval_s
+            if now > due:  # fell behind: skip the missed ticks instead of bursting
+                missed = int((now - due) // self.interval_s) + 1
+                self.stats.skipped_ticks += missed
+                k += missed
+                due = t0 + k * self.interval_s
+            self._stop.wait(max(0.0, due - time.monotonic()))
+
+    def _ship_loop(self) -> None:
+        while not self._stop.is_set():
+            self._wake.wait(self.retry_s if self._outage else None)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            try:
+                self.ship()
+            except Exception:
+                log.exception("sidecar: shipping failed")
+
+    def start(self) -> Sidecar:
+        """Start sampling and shipping in background threads; returns self."""
+        if self._threads:
+            return self
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._sample_loop, name="wattwise-sampler", daemon=True),
+            threading.Thread(target=self._ship_loop, name="wattwise-shipper", daemon=True),
+        ]
+        for t in self._threads:
+            t.start()
+        if self.journal.pending():
+            self._wake.set()  # batches left by an earlier process: resend them first
+        return self
+
+    def stop(self) -> SidecarStats:
+        """Stop the threads, cut the last batch and try once more to deliver everything.
+
+        Whatever the receiver still refuses stays in the journal for the next start.
+
+        Returns:
+            The final counters.
+
+        """
+        self._stop.set()
+        self._wake.set()
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        self.cut()
+        self.ship()
+        return self.stats
+
+    def close(self) -> None:
+        """Stop (if running) and close every source."""
+        self.stop()
+        for r in self._runners:
+            r.pool.shutdown(wait=False, cancel_futures=True)
+            try:
+                r.source.close()
+            except Exception as err:
+                log.debug("closing %s failed: %s", r.source.name, err)
+
+    def run(self, duration_s: float | None = None) -> SidecarStats:
+        """Sample for ``duration_s`` seconds (``None``: until interrupted), then stop."""
+        self.start()
+        try:
+            if duration_s is None:
+                while True:
+                    time.sleep(3600)
+            else:
+                self._stop.wait(duration_s)
+        finally:
+            stats = self.stop()
+        return stats
+
+    def __enter__(self) -> Sidecar:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def pending_rows(self) -> int:
+        """Rows taken but not yet accepted by the receiver (buffer, memory queue, journal)."""
+        with self._lock:
+            return len(self._buffer) + self._queued_rows + self.journal.rows

@@ -1,0 +1,208 @@
+"""DCGM sources: a node's GPU power and energy from Prometheus or straight from a dcgm-exporter.
+
+Metrics: ``DCGM_FI_DEV_POWER_USAGE`` (W, gauge) and
+``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ, counter; converted to J here).
+A device is named by its ``UUID`` label (else ``gpu``), as
+:mod:`profiler.importers.dcgm` does. Errors are mapped at this boundary::
+
+    connection refused, timeout, DNS      -> SourceUnavailableError
+    HTTP 401 / 403                        -> PermissionDeniedError
+    no DCGM series for the node           -> SourceUnavailableError (lists the hosts seen)
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import urllib.error
+import urllib.request
+from datetime import UTC, datetime
+from typing import Any
+
+from profiler.errors import BadInputError, PermissionDeniedError, SourceUnavailableError
+from profiler.sources.base import PowerSample, frame_samples, utc_now
+
+log = logging.getLogger(__name__)
+
+POWER = "DCGM_FI_DEV_POWER_USAGE"
+ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
+HOST_LABELS = ("Hostname", "hostname")
+
+
+class DcgmExporterSource:
+    """Scrapes a dcgm-exporter ``/metrics`` endpoint directly.
+
+    Args:
+        url: The endpoint, e.g. ``http://node-1:9400/metrics``.
+        node: Node name for the samples; default the ``Hostname`` label.
+        timeout_s: HTTP timeout in s.
+
+    Raises:
+        SourceUnavailableError: The endpoint cannot be reached (checked at once).
+
+    """
+
+    name = "dcgm"
+
+    def __init__(self, url: str, *, node: str | None = None, timeout_s: float = 2.0) -> None:
+        self.url = url
+        self.node = node
+        self.timeout_s = timeout_s
+        self._fetch()
+
+    def _fetch(self) -> str:
+        try:
+            with urllib.request.urlopen(self.url, timeout=self.timeout_s) as resp:
+                return resp.read().decode("utf-8")  # type: ignore[no-any-return]
+        except urllib.error.HTTPError as err:
+            if err.code in (401, 403):
+                raise PermissionDeniedError(
+                    f"dcgm-exporter at {self.url} refused access (HTTP {err.code})"
+                ) from err
+            raise SourceUnavailableError(
+                f"dcgm-exporter at {self.url} answered HTTP {err.code}; expected 200 with metrics"
+            ) from err
+        except (urllib.error.URLError, OSError) as err:
+            raise SourceUnavailableError(
+                f"cannot reach dcgm-exporter at {self.url} ({err}); is it running, and is the "
+                "port right (dcgm-exporter's default is 9400)?"
+            ) from err
+
+    def read(self) -> list[PowerSample]:
+        """One sample per GPU from one scrape, stamped with the scrape time."""
+        from profiler.importers.dcgm import parse_dcgm_text
+
+        ts = utc_now()
+        text = self._fetch()
+        df = parse_dcgm_text(text, timestamp=ts, node=self.node, file=self.url)
+        return frame_samples(df, source="dcgm")
+
+    def close(self) -> None:
+        """Nothing held between scrapes."""
+
+
+class DcgmPrometheusSource:
+    """Reads a node's DCGM series from a Prometheus server.
+
+    Each read fetches the raw samples Prometheus scraped since the previous
+    read (a range selector over the elapsed time), so every scrape is returned
+    once with its own scrape timestamp, whatever the read interval.
+
+    Args:
+        url: Prometheus base URL, e.g. ``http://prometheus:9090``.
+        hostname: Node whose GPUs to read (value of the ``Hostname`` or
+            ``hostname`` label).
+        timeout_s: HTTP timeout in s.
+        lookback_s: How far back the first read looks, in s.
+
+    Raises:
+        SourceUnavailableError: Prometheus cannot be reached, or it has no DCGM
+            series for ``hostname`` (the message lists the hosts it has).
+        PermissionDeniedError: Prometheus refused the credentials.
+
+    """
+
+    name = "dcgm"
+
+    def __init__(
+        self, url: str, *, hostname: str, timeout_s: float = 5.0, lookback_s: float = 10.0
+    ) -> None:
+        from prometheus_api_client import PrometheusConnect
+        from urllib3.util.retry import Retry
+
+        if not hostname or '"' in hostname or "\\" in hostname:
+            raise BadInputError(
+                f"expected a plain host name for the DCGM source; found {hostname!r}"
+            )
+        self.url = url
+        self.hostname = hostname
+        self.timeout_s = timeout_s
+        self.lookback_s = lookback_s
+        # One quick retry: the sidecar asks again next tick, so long back-offs only stall it.
+        self._prom = PrometheusConnect(
+            url=url, disable_ssl=True, timeout=timeout_s, retry=Retry(total=1, backoff_factor=0)
+        )
+        self._label: str | None = None
+        self._last: dict[str, float] = {}  # device -> last timestamp returned, s since 1970
+        self._last_read: float | None = None
+        for label in HOST_LABELS:
+            if self._query(f'{POWER}{{{label}="{hostname}"}}'):
+                self._label = label
+                break
+        if self._label is None:
+            hosts = sorted(
+                {
+                    r["metric"].get(lab, "")
+                    for r in self._query(f"count by (Hostname, hostname) ({POWER})")
+                    for lab in HOST_LABELS
+                }
+                - {""}
+            )
+            raise SourceUnavailableError(
+                f"Prometheus at {url} has no {POWER} series with Hostname or hostname "
+                f"{hostname!r}; hosts it has: {hosts or 'none'}. Check the node name and that "
+                "Prometheus scrapes that node's dcgm-exporter"
+            )
+
+    def _query(self, promql: str) -> list[dict[str, Any]]:
+        import requests
+        from prometheus_api_client.exceptions import PrometheusApiClientException
+
+        try:
+            return self._prom.custom_query(promql)  # type: ignore[no-any-return]
+        except PrometheusApiClientException as err:
+            text = str(err)
+            if "401" in text or "403" in text:
+                raise PermissionDeniedError(
+                    f"Prometheus at {self.url} refused access: {text}"
+                ) from err
+            raise SourceUnavailableError(
+                f"Prometheus at {self.url} failed the query {promql!r}: {text}"
+            ) from err
+        except requests.RequestException as err:
+            raise SourceUnavailableError(
+                f"cannot reach Prometheus at {self.url} ({type(err).__name__}: {err}); is it "
+                "running and is the URL right (default port 9090)?"
+            ) from err
+
+    def read(self) -> list[PowerSample]:
+        """The node's GPU samples Prometheus scraped since the previous read."""
+        now = utc_now().timestamp()
+        since = self._last_read if self._last_read is not None else now - self.lookback_s
+        window = max(2, math.ceil(now - since) + 2)
+        self._last_read = now
+        sel = f'{{__name__=~"{POWER}|{ENERGY}",{self._label}="{self.hostname}"}}[{window}s]'
+        merged: dict[tuple[str, float], dict[str, Any]] = {}
+        for series in self._query(sel):
+            m = series["metric"]
+            device = m.get("UUID") or m.get("gpu")
+            if device is None:
+                continue
+            last = self._last.get(device, -math.inf)
+            for ts, value in series.get("values", []):
+                ts = float(ts)
+                if ts <= last:
+                    continue
+                rec = merged.setdefault((device, ts), {"model": m.get("modelName")})
+                v = float(value)
+                if m["__name__"] == POWER:
+                    rec["power_w"] = v
+                else:
+                    rec["energy_j"] = v / 1000.0
+        out = []
+        for (device, ts), rec in sorted(merged.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            self._last[device] = max(self._last.get(device, -math.inf), ts)
+            out.append(
+                PowerSample(
+                    device=device,
+                    model=rec["model"],
+                    timestamp=datetime.fromtimestamp(ts, UTC),
+                    power_w=rec.get("power_w"),
+                    energy_j=rec.get("energy_j"),
+                    source="dcgm",
+                )
+            )
+        return out
+
+    def close(self) -> None:
+        """Nothing held between queries."""

@@ -1,0 +1,302 @@
+"""The sidecar and its spill journal: exact counts through outages, bad sources, real time."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from profiler.errors import BadInputError, StoreError
+from profiler.journal import Journal
+from profiler.sidecar import Sidecar, StoreReceiver
+from profiler.sources.base import PowerSample, utc_now
+from profiler.sources.replay import ReplaySource, load_trace
+from profiler.store import Store
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "seaa2023"
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+class StepClock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def trace(devices: int = 2, seconds: int = 200) -> pl.DataFrame:
+    """1 Hz, power of device d at second i is 100 + d + (i % 7) W."""
+    rows = [
+        (str(d), T0 + timedelta(seconds=i), 100.0 + d + (i % 7))
+        for d in range(devices)
+        for i in range(seconds)
+    ]
+    return pl.DataFrame(rows, schema=["device", "timestamp", "power_w"], orient="row")
+
+
+class FlakyStore:
+    """A store receiver that can be switched off; records the batches it accepted."""
+
+    def __init__(self, root: Path) -> None:
+        self.inner = StoreReceiver(Store(root))
+        self.down = False
+        self.accepted: list[pl.DataFrame] = []
+
+    def send(self, batch: pl.DataFrame) -> None:
+        if self.down:
+            raise ConnectionError("aggregator unreachable")
+        self.inner.send(batch)
+        self.accepted.append(batch)
+
+
+def stepper(tmp_path: Path, **kw: object) -> tuple[Sidecar, StepClock, FlakyStore]:
+    clock = StepClock()
+    src = ReplaySource(trace(), clock=clock, speed=1.0)
+    recv = FlakyStore(tmp_path / "store")
+    side = Sidecar(
+        [src], node="n1", run_id="r-1", receiver=recv, journal=tmp_path / "journal", **kw
+    )  # type: ignore[arg-type]
+    return side, clock, recv
+
+
+def ticks(side: Sidecar, clock: StepClock, n: int) -> None:
+    for _ in range(n):
+        side.tick()
+        clock.t += 1.0
+
+
+def test_spill_and_resend_with_an_interrupted_receiver(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    side, clock, recv = stepper(tmp_path)
+    ticks(side, clock, 10)  # 2 devices x 10 ticks = 20 samples
+    assert side.cut() == 20 and side.ship()
+    recv.down = True
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):  # three batches of 8 during the outage
+            ticks(side, clock, 4)
+            side.cut()
+            assert side.ship() is False
+    assert [w.getMessage().count("refused batch") for w in caplog.records] == [1]  # once
+    assert side.stats.spilled == 24 and side.stats.sent == 20
+    assert len(side.journal) == 3 and side.pending_rows == 24
+    ticks(side, clock, 5)  # 10 more samples while still down...
+    side.cut()  # ...go straight to the journal
+    assert side.stats.spilled == 34
+    recv.down = False
+    assert side.ship()
+    s = side.stats
+    assert (s.samples, s.sent, s.spilled, s.lost) == (54, 54, 34, 0)
+    assert side.pending_rows == 0 and list((tmp_path / "journal").iterdir()) == []
+    stored = Store(tmp_path / "store").samples("r-1")
+    assert stored.height == 54
+    assert stored.select("device", "timestamp").is_unique().all()
+    # Batches arrived in the order they were cut.
+    firsts = [b["timestamp"].min() for b in recv.accepted]
+    assert firsts == sorted(firsts) and len(recv.accepted) == 5
+
+
+def test_memory_is_bounded_and_order_kept_across_memory_and_journal(tmp_path: Path) -> None:
+    side, clock, recv = stepper(tmp_path, max_memory_rows=10)
+    for _ in range(5):  # five batches of 4 rows, nothing shipped yet
+        ticks(side, clock, 2)
+        side.cut()
+    # 4 + 4 fit in memory (8 <= 10), the next three go to disk.
+    assert len(side._queue) == 2 and len(side.journal) == 3
+    assert side.stats.spilled == 12
+    assert side.ship()
+    assert [b.height for b in recv.accepted] == [4] * 5
+    firsts = [b["timestamp"].min() for b in recv.accepted]
+    assert firsts == sorted(firsts)
+    assert side.stats.sent == 20
+
+
+def test_journal_left_by_a_dead_sidecar_is_resent_by_the_next(tmp_path: Path) -> None:
+    side, clock, recv = stepper(tmp_path)
+    recv.down = True
+    ticks(side, clock, 6)
+    side.cut()
+    side.ship()
+    ticks(side, clock, 3)
+    side.stop()  # cuts and tries once more: still down, so both batches stay on disk
+    assert len(Journal(tmp_path / "journal")) == 2
+    assert Journal(tmp_path / "journal").rows == 18
+    # A new process: the journal directory is all it has.
+    recv2 = FlakyStore(tmp_path / "store")
+    src = ReplaySource(trace(), clock=StepClock())
+    side2 = Sidecar([src], node="n1", receiver=recv2, journal=tmp_path / "journal")
+    assert side2.ship()
+    assert side2.stats.sent == 18
+    # Resending a batch a second time (a crash between send and delete) stores nothing new.
+    again = recv2.accepted[0]
+    assert Store(tmp_path / "store").write_samples(again) == 0
+    assert Store(tmp_path / "store").samples("r-1").height == 18
+
+
+def test_full_journal_counts_lost_rows(tmp_path: Path) -> None:
+    clock = StepClock()
+    recv = FlakyStore(tmp_path / "store")
+    recv.down = True
+    side = Sidecar(
+        [ReplaySource(trace(), clock=clock)],
+        node="n",
+        receiver=recv,
+        journal=Journal(tmp_path / "j", max_rows=10),
+    )
+    for _ in range(3):
+        ticks(side, clock, 3)  # 6 rows a batch
+        side.cut()
+        side.ship()
+    assert (side.stats.spilled, side.stats.lost) == (6, 12)
+
+
+def test_journal_files_are_ordered_and_atomic(tmp_path: Path) -> None:
+    j = Journal(tmp_path)
+    df = pl.DataFrame({"x": [1, 2]})
+    assert j.append(df) == 1 and j.append(df, seq=5) == 5 and j.append(df) == 6
+    assert j.append(df, seq=3) == 3
+    assert [s for s, _ in j.pending()] == [1, 3, 5, 6]
+    assert sorted(p.name for p in tmp_path.iterdir())[0] == "batch-000000000001.parquet"
+    assert not list(tmp_path.glob(".tmp-*"))
+    with pytest.raises(StoreError, match="batch number 5 is already waiting"):
+        j.append(df, seq=5)
+    assert Journal(tmp_path).rows == 8  # a new process sees what is there
+
+
+class Broken:
+    """A source that raises on its second and third reads."""
+
+    name = "nvml"
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def read(self) -> list[PowerSample]:
+        self.n += 1
+        if self.n in (2, 3):
+            raise OSError("GPU fell off the bus")
+        return [PowerSample("0", "X", utc_now(), 50.0, source="nvml")]
+
+    def close(self) -> None:
+        pass
+
+
+class Hangs:
+    """A source whose second read hangs until released."""
+
+    name = "rapl"
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.release = threading.Event()
+
+    def read(self) -> list[PowerSample]:
+        self.n += 1
+        if self.n == 2:
+            self.release.wait(10)
+        return [PowerSample("package-0", None, utc_now(), 30.0, source="rapl")]
+
+    def close(self) -> None:
+        self.release.set()
+
+
+class Nonsense:
+    name = "dcgm"
+
+    def read(self) -> list[PowerSample]:
+        return [PowerSample("0", None, utc_now(), -3.0, source="dcgm")]
+
+    def close(self) -> None:
+        pass
+
+
+def test_bad_sources_are_marked_and_others_continue(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    clock = StepClock()
+    good = ReplaySource(trace(devices=1), clock=clock)
+    broken, hangs = Broken(), Hangs()
+    got: list[pl.DataFrame] = []
+    side = Sidecar(
+        [good, broken, hangs, Nonsense()],
+        node="n",
+        receiver=got.append,
+        journal=tmp_path / "j",
+        interval_s=0.1,
+        read_timeout_s=0.05,
+    )
+    with caplog.at_level(logging.WARNING):
+        for _ in range(4):
+            side.tick()
+            clock.t += 1.0
+        hangs.release.set()
+        time.sleep(0.05)
+        side.tick()
+    side.cut()
+    side.ship()
+    df = pl.concat(got)
+    by = {s: df.filter(pl.col("source") == s) for s in ("replay", "nvml", "rapl", "dcgm")}
+    assert by["replay"]["power_w"].to_list() == [100.0, 101.0, 102.0, 103.0, 104.0]
+    assert by["nvml"]["power_w"].to_list() == [50.0, None, None, 50.0, 50.0]
+    # Hung from tick 2 to tick 4: marked three times, fine again on tick 5.
+    assert by["rapl"]["power_w"].to_list() == [30.0, None, None, None, 30.0]
+    assert by["dcgm"]["power_w"].to_list() == [None] * 5
+    assert side.stats.bad_reads == 3  # two errors and one timeout (the hang is one read)
+    assert side.stats.marked == 2 + 3 + 5
+    text = caplog.text
+    assert text.count("GPU fell off the bus") == 1
+    assert text.count("did not return within 0.05 s") == 1
+    assert text.count("expected a finite power >= 0 W; got -3.0") == 1
+    side.close()
+
+
+def test_interval_is_checked() -> None:
+    with pytest.raises(BadInputError, match=r"between 0.1 s and 3600 s; found 0.01 s"):
+        Sidecar([Nonsense()], interval_s=0.01)
+
+
+@pytest.mark.shared_data
+def test_realtime_replay_at_100x_into_the_store_keeps_energy(tmp_path: Path) -> None:
+    """Threads and real time: 3 runs x 300 s of the shared traces at 100x, 10 Hz ticks."""
+    from estimators.energy import run_energy
+
+    traces = SHARED / "traces.parquet"
+    if not traces.is_file():
+        pytest.skip(f"shared dataset absent: {traces}")
+    runs = ["cloud-vgg16-00", "local-v2-nasnet_mobile-17", "cloud-mobilenet_v2-00"]
+    full = load_trace(traces, run_ids=runs)
+    part = full.filter(
+        pl.col("timestamp") < pl.col("timestamp").min().over("device") + timedelta(seconds=300)
+    )
+    src = ReplaySource(part, speed=100.0)
+    store = Store(tmp_path / "store")
+    side = Sidecar(
+        [src],
+        node="n",
+        run_id="replay-1",
+        interval_s=0.1,
+        batch_interval_s=0.5,
+        receiver=StoreReceiver(store),
+        journal=tmp_path / "j",
+    )
+    t = time.monotonic()
+    side.start()
+    while not src.exhausted and time.monotonic() - t < 10:
+        time.sleep(0.05)
+    stats = side.stop()
+    wall = time.monotonic() - t
+    assert src.exhausted and wall < 6
+    assert stats.sent == part.height == stats.samples and stats.lost == 0
+    assert stats.ticks >= 0.9 * (wall - 0.2) / 0.1  # no drift, no stalls
+    got = store.samples("replay-1").with_columns(run_id=pl.col("device"))
+    want = part.with_columns(run_id=pl.col("device"), node=pl.lit("n"), source=pl.lit("replay"))
+    e_got, e_want = run_energy(got).sort("run_id"), run_energy(want).sort("run_id")
+    assert e_got.height == 3
+    for a, b in zip(e_got["energy_j"], e_want["energy_j"], strict=True):
+        assert a == pytest.approx(b, rel=1e-3)

@@ -4,20 +4,29 @@ from __future__ import annotations
 
 import re
 
+import polars as pl
+
 from cluster.cli import main
+from profiler.store import Store
 
 
 def test_demo_imports_checks_and_ranks(shared_data, tmp_path, capsys):
     store = tmp_path / "demo-store"
-    assert main(["demo", "--data", str(shared_data), "--store", str(store)]) == 0
+    assert main(["demo", "--data", str(shared_data), "--store", str(store), "--epochs", "3"]) == 0
     out = capsys.readouterr().out
     assert "249 runs, 600,070 samples" in out
     # The three raw CSVs agree with the dataset's own energy within 1 %.
     diffs = [float(d) for d in re.findall(r"([+-]\d+\.\d+) %", out)]
     assert len(diffs) == 3 and all(abs(d) < 1.0 for d in diffs)
     assert "saving vs worst" in out
+    # The live run: every epoch measured, nothing lost.
+    assert re.search(r"sidecar: (\d+) samples taken, \1 stored, 0 spilled, 0 lost", out)
+    runs = Store(store).runs().filter(pl.col("run_id").str.starts_with("demo-"))
+    assert runs.height == 1 and runs["status"].item() == "finished"
+    assert runs["trained_epochs"].item() == 3
+    assert runs["energy_j"].item() > 0
     # A second run changes nothing in the store.
-    assert main(["demo", "--data", str(shared_data), "--store", str(store)]) == 0
+    assert main(["demo", "--data", str(shared_data), "--store", str(store), "--epochs", "1"]) == 0
     assert "(0 new)" in capsys.readouterr().out
 
 

@@ -18,6 +18,7 @@ MODULES: tuple[str, ...] = (
     "cluster.commands.step_cmds",
     "cluster.commands.profiler_cmds",
     "cluster.commands.pre_cmds",
+    "cluster.commands.cluster_cmds",
     "cluster.commands.demo_cmds",
 )
 

@@ -1,0 +1,161 @@
+"""Benchmark: PRE accuracy on the SEAA 2023 runs, next to the paper and a kernel-ridge baseline.
+
+Prints, for per-epoch energy (truth ``gpu_energy_j / trained_epochs``):
+
+* random 70/30 splits (``--splits`` seeds): MAPE and 90 % interval coverage of
+  PRE, and MAPE of kernel ridge on the paper's ten features; the paper's
+  kernel ridge reached 6.0 %;
+* leave-one-architecture-out: per held-out architecture, MAPE and coverage
+  (energy), MAPE (time), kernel ridge MAPE, and whether the recommendation
+  (lowest predicted energy among the GPUs that ran it) is the truly
+  lowest-energy GPU;
+* retraining time on ``--retrain-rows`` synthetic runs resampled from the
+  real ones (multiplicative jitter on the truths, architecture names kept).
+
+The paper's ten features are batch size, image height and width, RAM,
+training and validation set sizes, GFLOPs, CUDA cores, GPU memory and board
+power. In this dataset image size and RAM are not recorded and batch size and
+set sizes are constant, so kernel ridge effectively sees GFLOPs and the three
+GPU numbers (constant/unknown columns are dropped).
+
+Run: ``.venv/bin/python bench/pre.py [--data ../shared/data/seaa2023] [--splits 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+REPO = Path(__file__).resolve().parents[1]
+PAPER_FEATURES = (
+    "batch_size",
+    "image_height",
+    "image_width",
+    "ram_gb",  # not in the dataset: all null
+    "training_size",
+    "validation_size",
+    "gflops_forward",
+    "gpu_cuda_cores",
+    "gpu_memory_gb",
+    "gpu_board_power_w",
+)
+
+
+def paper_matrix(df: pl.DataFrame) -> np.ndarray:
+    cols = [
+        (pl.col(c) if c in df.columns else pl.lit(None)).cast(pl.Float64).alias(c)
+        for c in PAPER_FEATURES
+    ]
+    return df.select(cols).fill_null(float("nan")).to_numpy()
+
+
+def scores(train: pl.DataFrame, test: pl.DataFrame, **kw) -> dict[str, float]:
+    from estimators.kernel_ridge import KernelRidge
+    from estimators.pre import PREModel
+
+    m = PREModel(**kw).fit(train)
+    p = m.predict(test)
+    y = test["epoch_energy_j"].to_numpy()
+    yt = test["epoch_time_s"].to_numpy()
+    pe = p["predicted_epoch_energy_j"].to_numpy()
+    lo, hi = p["lower_j"].to_numpy(), p["upper_j"].to_numpy()
+    kr = KernelRidge().fit(paper_matrix(train), train["epoch_energy_j"].to_numpy())
+    pk = kr.predict(paper_matrix(test))
+    t = test.with_columns(pl.Series("pred", pe))
+    cells = t.group_by("gpu_model").agg(pl.col("epoch_energy_j").mean(), pl.col("pred").mean())
+    true_best = cells.sort("epoch_energy_j")["gpu_model"][0]
+    pred_best = cells.sort("pred")["gpu_model"][0]
+    return {
+        "mape": 100 * float(np.mean(np.abs(pe - y) / y)),
+        "cover": 100 * float(np.mean((y >= lo) & (y <= hi))),
+        "time_mape": 100 * float(np.mean(np.abs(p["predicted_epoch_time_s"].to_numpy() - yt) / yt)),
+        "kr_mape": 100 * float(np.mean(np.abs(pk - y) / y)),
+        "true_best": true_best,
+        "pred_best": pred_best,
+        "cells": cells.sort("gpu_model").rows(),
+    }
+
+
+def synthetic(df: pl.DataFrame, n: int, seed: int) -> pl.DataFrame:
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, df.height, n)
+    out = df[idx]
+    jitter = np.exp(rng.normal(0, 0.03, n))
+    return out.with_columns(
+        pl.col("epoch_energy_j") * jitter,
+        pl.col("epoch_time_s") * jitter,
+        pl.Series("run_id", [f"syn-{i}" for i in range(n)]),
+    )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "seaa2023"))
+    ap.add_argument("--splits", type=int, default=5)
+    ap.add_argument("--retrain-rows", type=int, default=10_000)
+    args = ap.parse_args()
+    sys.path.insert(0, str(REPO))
+    from estimators.features import runs_features
+    from estimators.pre import PREModel
+
+    path = Path(args.data) / "runs.parquet"
+    if not path.is_file():
+        sys.exit(f"skipped: {path} not found (the shared SEAA 2023 data)")
+    df = runs_features(pl.read_parquet(path))
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, "
+        f"python {platform.python_version()}"
+    )
+    print(f"runs: {df.height}; truth = gpu_energy_j / trained_epochs (per-epoch energy)\n")
+
+    print("random 70/30 split (per-epoch energy)")
+    rows = []
+    for s in range(args.splits):
+        perm = np.random.default_rng(s).permutation(df.height)
+        n = int(0.7 * df.height)
+        rows.append(scores(df[perm[:n]], df[perm[n:]]))
+    for s, r in enumerate(rows):
+        print(
+            f"  seed {s}: PRE MAPE {r['mape']:5.2f} %  cover90 {r['cover']:5.1f} %  "
+            f"time MAPE {r['time_mape']:5.2f} %  kernel ridge {r['kr_mape']:5.2f} %"
+        )
+    print(
+        f"  mean  : PRE MAPE {np.mean([r['mape'] for r in rows]):5.2f} %  cover90 "
+        f"{np.mean([r['cover'] for r in rows]):5.1f} %  kernel ridge "
+        f"{np.mean([r['kr_mape'] for r in rows]):5.2f} %  (paper, kernel ridge: 6.0 %)\n"
+    )
+
+    print("leave one architecture out (per-epoch energy)")
+    print(
+        f"  {'held out':14} {'MAPE':>7} {'cover90':>8} {'time MAPE':>10} {'KR MAPE':>8}  "
+        "best GPU (pred / true)"
+    )
+    for a in sorted(df["architecture"].unique().to_list()):
+        r = scores(df.filter(pl.col("architecture") != a), df.filter(pl.col("architecture") == a))
+        ok = "ok" if r["pred_best"] == r["true_best"] else "WRONG"
+        print(
+            f"  {a:14} {r['mape']:6.2f}% {r['cover']:7.1f}% {r['time_mape']:9.2f}% "
+            f"{r['kr_mape']:7.2f}%  {r['pred_best']} / {r['true_best']} {ok}"
+        )
+        for g, t, p in r["cells"]:
+            print(
+                f"      {g:12} true {t:9.0f} J  predicted {p:9.0f} J  ({100 * (p - t) / t:+.1f} %)"
+            )
+
+    syn = synthetic(df, args.retrain_rows, 0)
+    t0 = time.perf_counter()
+    PREModel().fit(syn)
+    dt = time.perf_counter() - t0
+    print(
+        f"\nretrain on {syn.height} synthetic runs (defaults, nthread=2): {dt:.1f} s (goal < 30 s)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,587 @@
+"""Feature rows for PRE: a job description and a GPU specification turned into numbers.
+
+A job is either a model PRE can build and measure (a torchvision model name or
+a user ``torch.nn.Module``: FLOPs per sample are counted with
+``torch.utils.flop_counter.FlopCounterMode``, parameters, layers and
+activation memory are measured), or a job described only by numbers (like the
+rows of the SEAA 2023 runs, whose Keras architectures torchvision lacks:
+``gflops_forward`` given, ``layers`` and ``params`` from
+:data:`KNOWN_ARCHITECTURES` or given).
+
+``layers`` counts the modules that own parameters (convolutions, batch norms,
+dense layers): this is what the Keras applications table calls *depth*
+(ResNet50 107, VGG16 16, MobileNetV2 105 both ways), so measured and tabulated
+numbers agree.
+
+Units: FLOPs in GFLOPs per sample (one multiply-add = 2 FLOPs), memory in MB
+(10^6 bytes) or GB, power in W, bandwidth in GB/s, throughput in TFLOPS.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+import polars as pl
+
+from profiler.errors import BadInputError, where
+
+if TYPE_CHECKING:
+    import torch
+
+#: Training FLOPs per sample as a multiple of forward FLOPs when not measured
+#: (forward + backward through activations and weights: about 1 + 2).
+TRAIN_FLOPS_FACTOR = 3.0
+
+
+@dataclass(frozen=True, slots=True)
+class ArchitectureInfo:
+    """Known numbers of an architecture PRE cannot build (for example a Keras model).
+
+    Attributes:
+        params: Trainable and frozen parameters.
+        layers: Layers with parameters (Keras "depth").
+        source: Where the numbers come from.
+
+    """
+
+    params: float
+    layers: int
+    source: str
+
+
+_KERAS = "keras.io/api/applications table (parameters, depth)"
+#: Architectures known by name for numbers-only jobs (SEAA 2023 and its held-out pair).
+KNOWN_ARCHITECTURES: dict[str, ArchitectureInfo] = {
+    "mobilenet_v2": ArchitectureInfo(3.5e6, 105, _KERAS),
+    "nasnet_mobile": ArchitectureInfo(5.3e6, 389, _KERAS),
+    "vgg16": ArchitectureInfo(138.4e6, 16, _KERAS),
+    "resnet50": ArchitectureInfo(25.6e6, 107, _KERAS),
+    "xception": ArchitectureInfo(22.9e6, 81, _KERAS),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class ModelStats:
+    """What PRE measures on a model, per sample.
+
+    Attributes:
+        gflops_forward: Forward GFLOPs of one sample.
+        gflops_train: Forward + backward GFLOPs of one sample.
+        params: Parameters.
+        layers: Modules owning parameters (see module docstring).
+        activation_mb: Bytes autograd saves for backward per sample, in MB.
+
+    """
+
+    gflops_forward: float
+    gflops_train: float
+    params: int
+    layers: int
+    activation_mb: float
+
+
+@dataclass(frozen=True, slots=True)
+class JobDescription:
+    """A training job as PRE sees it before it runs.
+
+    Attributes:
+        architecture: Name (torchvision model or a known/numbers-only name).
+        batch_size: Samples per batch.
+        training_size: Training samples per epoch.
+        validation_size: Validation samples per epoch.
+        image_height: Input height in pixels, if an image model.
+        image_width: Input width in pixels, if an image model.
+        planned_epochs: Epochs planned (for totals), if known.
+        precision: ``fp32``, ``fp16``, ``bf16`` or ``amp``.
+        gpu_count: GPUs the job uses on one node.
+        gflops_forward: Forward GFLOPs per sample (measured when null).
+        gflops_train: Training GFLOPs per sample (3x forward when null).
+        params: Parameters (measured or looked up when null).
+        layers: Layers with parameters (measured or looked up when null).
+        activation_mb: Activation memory per sample in MB (may stay null).
+
+    """
+
+    architecture: str | None
+    batch_size: int
+    training_size: int
+    validation_size: int = 0
+    image_height: int | None = None
+    image_width: int | None = None
+    planned_epochs: int | None = None
+    precision: str = "fp32"
+    gpu_count: int = 1
+    gflops_forward: float | None = None
+    gflops_train: float | None = None
+    params: float | None = None
+    layers: int | None = None
+    activation_mb: float | None = None
+
+
+#: Columns of a feature row, in order. Nulls are allowed where a job does not say.
+JOB_COLUMNS: tuple[str, ...] = (
+    "gflops_forward",
+    "gflops_train",
+    "params",
+    "layers",
+    "activation_mb",
+    "batch_size",
+    "image_height",
+    "image_width",
+    "training_size",
+    "validation_size",
+    "gpu_count",
+    "precision_bits",
+    "batches_per_epoch",
+    "tflop_per_epoch",
+)
+GPU_COLUMNS: tuple[str, ...] = (
+    "gpu_board_power_w",
+    "gpu_memory_gb",
+    "gpu_bandwidth_gbs",
+    "gpu_sms",
+    "gpu_cuda_cores",
+    "gpu_fp32_tflops",
+    "gpu_fp16_tflops",
+    "gpu_generation",
+)
+#: Numeric model inputs (job then GPU).
+FEATURES: tuple[str, ...] = JOB_COLUMNS + GPU_COLUMNS
+_PRECISION_BITS = {"fp32": 32, "tf32": 32, "fp16": 16, "bf16": 16, "amp": 16, "fp64": 64}
+
+
+def _count_layers(model: torch.nn.Module) -> int:
+    return sum(1 for m in model.modules() if any(True for _ in m.parameters(recurse=False)))
+
+
+def _conv_backward_flop(
+    grad_out_shape: Any,
+    x_shape: Any,
+    w_shape: Any,
+    _bias: Any,
+    _stride: Any,
+    _padding: Any,
+    _dilation: Any,
+    transposed: bool,
+    _output_padding: Any,
+    _groups: Any,
+    output_mask: Any,
+    out_shape: Any = None,
+    **kwargs: Any,
+) -> int:
+    # torch's own formula ignores ``groups`` on the backward pass and counts a
+    # depthwise convolution's gradients as if it were dense (MobileNetV2: 20x
+    # forward). Each gradient of a convolution costs what its forward costs.
+    from torch.utils.flop_counter import conv_flop_count
+
+    fwd = conv_flop_count(list(x_shape), list(w_shape), list(grad_out_shape), transposed)
+    return int(fwd * (int(bool(output_mask[0])) + int(bool(output_mask[1]))))
+
+
+def measure_module(
+    model: torch.nn.Module, input_shape: tuple[int, ...], *, batch: int = 2
+) -> ModelStats:
+    """Measure FLOPs, parameters, layers and activation memory of a module on CPU.
+
+    Args:
+        model: The module; it is run once forward and backward in training mode
+            on random input (its gradients are cleared afterwards).
+        input_shape: Shape of one sample, e.g. ``(3, 224, 224)``.
+        batch: Samples in the measuring batch (2, so batch norm works); the
+            figures are divided by it.
+
+    Returns:
+        Per-sample statistics.
+
+    Raises:
+        BadInputError: The module fails on an input of that shape.
+
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    params = sum(p.numel() for p in model.parameters())
+    layers = _count_layers(model)
+    x = torch.randn(batch, *input_shape)
+    saved: dict[int, int] = {}
+    param_ptrs = {p.data_ptr() for p in model.parameters()}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in param_ptrs:
+            saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
+        return t
+
+    was_training = model.training
+    model.train()
+    try:
+        with FlopCounterMode(display=False) as fwd:
+            with torch.no_grad():
+                model(x)
+        fix = {torch.ops.aten.convolution_backward: _conv_backward_flop}
+        with FlopCounterMode(display=False, custom_mapping=fix) as full:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                out = model(x)
+            out = out[0] if isinstance(out, tuple | list) else out
+            if not isinstance(out, torch.Tensor):
+                out = next(iter(out.values()))  # torchvision dict outputs
+            out.float().sum().backward()
+    except Exception as err:  # any failure inside user code is bad input here
+        raise BadInputError(
+            f"model {type(model).__name__} failed on input of shape {(batch, *input_shape)}: "
+            f"{err}; pass the shape of one sample (channels, height, width)"
+        ) from err
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(was_training)
+    return ModelStats(
+        gflops_forward=fwd.get_total_flops() / batch / 1e9,
+        gflops_train=full.get_total_flops() / batch / 1e9,
+        params=int(params),
+        layers=layers,
+        activation_mb=sum(saved.values()) / batch / 1e6,
+    )
+
+
+def torchvision_names() -> list[str]:
+    """Classification model names torchvision can build (sorted)."""
+    from torchvision import models
+
+    return sorted(models.list_models(module=models))
+
+
+@functools.lru_cache(maxsize=64)
+def measure_torchvision(name: str, image_height: int, image_width: int) -> ModelStats:
+    """Build a torchvision classifier with ``weights=None`` and measure it.
+
+    Raises:
+        BadInputError: Unknown model name (the message lists known ones).
+
+    """
+    from torchvision import models
+
+    names = torchvision_names()
+    if name not in names:
+        raise BadInputError(
+            f"unknown architecture {name!r}: not a torchvision classification model and not in "
+            f"the known numbers-only table {sorted(KNOWN_ARCHITECTURES)}; torchvision knows "
+            f"{', '.join(names)}. Describe other models by numbers (--gflops, --layers)"
+        )
+    model = models.get_model(name, weights=None)
+    return measure_module(model, (3, image_height, image_width))
+
+
+def complete_job(job: JobDescription) -> JobDescription:
+    """Fill FLOPs, parameters and layers of a job: measured, looked up, or refused.
+
+    Order: numbers given in the job win; then a torchvision model of that name
+    is measured (needs the image size); then :data:`KNOWN_ARCHITECTURES`.
+
+    Raises:
+        BadInputError: A required number is missing and cannot be found; the
+            message names what is missing and what is known.
+
+    """
+    _check_positive(job)
+    got = {f.name: getattr(job, f.name) for f in fields(job)}
+    name = job.architecture
+    sized = job.image_height is not None and job.image_width is not None
+    if (got["gflops_forward"] is None or got["layers"] is None) and name is not None:
+        known = name in KNOWN_ARCHITECTURES
+        if sized and (got["gflops_forward"] is None or not known):
+            stats = measure_torchvision(name, int(job.image_height or 0), int(job.image_width or 0))
+            for k in ("gflops_forward", "gflops_train", "params", "layers", "activation_mb"):
+                if got[k] is None:
+                    got[k] = getattr(stats, k)
+        elif not known and not sized:
+            raise BadInputError(
+                f"architecture {name!r}: measuring FLOPs and layers needs image_height and "
+                "image_width; found none. Give the image size, or gflops_forward and layers"
+            )
+    if name in KNOWN_ARCHITECTURES:
+        info = KNOWN_ARCHITECTURES[name]
+        got["params"] = got["params"] if got["params"] is not None else info.params
+        got["layers"] = got["layers"] if got["layers"] is not None else info.layers
+    missing = [k for k in ("gflops_forward", "layers") if got[k] is None]
+    if missing:
+        raise BadInputError(
+            f"job {name or '(unnamed)'}: missing {missing}; give them as numbers, or name a "
+            f"torchvision model (with the image size) or one of {sorted(KNOWN_ARCHITECTURES)}"
+        )
+    if got["gflops_train"] is None:
+        got["gflops_train"] = TRAIN_FLOPS_FACTOR * float(got["gflops_forward"])
+    return JobDescription(**got)
+
+
+def _check_positive(job: JobDescription) -> None:
+    for k in ("batch_size", "training_size", "gpu_count"):
+        v = getattr(job, k)
+        if v is None or not (v > 0):
+            raise BadInputError(f"job {job.architecture}: {k} must be a number > 0; found {v!r}")
+    if job.validation_size is None or job.validation_size < 0:
+        raise BadInputError(
+            f"job {job.architecture}: validation_size must be >= 0; found {job.validation_size!r}"
+        )
+    if job.precision not in _PRECISION_BITS:
+        raise BadInputError(
+            f"job {job.architecture}: precision must be one of {sorted(_PRECISION_BITS)}; "
+            f"found {job.precision!r}"
+        )
+
+
+def gpu_features(gpu: Any) -> dict[str, float | None]:
+    """The GPU columns of a feature row from a spec (see :mod:`estimators.gpus`) or a name.
+
+    Args:
+        gpu: A GPU name as ``nvidia-smi`` prints it, a spec object of
+            :mod:`estimators.gpus`, or a mapping with the keys of
+            :data:`GPU_COLUMNS` (a user-described GPU).
+
+    Raises:
+        BadInputError: Unknown GPU name, or a mapping missing board power or
+            FP32 TFLOPS.
+
+    """
+    if isinstance(gpu, Mapping):
+        out = {k: (None if gpu.get(k) is None else float(gpu[k])) for k in GPU_COLUMNS}
+        missing = [k for k in ("gpu_board_power_w", "gpu_fp32_tflops") if out[k] is None]
+        if missing:
+            raise BadInputError(
+                f"user-described GPU: missing {missing}; expected keys {list(GPU_COLUMNS)}"
+            )
+        return out
+    from estimators import gpus
+
+    spec = gpus.lookup(gpu) if isinstance(gpu, str) else gpu
+    return _spec_columns(spec)
+
+
+def _spec_columns(spec: Any) -> dict[str, float | None]:
+    def num(*names: str) -> float | None:
+        for n in names:
+            v = getattr(spec, n, None)
+            if v is not None:
+                return float(v)
+        return None
+
+    gen = getattr(spec, "generation", None) or getattr(spec, "architecture", None)
+    return {
+        "gpu_board_power_w": num("board_power_w", "tdp_w"),
+        "gpu_memory_gb": num("memory_gb", "memory_gib"),
+        "gpu_bandwidth_gbs": num("bandwidth_gbs", "memory_bandwidth_gbs"),
+        "gpu_sms": num("sms", "sm_count"),
+        "gpu_cuda_cores": num("cuda_cores"),
+        "gpu_fp32_tflops": num("fp32_tflops"),
+        "gpu_fp16_tflops": num("fp16_tflops"),
+        "gpu_generation": _generation_number(gen),
+    }
+
+
+#: NVIDIA architecture generations in order (numeric feature: later = newer).
+GENERATIONS: tuple[str, ...] = (
+    "kepler",
+    "maxwell",
+    "pascal",
+    "volta",
+    "turing",
+    "ampere",
+    "ada",
+    "hopper",
+    "blackwell",
+)
+
+
+def _generation_number(gen: object) -> float | None:
+    if gen is None:
+        return None
+    if isinstance(gen, int | float):
+        return float(gen)
+    text = str(getattr(gen, "value", gen)).lower()
+    for i, g in enumerate(GENERATIONS):
+        if g in text:
+            return float(i)
+    return None
+
+
+def job_row(job: JobDescription) -> dict[str, Any]:
+    """The job part of a feature row (complete the job first)."""
+    bs = int(job.batch_size)
+    train, val = int(job.training_size), int(job.validation_size)
+    assert job.gflops_forward is not None and job.gflops_train is not None
+    return {
+        "architecture": job.architecture,
+        "gflops_forward": float(job.gflops_forward),
+        "gflops_train": float(job.gflops_train),
+        "params": None if job.params is None else float(job.params),
+        "layers": None if job.layers is None else float(job.layers),
+        "activation_mb": job.activation_mb,
+        "batch_size": float(bs),
+        "image_height": None if job.image_height is None else float(job.image_height),
+        "image_width": None if job.image_width is None else float(job.image_width),
+        "training_size": float(train),
+        "validation_size": float(val),
+        "gpu_count": float(job.gpu_count),
+        "precision_bits": float(_PRECISION_BITS[job.precision]),
+        "batches_per_epoch": float(math.ceil(train / bs) + math.ceil(val / bs)),
+        # Training samples pass forward and backward, validation samples forward only.
+        "tflop_per_epoch": (job.gflops_train * train + job.gflops_forward * val) / 1e3,
+    }
+
+
+def feature_frame(pairs: Iterable[tuple[JobDescription, Any]]) -> pl.DataFrame:
+    """Feature rows for (job, GPU) pairs; jobs are completed (measured) first.
+
+    Returns:
+        One row per pair: ``architecture``, ``gpu_model`` and :data:`FEATURES`.
+
+    """
+    rows = []
+    for job, gpu in pairs:
+        full = complete_job(job)
+        row = job_row(full)
+        row["gpu_model"] = gpu_key(gpu)
+        row.update(gpu_features(gpu))
+        rows.append(row)
+    return _frame(rows)
+
+
+def gpu_key(gpu: Any) -> str:
+    """The name PRE files a GPU under: the table's canonical name, else the user's name.
+
+    Raises:
+        BadInputError: An unknown GPU name.
+
+    """
+    if isinstance(gpu, Mapping):
+        return str(gpu.get("name") or gpu.get("gpu_model") or "user-described GPU")
+    if isinstance(gpu, str):
+        from estimators import gpus
+
+        return gpus.lookup(gpu).name
+    return str(getattr(gpu, "name", gpu))
+
+
+def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
+    sch: dict[str, pl.DataType] = {"architecture": pl.String(), "gpu_model": pl.String()}
+    sch.update({c: pl.Float64() for c in FEATURES})
+    return pl.DataFrame(rows, schema=sch, orient="row") if rows else pl.DataFrame(schema=sch)
+
+
+#: Columns a runs file (shared layout or the store's runs table) must have for training.
+RUN_NEEDS: tuple[str, ...] = (
+    "run_id",
+    "gpu_model",
+    "architecture",
+    "batch_size",
+    "training_size",
+    "gflops_forward",
+)
+
+
+def runs_features(
+    runs: pl.DataFrame, *, file: str | None = None, with_truth: bool = True
+) -> pl.DataFrame:
+    """Feature rows (and truths) for runs in the shared layout or the store's runs table.
+
+    Truth per run: ``epoch_energy_j`` = ``gpu_energy_j`` (else ``energy_j``)
+    / ``trained_epochs`` and ``epoch_time_s`` = ``duration_s`` / ``trained_epochs``.
+    Image size, precision and GPU count come from the columns when present,
+    else from the store's ``config`` JSON, else stay null / fp32 / 1. Board
+    power is the spec's (a configured power limit in the runs is ignored: it
+    made leave-one-architecture-out worse on the shared runs).
+
+    Args:
+        runs: The runs.
+        file: Their file, for messages.
+        with_truth: Require and compute the truth columns.
+
+    Returns:
+        ``run_id``, ``architecture``, ``gpu_model``, :data:`FEATURES` and,
+        with truth, ``epoch_energy_j`` and ``epoch_time_s``.
+
+    Raises:
+        BadInputError: A needed column is missing, a value is null or not
+            positive, an architecture lacks layers, or a GPU is unknown.
+
+    """
+    need = list(RUN_NEEDS)
+    energy_col = "gpu_energy_j" if "gpu_energy_j" in runs.columns else "energy_j"
+    if with_truth:
+        need += [energy_col, "trained_epochs", "duration_s"]
+    missing = [c for c in need if c not in runs.columns]
+    if missing:
+        raise BadInputError(
+            f"{where(file)}runs need column(s) {missing}; found {runs.columns}. Expected the "
+            "shared runs layout (run_id, gpu_model, architecture, batch_size, training_size, "
+            "validation_size, gflops_forward, trained_epochs, duration_s, gpu_energy_j)"
+        )
+    gpu_cache: dict[str, dict[str, Any]] = {}
+    rows = []
+    for i, r in enumerate(runs.iter_rows(named=True), start=1):
+        cfg = _config(r.get("config"))
+
+        def pick(key: str, r: dict[str, Any] = r, cfg: dict[str, Any] = cfg) -> Any:
+            v = r.get(key)
+            return cfg.get(key) if v is None else v
+
+        for k in need:
+            if r.get(k) is None:
+                raise BadInputError(
+                    f"{where(file, i, repr(k))}run {r.get('run_id')!r}: expected a value; "
+                    "found null"
+                )
+        job = JobDescription(
+            architecture=r["architecture"],
+            batch_size=int(r["batch_size"]),
+            training_size=int(r["training_size"]),
+            validation_size=int(pick("validation_size") or 0),
+            image_height=pick("image_height"),
+            image_width=pick("image_width"),
+            precision=str(pick("precision") or "fp32"),
+            gpu_count=int(pick("gpu_count") or 1),
+            gflops_forward=float(r["gflops_forward"]),
+            gflops_train=pick("gflops_train"),
+            params=pick("params"),
+            layers=pick("layers"),
+            activation_mb=pick("activation_mb"),
+        )
+        try:
+            row = job_row(complete_job(job))
+            gm = str(r["gpu_model"])
+            if gm not in gpu_cache:
+                gpu_cache[gm] = {**gpu_features(gm), "gpu_model": gpu_key(gm)}
+        except BadInputError as err:
+            raise BadInputError(f"{where(file, i)}run {r['run_id']!r}: {err}") from err
+        row.update(gpu_cache[gm])
+        row["run_id"] = r["run_id"]
+        if with_truth:
+            ep, e, d = r["trained_epochs"], r[energy_col], r["duration_s"]
+            if not (ep > 0 and e > 0 and d > 0):
+                raise BadInputError(
+                    f"{where(file, i)}run {r['run_id']!r}: expected trained_epochs, "
+                    f"{energy_col} and duration_s > 0; found {ep}, {e}, {d}"
+                )
+            row["epoch_energy_j"] = float(e) / ep
+            row["epoch_time_s"] = float(d) / ep
+        rows.append(row)
+    df = _frame([{k: v for k, v in r.items() if k not in ("run_id",)} for r in rows])
+    extra = {"run_id": pl.Series([r["run_id"] for r in rows], dtype=pl.String)}
+    if with_truth:
+        extra["epoch_energy_j"] = pl.Series([r["epoch_energy_j"] for r in rows], dtype=pl.Float64)
+        extra["epoch_time_s"] = pl.Series([r["epoch_time_s"] for r in rows], dtype=pl.Float64)
+    return df.with_columns(**extra).select("run_id", *df.columns, *list(extra)[1:])
+
+
+def _config(raw: object) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        val = json.loads(str(raw))
+    except json.JSONDecodeError:
+        return {}
+    return val if isinstance(val, dict) else {}

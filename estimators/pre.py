@@ -1,0 +1,719 @@
+"""PRE: predict per-epoch energy and time before training, with conformal intervals.
+
+Each target (per-epoch energy in J, per-epoch time in s) is a physical prior
+times a learned correction:
+
+* **Prior** (roofline plus overhead, per GPU model): one epoch costs, per
+  batch, a fixed overhead ``c0`` plus ``c1`` per layer (kernel launches, data
+  loading, small kernels) plus the epoch's FLOPs at the GPU's peak
+  throughput. Energy is that time at board power:
+  ``E = P_board * gpus * (batches * (c0 + c1 * layers) + FLOP / peak)``.
+  ``c0`` and ``c1`` (seconds, >= 0) are fitted per GPU model by weighted least
+  squares on relative error; a GPU seen with one architecture only borrows
+  the ratio ``c0 / c1`` from the others; an unseen GPU gets them from a
+  log-linear fit on peak TFLOPS across seen GPUs. A linear prior extrapolates
+  to architectures with more or fewer FLOPs and layers than any seen, which
+  trees cannot.
+* **Correction**: an XGBoost regressor on ``log(truth / prior)`` with the
+  job and GPU features (:data:`estimators.features.FEATURES`); its depth is
+  chosen by cross-validation grouped by architecture.
+* **Intervals** (split conformal on out-of-fold log residuals): for a job
+  whose architecture was in the training runs, from random K-fold residuals;
+  for a new architecture, from folds grouped by architecture (each
+  architecture predicted by a model that never saw it). The lower and upper
+  quantiles are kept separately, so a biased extrapolation gets a lopsided
+  interval.
+
+A fitted model saves as one JSON file (the two boosters in XGBoost's own JSON
+format, the priors and the conformal quantiles) plus a card (features, rows,
+CV scores, date, sha256 of the model file). Loading checks the checksum and
+format version; nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import polars as pl
+
+from estimators.features import FEATURES
+from profiler.errors import BadInputError, NotFittedError, StoreError
+
+if TYPE_CHECKING:
+    import xgboost as xgb
+
+FORMAT = "wattwise-pre"
+FORMAT_VERSION = 1
+TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
+#: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
+DEFAULT_LAYER_RATIO = 90.0
+
+
+# ----------------------------------------------------------------------------- folds
+
+
+def grouped_folds(
+    groups: Sequence[object], n_splits: int = 5, *, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Folds in which every group lies wholly in one validation fold.
+
+    With at most ``n_splits`` groups this is leave-one-group-out; otherwise
+    groups are shuffled and dealt to folds, largest first, to balance rows.
+
+    Args:
+        groups: Group label per row (the architecture).
+        n_splits: Folds wanted.
+        seed: Shuffle seed.
+
+    Returns:
+        (train indices, validation indices) per fold.
+
+    Raises:
+        BadInputError: Fewer than two groups.
+
+    """
+    labels = np.asarray([str(g) for g in groups])
+    uniq, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    if len(uniq) < 2:
+        raise BadInputError(
+            f"grouped cross-validation needs at least 2 architectures; found {list(uniq)}"
+        )
+    k = min(n_splits, len(uniq))
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    order = order[np.argsort(-counts[order], kind="stable")]
+    load = np.zeros(k)
+    fold_of = np.empty(len(uniq), dtype=int)
+    for gi in order:
+        f = int(np.argmin(load))
+        fold_of[gi] = f
+        load[f] += counts[gi]
+    row_fold = fold_of[inverse]
+    idx = np.arange(len(labels))
+    return [(idx[row_fold != f], idx[row_fold == f]) for f in range(k)]
+
+
+def random_folds(
+    n: int, n_splits: int = 5, *, seed: int = 0
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Plain shuffled K-fold split of ``n`` rows."""
+    perm = np.random.default_rng(seed).permutation(n)
+    parts = np.array_split(perm, min(n_splits, n))
+    return [
+        (np.sort(np.concatenate(parts[:i] + parts[i + 1 :])), np.sort(p))
+        for i, p in enumerate(parts)
+    ]
+
+
+def arch_keys(frame: pl.DataFrame) -> list[str]:
+    """Architecture identity per row: its name, else its FLOPs and layers."""
+    names = frame["architecture"].to_list()
+    gf = frame["gflops_forward"].to_list()
+    ly = frame["layers"].to_list()
+    return [
+        n if n else f"gflops={g:.6g}/layers={lay}" for n, g, lay in zip(names, gf, ly, strict=True)
+    ]
+
+
+# ----------------------------------------------------------------------------- prior
+
+
+def _arrays(frame: pl.DataFrame) -> dict[str, np.ndarray]:
+    def col(name: str) -> np.ndarray:
+        return frame[name].cast(pl.Float64).fill_null(float("nan")).to_numpy().astype(float)
+
+    tf = col("gpu_fp32_tflops")
+    fp16 = col("gpu_fp16_tflops")
+    half = col("precision_bits") <= 16
+    peak = np.where(half & np.isfinite(fp16), fp16, tf)
+    gpus = np.maximum(col("gpu_count"), 1.0)
+    return {
+        "batches": col("batches_per_epoch"),
+        "layers": col("layers"),
+        # Seconds of the epoch's FLOPs at peak throughput on all of the job's GPUs.
+        "compute_s": col("tflop_per_epoch") / (peak * gpus),
+        "power_w": col("gpu_board_power_w") * gpus,
+        "tflops": tf,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Prior:
+    """Per-GPU overhead constants of the physical prior of one target.
+
+    Attributes:
+        energy: Whether the target is energy (time at board power) or time.
+        coef: GPU name to (c0 in s per batch, c1 in s per batch and layer).
+        tflops: GPU name to peak FP32 TFLOPS (for unseen GPUs).
+        slope: d log c / d log TFLOPS for (c0, c1), for unseen GPUs.
+        intercept: log c at 1 TFLOPS for (c0, c1), for unseen GPUs.
+        efficiency: Fraction of peak FLOPS the compute term assumes.
+
+    """
+
+    energy: bool
+    coef: dict[str, tuple[float, float]]
+    tflops: dict[str, float]
+    slope: tuple[float, float]
+    intercept: tuple[float, float]
+    efficiency: float
+
+    @classmethod
+    def fit(
+        cls, frame: pl.DataFrame, y: np.ndarray, *, energy: bool, efficiency: float = 0.8
+    ) -> Prior:
+        """Fit per-GPU ``c0``, ``c1`` to truths ``y`` (J or s per epoch).
+
+        Args:
+            frame: Feature rows.
+            y: Truth per row (J per epoch for energy, s per epoch for time).
+            energy: Whether ``y`` is energy.
+            efficiency: Fraction of peak FLOPS reached in the compute term when
+                no GPU has runs of three architectures to learn it from.
+
+        """
+        a = _arrays(frame)
+        scale = a["batches"] * (a["power_w"] if energy else 1.0)
+        s = y / scale  # seconds per batch (at board power, for energy)
+        comp = a["compute_s"] / a["batches"]  # compute seconds per batch at peak
+        names = np.asarray(frame["gpu_model"].to_list())
+        tflops = {str(g): float(np.nanmedian(a["tflops"][names == g])) for g in np.unique(names)}
+        # Learn the efficiency where three architectures on one GPU pin it down.
+        etas = []
+        for g in tflops:
+            m = names == g
+            if len(np.unique(a["layers"][m])) >= 3 and len(np.unique(comp[m])) >= 3:
+                c, *_ = np.linalg.lstsq(
+                    np.column_stack([np.ones(m.sum()), a["layers"][m], comp[m]]) / s[m, None],
+                    np.ones(m.sum()),
+                    rcond=None,
+                )
+                if c[2] > 0:
+                    etas.append(1.0 / float(c[2]))
+        eta = float(np.clip(np.median(etas), 0.05, 1.0)) if etas else efficiency
+        over = s - comp / eta
+        coef: dict[str, tuple[float, float]] = {}
+        single: list[str] = []
+        for g in tflops:
+            m = names == g
+            if len(np.unique(a["layers"][m])) < 2:
+                single.append(g)
+                continue
+            coef[g] = _nnls2(a["layers"][m], over[m], 1.0 / s[m] ** 2)
+        # A GPU seen with one architecture cannot separate c0 from c1: it borrows
+        # c0 (per-batch host and data-loading cost, little GPU-dependent).
+        c0s = [c0 for c0, _ in coef.values()]
+        for g in single:
+            m = names == g
+            ov = float(np.median(over[m]))
+            lay = float(np.median(a["layers"][m]))
+            c0 = min(float(np.median(c0s)) if c0s else ov / 2, max(ov, 0.0))
+            coef[g] = (c0, max(ov - c0, 0.0) / lay)
+        slope, intercept = _log_fit(coef, tflops)
+        return cls(energy, coef, tflops, slope, intercept, eta)
+
+    def coefficients(self, gpu: str, tflops: float) -> tuple[float, float]:
+        """``(c0, c1)`` of a GPU; extrapolated on TFLOPS for a GPU not fitted."""
+        if gpu in self.coef:
+            return self.coef[gpu]
+        lt = math.log(tflops)
+        return (
+            math.exp(self.intercept[0] + self.slope[0] * lt),
+            math.exp(self.intercept[1] + self.slope[1] * lt),
+        )
+
+    def predict(self, frame: pl.DataFrame) -> np.ndarray:
+        """Prior per-epoch energy (J) or time (s) per row."""
+        a = _arrays(frame)
+        names = frame["gpu_model"].to_list()
+        c = np.array(
+            [self.coefficients(g, t) for g, t in zip(names, a["tflops"], strict=True)]
+        ).reshape(-1, 2)
+        secs = a["batches"] * (c[:, 0] + c[:, 1] * a["layers"]) + a["compute_s"] / self.efficiency
+        return np.asarray(secs * (a["power_w"] if self.energy else 1.0), dtype=float)
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain-JSON form."""
+        return {
+            "energy": self.energy,
+            "coef": {k: list(v) for k, v in self.coef.items()},
+            "tflops": self.tflops,
+            "slope": list(self.slope),
+            "intercept": list(self.intercept),
+            "efficiency": self.efficiency,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Prior:
+        """Inverse of :meth:`to_json`."""
+        return cls(
+            bool(d["energy"]),
+            {k: (float(v[0]), float(v[1])) for k, v in d["coef"].items()},
+            {k: float(v) for k, v in d["tflops"].items()},
+            (float(d["slope"][0]), float(d["slope"][1])),
+            (float(d["intercept"][0]), float(d["intercept"][1])),
+            float(d["efficiency"]),
+        )
+
+
+def _nnls2(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
+    """Weighted least squares ``y ~ c0 + c1 x`` with ``c0, c1 >= 0``."""
+    sw = np.sqrt(w)
+    c, *_ = np.linalg.lstsq(np.column_stack([sw, sw * x]), sw * y, rcond=None)
+    c0, c1 = float(c[0]), float(c[1])
+    if c0 >= 0 and c1 >= 0:
+        return c0, c1
+    only_c1 = max(float(np.sum(w * x * y) / np.sum(w * x * x)), 0.0)
+    only_c0 = max(float(np.sum(w * y) / np.sum(w)), 0.0)
+    err1 = float(np.sum(w * (y - only_c1 * x) ** 2))
+    err0 = float(np.sum(w * (y - only_c0) ** 2))
+    return (0.0, only_c1) if err1 < err0 else (only_c0, 0.0)
+
+
+def _log_fit(
+    coef: dict[str, tuple[float, float]], tflops: dict[str, float]
+) -> tuple[tuple[float, float], tuple[float, float]]:
+    names = list(coef)
+    lt = np.log([tflops[n] for n in names])
+    slopes, icpts = [], []
+    for j in (0, 1):
+        lc = np.log(np.maximum([coef[n][j] for n in names], 1e-9))
+        if len(names) >= 2 and np.ptp(lt) > 0:
+            b = float(np.clip(np.polyfit(lt, lc, 1)[0], -1.0, 0.0))
+        else:
+            b = 0.0
+        slopes.append(b)
+        icpts.append(float(np.median(lc - b * lt)))
+    return (slopes[0], slopes[1]), (icpts[0], icpts[1])
+
+
+# ----------------------------------------------------------------------------- one target
+
+
+def _matrix(frame: pl.DataFrame) -> np.ndarray:
+    return (
+        frame.select([pl.col(c).cast(pl.Float64) for c in FEATURES])
+        .fill_null(float("nan"))
+        .to_numpy()
+    )
+
+
+def _quantiles(r: np.ndarray, coverage: float) -> tuple[float, float]:
+    """Symmetric conformal bounds of log residuals (finite-sample corrected).
+
+    Symmetric in log space: with few groups, one-sided residual quantiles
+    echo the direction of the few extrapolations seen, not the next one's.
+    """
+    n = len(r)
+    level = min(1.0, math.ceil((n + 1) * coverage) / n)
+    q = float(np.quantile(np.abs(r), level, method="higher"))
+    return -q, q
+
+
+@dataclass(frozen=True, slots=True)
+class _Fitted:
+    prior: Prior
+    booster: xgb.Booster
+    seen_q: tuple[float, float]
+    unseen_q: tuple[float, float] | None
+
+    def point(self, frame: pl.DataFrame, x: np.ndarray | None = None) -> np.ndarray:
+        import xgboost as xgb
+
+        x = _matrix(frame) if x is None else x
+        corr = np.exp(self.booster.predict(xgb.DMatrix(x)))
+        return np.asarray(self.prior.predict(frame) * corr, dtype=float)
+
+
+class PREModel:
+    """Per-epoch energy and time predictor (see the module docstring).
+
+    Args:
+        coverage: Nominal coverage of the prediction intervals (0.9 = 90 %).
+        n_estimators: Boosting rounds of each correction model.
+        max_depths: Tree depths tried by grouped cross-validation.
+        learning_rate: XGBoost ``eta``.
+        cv_folds: Folds for grouped and random cross-validation.
+        nthread: XGBoost threads.
+        seed: Seed of folds and boosting.
+        efficiency: Fraction of peak FLOPS assumed by the prior's compute term
+            until runs of three architectures on one GPU let it be learned.
+
+    Attributes:
+        priors_: Fitted prior per target (``energy``, ``time``).
+        cv_: Cross-validation scores: per target, grouped and random MAPE (%)
+            and interval coverage, and the chosen depth.
+        architectures_: Architecture keys seen in training.
+        gpus_: GPU names seen in training.
+        n_rows_: Training rows.
+        oof_: Per target, out-of-fold predictions of the training rows from
+            architecture-grouped folds (random folds with one architecture).
+
+    """
+
+    def __init__(
+        self,
+        *,
+        coverage: float = 0.9,
+        n_estimators: int = 200,
+        max_depths: tuple[int, ...] = (2, 4),
+        learning_rate: float = 0.05,
+        cv_folds: int = 5,
+        nthread: int = 2,
+        seed: int = 0,
+        efficiency: float = 0.8,
+    ) -> None:
+        self.coverage = coverage
+        self.n_estimators = n_estimators
+        self.max_depths = max_depths
+        self.learning_rate = learning_rate
+        self.cv_folds = cv_folds
+        self.nthread = nthread
+        self.seed = seed
+        self.efficiency = efficiency
+
+    # -- fit
+
+    def _params(self, depth: int) -> dict[str, Any]:
+        return {
+            "max_depth": depth,
+            "eta": self.learning_rate,
+            "nthread": self.nthread,
+            "seed": self.seed,
+            "objective": "reg:absoluteerror",
+            "subsample": 0.8,
+            "min_child_weight": 3,
+            "verbosity": 0,
+        }
+
+    def _fit_one(
+        self, frame: pl.DataFrame, x: np.ndarray, y: np.ndarray, energy: bool, depth: int
+    ) -> tuple[Prior, xgb.Booster]:
+        import xgboost as xgb
+
+        prior = Prior.fit(frame, y, energy=energy, efficiency=self.efficiency)
+        resid = np.log(y / prior.predict(frame))
+        booster = xgb.train(self._params(depth), xgb.DMatrix(x, label=resid), self.n_estimators)
+        return prior, booster
+
+    def _oof(
+        self,
+        frame: pl.DataFrame,
+        x: np.ndarray,
+        y: np.ndarray,
+        energy: bool,
+        depth: int,
+        folds: list[tuple[np.ndarray, np.ndarray]],
+    ) -> np.ndarray:
+        import xgboost as xgb
+
+        out = np.empty(len(y))
+        for tr, va in folds:
+            prior, booster = self._fit_one(frame[tr], x[tr], y[tr], energy, depth)
+            out[va] = prior.predict(frame[va]) * np.exp(booster.predict(xgb.DMatrix(x[va])))
+        return out
+
+    def fit(self, frame: pl.DataFrame) -> PREModel:
+        """Fit both targets on feature rows with truths.
+
+        Args:
+            frame: Rows of :func:`estimators.features.runs_features`
+                (``epoch_energy_j`` and ``epoch_time_s`` > 0).
+
+        Returns:
+            ``self``.
+
+        Raises:
+            BadInputError: Missing columns, too few rows, non-positive truths,
+                or rows without layers.
+
+        """
+        need = ["architecture", "gpu_model", *FEATURES, *TARGETS.values()]
+        missing = [c for c in need if c not in frame.columns]
+        if missing:
+            raise BadInputError(
+                f"PRE training rows need column(s) {missing}; found {frame.columns}. "
+                "Build them with estimators.features.runs_features"
+            )
+        if frame.height < 10:
+            raise BadInputError(
+                f"PRE needs at least 10 finished runs to train; found {frame.height}"
+            )
+        for c in (*TARGETS.values(), "layers", "gpu_fp32_tflops", "gpu_board_power_w"):
+            bad = frame.filter(pl.col(c).is_null() | ~(pl.col(c) > 0))
+            if bad.height:
+                raise BadInputError(
+                    f"PRE training rows: column {c!r} must be > 0 in every row; "
+                    f"{bad.height} row(s) are not (first: {bad.row(0, named=True).get('run_id')})"
+                )
+        x = _matrix(frame)
+        keys = arch_keys(frame)
+        n_arch = len(set(keys))
+        gfolds = grouped_folds(keys, self.cv_folds, seed=self.seed) if n_arch >= 2 else None
+        rfolds = random_folds(frame.height, self.cv_folds, seed=self.seed)
+        self.fitted_: dict[str, _Fitted] = {}
+        self.cv_: dict[str, dict[str, Any]] = {}
+        self.oof_: dict[str, np.ndarray] = {}
+        for name, col in TARGETS.items():
+            energy = name == "energy"
+            y = frame[col].to_numpy().astype(float)
+            best: tuple[float, int, np.ndarray | None] | None = None
+            for depth in self.max_depths:
+                if gfolds is None:
+                    best = (math.nan, depth, None)
+                    break
+                oof = self._oof(frame, x, y, energy, depth, gfolds)
+                score = float(np.mean(np.abs(oof - y) / y))
+                if best is None or score < best[0]:
+                    best = (score, depth, oof)
+            assert best is not None
+            _, depth, goof = best
+            roof = self._oof(frame, x, y, energy, depth, rfolds)
+            seen_q = _quantiles(np.log(y / roof), self.coverage)
+            unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
+            self.oof_[name] = goof if goof is not None else roof
+            prior, booster = self._fit_one(frame, x, y, energy, depth)
+            self.fitted_[name] = _Fitted(prior, booster, seen_q, unseen_q)
+            self.cv_[name] = {
+                "max_depth": depth,
+                "random_mape_pct": _mape(roof, y),
+                "random_coverage": _cover(roof, y, seen_q),
+                "grouped_mape_pct": None if goof is None else _mape(goof, y),
+                "grouped_coverage": None if goof is None else _cover(goof, y, unseen_q),
+                "grouped_folds": 0 if gfolds is None else len(gfolds),
+            }
+        self.architectures_ = sorted(set(keys))
+        self.gpus_ = sorted(set(frame["gpu_model"].to_list()))
+        self.n_rows_ = frame.height
+        return self
+
+    # -- predict
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "fitted_"):
+            raise NotFittedError(
+                "This PREModel instance is not fitted yet; call fit(rows) or PREModel.load(path)"
+            )
+
+    def predict(self, frame: pl.DataFrame) -> pl.DataFrame:
+        """Predict per-epoch energy and time with intervals.
+
+        Args:
+            frame: Feature rows (:func:`estimators.features.feature_frame` or
+                ``runs_features``).
+
+        Returns:
+            Per row: ``predicted_epoch_energy_j``, ``lower_j``, ``upper_j``,
+            ``predicted_epoch_time_s``, ``time_lower_s``, ``time_upper_s``,
+            ``seen_architecture`` and ``seen_gpu`` (bools). Intervals of a new
+            architecture are null when training had a single architecture.
+
+        Raises:
+            NotFittedError: Before ``fit``.
+            BadInputError: Missing feature columns, or rows without layers,
+                board power or TFLOPS.
+
+        """
+        self._check_fitted()
+        missing = [c for c in ("architecture", "gpu_model", *FEATURES) if c not in frame.columns]
+        if missing:
+            raise BadInputError(
+                f"PRE prediction rows need column(s) {missing}; found {frame.columns}"
+            )
+        for c in ("layers", "gpu_fp32_tflops", "gpu_board_power_w", "batches_per_epoch"):
+            if frame[c].null_count():
+                raise BadInputError(
+                    f"PRE prediction rows: column {c!r} has nulls; expected numbers"
+                )
+        x = _matrix(frame)
+        seen = np.array([k in set(self.architectures_) for k in arch_keys(frame)], dtype=bool)
+        out: dict[str, Any] = {}
+        names = {
+            "energy": ("predicted_epoch_energy_j", "lower_j", "upper_j"),
+            "time": ("predicted_epoch_time_s", "time_lower_s", "time_upper_s"),
+        }
+        for t, fit in self.fitted_.items():
+            p = fit.point(frame, x)
+            lo_s, hi_s = np.exp(fit.seen_q[0]), np.exp(fit.seen_q[1])
+            if fit.unseen_q is None:
+                lo_u, hi_u = np.nan, np.nan
+            else:
+                lo_u, hi_u = np.exp(fit.unseen_q[0]), np.exp(fit.unseen_q[1])
+            col, lo, hi = names[t]
+            out[col] = p
+            out[lo] = p * np.where(seen, lo_s, lo_u)
+            out[hi] = p * np.where(seen, hi_s, hi_u)
+        res = pl.DataFrame(out).fill_nan(None)
+        return res.with_columns(
+            pl.Series("seen_architecture", seen),
+            pl.Series("seen_gpu", [g in set(self.gpus_) for g in frame["gpu_model"].to_list()]),
+        )
+
+    # -- persistence
+
+    def to_json(self) -> dict[str, Any]:
+        """The model as plain JSON (boosters in XGBoost's JSON format)."""
+        self._check_fitted()
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "features": list(FEATURES),
+            "coverage": self.coverage,
+            "architectures": self.architectures_,
+            "gpus": self.gpus_,
+            "n_rows": self.n_rows_,
+            "cv": self.cv_,
+            "targets": {
+                t: {
+                    "prior": f.prior.to_json(),
+                    "seen_q": list(f.seen_q),
+                    "unseen_q": None if f.unseen_q is None else list(f.unseen_q),
+                    "booster": json.loads(bytes(f.booster.save_raw("json")).decode()),
+                }
+                for t, f in self.fitted_.items()
+            },
+        }
+
+    def save(self, path: str | Path, *, card: dict[str, Any] | None = None) -> Path:
+        """Write the model file and its card (``<stem>.card.json``) atomically.
+
+        Args:
+            path: Model file, e.g. ``models/pre-v3.json``.
+            card: Extra card fields (version, decision...).
+
+        Returns:
+            The card's path.
+
+        """
+        path = Path(path)
+        body = json.dumps(self.to_json(), separators=(",", ":")).encode()
+        full_card = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "model_file": path.name,
+            "sha256": hashlib.sha256(body).hexdigest(),
+            "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            "features": list(FEATURES),
+            "training_rows": self.n_rows_,
+            "architectures": self.architectures_,
+            "gpus": self.gpus_,
+            "coverage": self.coverage,
+            "cv": self.cv_,
+            **(card or {}),
+        }
+        atomic_write_bytes(body, path)
+        cpath = card_path(path)
+        atomic_write_bytes(json.dumps(full_card, indent=2).encode(), cpath)
+        return cpath
+
+    @classmethod
+    def load(cls, path: str | Path) -> PREModel:
+        """Load a model saved by :meth:`save`, checking its card's checksum and version.
+
+        Raises:
+            BadInputError: Missing file or card, checksum mismatch (tampered
+                or partial file), another format or version, or malformed content.
+
+        """
+        import xgboost as xgb
+
+        path = Path(path)
+        cpath = card_path(path)
+        for p, what in ((path, "model file"), (cpath, "model card")):
+            if not p.is_file():
+                raise BadInputError(f"{p}: expected a PRE {what}; no such file")
+        body = path.read_bytes()
+        try:
+            card = json.loads(cpath.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise BadInputError(f"{cpath}: expected a JSON model card; {err}") from err
+        if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
+            raise BadInputError(
+                f"{cpath}: expected format {FORMAT!r} version {FORMAT_VERSION}; found "
+                f"{card.get('format')!r} version {card.get('format_version')!r}. Retrain with "
+                "'wattwise retrain'"
+            )
+        digest = hashlib.sha256(body).hexdigest()
+        if card.get("sha256") != digest:
+            raise BadInputError(
+                f"{path}: checksum mismatch: card says sha256 {card.get('sha256')}, file has "
+                f"{digest}; the model file was changed or is incomplete. Retrain with "
+                "'wattwise retrain'"
+            )
+        try:
+            d = json.loads(body)
+            if d.get("format_version") != FORMAT_VERSION or list(d["features"]) != list(FEATURES):
+                raise BadInputError(
+                    f"{path}: model of format version {d.get('format_version')} with features "
+                    f"{d.get('features')}; this wattwise expects version {FORMAT_VERSION} with "
+                    f"{list(FEATURES)}. Retrain with 'wattwise retrain'"
+                )
+            m = cls(coverage=float(d["coverage"]))
+            m.fitted_ = {}
+            for t, td in d["targets"].items():
+                booster = xgb.Booster()
+                booster.load_model(bytearray(json.dumps(td["booster"]).encode()))
+                m.fitted_[t] = _Fitted(
+                    Prior.from_json(td["prior"]),
+                    booster,
+                    (float(td["seen_q"][0]), float(td["seen_q"][1])),
+                    None
+                    if td["unseen_q"] is None
+                    else (float(td["unseen_q"][0]), float(td["unseen_q"][1])),
+                )
+            m.cv_ = d["cv"]
+            m.architectures_ = list(d["architectures"])
+            m.gpus_ = list(d["gpus"])
+            m.n_rows_ = int(d["n_rows"])
+        except BadInputError:
+            raise
+        except (KeyError, TypeError, ValueError, xgb.core.XGBoostError) as err:
+            raise BadInputError(f"{path}: malformed PRE model file ({err!r})") from err
+        return m
+
+
+def _mape(p: np.ndarray, y: np.ndarray) -> float:
+    return float(100.0 * np.mean(np.abs(p - y) / y))
+
+
+def _cover(p: np.ndarray, y: np.ndarray, q: tuple[float, float] | None) -> float | None:
+    if q is None:
+        return None
+    return float(np.mean((y >= p * np.exp(q[0])) & (y <= p * np.exp(q[1]))))
+
+
+def card_path(model_path: Path) -> Path:
+    """``pre-v3.json`` -> ``pre-v3.card.json``."""
+    return model_path.with_name(model_path.stem + ".card.json")
+
+
+def atomic_write_bytes(data: bytes, path: Path) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary and a rename.
+
+    Raises:
+        StoreError: The write failed; ``path`` is untouched.
+
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise StoreError(f"{path}: could not write ({err})") from err

@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from estimators.features import (
+    FEATURES,
+    JobDescription,
+    complete_job,
+    feature_frame,
+    gpu_features,
+    measure_module,
+    measure_torchvision,
+    runs_features,
+)
+from profiler.errors import BadInputError
+
+
+@pytest.fixture
+def seaa_runs(shared_data):
+    import polars as pl
+
+    return pl.read_parquet(shared_data / "runs.parquet")
+
+
+def test_flops_of_a_tiny_module_match_a_hand_count() -> None:
+    # conv 3->4, 3x3, pad 1 on 3x8x8: 4*8*8 outputs * 27 MACs = 6912 MACs = 13824 FLOPs
+    # depthwise conv 4->4 groups 4, 3x3, pad 1: 4*8*8 * 9 MACs = 2304 MACs = 4608 FLOPs
+    # linear 256->10: 2560 MACs = 5120 FLOPs
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1, bias=False),
+        torch.nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(256, 10, bias=False),
+    )
+    s = measure_module(model, (3, 8, 8))
+    assert s.gflops_forward * 1e9 == pytest.approx(13824 + 4608 + 5120)
+    # backward: first conv only its weight gradient (input needs none); the others
+    # both gradients, each costing the forward's FLOPs (grouped conv counted per group).
+    assert s.gflops_train * 1e9 == pytest.approx(2 * 13824 + 3 * 4608 + 3 * 5120)
+    assert s.params == 3 * 4 * 9 + 4 * 9 + 2560
+    assert s.layers == 3
+    assert s.activation_mb > 0
+
+
+def test_torchvision_resnet18_small_image() -> None:
+    s = measure_torchvision("resnet18", 32, 32)
+    assert s.params == 11_689_512
+    assert s.layers == 20 + 20 + 1  # 20 convs, 20 batch norms, 1 fc
+    # ~1.82 GFLOPs at 224x224 scales with pixels (the fc is negligible)
+    assert s.gflops_forward == pytest.approx(3.64 * (32 / 224) ** 2, rel=0.05)
+    assert 2.0 < s.gflops_train / s.gflops_forward < 3.01
+
+
+def test_numbers_only_job_uses_known_table() -> None:
+    job = complete_job(JobDescription("vgg16", 32, 23807, 10203, gflops_forward=10.0))
+    assert job.layers == 16 and job.params == pytest.approx(138.4e6)
+    assert job.gflops_train == pytest.approx(30.0)
+    row = feature_frame([(job, "NVIDIA GeForce RTX 3090")]).row(0, named=True)
+    assert row["gpu_model"] == "RTX 3090"
+    assert row["batches_per_epoch"] == 744 + 319
+    assert row["tflop_per_epoch"] == pytest.approx((30.0 * 23807 + 10.0 * 10203) / 1e3)
+    assert row["gpu_board_power_w"] == 350
+
+
+def test_bad_input_is_refused_with_what_is_known() -> None:
+    with pytest.raises(BadInputError, match="unknown architecture 'notanet'.*resnet18"):
+        complete_job(JobDescription("notanet", 32, 100, image_height=32, image_width=32))
+    with pytest.raises(BadInputError, match="needs image_height"):
+        complete_job(JobDescription("resnet18", 32, 100))
+    with pytest.raises(BadInputError, match=r"missing \['layers'\]"):
+        complete_job(JobDescription(None, 32, 100, gflops_forward=1.0))
+    with pytest.raises(BadInputError, match="batch_size must be"):
+        complete_job(JobDescription("vgg16", 0, 100, gflops_forward=1.0))
+    with pytest.raises(BadInputError, match="unknown GPU model 'RTX 9999'.*RTX 3090"):
+        gpu_features("RTX 9999")
+    with pytest.raises(BadInputError, match="missing.*gpu_fp32_tflops"):
+        gpu_features({"gpu_board_power_w": 100})
+    user = gpu_features({"gpu_board_power_w": 100, "gpu_fp32_tflops": 10})
+    assert user["gpu_board_power_w"] == 100 and user["gpu_memory_gb"] is None
+
+
+def test_runs_features_from_shared_layout(seaa_runs) -> None:
+    df = runs_features(seaa_runs)
+    assert df.height == 249
+    assert set(FEATURES) <= set(df.columns)
+    r = df.filter(df["run_id"] == "cloud-mobilenet_v2-00").row(0, named=True)
+    assert r["epoch_energy_j"] == pytest.approx(415170.4675 / 98)
+    assert r["epoch_time_s"] == pytest.approx(2645.101 / 98)
+    assert r["layers"] == 105
+
+
+def test_runs_features_names_the_missing_column(seaa_runs) -> None:
+    with pytest.raises(BadInputError, match=r"need column\(s\) \['gflops_forward'\]"):
+        runs_features(seaa_runs.drop("gflops_forward"), file="r.parquet")

@@ -1,0 +1,223 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from estimators.features import JobDescription, feature_frame, runs_features
+from estimators.pre import PREModel, grouped_folds, random_folds
+from profiler.errors import BadInputError, NotFittedError
+
+GPUS = ["RTX 3090", "RTX 3070", "T4", "A100 40GB"]
+SMALL = {"n_estimators": 60, "max_depths": (2,), "cv_folds": 3, "nthread": 1}
+
+
+def synthetic(n_arch: int, runs_per_cell: int, *, sigma: float, seed: int) -> pl.DataFrame:
+    """Runs whose per-epoch energy follows the prior's law times lognormal noise."""
+    rng = np.random.default_rng(seed)
+    pairs = []
+    for a in range(n_arch):
+        gf = float(rng.uniform(0.1, 10.0))
+        layers = int(rng.integers(10, 300))
+        for g in GPUS:
+            for _ in range(runs_per_cell):
+                pairs.append(
+                    (
+                        JobDescription(
+                            f"arch{a}", 32, 20000, 5000, gflops_forward=gf, layers=layers
+                        ),
+                        g,
+                    )
+                )
+    df = feature_frame(pairs)
+    c0, c1 = 0.004, 0.00005
+    secs = df["batches_per_epoch"] * (c0 + c1 * df["layers"]) + df["tflop_per_epoch"] / (
+        0.8 * df["gpu_fp32_tflops"]
+    )
+    noise = np.exp(rng.normal(0, sigma, df.height))
+    return df.with_columns(
+        (secs * df["gpu_board_power_w"] * noise).alias("epoch_energy_j"),
+        (secs * noise).alias("epoch_time_s"),
+        pl.Series("run_id", [f"r{i}" for i in range(df.height)]),
+    )
+
+
+def test_grouped_folds_never_split_an_architecture() -> None:
+    groups = ["a"] * 5 + ["b"] * 7 + ["c"] * 3 + ["d"] * 9 + ["e"] * 2 + ["f"] * 4
+    folds = grouped_folds(groups, 3, seed=1)
+    assert len(folds) == 3
+    seen_val = np.concatenate([va for _, va in folds])
+    assert sorted(seen_val) == list(range(len(groups)))  # each row validated once
+    for tr, va in folds:
+        assert not {groups[i] for i in tr} & {groups[i] for i in va}
+    with pytest.raises(BadInputError, match="at least 2 architectures"):
+        grouped_folds(["a", "a"], 3)
+
+
+def test_random_folds_partition_rows() -> None:
+    folds = random_folds(10, 3)
+    assert sorted(np.concatenate([va for _, va in folds])) == list(range(10))
+
+
+def test_interval_coverage_on_synthetic_data_with_known_noise() -> None:
+    train = synthetic(6, 40, sigma=0.05, seed=0)
+    # same seed: same architectures; more rows: fresh noise draws
+    test = synthetic(6, 84, sigma=0.05, seed=0).tail(2000)
+    m = PREModel(**SMALL).fit(train)
+    p = m.predict(test)
+    y = test["epoch_energy_j"].to_numpy()
+    cover = np.mean((y >= p["lower_j"].to_numpy()) & (y <= p["upper_j"].to_numpy()))
+    assert 0.85 <= cover <= 0.95
+    assert p["seen_architecture"].all()
+    mape = np.mean(np.abs(p["predicted_epoch_energy_j"].to_numpy() - y) / y)
+    assert mape < 0.06  # lognormal noise of sigma 0.05 alone has MAPE ~4 %
+
+
+def test_new_architecture_gets_the_grouped_interval_and_extrapolates() -> None:
+    data = synthetic(5, 6, sigma=0.03, seed=3)
+    # hold out the architecture with the most FLOPs: trees alone could not reach it
+    top = data.sort("gflops_forward").tail(1)["architecture"][0]
+    m = PREModel(**SMALL).fit(data.filter(pl.col("architecture") != top))
+    held = data.filter(pl.col("architecture") == top)
+    p = m.predict(held)
+    assert not p["seen_architecture"].any()
+    y = held["epoch_energy_j"].to_numpy()
+    assert np.mean(np.abs(p["predicted_epoch_energy_j"].to_numpy() - y) / y) < 0.15
+    width_new = (p["upper_j"] / p["lower_j"]).mean()
+    seen = m.predict(data.filter(pl.col("architecture") != top).head(5))
+    assert width_new > (seen["upper_j"] / seen["lower_j"]).mean()
+
+
+def test_predict_before_fit_and_bad_rows_are_refused() -> None:
+    with pytest.raises(NotFittedError, match="PREModel.*not fitted"):
+        PREModel().predict(pl.DataFrame())
+    data = synthetic(3, 4, sigma=0.05, seed=1)
+    with pytest.raises(BadInputError, match="at least 10"):
+        PREModel(**SMALL).fit(data.head(5))
+    with pytest.raises(BadInputError, match=r"column\(s\) \['epoch_time_s'\]"):
+        PREModel(**SMALL).fit(data.drop("epoch_time_s"))
+    m = PREModel(**SMALL).fit(data)
+    with pytest.raises(BadInputError, match="'layers' has nulls"):
+        m.predict(data.with_columns(pl.lit(None, pl.Float64).alias("layers")))
+
+
+def test_save_load_round_trip_and_tamper_detection(tmp_path) -> None:
+    data = synthetic(3, 5, sigma=0.05, seed=2)
+    m = PREModel(**SMALL).fit(data)
+    path = tmp_path / "models" / "pre-v1.json"
+    card = m.save(path, card={"version": 1})
+    assert card.name == "pre-v1.card.json"
+    meta = json.loads(card.read_text())
+    assert meta["training_rows"] == data.height and meta["version"] == 1
+    body = json.loads(path.read_text())
+    assert body["targets"]["energy"]["booster"]["learner"]  # XGBoost's own JSON
+    again = PREModel.load(path)
+    a, b = m.predict(data), again.predict(data)
+    assert np.allclose(a["predicted_epoch_energy_j"], b["predicted_epoch_energy_j"], rtol=1e-6)
+    assert np.allclose(a["upper_j"], b["upper_j"], rtol=1e-6)
+
+    path.write_text(path.read_text().replace('"coverage":0.9', '"coverage":0.5'))
+    with pytest.raises(BadInputError, match="checksum mismatch"):
+        PREModel.load(path)
+    m.save(path)
+    meta = json.loads(card.read_text())
+    meta["format_version"] = 99
+    card.write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="version 99"):
+        PREModel.load(path)
+    with pytest.raises(BadInputError, match="no such file"):
+        PREModel.load(tmp_path / "nope.json")
+
+
+@pytest.fixture
+def seaa(shared_data) -> pl.DataFrame:
+    return runs_features(pl.read_parquet(shared_data / "runs.parquet"))
+
+
+def test_real_runs_random_split_mape(seaa: pl.DataFrame) -> None:
+    perm = np.random.default_rng(0).permutation(seaa.height)
+    n = int(0.7 * seaa.height)
+    m = PREModel(n_estimators=200, max_depths=(2,), cv_folds=3).fit(seaa[perm[:n]])
+    test = seaa[perm[n:]]
+    p = m.predict(test)
+    y = test["epoch_energy_j"].to_numpy()
+    mape = 100 * np.mean(np.abs(p["predicted_epoch_energy_j"].to_numpy() - y) / y)
+    cover = np.mean((y >= p["lower_j"].to_numpy()) & (y <= p["upper_j"].to_numpy()))
+    assert mape <= 6.5  # goal 6 % on average over splits; the paper reported 6.0 %
+    assert 0.8 <= cover <= 0.97
+
+
+def test_cli_bench_recommend_and_tampered_model(tmp_path, capsys) -> None:
+    from cluster.cli import main
+
+    data = synthetic(3, 5, sigma=0.05, seed=2)
+    m = PREModel(**SMALL).fit(data)
+    path = tmp_path / "pre-v1.json"
+    m.save(path)
+    args = [
+        "recommend",
+        "--arch",
+        "arch0",
+        "--gflops",
+        "2",
+        "--layers",
+        "40",
+        "--batch-size",
+        "32",
+        "--train-size",
+        "1000",
+        "--epochs",
+        "5",
+        "--model",
+        str(path),
+        "--json",
+    ]
+    assert main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["placement"]["ray_resources"] == {f"node_type:{out['chosen']}": 0.001}
+    path.write_bytes(path.read_bytes().replace(b'"coverage":0.9', b'"coverage":0.8'))
+    assert main(args) == 2
+    assert "checksum mismatch" in capsys.readouterr().err
+
+    runs = pl.DataFrame(
+        {
+            "run_id": data["run_id"],
+            "gpu_model": data["gpu_model"],
+            "architecture": data["architecture"],
+            "batch_size": 32,
+            "training_size": 20000,
+            "validation_size": 5000,
+            "gflops_forward": data["gflops_forward"],
+            "layers": data["layers"],
+            "trained_epochs": 2,
+            "duration_s": data["epoch_time_s"] * 2,
+            "gpu_energy_j": data["epoch_energy_j"] * 2,
+        }
+    )
+    runs.write_parquet(tmp_path / "runs.parquet")
+    assert (
+        main(
+            [
+                "bench",
+                "pre",
+                "--train",
+                str(tmp_path / "runs.parquet"),
+                "--test",
+                str(tmp_path / "runs.parquet"),
+                "--out",
+                str(tmp_path / "p.parquet"),
+            ]
+        )
+        == 0
+    )
+    pred = pl.read_parquet(tmp_path / "p.parquet")
+    assert pred.columns[:5] == [
+        "run_id",
+        "predicted_epoch_energy_j",
+        "lower_j",
+        "upper_j",
+        "predicted_epoch_time_s",
+    ]
+    assert pred.height == data.height

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from estimators.features import JobDescription, runs_features
+from estimators.pre import PREModel
+from estimators.recommend import (
+    NodeType,
+    load_inventory,
+    placement,
+    recommend,
+)
+from profiler.errors import BadInputError
+from tests.test_pre import SMALL, synthetic
+
+JOB = JobDescription("arch0", 32, 20000, 5000, gflops_forward=5.0, layers=50, planned_epochs=10)
+
+
+@pytest.fixture(scope="module")
+def model() -> PREModel:
+    return PREModel(**SMALL).fit(synthetic(4, 5, sigma=0.02, seed=5))
+
+
+def test_ranks_by_energy_cost_and_deadline(model: PREModel) -> None:
+    inv = [
+        NodeType("slow-cheap", "Tesla T4", price_per_hour=0.1, default=True),
+        NodeType("big", "NVIDIA A100-SXM4-40GB", price_per_hour=10.0),
+        NodeType("gamer", "NVIDIA GeForce RTX 3090", price_per_hour=1.0),
+    ]
+    rec = recommend(model, JOB, inv)
+    t = rec.table
+    # ranked by predicted energy, ascending
+    assert t["total_energy_kwh"].to_list() == sorted(t["total_energy_kwh"].to_list())
+    e = dict(zip(t["node_type"], t["total_energy_kwh"], strict=True))
+    assert rec.chosen == t["node_type"][0]
+    assert rec.savings_vs_worst_pct == pytest.approx(
+        100 * (max(e.values()) - e[rec.chosen]) / max(e.values())
+    )
+    assert rec.savings_vs_default_pct == pytest.approx(
+        100 * (e["slow-cheap"] - e[rec.chosen]) / e["slow-cheap"]
+    )
+    assert rec.placement["ray_resources"] == {f"node_type:{rec.chosen}": 0.001}
+    # energy per epoch J * 10 epochs / 3.6e6 = kWh
+    assert t["total_energy_kwh"][0] == pytest.approx(t["epoch_energy_j"][0] * 10 / 3.6e6)
+
+    by_cost = recommend(model, JOB, inv, objective="cost")
+    costs = by_cost.table["cost"].to_list()
+    assert costs == sorted(costs)
+    # a deadline shorter than the slow node's training time pushes it last
+    times = dict(zip(t["node_type"], t["total_time_h"], strict=True))
+    slowest = max(times, key=times.__getitem__)
+    dl = recommend(model, JOB, inv, deadline_s=(sorted(times.values())[-2] * 3600) * 1.01)
+    assert dl.table["node_type"][-1] == slowest
+    assert dl.table.filter(pl.col("node_type") == slowest)["meets_deadline"][0] is False
+
+
+def test_placement_hints() -> None:
+    p = placement(NodeType("gpu-a100", "NVIDIA A100-SXM4-80GB", gpu_count=2))
+    assert p["accelerator_type"] == "A100"
+    assert p["label_selector"] == {"ray.io/accelerator-type": "A100"}
+    assert p["k8s_node_selector"] == {"nvidia.com/gpu.product": "NVIDIA-A100-SXM4-80GB"}
+    assert p["num_gpus"] == 2
+
+
+def test_bad_inventory_and_objective(model: PREModel, tmp_path) -> None:
+    with pytest.raises(BadInputError, match="unknown GPU model 'RTX 9999'"):
+        recommend(model, JOB, [NodeType("x", "RTX 9999")])
+    with pytest.raises(BadInputError, match="needs price_per_hour.*'x'"):
+        recommend(model, JOB, [NodeType("x", "RTX 3090")], objective="cost")
+    f = tmp_path / "inv.json"
+    f.write_text(json.dumps({"node_types": [{"name": "a", "gpu": "RTX 3090"}]}))
+    with pytest.raises(BadInputError, match="'name' and 'gpu_model'"):
+        load_inventory(f)
+    f.write_text(json.dumps([{"name": "a", "gpu_model": "RTX 3090", "colour": "red"}]))
+    with pytest.raises(BadInputError, match=r"unknown key\(s\) \['colour'\]"):
+        load_inventory(f)
+    user_gpu = {"name": "MyCard", "gpu_board_power_w": 100, "gpu_fp32_tflops": 10}
+    rec = recommend(model, JOB, [NodeType("mine", user_gpu), NodeType("b", "RTX 3090")])
+    assert set(rec.table["node_type"]) == {"mine", "b"}
+    assert not rec.table.filter(pl.col("node_type") == "mine")["seen_gpu"][0]
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        "mobilenet_v2",
+        "nasnet_mobile",
+        pytest.param(
+            "vgg16",
+            marks=pytest.mark.xfail(
+                strict=True,
+                reason="measured: RTX 3090 beats RTX 3070 by 3 % on vgg16; PRE predicts them "
+                "1 % apart the other way (within run-to-run noise of ~5 %)",
+            ),
+        ),
+    ],
+)
+def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str) -> None:
+    df = runs_features(pl.read_parquet(shared_data / "runs.parquet"))
+    m = PREModel(n_estimators=200, max_depths=(2,), cv_folds=3).fit(
+        df.filter(pl.col("architecture") != arch)
+    )
+    held = df.filter(pl.col("architecture") == arch)
+    p = held.with_columns(m.predict(held)["predicted_epoch_energy_j"].alias("pred"))
+    cells = p.group_by("gpu_model").agg(pl.col("epoch_energy_j").mean(), pl.col("pred").mean())
+    assert cells.sort("pred")["gpu_model"][0] == cells.sort("epoch_energy_j")["gpu_model"][0]
+    y = held["epoch_energy_j"].to_numpy()
+    assert 100 * np.mean(np.abs(p["pred"].to_numpy() - y) / y) < 16

@@ -1,0 +1,272 @@
+"""``wattwise estimate``, ``wattwise report`` and ``wattwise bench step``: STEP projections.
+
+``bench`` is a shared group: this module adds ``bench step`` through
+:func:`cluster.commands.bench_subparsers`, which creates the ``bench`` parser
+on first use and returns its sub-parsers to every later caller (``bench pre``
+adds itself the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster.commands import bench_subparsers
+from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from estimators.step import Projection, RunPlan
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``estimate``, ``report`` and ``bench step``."""
+    from estimators.step import DETECTORS
+
+    p = sub.add_parser(
+        "estimate",
+        help="STEP projection of a stored run's total energy, with band and stable point",
+        description=(
+            "Projects a run's total energy from its stable epochs (STEP): energy measured so "
+            "far plus the stable energy per epoch times the epochs still planned, with a band. "
+            "A finished run's answer is its measured total."
+        ),
+    )
+    p.add_argument("--run", metavar="RUN_ID", required=True, help="a run in the store")
+    _add_step_options(p, DETECTORS)
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    add_store_option(p)
+    p.set_defaults(func=run_estimate)
+
+    p = sub.add_parser(
+        "report",
+        help="HTML or PNG report of a run: power, epochs, stable point, projection over time",
+    )
+    p.add_argument("--run", metavar="RUN_ID", required=True, help="a run in the store")
+    p.add_argument("--out", metavar="FILE", required=True, help="FILE.html or FILE.png")
+    _add_step_options(p, DETECTORS)
+    add_store_option(p)
+    p.set_defaults(func=run_report)
+
+    b = bench_subparsers(sub).add_parser(
+        "step",
+        help="STEP and baselines on recorded traces cut at a fraction of each run",
+        description=(
+            "Gives every method only the first F of each traced run, plus its total duration "
+            "and trained_epochs (no epoch marks: time is the unit of progress), and compares "
+            "the projected total with the integral of the whole trace."
+        ),
+    )
+    b.add_argument("--runs", metavar="RUNS.parquet", required=True)
+    b.add_argument("--traces", metavar="TRACES.parquet", required=True)
+    b.add_argument(
+        "--observe-fraction",
+        metavar="F",
+        type=float,
+        required=True,
+        help="fraction of each run's duration the methods see, in (0, 1]",
+    )
+    b.add_argument("--out", metavar="PRED.parquet", help="one row per (run_id, method)")
+    b.add_argument(
+        "--methods",
+        metavar="M[,M...]",
+        default=None,
+        help="comma-separated methods (default: step,carbontracker,mlco2,green_algorithms,naive; "
+        "also flops, step-pelt, step-fluss, step-none)",
+    )
+    b.add_argument(
+        "--duration",
+        choices=("trace", "runs"),
+        default="trace",
+        help="total duration: span of the trace (default, the truth's span) or runs.duration_s",
+    )
+    b.set_defaults(func=run_bench_step)
+
+
+def _add_step_options(p: argparse.ArgumentParser, detectors: tuple[str, ...]) -> None:
+    p.add_argument("--detector", choices=detectors, default="online", help="stable-point detector")
+    p.add_argument("--confidence", type=float, default=0.9, help="band coverage (default 0.9)")
+    p.add_argument(
+        "--planned-epochs",
+        type=int,
+        default=None,
+        metavar="N",
+        help="planned epochs (default: the run record's planned_epochs, else trained_epochs)",
+    )
+
+
+# ----------------------------------------------------------------------------------- estimate
+def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame) -> RunPlan:
+    from estimators.step import RunPlan
+
+    planned = args.planned_epochs or record.get("planned_epochs") or record.get("trained_epochs")
+    if planned is None and epochs.height == 0:
+        planned = None
+    config: dict[str, Any] = {}
+    if record.get("config"):
+        try:
+            config = json.loads(str(record["config"]))
+        except json.JSONDecodeError:
+            config = {}
+    cap = config.get("power_limit_w")
+    return RunPlan(
+        total_duration_s=record.get("duration_s") if epochs.height == 0 else None,
+        planned_epochs=int(planned) if planned is not None else None,
+        finished=record.get("status") == "finished",
+        gpu_model=record.get("gpu_model"),
+        power_cap_w=float(cap) if isinstance(cap, int | float) else None,
+        gpu_count=int(record.get("gpu_count") or 1),
+    )
+
+
+def load_run(args: argparse.Namespace) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
+    """The run record, samples and epoch marks of ``--run`` from the store.
+
+    Raises:
+        BadInputError: Unknown run, or a run without samples.
+
+    """
+    store = open_store(args)
+    record = store.run(args.run)
+    samples = store.samples(args.run)
+    epochs = store.epochs(args.run)
+    if samples.height == 0:
+        raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
+    return record, samples, epochs
+
+
+def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, RunPlan]:
+    from estimators.step import Step
+
+    if not 0.0 < args.confidence < 1.0:
+        raise BadInputError(f"--confidence must be in (0, 1); found {args.confidence}")
+    record, samples, epochs = load_run(args)
+    plan = _plan(record, args, epochs)
+    if (
+        epochs.height == 0
+        and not plan.finished
+        and not (plan.total_duration_s and plan.planned_epochs)
+    ):
+        raise BadInputError(
+            f"run {args.run!r} has no epoch marks, and STEP without them needs the total "
+            "duration and planned epochs; record epochs (wattwise hooks) or give --planned-epochs "
+            "for a run with a known duration"
+        )
+    step = Step(detector=args.detector, confidence=args.confidence)
+    proj = step.fit(samples, epochs if epochs.height else None, plan=plan).predict()
+    return proj, epochs.sort("start") if epochs.height else epochs, plan
+
+
+def run_estimate(args: argparse.Namespace) -> int:
+    """Run ``wattwise estimate``."""
+    proj, epochs, _ = _projection(args)
+    stable_epoch = None
+    if proj.stable_unit is not None and epochs.height > proj.stable_unit:
+        stable_epoch = int(epochs["epoch"][proj.stable_unit])
+    row = proj.as_row() | {"run_id": args.run, "stable_epoch": stable_epoch}
+    if args.json:
+        print(json.dumps(row, indent=1, default=str))
+        return 0
+    from rich.table import Table
+
+    def kj(x: float | None) -> str:
+        return "-" if x is None else f"{x / 1e3:,.1f} kJ"
+
+    kind = "measured total (run finished)" if proj.finished else "projected (STEP)"
+    t = Table(show_header=False)
+    t.add_column("what")
+    t.add_column("value", justify="right")
+    t.add_row("energy", kj(proj.energy_j))
+    if not proj.finished:
+        band = f"{kj(proj.lower_j)} .. {kj(proj.upper_j)}"
+        t.add_row(f"{proj.confidence:.0%} band", band)
+        t.add_row("measured so far", kj(proj.measured_j))
+        t.add_row("stable", "yes" if proj.stable else "not yet")
+        t.add_row("stable from epoch", "-" if stable_epoch is None else str(stable_epoch))
+        if proj.stable_power_w is not None:
+            t.add_row("stable power", f"{proj.stable_power_w:.1f} W")
+        t.add_row("energy per remaining epoch", kj(proj.energy_per_epoch_j))
+        t.add_row(
+            "time per remaining epoch", "-" if proj.epoch_s is None else f"{proj.epoch_s:.1f} s"
+        )
+        if proj.remaining_epochs is not None:
+            t.add_row("epochs remaining", f"{proj.remaining_epochs:g}")
+        if proj.remaining_s is not None:
+            t.add_row("time remaining", f"{proj.remaining_s / 60:.1f} min")
+    out = console()
+    out.print(f"Run {args.run}: {kind}")
+    out.print(t)
+    if proj.reason:
+        out.print(f"[yellow]{proj.reason}[/]")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- report
+def run_report(args: argparse.Namespace) -> int:
+    """Run ``wattwise report``."""
+    from estimators.report import write_report
+
+    out = Path(args.out)
+    if out.suffix.lower() not in (".html", ".png"):
+        raise BadInputError(f"--out must end in .html or .png; found {args.out!r}")
+    record, samples, epochs = load_run(args)
+    plan = _plan(record, args, epochs)
+    write_report(
+        samples,
+        epochs if epochs.height else None,
+        plan,
+        out,
+        title=f"Run {args.run}",
+        detector=args.detector,
+        confidence=args.confidence,
+    )
+    console().print(f"wrote {out}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------- bench step
+def run_bench_step(args: argparse.Namespace) -> int:
+    """Run ``wattwise bench step``."""
+    from estimators.baselines import DEFAULT_METHODS, bench_step, summarise
+
+    runs = read_parquet(args.runs, "runs (run_id, duration_s, trained_epochs, ...)")
+    traces = read_parquet(args.traces, "power traces (run_id, timestamp, power_w)")
+    methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
+    pred = bench_step(
+        runs, traces, fraction=args.observe_fraction, methods=methods, duration=args.duration
+    )
+    if args.out:
+        from profiler.store import atomic_write_parquet
+
+        atomic_write_parquet(pred, Path(args.out))
+    print_summary(summarise(pred), title=f"STEP bench at F = {args.observe_fraction:g}")
+    return 0
+
+
+def print_summary(summary: pl.DataFrame, *, title: str) -> None:
+    """Print :func:`estimators.baselines.summarise` output as a rich table."""
+    from rich.table import Table
+
+    def pct(x: float | None) -> str:
+        return "-" if x is None else f"{x:.2f}"
+
+    t = Table(title=title, title_justify="left")
+    t.add_column("method", no_wrap=True)
+    for name in ("runs", "med APE %", "P90 APE %", "in band", "med ± %", "stable"):
+        t.add_column(name, justify="right")
+    for r in summary.iter_rows(named=True):
+        t.add_row(
+            r["method"],
+            str(r["runs"] - r["no_answer"])
+            + ("" if not r["no_answer"] else f" (+{r['no_answer']} none)"),
+            pct(r["median_ape_pct"]),
+            pct(r["p90_ape_pct"]),
+            "-" if r["coverage"] is None else f"{r['coverage']:.1%}",
+            pct(r["median_half_width_pct"]),
+            "-" if r["stable_share"] is None else f"{r['stable_share']:.0%}",
+        )
+    console().print(t)

@@ -1,0 +1,259 @@
+"""Report of one run: power trace, epoch marks, stable point and the STEP projection as it evolved.
+
+:func:`projection_history` replays a run epoch by epoch (or, without epoch
+marks, one mean epoch of time at a time) and records the projection and band
+STEP would have shown then; :func:`write_report` draws that against the final
+truth as a PNG, or as a self-contained HTML page (the PNG inline plus the
+numbers in a table).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from dataclasses import replace
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import polars as pl
+
+from estimators.step import Detector, OnlineStep, Projection, RunPlan, Step, Trace
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+_HISTORY_SCHEMA = {
+    "after_unit": pl.Int64,
+    "t_s": pl.Float64,
+    "energy_j": pl.Float64,
+    "lower_j": pl.Float64,
+    "upper_j": pl.Float64,
+    "measured_j": pl.Float64,
+    "stable": pl.Boolean,
+    "stable_start_s": pl.Float64,
+}
+
+
+def projection_history(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame | None,
+    plan: RunPlan,
+    *,
+    detector: Detector = "online",
+    confidence: float = 0.9,
+) -> pl.DataFrame:
+    """The projection after every epoch (or every mean epoch of time without marks).
+
+    With epoch marks the replay uses :class:`~estimators.step.OnlineStep`, the
+    same O(1) update the aggregator runs live; without marks it refits
+    :class:`~estimators.step.Step` in time mode on each prefix (this needs the
+    plan's total duration and planned epochs).
+
+    Args:
+        samples: The run's samples (``timestamp``, ``power_w``).
+        epochs: The run's epoch marks, or ``None``.
+        plan: Planned epochs (and total duration without marks), power cap.
+        detector: Stable-point detector of the time-mode refits.
+        confidence: Band coverage.
+
+    Returns:
+        One row per step: ``after_unit`` (1-based), ``t_s`` (s since the
+        first sample), ``energy_j``, ``lower_j``, ``upper_j``, ``measured_j``
+        (J), ``stable``, ``stable_start_s``.
+
+    """
+    trace = Trace.from_samples(samples)
+    plan = replace(plan, finished=False)  # replay as the run was seen while it ran
+    rows: list[dict[str, object]] = []
+    if epochs is not None and epochs.height:
+        from estimators.energy import epoch_energy
+
+        s = samples.filter(pl.col("power_w").is_not_null())
+        if "run_id" not in s.columns:
+            s = s.with_columns(run_id=pl.lit("run"))
+        run_id = s["run_id"][0] if s.height else "run"
+        ep = epochs.with_columns(run_id=pl.lit(run_id)).sort("start")
+        if s.height == 0:
+            return pl.DataFrame(schema=_HISTORY_SCHEMA)
+        per = epoch_energy(s.select([c for c in s.columns if c != "energy_j"]), ep).sort("start")
+        origin = trace.origin_us
+        t0 = (per["start"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - origin) / 1e6
+        t1 = (per["end"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - origin) / 1e6
+        planned = plan.planned_epochs or per.height
+        online = OnlineStep(planned_epochs=planned, confidence=confidence, power_cap_w=plan.cap_w())
+        prev_end = 0.0
+        for k in range(per.height):
+            between = float(trace.energy_at(t0[k])[0] - trace.energy_at(prev_end)[0])
+            proj = online.update(
+                float(per["energy_j"][k]), float(per["duration_s"][k]), between_j=max(between, 0.0)
+            )
+            prev_end = float(t1[k])
+            start_s = float(t0[proj.stable_unit]) if proj.stable_unit is not None else None
+            rows.append(_row(k + 1, float(t1[k]), proj, start_s))
+        return pl.DataFrame(rows, schema=_HISTORY_SCHEMA)
+    if not (plan.total_duration_s and plan.planned_epochs):
+        raise BadInputError(
+            "a projection history without epoch marks needs the total duration and planned "
+            f"epochs; found total_duration_s={plan.total_duration_s}, "
+            f"planned_epochs={plan.planned_epochs}"
+        )
+    unit = plan.total_duration_s / plan.planned_epochs
+    n = int(math.floor(trace.end_s / unit + 1e-9))
+    step = Step(detector=detector, confidence=confidence)
+    for k in range(1, n + 1):
+        proj = step.fit(trace.until(k * unit), plan=plan).predict()
+        rows.append(_row(k, k * unit, proj, proj.stable_start_s))
+    return pl.DataFrame(rows, schema=_HISTORY_SCHEMA)
+
+
+def _row(k: int, t_s: float, p: Projection, start_s: float | None) -> dict[str, object]:
+    return {
+        "after_unit": k,
+        "t_s": t_s,
+        "energy_j": p.energy_j,
+        "lower_j": p.lower_j,
+        "upper_j": p.upper_j,
+        "measured_j": p.measured_j,
+        "stable": p.stable,
+        "stable_start_s": start_s if p.stable else None,
+    }
+
+
+def figure(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame | None,
+    history: pl.DataFrame,
+    *,
+    truth_j: float | None,
+    title: str,
+) -> Figure:
+    """Two panels: power with epoch marks and stable point; projection and band over time."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    trace = Trace.from_samples(samples)
+    fig = Figure(figsize=(11, 7), layout="constrained")
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
+    for t, p in zip(trace.t, trace.p, strict=True):
+        ax1.plot(t / 60, p, lw=0.6, color="tab:blue")
+    if epochs is not None and epochs.height:
+        ends = (
+            epochs["end"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - trace.origin_us
+        ) / 6e7
+        for x in ends:
+            ax1.axvline(x, color="0.8", lw=0.5, zorder=0)
+    stable = history.filter(pl.col("stable"))
+    if stable.height:
+        at = stable["stable_start_s"][-1]
+        if at is not None:
+            for ax in (ax1, ax2):
+                ax.axvline(at / 60, color="tab:green", ls="--", lw=1.2, label="stable point")
+    ax1.set_ylabel("power (W)")
+    ax1.set_title(title)
+    if history.height:
+        x = history["t_s"].to_numpy() / 60
+        e = history["energy_j"].to_numpy(allow_copy=True).astype(float) / 1e3
+        lo = history["lower_j"].to_numpy(allow_copy=True).astype(float) / 1e3
+        hi = history["upper_j"].to_numpy(allow_copy=True).astype(float) / 1e3
+        ax2.fill_between(x, lo, hi, color="tab:orange", alpha=0.25, step="post", label="band")
+        ax2.step(x, e, where="post", color="tab:orange", label="projection")
+        ax2.step(
+            x,
+            history["measured_j"].to_numpy() / 1e3,
+            where="post",
+            color="0.5",
+            lw=0.8,
+            label="measured so far",
+        )
+    if truth_j is not None:
+        ax2.axhline(truth_j / 1e3, color="k", lw=1, label="final total")
+    if history.height and truth_j is not None:
+        top = np.nanmax([truth_j / 1e3 * 1.6, *(e[np.isfinite(e)] if len(e) else [])])
+        ax2.set_ylim(0, top)
+    ax2.set_xlabel("time since first sample (min)")
+    ax2.set_ylabel("energy (kJ)")
+    ax2.legend(loc="lower right", fontsize=8)
+    return fig
+
+
+def _cell(name: str, value: object) -> str:
+    """One HTML table cell's text: energies in kJ, other floats to 0.1."""
+    if value is None:
+        return ""
+    if name.endswith("_j") and isinstance(value, float):
+        return f"{value / 1e3:,.1f}"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    return html.escape(str(value))
+
+
+def write_report(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame | None,
+    plan: RunPlan,
+    out: str | Path,
+    *,
+    title: str = "Run",
+    detector: Detector = "online",
+    confidence: float = 0.9,
+) -> Path:
+    """Write the report as PNG or HTML, chosen by ``out``'s suffix.
+
+    The final truth is the measured total of a finished run; for a run still
+    going, the last projection is shown without a truth line.
+
+    Raises:
+        BadInputError: ``out`` is neither ``.png`` nor ``.html``, or no history
+            can be made (see :func:`projection_history`).
+
+    """
+    out = Path(out)
+    suffix = out.suffix.lower()
+    if suffix not in (".png", ".html"):
+        raise BadInputError(f"report output must end in .png or .html; found {str(out)!r}")
+    history = projection_history(samples, epochs, plan, detector=detector, confidence=confidence)
+    truth = Trace.from_samples(samples).total_j() if plan.finished else None
+    fig = figure(samples, epochs, history, truth_j=truth, title=title)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    png = buf.getvalue()
+    if suffix == ".png":
+        out.write_bytes(png)
+        return out
+    last = history.row(-1, named=True) if history.height else None
+    rows = "".join(
+        "<tr>" + "".join(f"<td>{_cell(k, v)}</td>" for k, v in r.items()) + "</tr>"
+        for r in history.iter_rows(named=True)
+    )
+    head = "".join(f"<th>{html.escape(c.replace('_j', ' (kJ)'))}</th>" for c in history.columns)
+    summary = ""
+    if last is not None:
+        summary = (
+            f"<p>Last projection: <b>{(last['energy_j'] or 0) / 1e3:,.1f} kJ</b> "
+            f"({confidence:.0%} band {(last['lower_j'] or 0) / 1e3:,.1f} .. "
+            f"{(last['upper_j'] or 0) / 1e3:,.1f} kJ), "
+            f"{'stable' if last['stable'] else 'not stable yet'}."
+            + (f" Final measured total: <b>{truth / 1e3:,.1f} kJ</b>." if truth else "")
+            + "</p>"
+        )
+    doc = (
+        "<!doctype html><html><head><meta charset='utf-8'>"
+        f"<title>{html.escape(title)}</title>"
+        "<style>body{font-family:sans-serif;max-width:1100px;margin:auto}"
+        "table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;"
+        "padding:2px 6px;text-align:right}</style></head><body>"
+        f"<h1>{html.escape(title)}</h1>{summary}"
+        "<img alt='power and projection' src='data:image/png;base64,"
+        f"{base64.b64encode(png).decode()}'>"
+        "<p>Energy measured from the power trace; projections by STEP (stable training epoch "
+        "projection) with their band, as they would have been shown after each epoch.</p>"
+        f"<table><tr>{head}</tr>{rows}</table></body></html>"
+    )
+    out.write_text(doc, encoding="utf-8")
+    return out

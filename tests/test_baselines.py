@@ -1,0 +1,152 @@
+"""Baselines: hand-computed answers and the estimator contract shared with STEP."""
+
+from __future__ import annotations
+
+import inspect
+
+import polars as pl
+import pytest
+
+from estimators.baselines import (
+    GA_MEMORY_W_PER_GB,
+    METHODS,
+    MLCO2,
+    Carbontracker,
+    Flops,
+    GreenAlgorithms,
+    Naive,
+)
+from estimators.step import RunPlan, Step
+from profiler.errors import BadInputError, NotFittedError
+from tests.conftest import at
+
+
+def flat(until_s: int, watts: float, util: float | None = None) -> pl.DataFrame:
+    n = until_s + 1
+    data: dict[str, object] = {
+        "timestamp": [at(t) for t in range(n)],
+        "power_w": [watts] * n,
+    }
+    if util is not None:
+        data["gpu_util_pct"] = [util] * n
+    return pl.DataFrame(data)
+
+
+PLAN = RunPlan(total_duration_s=1000.0, planned_epochs=10, power_cap_w=300.0)
+
+
+def test_mlco2_is_board_power_times_duration() -> None:
+    assert MLCO2().fit(flat(10, 50), plan=PLAN).predict().energy_j == pytest.approx(300_000)
+    plan = RunPlan(total_duration_s=1000.0, gpu_model="NVIDIA GeForce RTX 3090", gpu_count=2)
+    assert MLCO2().fit(flat(10, 50), plan=plan).predict().energy_j == pytest.approx(700_000)
+
+
+def test_green_algorithms_uses_utilisation_memory_and_pue() -> None:
+    plan = RunPlan(total_duration_s=1000.0, gpu_model="NVIDIA GeForce RTX 3090")
+    est = GreenAlgorithms(pue=1.5).fit(flat(10, 50, util=50.0), plan=plan).predict()
+    assert est.energy_j == pytest.approx((350 * 0.5 + GA_MEMORY_W_PER_GB * 24) * 1000 * 1.5)
+    assert GA_MEMORY_W_PER_GB == 0.3725
+
+
+def test_green_algorithms_without_utilisation_assumes_full_use() -> None:
+    plan = RunPlan(total_duration_s=100.0, gpu_model="Tesla T4")
+    est = GreenAlgorithms().fit(flat(10, 50), plan=plan).predict()
+    assert est.energy_j == pytest.approx((70 + GA_MEMORY_W_PER_GB * 16) * 100)
+
+
+def test_green_algorithms_refuses_a_pue_below_one() -> None:
+    with pytest.raises(BadInputError, match="PUE must be >= 1; found 0.5"):
+        GreenAlgorithms(pue=0.5).fit(flat(10, 50), plan=PLAN)
+
+
+def test_flops_baseline() -> None:
+    plan = RunPlan(
+        planned_epochs=10,
+        gpu_model="Tesla T4",
+        gflops_forward=1.0,
+        training_size=1000,
+        validation_size=0,
+    )
+    est = Flops(utilisation=0.5).fit(flat(10, 50), plan=plan).predict()
+    seconds = 1e9 * 3 * 1000 * 10 / (8.141e12 * 0.5)
+    assert est.energy_j == pytest.approx(seconds * 70)
+
+
+def test_flops_baseline_names_what_is_missing() -> None:
+    with pytest.raises(BadInputError, match=r"missing \['gflops_forward', 'training_size'\]"):
+        Flops().fit(flat(10, 50), plan=RunPlan(planned_epochs=3, gpu_model="Tesla T4"))
+
+
+def test_carbontracker_multiplies_the_first_epoch() -> None:
+    # one epoch is 1000 s / 10 = 100 s; the first one at 100 W holds 10 kJ
+    est = Carbontracker().fit(flat(150, 100), plan=PLAN).predict()
+    assert est.energy_j == pytest.approx(10 * 100 * 100)
+
+
+def test_carbontracker_before_the_first_epoch_ends_has_no_answer() -> None:
+    est = Carbontracker().fit(flat(50, 100), plan=PLAN).predict()
+    assert est.energy_j is None
+    assert "needs 1 finished epoch(s); found 0" in est.reason
+
+
+def test_carbontracker_with_epoch_marks() -> None:
+    samples = flat(40, 100).with_columns(run_id=pl.lit("r"))
+    epochs = pl.DataFrame(
+        {"run_id": ["r", "r"], "epoch": [1, 2], "start": [at(0), at(20)], "end": [at(20), at(40)]}
+    )
+    est = Carbontracker(epochs_before_pred=2).fit(samples, epochs, plan=PLAN).predict()
+    assert est.energy_j == pytest.approx(2000 * 10)
+
+
+def test_naive_is_mean_power_times_duration() -> None:
+    samples = pl.DataFrame({"timestamp": [at(0), at(1), at(2)], "power_w": [100.0, 200.0, 100.0]})
+    est = Naive().fit(samples, plan=PLAN).predict()
+    assert est.energy_j == pytest.approx(150 * 1000)
+
+
+def test_naive_without_samples_gives_none_not_nan() -> None:
+    samples = pl.DataFrame(
+        {"timestamp": [at(0)], "power_w": [None]}, schema_overrides={"power_w": pl.Float64}
+    )
+    est = Naive().fit(samples, plan=PLAN).predict()
+    assert est.energy_j is None and "fewer than 2 power samples" in est.reason
+
+
+def test_board_power_is_required_somewhere() -> None:
+    with pytest.raises(BadInputError, match="needs the board power"):
+        MLCO2().fit(flat(10, 50), plan=RunPlan(total_duration_s=10.0))
+
+
+# ---------------------------------------------------------------- contract over every method
+
+CONTRACT_PLAN = RunPlan(
+    total_duration_s=1000.0,
+    planned_epochs=10,
+    gpu_model="Tesla T4",
+    gflops_forward=1.0,
+    training_size=100,
+    validation_size=10,
+)
+
+
+@pytest.mark.parametrize("name", sorted(m for m in METHODS if m != "step-fluss"))
+def test_estimator_contract(name: str) -> None:
+    est = METHODS[name]()
+    fitted_attrs = [a for a in vars(est) if a.endswith("_")] if hasattr(est, "__dict__") else []
+    assert fitted_attrs == []  # nothing learned in __init__
+    with pytest.raises(NotFittedError, match=type(est).__name__):
+        est.predict()
+    assert est.fit(flat(300, 70), plan=CONTRACT_PLAN) is est
+    proj = est.predict()
+    assert proj.method == est.name
+    assert proj.energy_j is not None and proj.energy_j > 0
+
+
+@pytest.mark.parametrize("cls", [MLCO2, GreenAlgorithms, Flops, Carbontracker, Naive, Step])
+def test_init_takes_keyword_only_params_and_stores_them_unchanged(cls: type) -> None:
+    sig = inspect.signature(cls.__init__)
+    params = [p for p in sig.parameters.values() if p.name != "self"]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in params)
+    est = cls()
+    for p in params:
+        assert getattr(est, p.name) == p.default

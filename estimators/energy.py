@@ -39,7 +39,7 @@ _POWER, _COUNTER, _GAP = 0, 1, 2
 
 
 @dataclass(frozen=True, slots=True)
-class _Stream:
+class EnergyStream:
     """One device's samples prepared for exact integration.
 
     Attributes:
@@ -70,7 +70,7 @@ class _Stream:
     @classmethod
     def build(
         cls, t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float, n_skipped: int = 0
-    ) -> _Stream:
+    ) -> EnergyStream:
         # Written to allocate few large temporaries: on big inputs, fresh memory (page
         # faults) costs more than the arithmetic.
         dt = np.diff(t)
@@ -183,7 +183,7 @@ def _check_values(df: pl.DataFrame, name: str, file: str | None) -> None:
 
 def _prepare_streams(
     samples: pl.DataFrame, thr: float, file: str | None
-) -> dict[tuple[str, str, str], _Stream]:
+) -> dict[tuple[str, str, str], EnergyStream]:
     """Validate samples and build one integration stream per (run_id, node, device).
 
     Samples of several devices may be interleaved; within one device they
@@ -214,7 +214,7 @@ def _prepare_streams(
     if df["run_id"].null_count():
         r = _first_row(df["run_id"].is_null().to_numpy())
         raise BadInputError(f"{where(file, r + 1, repr('run_id'))}expected a run id; found null")
-    streams: dict[tuple[str, str, str], _Stream] = {}
+    streams: dict[tuple[str, str, str], EnergyStream] = {}
     for key, part in _split_streams(df, keys):
         named = dict(zip(keys, key, strict=True))
         ident = (str(named["run_id"]), str(named.get("node", "")), str(named.get("device", "0")))
@@ -234,7 +234,7 @@ def _prepare_streams(
             _unsorted(part, int(back[0]) + 1, ident, file)
         if c is not None and np.isnan(c).all():
             c = None
-        streams[ident] = _Stream.build(us / 1e6, p, c, thr, n_skipped)
+        streams[ident] = EnergyStream.build(us / 1e6, p, c, thr, n_skipped)
     return streams
 
 
@@ -334,7 +334,7 @@ def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataF
     )
 
 
-def _method(streams: list[_Stream]) -> str:
+def _method(streams: list[EnergyStream]) -> str:
     kinds = set()
     for s in streams:
         if (s.kind == _COUNTER).any():
@@ -379,7 +379,7 @@ def epoch_energy(
         raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
     streams = _prepare_streams(samples, gap_threshold_s, samples_file)
     ep = prepare_epochs(epochs, file=epochs_file)
-    by_run: dict[str, list[_Stream]] = {}
+    by_run: dict[str, list[EnergyStream]] = {}
     for (run_id, _, _), st in streams.items():
         by_run.setdefault(run_id, []).append(st)
     parts = []
@@ -465,7 +465,7 @@ def run_energy(
     if gap_threshold_s <= 0:
         raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
     streams = _prepare_streams(samples, gap_threshold_s, file)
-    by_run: dict[str, list[_Stream]] = {}
+    by_run: dict[str, list[EnergyStream]] = {}
     for (run_id, _, _), st in streams.items():
         by_run.setdefault(run_id, []).append(st)
     runs = list(by_run.values())

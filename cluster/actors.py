@@ -1,0 +1,451 @@
+"""Thin Ray actors over the plain classes: the aggregator, one sidecar per node, and their manager.
+
+* :func:`aggregator` gets or creates the named, detached ``AggregatorActor``
+  (``wattwise-aggregator`` in namespace ``wattwise``, restarted by Ray for
+  ever). On every start it rebuilds its state from the store and its
+  write-ahead journal (``<store>/aggregator-wal``), so a restart loses nothing
+  that was acknowledged. A run's end triggers a debounced PRE retrain in a
+  background Ray task.
+* ``SidecarActor`` runs a :class:`profiler.sidecar.Sidecar` on one node
+  (pinned with ``NodeAffinitySchedulingStrategy``); its receiver sends each
+  batch to the aggregator and raises when the aggregator is unreachable, so
+  the sidecar spills to its journal and resends later.
+* :class:`SidecarManager` starts one sidecar per alive node and restarts
+  missing or dead ones (call :meth:`SidecarManager.reconcile`, or let the
+  aggregator actor do it periodically).
+
+Ray is imported inside functions so that importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+AGGREGATOR_NAME = "wattwise-aggregator"
+NAMESPACE = "wattwise"
+SIDECAR_PREFIX = "wattwise-sidecar-"
+
+#: A power source to open on the sidecar's node: (registry name, keyword arguments).
+SourceSpec = tuple[str, dict[str, Any]]
+
+
+# ------------------------------------------------------------------------------ aggregator
+
+
+class _AggregatorActorImpl:
+    """The aggregator inside a Ray actor: every method delegates to :class:`Aggregator`.
+
+    Args:
+        store_root: Absolute store directory (shared by the aggregator's nodes).
+        options: Keyword arguments for :class:`cluster.aggregator.Aggregator`.
+        retrain_delay_s: Quiet time after the last finished run before PRE retrains.
+
+    """
+
+    def __init__(
+        self,
+        store_root: str,
+        options: dict[str, Any] | None = None,
+        retrain_delay_s: float = 30.0,
+    ) -> None:
+        from cluster.aggregator import Aggregator, Debounced
+        from profiler.store import Store
+
+        self.store = Store(store_root)
+        self.retrain = Debounced(lambda: _launch_retrain(store_root), retrain_delay_s)
+        opts = dict(options or {})
+        opts.setdefault("wal", self.store.root / "aggregator-wal")
+        self.agg = Aggregator.rebuild(self.store, on_finish=self._on_finish, **opts)
+        self.started = time.time()
+        self._stop = threading.Event()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self._flusher.start()
+        self.manager: SidecarManager | None = None
+        self._api: Any = None
+
+    def _on_finish(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
+        if status == "finished":
+            self.retrain()
+
+    def _flush_loop(self) -> None:
+        period = max(self.agg.flush_interval_us / 1e6 / 2, 0.1)
+        while not self._stop.wait(period):
+            try:
+                self.agg.maybe_flush()
+            except Exception:
+                log.exception("aggregator: periodic flush failed")
+            if self.manager is not None and self.manager.due():
+                try:
+                    self.manager.reconcile()
+                except Exception:
+                    log.exception("aggregator: sidecar reconcile failed")
+
+    # Delegation: kept explicit so Ray exposes exactly these methods.
+    def ping(self) -> dict[str, Any]:
+        """Liveness: pid and start time of this incarnation."""
+        return {"pid": os.getpid(), "started": self.started}
+
+    def ingest_samples(self, batch: pl.DataFrame) -> int:
+        """See :meth:`Aggregator.ingest_samples`."""
+        return self.agg.ingest_samples(batch)
+
+    def ingest_epochs(self, marks: pl.DataFrame) -> int:
+        """See :meth:`Aggregator.ingest_epochs`."""
+        return self.agg.ingest_epochs(marks)
+
+    def start_run(self, run: dict[str, Any]) -> str:
+        """See :meth:`Aggregator.start_run`."""
+        return self.agg.start_run(run)
+
+    def finish_run(self, run_id: str, status: str = "finished") -> dict[str, Any]:
+        """See :meth:`Aggregator.finish_run`."""
+        return self.agg.finish_run(run_id, status)
+
+    def status(self, run_id: str | None = None) -> Any:
+        """See :meth:`Aggregator.status`."""
+        return self.agg.status(run_id)
+
+    def projection(self, run_id: str) -> dict[str, Any]:
+        """See :meth:`Aggregator.projection`."""
+        return self.agg.projection(run_id)
+
+    def epochs(self, run_id: str) -> pl.DataFrame:
+        """See :meth:`Aggregator.epochs`."""
+        return self.agg.epochs(run_id)
+
+    def stats(self) -> dict[str, Any]:
+        """See :meth:`Aggregator.stats`; adds the store root and the API address."""
+        out = self.agg.stats()
+        out["store"] = str(self.store.root)
+        out["api"] = None if self._api is None else self._api.url
+        out["sidecars"] = None if self.manager is None else self.manager.node_names()
+        return out
+
+    def flush(self) -> int:
+        """See :meth:`Aggregator.flush`."""
+        return self.agg.flush()
+
+    def start_sidecars(
+        self, sources: list[SourceSpec], options: dict[str, Any] | None = None
+    ) -> list[str]:
+        """Start one sidecar per alive node now and keep them running; returns their node ids."""
+        self.manager = SidecarManager(sources, **(options or {}))
+        return self.manager.reconcile()
+
+    def start_api(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> str:
+        """Serve the HTTP/JSON API from this actor; returns its URL."""
+        from cluster.api import serve
+
+        if self._api is None:
+            self._api = serve(self.agg, host=host, port=port, token=token)
+        return str(self._api.url)
+
+
+def _launch_retrain(store_root: str) -> None:
+    """Retrain PRE in a background Ray task (so the aggregator keeps ingesting)."""
+    import ray
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def _retrain_task(root: str) -> bool:
+        from cluster.aggregator import _retrain
+        from profiler.store import Store
+
+        return _retrain(Store(root))
+
+    _retrain_task.remote(store_root)
+
+
+def aggregator(
+    store_root: str | os.PathLike[str] | None = None,
+    *,
+    options: dict[str, Any] | None = None,
+    retrain_delay_s: float = 30.0,
+    create: bool = True,
+) -> Any:
+    """The cluster's aggregator actor: the running one, or a new one.
+
+    Args:
+        store_root: Store directory (default ``$WATTWISE_STORE`` or the per-user
+            one), made absolute here because the actor may run elsewhere.
+        options: Keyword arguments for :class:`cluster.aggregator.Aggregator`.
+        retrain_delay_s: Debounce of the PRE retrain in s.
+        create: Create it when it is not running (else raise).
+
+    Returns:
+        A handle to the named detached actor.
+
+    Raises:
+        SourceUnavailableError: ``create`` is false and no aggregator runs.
+
+    """
+    import ray
+
+    from profiler.errors import SourceUnavailableError
+    from profiler.store import Store
+
+    if not create:
+        try:
+            return ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+        except ValueError as err:
+            raise SourceUnavailableError(
+                f"no aggregator is running in this Ray cluster (actor {AGGREGATOR_NAME!r} in "
+                f"namespace {NAMESPACE!r}); start it with 'wattwise aggregator start'"
+            ) from err
+    root = str(Store(store_root).root.resolve())
+    cls = ray.remote(_AggregatorActorImpl)
+    return cls.options(
+        name=AGGREGATOR_NAME,
+        namespace=NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+        max_restarts=-1,
+        num_cpus=0,
+        max_concurrency=4,  # queries and the API answer while a batch is being ingested
+    ).remote(root, options, retrain_delay_s)
+
+
+# ------------------------------------------------------------------------------ sidecars
+
+
+class AggregatorReceiver:
+    """A sidecar receiver that hands batches to the aggregator actor.
+
+    Raises from :meth:`send` when the actor cannot be found or does not
+    answer within ``timeout_s``; the sidecar then spills to its journal.
+
+    Args:
+        timeout_s: Longest wait for the aggregator's acknowledgement, in s.
+
+    """
+
+    def __init__(self, timeout_s: float = 10.0) -> None:
+        self.timeout_s = timeout_s
+        self._handle: Any = None
+
+    def send(self, batch: pl.DataFrame) -> None:
+        """Deliver one batch (idempotent on the aggregator's side, so resending is safe)."""
+        import ray
+
+        if self._handle is None:
+            self._handle = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+        try:
+            ray.get(self._handle.ingest_samples.remote(batch), timeout=self.timeout_s)
+        except Exception:
+            self._handle = None  # look it up again next time
+            raise
+
+
+class _SidecarActorImpl:
+    """One node's sidecar inside a Ray actor.
+
+    Args:
+        node: Node name stored with the samples.
+        sources: Power sources to open here, as (registry name, kwargs).
+        run_id: Run the samples belong to at first (``None``: unassigned).
+        interval_s: Seconds between samples.
+        batch_interval_s: Seconds between batches.
+        journal_dir: Spill journal directory (default per node under
+            ``$WATTWISE_JOURNAL`` or the per-user state directory).
+        send_timeout_s: Longest wait for the aggregator, in s.
+
+    """
+
+    def __init__(
+        self,
+        node: str,
+        sources: list[SourceSpec],
+        run_id: str | None = None,
+        interval_s: float = 1.0,
+        batch_interval_s: float = 5.0,
+        journal_dir: str | None = None,
+        send_timeout_s: float = 10.0,
+    ) -> None:
+        from profiler.journal import default_journal_dir
+        from profiler.sidecar import Sidecar
+        from profiler.sources import open_source
+
+        opened = [open_source(name, **kwargs) for name, kwargs in sources]
+        self.sidecar = Sidecar(
+            opened,
+            node=node,
+            run_id=run_id,
+            interval_s=interval_s,
+            batch_interval_s=batch_interval_s,
+            receiver=AggregatorReceiver(send_timeout_s),
+            journal=journal_dir or default_journal_dir() / node,
+        ).start()
+        self.node = node
+
+    def ping(self) -> str:
+        """The node name (liveness check)."""
+        return self.node
+
+    def set_run(self, run_id: str | None) -> None:
+        """Assign samples from now on to ``run_id`` (``None``: unassigned)."""
+        self.sidecar.set_run(run_id)
+
+    def flush(self) -> dict[str, int]:
+        """Cut the buffer and deliver everything now; returns the counters."""
+        self.sidecar.cut()
+        self.sidecar.ship()
+        return self.stats()
+
+    def stats(self) -> dict[str, int]:
+        """The sidecar's counters (rows)."""
+        from dataclasses import asdict
+
+        out = asdict(self.sidecar.stats)
+        out["pending"] = self.sidecar.pending_rows
+        return out
+
+    def stop(self) -> dict[str, int]:
+        """Stop sampling, deliver what is left; returns the final counters."""
+        self.sidecar.stop()
+        return self.stats()
+
+
+def sidecar_actor(
+    node_id: str,
+    node: str,
+    sources: Sequence[SourceSpec],
+    *,
+    name: str | None = None,
+    **kwargs: Any,
+) -> Any:
+    """Start a sidecar actor pinned to the Ray node ``node_id`` (hard affinity).
+
+    Args:
+        node_id: Ray node id (hex).
+        node: Node name stored with the samples.
+        sources: Power sources to open there.
+        name: Actor name in the ``wattwise`` namespace (default from the node id).
+        **kwargs: See ``_SidecarActorImpl``.
+
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    cls = ray.remote(_SidecarActorImpl)
+    return cls.options(
+        name=name or SIDECAR_PREFIX + node_id[:16],
+        namespace=NAMESPACE,
+        num_cpus=0,
+        max_concurrency=2,  # stats and flush answer while the threads run
+        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
+    ).remote(node, list(sources), **kwargs)
+
+
+class SidecarManager:
+    """Keeps one sidecar actor on every alive node.
+
+    Args:
+        sources: Power sources each sidecar opens, or a function of the Ray
+            node record (``ray.nodes()`` entry) returning them (say, NVML on
+            GPU nodes, the modelled CPU source elsewhere).
+        period_s: Least time between two reconciles driven by :meth:`due`.
+        ping_timeout_s: A sidecar that does not answer in this time is replaced.
+        **sidecar_options: Passed to each sidecar (``interval_s``, ...); a
+            ``journal_dir`` is a root holding one journal per node.
+
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[SourceSpec] | Callable[[dict[str, Any]], Sequence[SourceSpec]],
+        *,
+        period_s: float = 10.0,
+        ping_timeout_s: float = 10.0,
+        **sidecar_options: Any,
+    ) -> None:
+        self.sources = sources
+        self.period_s = period_s
+        self.ping_timeout_s = ping_timeout_s
+        self.options = sidecar_options
+        self.handles: dict[str, Any] = {}
+        self.names: dict[str, str] = {}
+        self.restarts = 0
+        self._last = 0.0
+
+    def due(self) -> bool:
+        """Whether ``period_s`` has passed since the last reconcile."""
+        return time.monotonic() - self._last >= self.period_s
+
+    def node_names(self) -> dict[str, str]:
+        """Node id -> node name of every managed sidecar."""
+        return dict(self.names)
+
+    def reconcile(self) -> list[str]:
+        """Start sidecars on alive nodes without a live one; returns the node ids started."""
+        import ray
+
+        self._last = time.monotonic()
+        nodes: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+        alive = [n for n in nodes if n.get("Alive")]
+        hosts = [n.get("NodeManagerHostname") or socket.gethostname() for n in alive]
+        started = []
+        for n, host in zip(alive, hosts, strict=True):
+            node_id = n["NodeID"]
+            # Several Ray nodes on one host (tests, the demo) need distinct names.
+            name = host if hosts.count(host) == 1 else f"{host}-{node_id[:8]}"
+            handle = self.handles.get(node_id)
+            if handle is not None:
+                try:
+                    ray.get(handle.ping.remote(), timeout=self.ping_timeout_s)
+                    continue
+                except Exception as err:
+                    log.warning("sidecar on %s is gone (%s); restarting it", name, err)
+                    self.restarts += 1
+                    try:
+                        ray.kill(handle)
+                    except Exception:  # already dead
+                        pass
+            sources = self.sources(n) if callable(self.sources) else self.sources
+            opts = dict(self.options)
+            if opts.get("journal_dir"):  # one journal per node under the given root
+                opts["journal_dir"] = journal_dir_for(opts["journal_dir"], name)
+            deadline = time.monotonic() + 30.0
+            while True:
+                try:
+                    self.handles[node_id] = sidecar_actor(node_id, name, list(sources), **opts)
+                    break
+                except ValueError:  # ActorAlreadyExistsError: a killed one's name not freed yet
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.2)
+            self.names[node_id] = name
+            started.append(node_id)
+        live = {n["NodeID"] for n in alive}
+        for gone in [k for k in self.handles if k not in live]:
+            self.handles.pop(gone)
+            self.names.pop(gone, None)
+        return started
+
+    def stop_all(self) -> dict[str, dict[str, int]]:
+        """Stop every sidecar (delivering what it holds); returns node name -> counters."""
+        import ray
+
+        out = {}
+        for node_id, h in list(self.handles.items()):
+            try:
+                out[self.names[node_id]] = ray.get(h.stop.remote(), timeout=60)
+            except Exception as err:
+                log.warning("could not stop the sidecar on %s: %s", self.names[node_id], err)
+            ray.kill(h)
+        self.handles.clear()
+        return out
+
+
+def journal_dir_for(root: str | Path, node: str) -> str:
+    """A per-node journal directory under ``root`` (for tests and the demo)."""
+    return str(Path(root) / node)

@@ -1,0 +1,122 @@
+"""``wattwise aggregator start|status``: the cluster's aggregator actor from the command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from typing import Any
+
+from cluster.commands.common import add_store_option, console, open_store
+from profiler.errors import BadInputError, SourceUnavailableError
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``aggregator start`` and ``aggregator status``."""
+    p = subparsers.add_parser("aggregator", help="the cluster's aggregator (a Ray actor)")
+    sub = p.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
+
+    start = sub.add_parser("start", help="start the aggregator (or find the running one)")
+    add_store_option(start)
+    start.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    start.add_argument(
+        "--port", type=int, default=None, help="serve the HTTP/JSON API on this port (0: any)"
+    )
+    start.add_argument("--host", default="127.0.0.1", help="API bind address (default loopback)")
+    start.add_argument(
+        "--token",
+        default=None,
+        help="bearer token for API writes (default $WATTWISE_API_TOKEN); needed off loopback",
+    )
+    start.add_argument(
+        "--sidecars",
+        choices=("none", "modelled", "nvml"),
+        default="none",
+        help="also start one sidecar per node with this power source (default none)",
+    )
+    start.add_argument("--json", action="store_true", help="print the status as JSON")
+    start.set_defaults(func=run_start)
+
+    status = sub.add_parser("status", help="runs, counters and API address of the aggregator")
+    status.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    status.add_argument("--json", action="store_true", help="print the status as JSON")
+    status.set_defaults(func=run_status)
+
+
+def _connect(address: str) -> None:
+    import ray
+
+    from cluster.actors import NAMESPACE
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(address=address, namespace=NAMESPACE, logging_level=40)
+    except (ConnectionError, RuntimeError) as err:
+        raise SourceUnavailableError(
+            f"no Ray cluster at address {address!r} ({err}); start one with "
+            "'ray start --head' or pass --address HOST:PORT"
+        ) from err
+
+
+def _print(stats: dict[str, Any], runs: list[dict[str, Any]], as_json: bool) -> None:
+    from cluster.aggregator import _jsonable
+
+    if as_json:
+        print(json.dumps(_jsonable({"aggregator": stats, "runs": runs})))
+        return
+    out = console()
+    out.print(
+        f"aggregator: store {stats.get('store')}, API {stats.get('api') or 'off'}, "
+        f"{stats['running_runs']} running runs, {stats['samples']} samples in "
+        f"{stats['batches']} batches, {stats['pending_rows']} waiting for the store"
+    )
+    for r in runs:
+        proj = r.get("projection") or {}
+        e = proj.get("energy_j")
+        band = (
+            f" [{proj['lower_j']:.0f}, {proj['upper_j']:.0f}]"
+            if proj.get("lower_j") is not None
+            else ""
+        )
+        out.print(
+            f"  {r['run_id']}: {r['status']}, {r.get('epochs_done')} epochs, measured "
+            f"{(r.get('measured_energy_j') or 0):.0f} J, projected (STEP) "
+            + (f"{e:.0f} J{band}" if e is not None else "n/a")
+        )
+
+
+def run_start(args: argparse.Namespace) -> int:
+    """Run ``wattwise aggregator start``."""
+    import ray
+
+    from cluster.actors import aggregator
+
+    token = args.token or os.environ.get("WATTWISE_API_TOKEN")
+    from cluster.api import is_loopback
+
+    if args.port is not None and not is_loopback(args.host) and not token:
+        raise BadInputError(
+            f"--host {args.host} accepts API writes from the network; give --token (or "
+            "$WATTWISE_API_TOKEN), or keep the default 127.0.0.1"
+        )
+    _connect(args.address)
+    handle = aggregator(open_store(args).root)
+    if args.port is not None:
+        ray.get(handle.start_api.remote(args.host, args.port, token))
+    if args.sidecars != "none":
+        ray.get(handle.start_sidecars.remote([(args.sidecars, {})]))
+    _print(ray.get(handle.stats.remote()), ray.get(handle.status.remote()), args.json)
+    return 0
+
+
+def run_status(args: argparse.Namespace) -> int:
+    """Run ``wattwise aggregator status``."""
+    import ray
+
+    from cluster.actors import aggregator
+
+    _connect(args.address)
+    handle = aggregator(create=False)
+    _print(ray.get(handle.stats.remote()), ray.get(handle.status.remote()), args.json)
+    return 0

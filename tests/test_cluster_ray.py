@@ -1,0 +1,198 @@
+"""The aggregator and sidecar actors on a real local Ray cluster with two node types."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from conftest import SHARED_DATA
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+TRACE_ROWS = 200
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
+    """A head node plus two worker nodes typed gpu-a and gpu-b, one CPU each."""
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    c = Cluster(
+        initialize_head=True,
+        head_node_args={
+            "num_cpus": 1,
+            "include_dashboard": False,
+            "object_store_memory": 100 * 1024 * 1024,
+        },
+    )
+    nodes = {}
+    for kind in ("gpu-a", "gpu-b"):
+        nodes[kind] = c.add_node(
+            num_cpus=1,
+            resources={f"node_type:{kind}": 1},
+            object_store_memory=100 * 1024 * 1024,
+        )
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace="wattwise-tests", include_dashboard=False)
+    root = tmp_path_factory.mktemp("ray")
+    try:
+        yield {"cluster": c, "root": root}
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved
+
+
+def _trace() -> pl.DataFrame:
+    """A real recorded trace (first run of the shared set), else a small made-up one."""
+    if (SHARED_DATA / "traces.parquet").is_file():
+        from profiler.sources.replay import load_trace
+
+        return load_trace(SHARED_DATA / "traces.parquet", max_runs=1).head(TRACE_ROWS)
+    import datetime as dt
+
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    return pl.DataFrame(
+        {
+            "device": ["0"] * TRACE_ROWS,
+            "model": [None] * TRACE_ROWS,
+            "timestamp": [t0 + dt.timedelta(seconds=i) for i in range(TRACE_ROWS)],
+            "power_w": [100.0 + (i % 7) for i in range(TRACE_ROWS)],
+        },
+        schema_overrides={"model": pl.String},
+    )
+
+
+def _node_ids() -> dict[str, str]:
+    out = {}
+    for n in ray.nodes():
+        for res in n["Resources"]:
+            if n["Alive"] and res.startswith("node_type:"):
+                out[res.split(":", 1)[1]] = n["NodeID"]
+    return out
+
+
+def _wait_alive(handle: Any, old_pid: int, timeout: float = 60.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            info = ray.get(handle.ping.remote(), timeout=10)
+            if info["pid"] != old_pid:
+                return info
+        except Exception:
+            pass
+        if time.monotonic() > deadline:
+            raise AssertionError("the aggregator actor did not come back")
+        time.sleep(0.2)
+
+
+def test_sidecars_on_each_node_feed_the_aggregator_which_survives_a_restart(
+    cluster: dict[str, Any],
+) -> None:
+    from cluster.actors import aggregator, journal_dir_for, sidecar_actor
+    from profiler.store import Store
+
+    root = cluster["root"]
+    store_root = root / "store"
+    agg = aggregator(store_root, options={"flush_interval_s": 0.5, "max_lag_s": 2.0})
+    first = ray.get(agg.ping.remote())
+    trace = _trace()
+    ids = _node_ids()
+    assert sorted(ids) == ["gpu-a", "gpu-b"]
+    sidecars = {}
+    for kind, node_id in ids.items():
+        run_id = f"run-{kind}"
+        ray.get(agg.start_run.remote({"run_id": run_id, "node_type": kind, "planned_epochs": 4}))
+        sidecars[kind] = sidecar_actor(
+            node_id,
+            f"node-{kind}",
+            [("replay", {"trace": trace, "speed": 200.0, "device_prefix": ""})],
+            run_id=run_id,
+            interval_s=0.1,
+            batch_interval_s=0.3,
+            journal_dir=journal_dir_for(root / "journal", f"node-{kind}"),
+        )
+    # Each sidecar lives on its own node.
+    where = {kind: ray.get(h.ping.remote(), timeout=60) for kind, h in sidecars.items()}
+    assert where == {"gpu-a": "node-gpu-a", "gpu-b": "node-gpu-b"}
+    time.sleep(TRACE_ROWS / 200.0 + 0.5)  # the whole trace has been replayed
+    stats = {kind: ray.get(h.stop.remote(), timeout=60) for kind, h in sidecars.items()}
+    for kind, s in stats.items():
+        assert s["samples"] == TRACE_ROWS, kind
+        assert s["sent"] == TRACE_ROWS and s["lost"] == 0 and s["pending"] == 0, kind
+        summary = ray.get(agg.status.remote(f"run-{kind}"))
+        assert summary["samples"] == TRACE_ROWS
+        assert summary["node_type"] == kind
+    # Epoch marks (the first two quarters of run-gpu-a's replayed trace).
+    samples_a = _wait_stored(Store(store_root), "run-gpu-a")
+    t = samples_a["timestamp"]
+    quarter = (t[-1] - t[0]) / 4
+    marks = pl.DataFrame(
+        {
+            "run_id": ["run-gpu-a"] * 2,
+            "epoch": [0, 1],
+            "start": [t[0], t[0] + quarter],
+            "end": [t[0] + quarter, t[0] + 2 * quarter],
+        }
+    )
+    ray.get(agg.ingest_epochs.remote(marks))
+    before = ray.get(agg.status.remote("run-gpu-a"))
+    assert before["epochs_done"] == 2
+    assert before["projection"]["energy_j"] is not None
+
+    # Kill the actor; Ray restarts it and it rebuilds its state from the store.
+    ray.kill(agg, no_restart=False)
+    _wait_alive(agg, first["pid"])
+    after = ray.get(agg.status.remote("run-gpu-a"))
+    assert after["samples"] == TRACE_ROWS
+    assert after["epochs_done"] == 2
+    assert after["measured_energy_j"] == pytest.approx(before["measured_energy_j"])
+    assert after["projection"]["energy_j"] == pytest.approx(before["projection"]["energy_j"])
+    summary = ray.get(agg.finish_run.remote("run-gpu-b"))
+    assert summary["samples"] == TRACE_ROWS
+    assert Store(store_root).run("run-gpu-b")["status"] == "finished"
+    ray.kill(agg, no_restart=True)
+
+
+def _wait_stored(store: Any, run_id: str, timeout: float = 20.0) -> pl.DataFrame:
+    deadline = time.monotonic() + timeout
+    while True:
+        df = store.samples(run_id)
+        if df.height == TRACE_ROWS or time.monotonic() > deadline:
+            assert df.height == TRACE_ROWS
+            return df
+        time.sleep(0.2)
+
+
+def test_the_manager_starts_one_sidecar_per_node_and_replaces_a_dead_one(
+    cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    from cluster.actors import SidecarManager
+
+    trace = _trace()
+    mgr = SidecarManager(
+        [("replay", {"trace": trace, "speed": 1.0, "loop": True})],
+        interval_s=1.0,
+        batch_interval_s=5.0,
+        journal_dir=str(tmp_path / "journal"),
+    )
+    started = mgr.reconcile()
+    alive = [n["NodeID"] for n in ray.nodes() if n["Alive"]]
+    assert sorted(started) == sorted(alive) and len(alive) == 3
+    assert mgr.reconcile() == []  # all there: nothing to do
+    victim = started[0]
+    ray.kill(mgr.handles[victim])
+    assert mgr.reconcile() == [victim]
+    assert mgr.restarts == 1
+    assert ray.get(mgr.handles[victim].ping.remote(), timeout=60) == mgr.names[victim]
+    mgr.stop_all()

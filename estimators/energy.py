@@ -71,6 +71,18 @@ class EnergyStream:
     def build(
         cls, t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float, n_skipped: int = 0
     ) -> EnergyStream:
+        """Prepare one device's samples.
+
+        Args:
+            t: Sample times in s, strictly increasing.
+            p: Power in W at each sample (NaN where unknown).
+            c: Cumulative energy counter in J at each sample, or ``None``.
+            thr: Gap threshold in s.
+            n_skipped: Samples dropped before (no value at all), for reporting.
+
+        Returns:
+            The stream, ready for :meth:`at`.
+        """
         # Written to allocate few large temporaries: on big inputs, fresh memory (page
         # faults) costs more than the arithmetic.
         dt = np.diff(t)

@@ -82,6 +82,7 @@ class EnergyStream:
 
         Returns:
             The stream, ready for :meth:`at`.
+
         """
         # Written to allocate few large temporaries: on big inputs, fresh memory (page
         # faults) costs more than the arithmetic.

@@ -19,6 +19,8 @@ MODULES: tuple[str, ...] = (
     "cluster.commands.profiler_cmds",
     "cluster.commands.pre_cmds",
     "cluster.commands.cluster_cmds",
+    "cluster.commands.run_cmds",
+    "cluster.commands.ops_cmds",
     "cluster.commands.demo_cmds",
 )
 

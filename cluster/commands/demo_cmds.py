@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from cluster.commands.common import add_store_option, console, open_store
 
 if TYPE_CHECKING:
+    import polars as pl
     from rich.console import Console
 
     from profiler.store import Store
@@ -30,7 +31,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         ),
     )
     p.add_argument(
-        "--epochs", type=int, default=8, help="epochs of the live training run (default 8)"
+        "--epochs", type=int, default=14, help="epochs of the live training run (default 14)"
     )
     p.add_argument(
         "--data",
@@ -58,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
     _import_dataset(store, data, out)
     _check_raw_csvs(store, data, out)
     _savings(store, out)
-    _live_run(store, data, out, epochs=args.epochs)
+    per_epoch = _live_run(store, data, out, epochs=args.epochs)
+    _step_live(per_epoch, out)
+    _step_recorded(data, out)
+    _pre(store, out)
     return 0
 
 
@@ -144,7 +148,7 @@ def _savings(store: Store, out: Console) -> None:
     out.print("Data: del Rey et al., SEAA 2023 (GAISSA-UPC/seaa2023_ect), CC BY 4.0")
 
 
-def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> None:
+def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> pl.DataFrame:
     """Train on the CPU with epoch hooks while the sidecar samples a replayed GPU."""
     import tempfile
     from datetime import UTC, datetime
@@ -164,7 +168,7 @@ def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> None:
     gpu = "NVIDIA GeForce RTX 3090"
     source = ReplaySource(trace, model=gpu, device_prefix="")
     run_id = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    arch, batch, size, n_train = "mobilenet_v3_small", 32, 64, 256
+    arch, batch, size, n_train = "mobilenet_v3_small", 32, 64, 128
     store.write_runs(
         pl.DataFrame(
             {
@@ -240,6 +244,7 @@ def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> None:
         f"sidecar: {stats.samples} samples taken, {stats.sent} stored, {stats.spilled} spilled, "
         f"{stats.lost} lost. See it again with: wattwise energy --run {run_id}"
     )
+    return per_epoch
 
 
 def _train(
@@ -272,3 +277,104 @@ def _train(
                     loss_fn(model(x), y).backward()
                     opt.step()
                     bar.advance(task)
+
+
+def _step_live(per_epoch: pl.DataFrame, out: Console) -> None:
+    """STEP after every epoch of the live run, as the aggregator computes it."""
+    from rich.table import Table
+
+    from estimators.step import OnlineStep
+
+    out.rule("5. STEP on the live run, updated after every epoch")
+    planned = per_epoch.height
+    total = float(per_epoch["energy_j"].sum())
+    step = OnlineStep(planned_epochs=planned, power_cap_w=350.0)
+    table = Table(title_justify="left")
+    for col in ("after epoch", "projected J", "90 % band J", "stable", "error"):
+        table.add_column(col, justify="right")
+    for i, r in enumerate(per_epoch.iter_rows(named=True)):
+        proj = step.update(r["energy_j"], r["duration_s"])
+        if proj.energy_j is None:
+            continue
+        band = f"{proj.lower_j:,.0f} - {proj.upper_j:,.0f}" if proj.lower_j is not None else "-"
+        table.add_row(
+            str(i),
+            f"{proj.energy_j:,.0f}",
+            band,
+            "yes" if proj.stable else "not yet",
+            f"{(proj.energy_j / total - 1) * 100:+.1f} %",
+        )
+    out.print(table)
+    out.print(
+        f"measured total of the {planned} epochs: {total:,.0f} J. STEP trusts no regime "
+        "before 10 epochs (the paper's warm-up), so early answers carry a wide band."
+    )
+
+
+def _step_recorded(data: Path, out: Console) -> None:
+    """STEP and the baselines on every recorded run, seeing only its first 20 %."""
+    import polars as pl
+
+    from cluster.commands.step_cmds import print_summary
+    from estimators.baselines import bench_step, summarise
+
+    out.rule("6. STEP against today's rules on 189 recorded runs, after 20 % of each")
+    runs = pl.read_parquet(data / "runs.parquet").filter(pl.col("has_trace"))
+    traces = pl.read_parquet(data / "traces.parquet")
+    pred = bench_step(runs, traces, fraction=0.2)
+    print_summary(summarise(pred), title="absolute percentage error of the projected total")
+    out.print(
+        "step = wattwise; carbontracker = first epoch x epochs; mlco2 = board power x time; "
+        "green_algorithms = board power x utilisation x time; naive = mean power so far x time"
+    )
+
+
+def _pre(store: Store, out: Console) -> None:
+    """Retrain PRE on the store, then recommend a node type for a new job."""
+    from rich.table import Table
+
+    from cluster.retrain import latest_model, retrain
+    from estimators.features import JobDescription
+    from estimators.recommend import NodeType, recommend
+
+    out.rule("7. PRE: retrain on the finished runs, recommend a node type for a new job")
+    result = retrain(store)
+    out.print(
+        f"PRE v{result.version} on {result.rows} runs: "
+        f"{'accepted' if result.accepted else 'rejected'} ({result.decision})"
+    )
+    model = latest_model(store.root / "models")
+    job = JobDescription(
+        architecture="resnet18",
+        batch_size=64,
+        image_height=224,
+        image_width=224,
+        training_size=50_000,
+        validation_size=10_000,
+        planned_epochs=30,
+    )
+    inventory = [
+        NodeType("cloud", "NVIDIA GeForce RTX 3090", default=True),
+        NodeType("local-ml-engineer-gamer", "NVIDIA GeForce RTX 3070"),
+        NodeType("a100-pool", "NVIDIA A100-SXM4-80GB"),
+    ]
+    rec = recommend(model, job, inventory)
+    table = Table(title_justify="left")
+    for col in ("node type", "GPU", "kWh (30 epochs)", "90 % interval", "hours"):
+        table.add_column(col, justify="left" if col in ("node type", "GPU") else "right")
+    for r in rec.table.iter_rows(named=True):
+        table.add_row(
+            r["node_type"],
+            str(r["gpu_model"]).removeprefix("NVIDIA "),
+            f"{r['total_energy_kwh']:.2f}",
+            f"{r['total_lower_kwh']:.2f} - {r['total_upper_kwh']:.2f}",
+            f"{r['total_time_h']:.1f}",
+        )
+    out.print("job: resnet18, batch 64, 224x224, 50,000 images, 30 epochs")
+    out.print(table)
+    default = rec.savings_vs_default_pct
+    out.print(
+        f"recommended: {rec.chosen} (saves {rec.savings_vs_worst_pct:.0f} % against the worst"
+        + (f", {default:.0f} % against the default" if default is not None else "")
+        + f"); placement: {rec.placement}"
+    )

@@ -40,6 +40,14 @@ def test_demo_imports_checks_and_ranks(shared_data, tmp_path, capsys):
     assert "(0 new)" in capsys.readouterr().out
 
 
-def test_demo_without_data_says_where_to_get_it(tmp_path, capsys):
-    assert main(["demo", "--data", str(tmp_path / "nothing"), "--store", str(tmp_path)]) == 2
-    assert "The real traces are not at" in capsys.readouterr().out
+def test_demo_without_data_measures_a_modelled_cpu_run(tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["demo", "--data", str(tmp_path / "nothing"), "--store", str(store), "--epochs", "2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "The real traces are not at" in out
+    assert re.search(r"sidecar: (\d+) samples taken, \1 stored, 0 spilled, 0 lost", out)
+    samples = Store(store).samples()
+    assert samples.height > 0
+    assert samples["source"].unique().to_list() == ["modelled"]
+    assert Store(store).epochs()["epoch"].to_list() == [0, 1]

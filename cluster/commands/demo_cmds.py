@@ -51,16 +51,21 @@ def run(args: argparse.Namespace) -> int:
     out.print(f"store: {store.root}")
     data = Path(args.data)
     if not (data / "runs.parquet").is_file():
+        # Still a complete measured run: the CPU's own power, modelled from utilisation.
         out.print(
-            f"[yellow]The real traces are not at {data}; pass --data DIR (the SEAA 2023 "
-            "dataset layout: runs.parquet, traces.parquet, nvidia-smi-*.csv).[/]"
+            f"[yellow]The real traces are not at {data} (pass --data DIR for the SEAA 2023 "
+            "dataset). Running the live part only, with power modelled from CPU "
+            "utilisation (stored as source 'modelled').[/]"
         )
-        return 2
+        per_epoch = _live_run(store, None, out, epochs=args.epochs)
+        _step_live(per_epoch, out, power_cap_w=100.0)
+        out.print("Recorded-run comparison and PRE need the real traces: skipped.")
+        return 0
     _import_dataset(store, data, out)
     _check_raw_csvs(store, data, out)
     _savings(store, out)
     per_epoch = _live_run(store, data, out, epochs=args.epochs)
-    _step_live(per_epoch, out)
+    _step_live(per_epoch, out, power_cap_w=350.0)  # the replayed RTX 3090's board power
     _step_recorded(data, out)
     _pre(store, out)
     return 0
@@ -148,25 +153,40 @@ def _savings(store: Store, out: Console) -> None:
     out.print("Data: del Rey et al., SEAA 2023 (GAISSA-UPC/seaa2023_ect), CC BY 4.0")
 
 
-def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> pl.DataFrame:
-    """Train on the CPU with epoch hooks while the sidecar samples a replayed GPU."""
+def _live_run(store: Store, data: Path | None, out: Console, *, epochs: int) -> pl.DataFrame:
+    """Train on the CPU with epoch hooks while the sidecar samples a replayed GPU.
+
+    Without recorded traces (``data`` is ``None``) the sidecar samples the
+    modelled CPU source instead, and every sample says so.
+    """
+    import json
     import tempfile
     from datetime import UTC, datetime
 
     import polars as pl
+    import torchvision  # noqa: F401  (seconds to import: do it before the replay clock starts)
 
     from estimators.energy import epoch_energy, run_energy
     from profiler.hooks import EpochHooks
     from profiler.sidecar import Sidecar, StoreReceiver
+    from profiler.sources.base import PowerSource
     from profiler.sources.replay import ReplaySource, load_trace
 
-    out.rule("4. A live run: CPU training, replayed RTX 3090, epoch hooks")
-    import torchvision  # noqa: F401  (seconds to import: do it before the replay clock starts)
+    source: PowerSource
+    if data is not None:
+        out.rule("4. A live run: CPU training, replayed RTX 3090, epoch hooks")
+        trace_run = "cloud-vgg16-00"
+        trace = load_trace(data / "traces.parquet", run_ids=[trace_run])
+        gpu, node_type = "NVIDIA GeForce RTX 3090", "cloud"
+        source = ReplaySource(trace, model=gpu, device_prefix="")
+        power = f"replay of {trace_run} as a fake {gpu}"
+    else:
+        from profiler.sources.modelled import ModelledCpuSource
 
-    trace_run = "cloud-vgg16-00"
-    trace = load_trace(data / "traces.parquet", run_ids=[trace_run])
-    gpu = "NVIDIA GeForce RTX 3090"
-    source = ReplaySource(trace, model=gpu, device_prefix="")
+        out.rule("4. A live run: CPU training, modelled CPU power, epoch hooks")
+        gpu, node_type = "CPU (modelled)", "cpu"
+        source = ModelledCpuSource()
+        power = "modelled: CPU utilisation x 100 W board power"
     run_id = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
     arch, batch, size, n_train = "mobilenet_v3_small", 32, 64, 128
     store.write_runs(
@@ -174,7 +194,7 @@ def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> pl.Data
             {
                 "run_id": [run_id],
                 "job_name": ["wattwise demo"],
-                "node_type": ["cloud"],
+                "node_type": [node_type],
                 "gpu_model": [gpu],
                 "gpu_count": [1],
                 "architecture": [arch],
@@ -185,13 +205,13 @@ def _live_run(store: Store, data: Path, out: Console, *, epochs: int) -> pl.Data
                 "planned_epochs": [epochs],
                 "status": ["running"],
                 "start": [datetime.now(UTC)],
-                "config": [f'{{"power": "replay of {trace_run}", "device": "cpu"}}'],
+                "config": [json.dumps({"power": power, "device": "cpu"})],
             }
         )
     )
     out.print(
         f"run {run_id}: {arch}, batch {batch}, {n_train} images {size}x{size}, {epochs} epochs; "
-        f"power: replay of {trace_run} as a fake {gpu}, sampled every 0.5 s"
+        f"power: {power}, sampled every 0.5 s"
     )
     with tempfile.TemporaryDirectory() as journal:
         sidecar = Sidecar(
@@ -279,7 +299,7 @@ def _train(
                     bar.advance(task)
 
 
-def _step_live(per_epoch: pl.DataFrame, out: Console) -> None:
+def _step_live(per_epoch: pl.DataFrame, out: Console, *, power_cap_w: float) -> None:
     """STEP after every epoch of the live run, as the aggregator computes it."""
     from rich.table import Table
 
@@ -288,7 +308,7 @@ def _step_live(per_epoch: pl.DataFrame, out: Console) -> None:
     out.rule("5. STEP on the live run, updated after every epoch")
     planned = per_epoch.height
     total = float(per_epoch["energy_j"].sum())
-    step = OnlineStep(planned_epochs=planned, power_cap_w=350.0)
+    step = OnlineStep(planned_epochs=planned, power_cap_w=power_cap_w)
     table = Table(title_justify="left")
     for col in ("after epoch", "projected J", "90 % band J", "stable", "error"):
         table.add_column(col, justify="right")

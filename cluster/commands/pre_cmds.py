@@ -27,6 +27,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_store_option(p)
     p.add_argument("--models", metavar="DIR", help="model directory (default <store>/models)")
+    p.add_argument(
+        "--if-new-runs",
+        action="store_true",
+        help="only retrain when a usable finished run is not in the newest model's card "
+        "(the nightly entry); print what changed",
+    )
     p.set_defaults(func=run_retrain)
 
     p = sub.add_parser(
@@ -73,6 +79,10 @@ def run_retrain(args: argparse.Namespace) -> int:
     """Run ``wattwise retrain``."""
     from cluster.retrain import retrain
 
+    if getattr(args, "if_new_runs", False):
+        from cluster.commands.ops_cmds import retrain_if_new_runs
+
+        return retrain_if_new_runs(open_store(args), models_dir(args), console())
     result = retrain(open_store(args), models_dir(args))
     out = console()
     out.print(

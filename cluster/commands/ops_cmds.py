@@ -1,0 +1,184 @@
+"""``wattwise metrics``: serve the aggregator's Prometheus metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from cluster.commands.common import add_store_option, open_store
+from profiler.errors import BadInputError
+
+log = logging.getLogger(__name__)
+
+#: Default port of ``wattwise metrics`` (dcgm-exporter uses 9400).
+DEFAULT_PORT = 9401
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``metrics``."""
+    p = sub.add_parser(
+        "metrics",
+        help="serve Prometheus metrics (job energy, STEP, PRE, sidecars) at /metrics",
+        description=(
+            "Serve the aggregator's metrics for Prometheus. Without --ray, an aggregator is "
+            "rebuilt from the store (running runs replayed) every --refresh seconds: for a "
+            "single node or tests. With --ray, the cluster's aggregator actor and its sidecar "
+            "actors are queried at each scrape."
+        ),
+    )
+    add_store_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument(
+        "--port", type=int, default=DEFAULT_PORT, help=f"port (default {DEFAULT_PORT}; 0: any)"
+    )
+    p.add_argument(
+        "--refresh",
+        type=float,
+        default=15.0,
+        help="seconds between rebuilds from the store (default 15; not with --ray)",
+    )
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        default=None,
+        help="read the aggregator actor of this Ray cluster ('auto': the local one)",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="print the metrics once in the text format and exit"
+    )
+    p.set_defaults(func=run_metrics)
+
+
+class _Rebuilding:
+    """An aggregator rebuilt from the store at most every ``refresh_s`` seconds."""
+
+    def __init__(self, store: Any, refresh_s: float) -> None:
+        from cluster.aggregator import Aggregator
+
+        self.store = store
+        self.refresh_s = refresh_s
+        self._agg = Aggregator.rebuild(store)
+        self._at = time.monotonic()
+        self._lock = threading.Lock()
+
+    def _current(self) -> Any:
+        from cluster.aggregator import Aggregator
+
+        with self._lock:
+            if time.monotonic() - self._at >= self.refresh_s:
+                self._agg = Aggregator.rebuild(self.store)
+                self._at = time.monotonic()
+            return self._agg
+
+    def status(self) -> Any:
+        return self._current().status()
+
+    def running(self) -> list[str]:
+        return list(self._current().running())
+
+    def epochs(self, run_id: str) -> Any:
+        return self._current().epochs(run_id)
+
+    def stats(self) -> dict[str, Any]:
+        return dict(self._current().stats())
+
+
+def run_metrics(args: argparse.Namespace) -> int:
+    """Run ``wattwise metrics``."""
+    from cluster.metrics import ActorAggregator, ray_sidecar_stats, registry_for, serve_metrics
+
+    if args.refresh <= 0:
+        raise BadInputError(f"--refresh must be > 0 s; found {args.refresh}")
+    if not 0 <= args.port <= 65535:
+        raise BadInputError(f"--port must be 0..65535; found {args.port}")
+    store = open_store(args)
+    kwargs: dict[str, Any] = {"store_root": store.root}
+    if args.ray:
+        from cluster.actors import aggregator
+        from cluster.commands.cluster_cmds import _connect
+
+        _connect(args.ray)
+        source: Any = ActorAggregator(aggregator(create=False))
+        kwargs["sidecar_stats"] = ray_sidecar_stats
+    else:
+        source = _Rebuilding(store, args.refresh)
+    if args.once:
+        from prometheus_client import generate_latest
+
+        print(generate_latest(registry_for(source, **kwargs)).decode(), end="")
+        return 0
+    port = serve_metrics(source, host=args.host, port=args.port, **kwargs)
+    print(f"serving metrics at http://{args.host}:{port}/metrics (store {store.root})", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        return 0
+
+
+# ------------------------------------------------------------------------ retrain --if-new-runs
+
+
+def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
+    """``wattwise retrain --if-new-runs``: retrain only when a usable finished run is new.
+
+    A run is new when it is among the runs a retrain would train on
+    (:func:`cluster.retrain.training_rows`) but not in the ``run_ids`` of the
+    newest card (accepted or not: a rejected retrain has seen its runs too).
+
+    Args:
+        store: The run store.
+        folder: The model directory.
+        out: Console to print to.
+
+    Returns:
+        0 (nothing new, or a retrain ran, whatever its verdict).
+
+    """
+    from cluster.metrics import pre_cards
+    from cluster.retrain import retrain, training_rows
+
+    cards = pre_cards(folder)
+    newest = cards[-1] if cards else None
+    rows, _ = training_rows(store.runs())
+    usable = rows["run_id"].to_list()
+    known = set(newest.get("run_ids") or []) if newest else set()
+    added = [r for r in usable if r not in known]
+    if newest is not None and not added:
+        out.print(
+            f"no new finished runs since v{newest['version']} "
+            f"({len(usable)} usable finished runs, all in its card); nothing to do"
+        )
+        return 0
+    if not usable:
+        out.print("no usable finished runs in the store yet; nothing to train on")
+        return 0
+    result = retrain(store, folder)
+    card = json.loads(result.path.with_name(f"pre-v{result.version}.card.json").read_text())
+    before, after = card.get("previous_score_mape_pct"), card.get("score_mape_pct")
+    verdict = "accepted" if result.accepted else "rejected"
+    was = f" (current was v{newest['version']})" if newest is not None else ""
+    mape = (
+        f"energy MAPE {_pct(before)} -> {_pct(after)}"
+        if before is not None
+        else f"validation energy MAPE {_pct(after)}"
+    )
+    shown = ", ".join(added[:5]) + (f", ... ({len(added) - 5} more)" if len(added) > 5 else "")
+    out.print(f"v{result.version} {verdict}{was}: {mape}; {result.decision}", soft_wrap=True)
+    out.print(
+        f"runs added: {len(added)} ({shown}); trained on {result.rows} finished runs",
+        soft_wrap=True,
+    )
+    dropped = sorted(known - set(usable))
+    if dropped:
+        out.print(f"runs in v{newest['version']} no longer usable: {len(dropped)}")  # type: ignore[index]
+    return 0
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f} %"

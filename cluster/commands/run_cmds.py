@@ -1,0 +1,284 @@
+"""``wattwise run``, ``train``, ``placement`` and ``probe``: measured jobs on a Ray cluster."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from cluster.commands.common import add_store_option, console, open_store
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    from estimators.features import JobDescription
+    from estimators.recommend import NodeType
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add ``run``, ``train``, ``placement`` and ``probe``."""
+    from cluster.train import add_train_arguments
+
+    run = subparsers.add_parser(
+        "run",
+        help="run a training command on a node type of the Ray cluster, measured per epoch",
+        description=(
+            "Places the command on a node of the chosen node type (Ray resource "
+            "node_type:<name>), records it as a run, measures it with the node's sidecar and "
+            "the command's epoch hooks ($WATTWISE_RUN_ID, $WATTWISE_STORE). Works as the "
+            "entrypoint of 'ray job submit'. Exits with the command's status."
+        ),
+    )
+    run.add_argument(
+        "--node-type", required=True, metavar="TYPE|auto", help="node type, or auto (PRE)"
+    )
+    _common_run_options(run)
+    run.add_argument("--run-id", default=None, help="run id (default: a new one)")
+    run.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="program and arguments"
+    )
+    run.set_defaults(func=run_run)
+
+    train = subparsers.add_parser(
+        "train",
+        help="the built-in training workload (torchvision model on generated images)",
+        description=(
+            "Trains a torchvision model (random weights) on FakeData images, marking epochs. "
+            "Under 'wattwise run' the run id and store come from the environment."
+        ),
+    )
+    add_train_arguments(train)
+    train.add_argument("--run-id", default=None, help="run id (default $WATTWISE_RUN_ID or new)")
+    add_store_option(train)
+    train.set_defaults(func=run_train)
+
+    place = subparsers.add_parser(
+        "placement",
+        help="placement hints for a job: Ray resources, label selector, k8s nodeSelector",
+    )
+    _job_options(place)
+    place.add_argument(
+        "--inventory", default=None, metavar="FILE", help="node types JSON (default: the cluster)"
+    )
+    place.add_argument("--address", default="auto", help="Ray cluster address (without FILE)")
+    place.add_argument("--model", default=None, metavar="FILE", help="PRE model (default latest)")
+    place.add_argument("--objective", choices=("energy", "cost", "carbon"), default="energy")
+    place.add_argument("--json", action="store_true", help="print the hints as JSON")
+    add_store_option(place)
+    place.set_defaults(func=run_placement)
+
+    probe = subparsers.add_parser(
+        "probe",
+        help="run a job briefly on each node type in parallel; project and recommend",
+        description=(
+            "Starts the command on each node type at once, stops each when STEP calls it "
+            "stable (or at --time-limit), projects the full run per node type with bands, "
+            "recommends the node type needing least energy, and keeps the probe runs as "
+            "training data for PRE."
+        ),
+    )
+    probe.add_argument(
+        "--node-types", default="all", metavar="all|A,B", help="node types to probe (default all)"
+    )
+    probe.add_argument(
+        "--time-limit", type=float, default=300.0, metavar="S", help="longest probe in s (300)"
+    )
+    _common_run_options(probe)
+    probe.add_argument(
+        "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="program and arguments"
+    )
+    probe.set_defaults(func=run_probe)
+
+
+def _common_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=None, help="planned epochs (for STEP)")
+    p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for the job (1)")
+    p.add_argument(
+        "--num-gpus", type=float, default=None, help="GPUs reserved (default 1 on GPU nodes)"
+    )
+    p.add_argument("--job-name", default=None, help="human name of the job")
+    p.add_argument(
+        "--inventory", default=None, metavar="FILE", help="node types JSON for auto placement"
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_store_option(p)
+
+
+def _job_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--arch", required=True, help="architecture (torchvision name)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-size", type=int, default=224, help="image side in pixels (224)")
+    p.add_argument("--train-size", type=int, default=50_000, help="training samples per epoch")
+    p.add_argument("--validation-size", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=None, help="planned epochs")
+    p.add_argument("--node-type", default=None, help="give hints for this node type instead")
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    cmd = list(args.argv)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise BadInputError(
+            "expected a command after '--', e.g. wattwise run --node-type gpu-a -- "
+            "wattwise train --arch resnet18 --dataset fake"
+        )
+    return cmd
+
+
+def _inventory(path: str | None) -> list[NodeType] | None:
+    if path is None:
+        return None
+    from estimators.recommend import load_inventory
+
+    return load_inventory(path)
+
+
+def _store_root(args: argparse.Namespace) -> str:
+    return str(open_store(args).root.resolve())
+
+
+def run_run(args: argparse.Namespace) -> int:
+    """Run ``wattwise run``."""
+    from cluster.runner import connect, run_job
+
+    cmd = _command(args)
+    connect(args.address)
+    result = run_job(
+        cmd,
+        node_type=args.node_type,
+        run_id=args.run_id,
+        epochs=args.epochs,
+        store_root=_store_root(args),
+        job_name=args.job_name,
+        inventory=_inventory(args.inventory),
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+    )
+    _print_result(result, args.json)
+    return result.returncode if result.returncode >= 0 else 128 - result.returncode
+
+
+def _print_result(result: Any, as_json: bool) -> None:
+    from cluster.aggregator import _jsonable
+
+    s = result.summary
+    if as_json:
+        print(
+            json.dumps(
+                _jsonable(
+                    {
+                        "run_id": result.run_id,
+                        "node_type": result.node_type,
+                        "node_id": result.node_id,
+                        "status": result.status,
+                        "returncode": result.returncode,
+                        "stopped": result.stopped,
+                        "summary": s,
+                        "placement_source": result.placement.get("source"),
+                    }
+                )
+            )
+        )
+        return
+    proj = s.get("projection") or {}
+    e = proj.get("energy_j")
+    console().print(
+        f"run {result.run_id} on {result.node_type}: {result.status} (exit {result.returncode}), "
+        f"{s.get('epochs_done')} epochs, {s.get('samples')} samples, measured "
+        f"{(s.get('measured_energy_j') or 0):.1f} J over {(s.get('duration_s') or 0):.1f} s"
+        + (f"; STEP projected {e:.1f} J" if e is not None else "")
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """Run ``wattwise train``."""
+    from cluster.train import main
+
+    return main(args)
+
+
+def _job(args: argparse.Namespace) -> JobDescription:
+    from estimators.features import JobDescription
+
+    return JobDescription(
+        architecture=args.arch,
+        batch_size=args.batch_size,
+        training_size=args.train_size,
+        validation_size=args.validation_size,
+        image_height=args.image_size,
+        image_width=args.image_size,
+        planned_epochs=args.epochs,
+    )
+
+
+def run_placement(args: argparse.Namespace) -> int:
+    """Run ``wattwise placement``."""
+    from pathlib import Path
+
+    from cluster.placement import inventory_from_ray, recommend_hints
+    from cluster.retrain import latest_model
+
+    inventory = _inventory(args.inventory)
+    if inventory is None:
+        import ray
+
+        from cluster.runner import connect
+
+        connect(args.address)
+        inventory = inventory_from_ray(ray.nodes())  # type: ignore[no-untyped-call]
+    model = None
+    if args.node_type is None:
+        if args.model is not None:
+            from estimators.pre import PREModel
+
+            model = PREModel.load(Path(args.model))
+        else:
+            try:
+                model = latest_model(open_store(args).root / "models")
+            except BadInputError as err:
+                print(f"wattwise placement: note: {err}", file=sys.stderr)
+    hints = recommend_hints(
+        _job(args), inventory, model, objective=args.objective, node_type=args.node_type
+    )
+    if args.json:
+        from cluster.aggregator import _jsonable
+
+        print(json.dumps(_jsonable(hints)))
+        return 0
+    out = console()
+    out.print(f"node type: {hints['node_type']} ({hints['source']})")
+    out.print(f"  Ray resources:   {json.dumps(hints['ray_resources'])}")
+    out.print(f"  label selector:  {json.dumps(hints['label_selector'])}")
+    out.print(f"  k8s nodeSelector: {json.dumps(hints['k8s_node_selector'])}")
+    if "predicted_energy_j" in hints:
+        out.print(f"  predicted energy (PRE): {hints['predicted_energy_j']:.0f} J")
+    return 0
+
+
+def run_probe(args: argparse.Namespace) -> int:
+    """Run ``wattwise probe``."""
+    from cluster.probe import format_probe, probe
+    from cluster.runner import connect
+
+    cmd = _command(args)
+    connect(args.address)
+    types = None if args.node_types == "all" else [t for t in args.node_types.split(",") if t]
+    result = probe(
+        cmd,
+        node_types=types,
+        time_limit_s=args.time_limit,
+        epochs=args.epochs,
+        store_root=_store_root(args),
+        num_cpus=args.num_cpus,
+        num_gpus=args.num_gpus,
+        job_name=args.job_name,
+    )
+    if args.json:
+        from cluster.aggregator import _jsonable
+
+        print(json.dumps(_jsonable(result)))
+    else:
+        console().print(format_probe(result))
+    return 0 if result.get("recommendation") else 1

@@ -5,8 +5,10 @@ Prints, for per-epoch energy (truth ``gpu_energy_j / trained_epochs``):
 * random 70/30 splits (``--splits`` seeds): MAPE and 90 % interval coverage of
   PRE, and MAPE of kernel ridge on the paper's ten features; the paper's
   kernel ridge reached 6.0 %;
-* leave-one-architecture-out: per held-out architecture, MAPE and coverage
-  (energy), MAPE (time), kernel ridge MAPE, and whether the recommendation
+* leave-one-architecture-out: per held-out architecture, MAPE, coverage and
+  median interval width (upper / lower) for energy, MAPE (time), kernel ridge
+  MAPE, the prior's efficiency and how the training fold chose it, and
+  whether the recommendation
   (lowest predicted energy among the GPUs that ran it) is the truly
   lowest-energy GPU;
 * retraining time on ``--retrain-rows`` synthetic runs resampled from the
@@ -74,6 +76,9 @@ def scores(train: pl.DataFrame, test: pl.DataFrame, **kw) -> dict[str, float]:
     return {
         "mape": 100 * float(np.mean(np.abs(pe - y) / y)),
         "cover": 100 * float(np.mean((y >= lo) & (y <= hi))),
+        "width": float(np.median(hi / lo)),
+        "eta": m.cv_["energy"]["efficiency"],
+        "eta_how": m.cv_["energy"]["efficiency_source"],
         "time_mape": 100 * float(np.mean(np.abs(p["predicted_epoch_time_s"].to_numpy() - yt) / yt)),
         "kr_mape": 100 * float(np.mean(np.abs(pk - y) / y)),
         "true_best": true_best,
@@ -123,26 +128,29 @@ def main() -> None:
     for s, r in enumerate(rows):
         print(
             f"  seed {s}: PRE MAPE {r['mape']:5.2f} %  cover90 {r['cover']:5.1f} %  "
+            f"width x{r['width']:.2f}  "
             f"time MAPE {r['time_mape']:5.2f} %  kernel ridge {r['kr_mape']:5.2f} %"
         )
     print(
         f"  mean  : PRE MAPE {np.mean([r['mape'] for r in rows]):5.2f} %  cover90 "
-        f"{np.mean([r['cover'] for r in rows]):5.1f} %  kernel ridge "
+        f"{np.mean([r['cover'] for r in rows]):5.1f} %  median upper/lower x"
+        f"{np.median([r['width'] for r in rows]):.2f}  kernel ridge "
         f"{np.mean([r['kr_mape'] for r in rows]):5.2f} %  (paper, kernel ridge: 6.0 %)\n"
     )
 
     print("leave one architecture out (per-epoch energy)")
     print(
-        f"  {'held out':14} {'MAPE':>7} {'cover90':>8} {'time MAPE':>10} {'KR MAPE':>8}  "
-        "best GPU (pred / true)"
+        f"  {'held out':14} {'MAPE':>7} {'cover90':>8} {'width':>7} {'time MAPE':>10} "
+        f"{'KR MAPE':>8}  best GPU (pred / true)"
     )
     for a in sorted(df["architecture"].unique().to_list()):
         r = scores(df.filter(pl.col("architecture") != a), df.filter(pl.col("architecture") == a))
         ok = "ok" if r["pred_best"] == r["true_best"] else "WRONG"
         print(
-            f"  {a:14} {r['mape']:6.2f}% {r['cover']:7.1f}% {r['time_mape']:9.2f}% "
-            f"{r['kr_mape']:7.2f}%  {r['pred_best']} / {r['true_best']} {ok}"
+            f"  {a:14} {r['mape']:6.2f}% {r['cover']:7.1f}% {'x':>2}{r['width']:5.2f} "
+            f"{r['time_mape']:9.2f}% {r['kr_mape']:7.2f}%  {r['pred_best']} / {r['true_best']} {ok}"
         )
+        print(f"      efficiency {r['eta']:.2f} ({r['eta_how']})")
         for g, t, p in r["cells"]:
             print(
                 f"      {g:12} true {t:9.0f} J  predicted {p:9.0f} J  ({100 * (p - t) / t:+.1f} %)"

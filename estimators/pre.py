@@ -13,7 +13,12 @@ times a learned correction:
   the ratio ``c0 / c1`` from the others; an unseen GPU gets them from a
   log-linear fit on peak TFLOPS across seen GPUs. A linear prior extrapolates
   to architectures with more or fewer FLOPs and layers than any seen, which
-  trees cannot.
+  trees cannot. The efficiency (fraction of peak FLOPS reached) is fitted
+  where a GPU ran three architectures; otherwise it is chosen from
+  :data:`EFFICIENCY_GRID` by cross-validation grouped by architecture, when
+  some training run is compute-bound enough to pin it down
+  (:data:`MIN_COMPUTE_SHARE`); otherwise the constructor's default is kept
+  and the card says so.
 * **Correction**: an XGBoost regressor on ``log(truth / prior)`` with the
   job and GPU features (:data:`estimators.features.FEATURES`); its depth is
   chosen by cross-validation grouped by architecture.
@@ -58,6 +63,12 @@ FORMAT_VERSION = 1
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
+#: Efficiencies (fraction of peak FLOPS) the grouped cross-validation chooses from.
+EFFICIENCY_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
+#: The efficiency is identifiable only when some training run spends at least this
+#: share of its measured energy (or time) in the compute term at peak throughput;
+#: below it the training runs are overhead-bound and say nothing about it.
+MIN_COMPUTE_SHARE = 0.25
 
 
 # ----------------------------------------------------------------------------- folds
@@ -183,24 +194,12 @@ class Prior:
 
         """
         a = _arrays(frame)
-        scale = a["batches"] * (a["power_w"] if energy else 1.0)
-        s = y / scale  # seconds per batch (at board power, for energy)
+        s = y / (a["batches"] * (a["power_w"] if energy else 1.0))
         comp = a["compute_s"] / a["batches"]  # compute seconds per batch at peak
         names = np.asarray(frame["gpu_model"].to_list())
         tflops = {str(g): float(np.nanmedian(a["tflops"][names == g])) for g in np.unique(names)}
-        # Learn the efficiency where three architectures on one GPU pin it down.
-        etas = []
-        for g in tflops:
-            m = names == g
-            if len(np.unique(a["layers"][m])) >= 3 and len(np.unique(comp[m])) >= 3:
-                c, *_ = np.linalg.lstsq(
-                    np.column_stack([np.ones(m.sum()), a["layers"][m], comp[m]]) / s[m, None],
-                    np.ones(m.sum()),
-                    rcond=None,
-                )
-                if c[2] > 0:
-                    etas.append(1.0 / float(c[2]))
-        eta = float(np.clip(np.median(etas), 0.05, 1.0)) if etas else efficiency
+        fitted = cls.fitted_efficiency(frame, y, energy=energy)
+        eta = efficiency if fitted is None else fitted
         over = s - comp / eta
         coef: dict[str, tuple[float, float]] = {}
         single: list[str] = []
@@ -221,6 +220,31 @@ class Prior:
             coef[g] = (c0, max(ov - c0, 0.0) / lay)
         slope, intercept = _log_fit(coef, tflops)
         return cls(energy, coef, tflops, slope, intercept, eta)
+
+    @staticmethod
+    def fitted_efficiency(frame: pl.DataFrame, y: np.ndarray, *, energy: bool) -> float | None:
+        """Efficiency fitted where one GPU ran three architectures, else ``None``.
+
+        Per such GPU, ``c0 + c1 * layers + compute / efficiency`` is fitted by
+        least squares on relative error; the median over GPUs is clipped to
+        [0.05, 1].
+        """
+        a = _arrays(frame)
+        s = y / (a["batches"] * (a["power_w"] if energy else 1.0))
+        comp = a["compute_s"] / a["batches"]
+        names = np.asarray(frame["gpu_model"].to_list())
+        etas = []
+        for g in np.unique(names):
+            m = names == g
+            if len(np.unique(a["layers"][m])) >= 3 and len(np.unique(comp[m])) >= 3:
+                c, *_ = np.linalg.lstsq(
+                    np.column_stack([np.ones(m.sum()), a["layers"][m], comp[m]]) / s[m, None],
+                    np.ones(m.sum()),
+                    rcond=None,
+                )
+                if c[2] > 0:
+                    etas.append(1.0 / float(c[2]))
+        return float(np.clip(np.median(etas), 0.05, 1.0)) if etas else None
 
     def coefficients(self, gpu: str, tflops: float) -> tuple[float, float]:
         """``(c0, c1)`` of a GPU; extrapolated on TFLOPS for a GPU not fitted."""
@@ -264,6 +288,13 @@ class Prior:
             (float(d["intercept"][0]), float(d["intercept"][1])),
             float(d["efficiency"]),
         )
+
+
+def compute_share(frame: pl.DataFrame, y: np.ndarray, *, energy: bool) -> np.ndarray:
+    """Per row, the share of truth ``y`` the prior's compute term takes at peak FLOPS."""
+    a = _arrays(frame)
+    comp = a["compute_s"] * (a["power_w"] if energy else 1.0)
+    return np.asarray(comp / y, dtype=float)
 
 
 def _nnls2(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -347,12 +378,16 @@ class PREModel:
         nthread: XGBoost threads.
         seed: Seed of folds and boosting.
         efficiency: Fraction of peak FLOPS assumed by the prior's compute term
-            until runs of three architectures on one GPU let it be learned.
+            when the training runs cannot pin it down (no GPU ran three
+            architectures and no run is compute-bound enough for grouped
+            cross-validation over :data:`EFFICIENCY_GRID`). Chosen by hand
+            after looking at the SEAA 2023 runs: a caveat.
 
     Attributes:
         priors_: Fitted prior per target (``energy``, ``time``).
         cv_: Cross-validation scores: per target, grouped and random MAPE (%)
-            and interval coverage, and the chosen depth.
+            and interval coverage, the chosen depth, and the efficiency with
+            how it was chosen (and its grouped-CV scores).
         architectures_: Architecture keys seen in training.
         gpus_: GPU names seen in training.
         n_rows_: Training rows.
@@ -397,14 +432,63 @@ class PREModel:
         }
 
     def _fit_one(
-        self, frame: pl.DataFrame, x: np.ndarray, y: np.ndarray, energy: bool, depth: int
+        self,
+        frame: pl.DataFrame,
+        x: np.ndarray,
+        y: np.ndarray,
+        energy: bool,
+        depth: int,
+        efficiency: float,
     ) -> tuple[Prior, xgb.Booster]:
         import xgboost as xgb
 
-        prior = Prior.fit(frame, y, energy=energy, efficiency=self.efficiency)
+        prior = Prior.fit(frame, y, energy=energy, efficiency=efficiency)
         resid = np.log(y / prior.predict(frame))
         booster = xgb.train(self._params(depth), xgb.DMatrix(x, label=resid), self.n_estimators)
         return prior, booster
+
+    def _choose_efficiency(
+        self,
+        frame: pl.DataFrame,
+        y: np.ndarray,
+        energy: bool,
+        folds: list[tuple[np.ndarray, np.ndarray]] | None,
+    ) -> tuple[float, str, dict[str, float | None]]:
+        """Efficiency of the prior's compute term, chosen inside the training rows.
+
+        Returns:
+            (efficiency, how it was chosen, grouped-CV score per grid value: mean
+            absolute log error of the prior alone, in %).
+
+        """
+        # A GPU that ran three architectures lets the prior fit it by least squares.
+        probe = Prior.fitted_efficiency(frame, y, energy=energy)
+        if probe is not None:
+            return probe, "fitted: a GPU ran three or more architectures", {}
+        share = float(np.nanmax(compute_share(frame, y, energy=energy)))
+        if folds is None or share < MIN_COMPUTE_SHARE:
+            return (
+                self.efficiency,
+                f"default: not identifiable (largest compute share {share:.2f} < "
+                f"{MIN_COMPUTE_SHARE})",
+                {},
+            )
+        scores: dict[str, float] = {}
+        for eta in EFFICIENCY_GRID:
+            oof = np.empty(len(y))
+            for tr, va in folds:
+                oof[va] = Prior.fit(frame[tr], y[tr], energy=energy, efficiency=eta).predict(
+                    frame[va]
+                )
+            # A prior whose compute term alone exceeds a truth is physically impossible.
+            ok = bool(np.all(np.isfinite(oof) & (oof > 0)))
+            scores[f"{eta:g}"] = float(100 * np.mean(np.abs(np.log(oof / y)))) if ok else math.inf
+        best = min(EFFICIENCY_GRID, key=lambda e: scores[f"{e:g}"])
+        # JSON has no infinity: an impossible grid value is recorded as null.
+        shown = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
+        if not math.isfinite(scores[f"{best:g}"]):
+            return self.efficiency, "default: every grid value gave a non-positive prior", shown
+        return best, "grouped CV", shown
 
     def _oof(
         self,
@@ -415,11 +499,19 @@ class PREModel:
         depth: int,
         folds: list[tuple[np.ndarray, np.ndarray]],
     ) -> np.ndarray:
+        """Out-of-fold predictions; each fold chooses its own efficiency (nested)."""
         import xgboost as xgb
 
+        keys = np.asarray(arch_keys(frame))
         out = np.empty(len(y))
         for tr, va in folds:
-            prior, booster = self._fit_one(frame[tr], x[tr], y[tr], energy, depth)
+            inner = (
+                grouped_folds(keys[tr], self.cv_folds, seed=self.seed)
+                if len(set(keys[tr])) >= 2
+                else None
+            )
+            eta = self._choose_efficiency(frame[tr], y[tr], energy, inner)[0]
+            prior, booster = self._fit_one(frame[tr], x[tr], y[tr], energy, depth, eta)
             out[va] = prior.predict(frame[va]) * np.exp(booster.predict(xgb.DMatrix(x[va])))
         return out
 
@@ -467,6 +559,7 @@ class PREModel:
         for name, col in TARGETS.items():
             energy = name == "energy"
             y = frame[col].to_numpy().astype(float)
+            eta, eta_how, eta_scores = self._choose_efficiency(frame, y, energy, gfolds)
             best: tuple[float, int, np.ndarray | None] | None = None
             for depth in self.max_depths:
                 if gfolds is None:
@@ -482,10 +575,13 @@ class PREModel:
             seen_q = _quantiles(np.log(y / roof), self.coverage)
             unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
             self.oof_[name] = goof if goof is not None else roof
-            prior, booster = self._fit_one(frame, x, y, energy, depth)
+            prior, booster = self._fit_one(frame, x, y, energy, depth, eta)
             self.fitted_[name] = _Fitted(prior, booster, seen_q, unseen_q)
             self.cv_[name] = {
                 "max_depth": depth,
+                "efficiency": prior.efficiency,
+                "efficiency_source": eta_how,
+                "efficiency_cv_log_error_pct": eta_scores,
                 "random_mape_pct": _mape(roof, y),
                 "random_coverage": _cover(roof, y, seen_q),
                 "grouped_mape_pct": None if goof is None else _mape(goof, y),

@@ -14,13 +14,26 @@ GPUS = ["RTX 3090", "RTX 3070", "T4", "A100 40GB"]
 SMALL = {"n_estimators": 60, "max_depths": (2,), "cv_folds": 3, "nthread": 1}
 
 
-def synthetic(n_arch: int, runs_per_cell: int, *, sigma: float, seed: int) -> pl.DataFrame:
-    """Runs whose per-epoch energy follows the prior's law times lognormal noise."""
+def synthetic(
+    n_arch: int,
+    runs_per_cell: int,
+    *,
+    sigma: float,
+    seed: int,
+    eta: float = 0.8,
+    archs: list[tuple[float, int]] | None = None,
+) -> pl.DataFrame:
+    """Runs whose per-epoch energy follows the prior's law times lognormal noise.
+
+    ``archs`` gives (forward GFLOPs, layers) per architecture instead of random ones.
+    """
     rng = np.random.default_rng(seed)
     pairs = []
     for a in range(n_arch):
         gf = float(rng.uniform(0.1, 10.0))
         layers = int(rng.integers(10, 300))
+        if archs is not None:
+            gf, layers = archs[a]
         for g in GPUS:
             for _ in range(runs_per_cell):
                 pairs.append(
@@ -34,7 +47,7 @@ def synthetic(n_arch: int, runs_per_cell: int, *, sigma: float, seed: int) -> pl
     df = feature_frame(pairs)
     c0, c1 = 0.004, 0.00005
     secs = df["batches_per_epoch"] * (c0 + c1 * df["layers"]) + df["tflop_per_epoch"] / (
-        0.8 * df["gpu_fp32_tflops"]
+        eta * df["gpu_fp32_tflops"]
     )
     noise = np.exp(rng.normal(0, sigma, df.height))
     return df.with_columns(
@@ -88,6 +101,27 @@ def test_new_architecture_gets_the_grouped_interval_and_extrapolates() -> None:
     width_new = (p["upper_j"] / p["lower_j"]).mean()
     seen = m.predict(data.filter(pl.col("architecture") != top).head(5))
     assert width_new > (seen["upper_j"] / seen["lower_j"]).mean()
+
+
+def test_efficiency_is_chosen_by_grouped_cv_only_when_identifiable() -> None:
+    # Two architectures per GPU (no three-architecture fit), one compute-bound:
+    # at 2 GFLOPs x 3 x 32 samples the compute term is most of each batch.
+    heavy = synthetic(2, 6, sigma=0.01, seed=4, eta=0.5, archs=[(2.0, 20), (0.05, 200)])
+    m = PREModel(**SMALL).fit(heavy)
+    assert m.cv_["energy"]["efficiency"] == 0.5
+    assert m.cv_["energy"]["efficiency_source"] == "grouped CV"
+    scores = m.cv_["energy"]["efficiency_cv_log_error_pct"]
+    assert scores["0.5"] == min(v for v in scores.values() if v is not None)
+    # Overhead-bound runs only: the data cannot tell 0.5 from 0.8, so the default stays.
+    light = synthetic(2, 6, sigma=0.01, seed=4, eta=0.5, archs=[(0.002, 20), (0.001, 200)])
+    m = PREModel(**SMALL, efficiency=0.7).fit(light)
+    assert m.cv_["energy"]["efficiency"] == 0.7
+    assert m.cv_["energy"]["efficiency_source"].startswith("default: not identifiable")
+    # Three architectures on a GPU pin it down by least squares.
+    three = synthetic(3, 4, sigma=0.0, seed=4, eta=0.5, archs=[(2.0, 20), (0.5, 200), (4.0, 60)])
+    m = PREModel(**SMALL).fit(three)
+    assert m.cv_["energy"]["efficiency"] == pytest.approx(0.5, rel=1e-6)
+    assert m.cv_["energy"]["efficiency_source"].startswith("fitted")
 
 
 def test_predict_before_fit_and_bad_rows_are_refused() -> None:

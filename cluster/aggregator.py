@@ -209,6 +209,7 @@ class _Run:
     late: int = 0
     skipped: int = 0
     dirty: bool = False
+    sources: set[str] = field(default_factory=set)  # where its samples came from
 
 
 def _now_us() -> int:
@@ -462,6 +463,7 @@ class Aggregator:
             pl.col("timestamp").dt.epoch("us").alias("us"),
             "power_w",
             "energy_j",
+            "source",
         )
         rids = parts["run_id"]
         if rids[0] == rids[-1] and rids.null_count() == 0 and rids.n_unique() == 1:
@@ -479,7 +481,8 @@ class Aggregator:
             if st is None:
                 self.counters["after_finish"] += part.height
                 continue
-            part = part.drop("run_id")
+            st.sources.update(part["source"].unique().to_list())
+            part = part.drop("run_id", "source")
             st.chunks.append(part)
             st.received += part.height
             lo, top = part.select(pl.col("us").min().alias("lo"), pl.col("us").max()).row(0)
@@ -776,7 +779,9 @@ class Aggregator:
                 "end": end,
                 "duration_s": totals["duration_s"],
                 "energy_j": totals["energy_j"],
-                "energy_source": "measured",
+                # Every number says where it came from: a run measured only by the
+                # modelled CPU source has a modelled total, not a measured one.
+                "energy_source": "modelled" if st.sources == {"modelled"} else "measured",
                 "trained_epochs": len(st.done),
             }
             if st.row.get("start") is None and totals["start"] is not None:

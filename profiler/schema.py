@@ -95,7 +95,10 @@ RUNS: tuple[Column, ...] = (
     Column("duration_s", pl.Float64(), False, "wall time in s"),
     Column("energy_j", pl.Float64(), False, "total energy of the run in J"),
     Column(
-        "energy_source", pl.String(), False, "how energy_j was obtained: 'measured', 'reported'"
+        "energy_source",
+        pl.String(),
+        False,
+        "how energy_j was obtained: 'measured', 'modelled' (CPU model only), 'reported'",
     ),
     Column("config", pl.String(), False, "further configuration as a JSON object"),
 )

@@ -176,6 +176,16 @@ def test_a_failed_run_is_stored_as_failed_with_what_was_measured(store: Store) -
     assert row["trained_epochs"] == 1
 
 
+def test_a_run_measured_only_by_the_modelled_source_has_a_modelled_total(store: Store) -> None:
+    """Regression: finish_run wrote energy_source='measured' for modelled CPU power."""
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "r1", "planned_epochs": 1})
+    agg.ingest_epochs(marks("r1", [(0, 0.0, 10.0)]))
+    agg.ingest_samples(ramp().with_columns(source=pl.lit("modelled")))
+    agg.finish_run("r1")
+    assert store.run("r1")["energy_source"] == "modelled"
+
+
 def test_duplicate_batches_are_counted_once(store: Store) -> None:
     agg = Aggregator(store)
     agg.start_run({"run_id": "r1", "planned_epochs": 2})

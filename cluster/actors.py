@@ -139,8 +139,13 @@ class _AggregatorActorImpl:
     def start_sidecars(
         self, sources: list[SourceSpec], options: dict[str, Any] | None = None
     ) -> list[str]:
-        """Start one sidecar per alive node now and keep them running; returns their node ids."""
-        self.manager = SidecarManager(sources, **(options or {}))
+        """Start one sidecar per alive node now and keep them running; returns their node ids.
+
+        Calling it again keeps the running manager (and its sidecars) and only
+        fills in nodes that have none.
+        """
+        if self.manager is None:
+            self.manager = SidecarManager(sources, **(options or {}))
         return self.manager.reconcile()
 
     def start_api(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> str:
@@ -399,6 +404,13 @@ class SidecarManager:
             # Several Ray nodes on one host (tests, the demo) need distinct names.
             name = host if hosts.count(host) == 1 else f"{host}-{node_id[:8]}"
             handle = self.handles.get(node_id)
+            if handle is None:  # adopt a sidecar an earlier manager started on this node
+                try:
+                    handle = ray.get_actor(SIDECAR_PREFIX + node_id[:16], namespace=NAMESPACE)
+                    self.handles[node_id] = handle
+                    self.names[node_id] = name
+                except ValueError:
+                    handle = None
             if handle is not None:
                 try:
                     ray.get(handle.ping.remote(), timeout=self.ping_timeout_s)

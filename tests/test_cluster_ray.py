@@ -158,6 +158,27 @@ def test_sidecars_on_each_node_feed_the_aggregator_which_survives_a_restart(
     assert after["epochs_done"] == 2
     assert after["measured_energy_j"] == pytest.approx(before["measured_energy_j"])
     assert after["projection"]["energy_j"] == pytest.approx(before["projection"]["energy_j"])
+    # `wattwise metrics --ray` reads the same state over the actor and the sidecar actors.
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from cluster.metrics import ActorAggregator, WattwiseCollector, ray_sidecar_stats
+
+    registry = CollectorRegistry()
+    registry.register(
+        WattwiseCollector(
+            ActorAggregator(agg), store_root=store_root, sidecar_stats=ray_sidecar_stats
+        )
+    )
+    text = generate_latest(registry).decode()
+    energy = [
+        line
+        for line in text.splitlines()
+        if line.startswith("wattwise_job_energy_joules_total{") and 'run_id="run-gpu-a"' in line
+    ]
+    assert len(energy) == 1
+    assert float(energy[0].rsplit(" ", 1)[1]) == pytest.approx(after["measured_energy_j"])
+    for kind in ("gpu-a", "gpu-b"):
+        assert f'wattwise_sidecar_sent_samples_total{{node="node-{kind}"}} {TRACE_ROWS}.0' in text
     summary = ray.get(agg.finish_run.remote("run-gpu-b"))
     assert summary["samples"] == TRACE_ROWS
     assert Store(store_root).run("run-gpu-b")["status"] == "finished"

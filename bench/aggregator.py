@@ -12,6 +12,10 @@ the samples that complete the epoch is handed to the aggregator to the moment
 its projection reflects that epoch (here the aggregator finishes epochs
 synchronously, so this is the ingest call's duration plus any queueing).
 
+Two cases run by default: batches of all runs' samples of one second
+(100,000 rows for 1,250 runs), and per-node batches (one node's 8 GPUs for
+``--node-batch-seconds``, 400 rows for 5 s) as a sidecar sends them.
+
 Usage::
 
     POLARS_MAX_THREADS=1 .venv/bin/python bench/aggregator.py
@@ -93,45 +97,38 @@ def marks_for(run_ids: list[str], epoch: int, epoch_s: int) -> pl.DataFrame:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1250, help="concurrent runs (8 GPUs each)")
-    ap.add_argument("--runs-per-batch", type=int, default=1250)
-    ap.add_argument("--seconds", type=int, default=40, help="seconds of data")
-    ap.add_argument("--batch-seconds", type=int, default=1)
-    ap.add_argument("--epoch-s", type=int, default=10)
-    args = ap.parse_args()
-
-    batches = make_batches(args.runs, args.runs_per_batch, args.seconds, args.batch_seconds)
+def run_case(
+    runs: int, per_batch: int, seconds: int, batch_s: int, epoch_s: int
+) -> dict[str, float]:
+    """Feed one synthetic fleet through a fresh aggregator and print its figures."""
+    batches = make_batches(runs, per_batch, seconds, batch_s)
+    groups = [
+        [f"r{i:05d}" for i in range(a, min(a + per_batch, runs))] for a in range(0, runs, per_batch)
+    ]
     rows = sum(b.height for b in batches)
-    run_ids = [f"r{i:05d}" for i in range(args.runs)]
+    run_ids = [f"r{i:05d}" for i in range(runs)]
     agg = Aggregator(None, max_lag_s=30.0, retain_s=5.0)
     for rid in run_ids:
         agg.start_run({"run_id": rid, "planned_epochs": 100}, write=False)
-    per_second = len(batches) // (args.seconds // args.batch_seconds)
+    per_second = len(groups)
     latencies: list[float] = []
     busy = 0.0
     epoch = 0
     start = time.perf_counter()
     for i, b in enumerate(batches):
-        second = (i // per_second) * args.batch_seconds
+        second = (i // per_second) * batch_s
+        group = [agg._runs[r] for r in groups[i % per_second]]
+        done_before = sum(len(s.done) for s in group)
         t_a = time.perf_counter()
-        if second > 0 and second % args.epoch_s == 0 and i % per_second == 0:
+        if second > 0 and second % epoch_s == 0 and i % per_second == 0:
             # Marks of the epoch that just ended arrive before the samples that close it.
-            agg.ingest_epochs(marks_for(run_ids, epoch, args.epoch_s), write=False)
+            agg.ingest_epochs(marks_for(run_ids, epoch, epoch_s), write=False)
             epoch += 1
-        before = agg.counters["epochs"]
-        done_before = sum(len(s.done) for s in agg._runs.values()) if i % per_second == 0 else 0
         agg.ingest_samples(b, write=False)
         t_b = time.perf_counter()
         busy += t_b - t_a
-        if (
-            i % per_second == 0
-            and epoch
-            and sum(len(s.done) for s in agg._runs.values()) > done_before
-        ):
+        if sum(len(s.done) for s in group) > done_before:
             latencies.append(t_b - t_a)
-        del before
     wall = time.perf_counter() - start
     done = sum(len(s.done) for s in agg._runs.values())
     held = sum(
@@ -139,32 +136,56 @@ def main() -> None:
         for s in agg._runs.values()
     )
     print(
-        f"machine: {os.cpu_count()} CPUs, pinned to 1 core, POLARS_MAX_THREADS="
-        f"{os.environ['POLARS_MAX_THREADS']}"
+        f"fleet: {runs} runs x {GPUS} GPUs at {HZ} Hz = {runs * GPUS * HZ:,} "
+        f"samples/s of real time; {len(batches):,} batches of {batches[0].height:,} rows "
+        f"({per_batch} run(s), {batch_s} s each), epochs of {epoch_s} s"
     )
     print(
-        f"fleet: {args.runs} runs x {GPUS} GPUs at {HZ} Hz = {args.runs * GPUS * HZ:,} "
-        f"samples/s of real time; {len(batches)} batches of {batches[0].height:,} rows"
-    )
-    print(
-        f"ingested {rows:,} samples in {wall:.2f} s: {rows / wall:,.0f} samples/s "
+        f"  ingested {rows:,} samples in {wall:.2f} s: {rows / wall:,.0f} samples/s "
         f"({rows / busy:,.0f} samples/s counting only ingest calls)"
     )
     print(
-        f"epochs finished: {done:,} (STEP updated for each); samples held in memory at the "
-        f"end: {held:,} of {rows:,}"
+        f"  epochs finished: {done:,} (STEP updated for each); samples held in memory at "
+        f"the end: {held:,} of {rows:,}"
     )
+    out = {"samples_per_s": rows / wall}
     if latencies:
         lat = np.array(latencies)
         print(
-            f"arrival -> updated projection: median {np.median(lat) * 1e3:.1f} ms, "
-            f"max {lat.max() * 1e3:.1f} ms over {len(lat)} epoch-closing batches "
-            f"(the batch's whole ingest, {batches[0].height:,} rows)"
+            f"  arrival -> updated projection: median {np.median(lat) * 1e3:.1f} ms, "
+            f"max {lat.max() * 1e3:.1f} ms over {len(lat):,} epoch-closing batches "
+            "(the whole ingest call, marks included)"
         )
+        out["latency_max_s"] = float(lat.max())
     print(
-        f"real-time factor: {rows / wall / (args.runs * GPUS * HZ):.2f}x "
+        f"  real-time factor: {rows / wall / (runs * GPUS * HZ):.2f}x "
         "(>= 1 keeps up with the fleet)"
     )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=1250, help="concurrent runs (8 GPUs each)")
+    ap.add_argument("--runs-per-batch", type=int, default=1250)
+    ap.add_argument("--seconds", type=int, default=70, help="seconds of data")
+    ap.add_argument("--batch-seconds", type=int, default=1)
+    ap.add_argument("--epoch-s", type=int, default=30)
+    ap.add_argument(
+        "--node-batch-seconds",
+        type=int,
+        default=5,
+        help="also run the per-node case: one node's batch of this many s (0: skip)",
+    )
+    args = ap.parse_args()
+    print(
+        f"machine: {os.cpu_count()} CPUs, pinned to 1 core, POLARS_MAX_THREADS="
+        f"{os.environ['POLARS_MAX_THREADS']}"
+    )
+    run_case(args.runs, args.runs_per_batch, args.seconds, args.batch_seconds, args.epoch_s)
+    if args.node_batch_seconds:
+        print("per-node batches (a sidecar's batch sent straight to the aggregator):")
+        run_case(args.runs, 1, args.seconds, args.node_batch_seconds, args.epoch_s)
 
 
 if __name__ == "__main__":

@@ -47,16 +47,16 @@ import math
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import polars as pl
 
-from estimators.energy import DEFAULT_GAP_THRESHOLD_S, EnergyStream
+from estimators.energy import DEFAULT_GAP_THRESHOLD_S
 from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.schema import RUN_STATUSES, SOURCES, UTC_US, check_run_id, conform, schema
 
@@ -178,27 +178,57 @@ class Debounced:
 
 # ------------------------------------------------------------------------------------ state
 
+#: "Not set" in the per-stream int64 arrays (floor, first sample time).
+_UNSET = np.iinfo(np.int64).min
+_POWER, _COUNTER, _GAP = 0, 1, 2  # interval kinds, as estimators.energy
+
 
 @dataclass(slots=True)
-class _StreamBase:
-    """What is folded away of one stream: totals up to its window's first sample."""
+class _Block:
+    """Samples of one run as columns (what a window or a queued chunk holds).
 
-    energy_j: float = 0.0
-    gap_s: float = 0.0
-    floor_us: int | None = None  # time of the window's first sample once pruned
-    first_us: int | None = None
-    pruned: int = 0  # samples folded into the base
+    Attributes:
+        sid: Stream index within the run (int32; see ``_Run.names``).
+        us: Sample time in µs since the Unix epoch (int64).
+        p: Power in W (float64, NaN where unknown).
+        c: Cumulative energy counter in J (float64, NaN where unknown).
+
+    """
+
+    sid: np.ndarray
+    us: np.ndarray
+    p: np.ndarray
+    c: np.ndarray
+
+    @property
+    def height(self) -> int:
+        """Number of samples."""
+        return len(self.us)
 
 
 @dataclass(slots=True)
 class _Run:
+    """One running run. Per-stream state lives in arrays indexed by stream index (sid).
+
+    ``base_e``/``base_g`` are the energy (J) and gap time (s) folded away
+    before the window's first sample of each stream; ``floor_us`` the time of
+    that first sample once pruned; ``first_us`` the stream's first sample
+    time; ``pruned`` how many samples were folded (``_UNSET`` = not yet).
+    """
+
     run_id: str
     row: dict[str, Any]
     projector: Any | None
     projection: Any | None = None
-    chunks: list[pl.DataFrame] = field(default_factory=list)
-    window: pl.DataFrame | None = None
-    bases: dict[tuple[str, str], _StreamBase] = field(default_factory=dict)
+    chunks: list[_Block] = field(default_factory=list)
+    window: _Block | None = None
+    names: list[tuple[str, str]] = field(default_factory=list)  # sid -> (node, device)
+    sid_of: dict[tuple[str, str], int] = field(default_factory=dict)
+    base_e: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    base_g: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    floor_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    first_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    pruned: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)  # epoch -> (start, end) µs
     done: list[dict[str, Any]] = field(default_factory=list)
     watermark_us: int | None = None  # end of the last finished epoch
@@ -211,6 +241,298 @@ class _Run:
     dirty: bool = False
     sources: set[str] = field(default_factory=set)  # where its samples came from
 
+    def stream(self, node: str, device: str) -> int:
+        """The stream index of (node, device), allocated on first sight."""
+        key = (node, device)
+        sid = self.sid_of.get(key)
+        if sid is not None:
+            return sid
+        sid = len(self.names)
+        self.names.append(key)
+        self.sid_of[key] = sid
+        if sid >= len(self.base_e):
+            cap = max(8, 2 * len(self.base_e))
+            grow = cap - len(self.base_e)
+            self.base_e = np.concatenate((self.base_e, np.zeros(grow)))
+            self.base_g = np.concatenate((self.base_g, np.zeros(grow)))
+            self.floor_us = np.concatenate((self.floor_us, np.full(grow, _UNSET, np.int64)))
+            self.first_us = np.concatenate((self.first_us, np.full(grow, _UNSET, np.int64)))
+            self.pruned = np.concatenate((self.pruned, np.zeros(grow, np.int64)))
+        return sid
+
+    @property
+    def devices(self) -> int:
+        """Streams that have had a sample with a value."""
+        return int((self.first_us[: len(self.names)] != _UNSET).sum())
+
+
+class _View:
+    """The windows of several runs, merged, as exact integration streams in one set of arrays.
+
+    Samples are sorted by (run, stream, time); stream segment ``k`` holds rows
+    ``seg_a[k]:seg_b[k]``. Per stream it holds the same quantities as
+    :class:`estimators.energy.EnergyStream` (cumulative energy ``e`` and gap
+    time ``g`` from the segment's first sample, interval ``kind`` and energy
+    ``inc``, edge powers), computed for all streams at once. Interval ``i``
+    lies between rows ``i`` and ``i + 1``; those between two segments are
+    meaningless and never read.
+    """
+
+    __slots__ = (
+        "runs", "goff", "gid", "us", "t", "p", "c", "key", "span", "umin", "ranks",
+        "seg_a", "seg_b", "seg_g", "seg_run", "run_seg", "dt", "inc", "kind", "e", "g",
+        "edge_first", "edge_last", "base_e", "base_g", "floor_us", "first_us", "pruned",
+        "thr",
+    )  # fmt: skip
+
+    def __init__(self, runs: list[_Run], thr: float) -> None:
+        self.runs = runs
+        self.thr = thr
+        ns = np.array([len(st.names) for st in runs], dtype=np.int64)
+        self.goff = goff = np.concatenate(([0], np.cumsum(ns)))
+        # Per-stream state of all runs, indexed by global stream id gid = goff[run] + sid.
+        self.base_e = _cat([st.base_e[: len(st.names)] for st in runs], np.float64)
+        self.base_g = _cat([st.base_g[: len(st.names)] for st in runs], np.float64)
+        self.floor_us = _cat([st.floor_us[: len(st.names)] for st in runs], np.int64)
+        self.first_us = _cat([st.first_us[: len(st.names)] for st in runs], np.int64)
+        self.pruned = _cat([st.pruned[: len(st.names)] for st in runs], np.int64)
+        sids, uss, ps, cs = [], [], [], []
+        block_off: list[int] = []
+        may_be_late = False
+        for r, st in enumerate(runs):
+            for blk in ([st.window] if st.window is not None else []) + st.chunks:
+                if blk.height:
+                    sids.append(blk.sid)
+                    uss.append(blk.us)
+                    ps.append(blk.p)
+                    cs.append(blk.c)
+                    block_off.append(int(goff[r]))
+            # Windows hold no sample below their stream's floor: only chunks reaching
+            # below the highest floor can hold late samples.
+            if st.chunks and st.oldest_new_us is not None and len(st.names):
+                may_be_late |= st.oldest_new_us < int(st.floor_us[: len(st.names)].max())
+            st.chunks = []
+            st.oldest_new_us = None
+        gid = _cat(sids, np.int64)
+        if sids:
+            lengths = [len(s) for s in sids]
+            gid += np.repeat(np.array(block_off, dtype=np.int64), lengths)
+        us = _cat(uss, np.int64)
+        p = _cat(ps, np.float64)
+        c = _cat(cs, np.float64)
+        # Samples with neither power nor a counter carry no measurement (as energy.py).
+        empty = np.isnan(p) & np.isnan(c)
+        if empty.any():
+            for r, k in self._per_run(gid[empty]):
+                runs[r].skipped += k
+            keep = ~empty
+            gid, us, p, c = gid[keep], us[keep], p[keep], c[keep]
+        # One stable sort by (stream, time): windows are sorted already and chunks
+        # mostly are, so it runs on presorted stretches. Stable: the first arrival of a
+        # duplicated (node, device, timestamp) comes first and is the one kept.
+        self.ranks: np.ndarray | None = None
+        if len(us):
+            self.umin = int(us.min())
+            self.span = int(us.max()) - self.umin + 3
+            if int(goff[-1]) * self.span < 2**62:
+                key = gid * self.span + (us - (self.umin - 1))
+            else:  # times too far apart for one int64 key: rank them instead
+                self.ranks, inv = np.unique(us, return_inverse=True)
+                self.span = len(self.ranks) + 2
+                key = gid * self.span + (inv.astype(np.int64) + 1)
+            order = np.argsort(key, kind="stable")
+            key, gid, us, p, c = key[order], gid[order], us[order], p[order], c[order]
+            first = np.ones(len(key), dtype=bool)
+            np.not_equal(key[1:], key[:-1], out=first[1:])
+            if not first.all():
+                key, gid, us, p, c = key[first], gid[first], us[first], p[first], c[first]
+        else:
+            self.umin, self.span = 0, 3
+            key = np.zeros(0, dtype=np.int64)
+        # A sample older than its stream's window cannot change finished epochs.
+        late = us < self.floor_us[gid] if may_be_late else None
+        if late is not None and late.any():
+            for r, k in self._per_run(gid[late]):
+                runs[r].late += k
+                runs[r].dirty = True
+            keep = ~late
+            key, gid, us, p, c = key[keep], gid[keep], us[keep], p[keep], c[keep]
+        self.key, self.gid, self.us, self.p, self.c = key, gid, us, p, c
+        n = len(us)
+        brk = np.flatnonzero(gid[1:] != gid[:-1]) + 1
+        self.seg_a = np.concatenate(([0], brk)) if n else np.zeros(0, dtype=np.int64)
+        self.seg_b = np.concatenate((brk, [n])) if n else np.zeros(0, dtype=np.int64)
+        self.seg_g = gid[self.seg_a]
+        self.seg_run = np.searchsorted(goff, self.seg_g, side="right") - 1
+        self.run_seg = np.searchsorted(self.seg_run, np.arange(len(runs) + 1), side="left")
+        unset = self.first_us[self.seg_g] == _UNSET
+        self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
+        self._build()
+
+    def _per_run(self, gids: np.ndarray) -> list[tuple[int, int]]:
+        r = np.searchsorted(self.goff, gids, side="right") - 1
+        counts = np.bincount(r, minlength=len(self.runs))
+        return [(int(i), int(counts[i])) for i in np.flatnonzero(counts)]
+
+    def _build(self) -> None:
+        """Exact integration streams of every segment (as :meth:`EnergyStream.build`)."""
+        us, p, c, thr = self.us, self.p, self.c, self.thr
+        n = len(us)
+        self.t = t = us / 1e6
+        dt = np.diff(t)
+        inc = p[:-1] + p[1:]  # becomes the energy of each interval, in J
+        inc *= 0.5
+        inc *= dt
+        gap = (dt > thr) | np.isnan(inc)
+        kind = np.where(gap, _GAP, _POWER).astype(np.int8)
+        dc = np.diff(c)
+        counter_ok = dc >= 0  # False for NaN (a missing counter) and for resets
+        kind[counter_ok] = _COUNTER
+        inc[counter_ok] = dc[counter_ok]
+        gap &= ~counter_ok
+        between = self.seg_b[:-1] - 1  # intervals joining two segments
+        gap[between] = False
+        inc[gap] = 0.0
+        inc[between] = 0.0
+        e = np.zeros(n)
+        g = np.zeros(n)
+        # Per-segment running sums, each from 0.0, so every stream's values are
+        # bit-for-bit those of EnergyStream.build on that stream alone.
+        for a, b in zip(self.seg_a.tolist(), self.seg_b.tolist(), strict=True):
+            if b - a > 1:
+                np.cumsum(inc[a : b - 1], out=e[a + 1 : b])
+        if gap.any():
+            gdt = np.where(gap, dt, 0.0)
+            with_gap = np.unique(np.searchsorted(self.seg_a, np.flatnonzero(gap), side="right") - 1)
+            for k in with_gap.tolist():
+                a, b = int(self.seg_a[k]), int(self.seg_b[k])
+                np.cumsum(gdt[a : b - 1], out=g[a + 1 : b])
+        self.dt, self.inc, self.kind, self.e, self.g = dt, inc, kind, e, g
+        self.edge_first = self._edge(self.seg_a, self.seg_a)
+        self.edge_last = self._edge(self.seg_b - 1, self.seg_b - 2)
+
+    def _edge(self, row: np.ndarray, interval: np.ndarray) -> np.ndarray:
+        """Power held beyond an edge sample: its power, else a counter interval's mean power."""
+        w = self.p[row].copy()
+        fix = np.isnan(w) & (self.seg_b - self.seg_a >= 2)
+        if fix.any():
+            i = interval[fix]
+            ok = (self.kind[i] == _COUNTER) & (self.dt[i] > 0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                w[fix] = np.where(ok, self.inc[i] / self.dt[i], np.nan)
+        return np.asarray(w, dtype=np.float64)
+
+    def find(self, seg: np.ndarray, x_us: np.ndarray, side: Literal["left", "right"]) -> np.ndarray:
+        """Global row index ``searchsorted(t, x, side)`` within each query's segment."""
+        if self.ranks is None:
+            rel = np.clip(x_us - (self.umin - 1), 0, self.span - 1)
+        elif side == "right":
+            rel = np.searchsorted(self.ranks, x_us, side="right")
+        else:
+            rel = np.searchsorted(self.ranks, x_us, side="left") + 1
+        found = np.searchsorted(self.key, self.seg_g[seg] * self.span + rel, side=side)
+        return np.asarray(found, dtype=np.int64)
+
+    def at(self, seg: np.ndarray, x_us: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Cumulative energy (J) and gap (s) of each query's stream at time x (µs).
+
+        As :meth:`estimators.energy.EnergyStream.at`, for many streams at once.
+        """
+        t = self.t
+        x = x_us / 1e6
+        a, b = self.seg_a[seg], self.seg_b[seg]
+        i = self.find(seg, x_us, "right") - 1
+        energy = np.empty(len(x))
+        gap = np.empty(len(x))
+        before, after = i < a, i >= b - 1
+        inner = ~(before | after)
+        ii = i[inner]
+        s = x[inner] - t[ii]
+        dt = t[ii + 1] - t[ii]
+        k = self.kind[ii]
+        pa, pb = self.p[ii], self.p[ii + 1]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
+            part_counter = self.inc[ii] * s / dt
+        energy[inner] = self.e[ii] + np.where(
+            k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
+        )
+        gap[inner] = self.g[ii] + np.where(k == _GAP, s, 0.0)
+        # Outside the samples: hold the edge power up to the threshold, then a gap.
+        for mask, sign, row, w_all in (
+            (before, -1.0, a, self.edge_first),
+            (after, 1.0, b - 1, self.edge_last),
+        ):
+            if not mask.any():
+                continue
+            r = row[mask]
+            w = w_all[seg[mask]]
+            anchor_e = np.zeros(len(r)) if sign < 0 else self.e[r]
+            anchor_g = np.zeros(len(r)) if sign < 0 else self.g[r]
+            d = np.abs(x[mask] - t[r])
+            unknown = np.isnan(w)
+            held = np.where(unknown, 0.0, np.minimum(d, self.thr))
+            energy[mask] = anchor_e + sign * held * np.where(unknown, 0.0, w)
+            gap[mask] = anchor_g + sign * (d - held)
+        return energy, gap
+
+    def store(self, keep: np.ndarray | None = None) -> None:
+        """Write the (optionally filtered) merged samples and stream state back to the runs."""
+        gid, us, p, c = self.gid, self.us, self.p, self.c
+        if keep is not None:
+            gid, us, p, c = gid[keep], us[keep], p[keep], c[keep]
+        run_of = np.searchsorted(self.goff, gid, side="right") - 1
+        rows = np.concatenate(([0], np.cumsum(np.bincount(run_of, minlength=len(self.runs)))))
+        goff = self.goff.tolist()
+        rows_l = rows.tolist()
+        for r, st in enumerate(self.runs):
+            g0, g1 = goff[r], goff[r + 1]
+            a, b = rows_l[r], rows_l[r + 1]
+            st.window = _Block(
+                (gid[a:b] - g0).astype(np.int32), us[a:b].copy(), p[a:b].copy(), c[a:b].copy()
+            )
+            m = g1 - g0
+            st.base_e[:m] = self.base_e[g0:g1]
+            st.base_g[:m] = self.base_g[g0:g1]
+            st.floor_us[:m] = self.floor_us[g0:g1]
+            st.first_us[:m] = self.first_us[g0:g1]
+            st.pruned[:m] = self.pruned[g0:g1]
+
+    def totals(self, r: int) -> dict[str, Any]:
+        """Run ``r``'s measured totals so far (all streams, folded history included)."""
+        k0, k1 = int(self.run_seg[r]), int(self.run_seg[r + 1])
+        if k0 == k1:
+            return {
+                "energy_j": 0.0,
+                "duration_s": None,
+                "start": None,
+                "end": None,
+                "gap_s": 0.0,
+                "n_samples": 0,
+            }
+        gs = self.seg_g[k0:k1]
+        last = self.seg_b[k0:k1] - 1
+        energy = float(np.sum(self.base_e[gs] + self.e[last]))
+        gap = float(np.max(self.base_g[gs] + self.g[last]))
+        first_us = self.first_us[gs]
+        first = int(np.min(np.where(first_us == _UNSET, 0, first_us)))
+        end = int(np.max(self.us[last]))
+        n = int(np.sum(self.pruned[gs] + (self.seg_b[k0:k1] - self.seg_a[k0:k1])))
+        return {
+            "energy_j": energy,
+            "duration_s": (end - first) / 1e6,
+            "start": _us_to_dt(first),
+            "end": _us_to_dt(end),
+            "gap_s": gap,
+            "n_samples": n,
+        }
+
+
+def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=dtype)
+    return np.concatenate(parts).astype(dtype, copy=False)
+
 
 def _now_us() -> int:
     return time.time_ns() // 1000
@@ -220,18 +542,6 @@ def _us_to_dt(us: int | None) -> datetime | None:
     if us is None:
         return None
     return datetime.fromtimestamp(us / 1e6, tz=UTC)
-
-
-def _empty_window() -> pl.DataFrame:
-    return pl.DataFrame(
-        schema={
-            "node": pl.String,
-            "device": pl.String,
-            "us": pl.Int64,
-            "power_w": pl.Float64,
-            "energy_j": pl.Float64,
-        }
-    )
 
 
 EPOCH_COLUMNS: dict[str, pl.DataType] = {
@@ -440,6 +750,14 @@ class Aggregator:
     def _absorb(self, batch: pl.DataFrame, *, live: bool = True) -> None:
         """Split a valid batch by run and queue each part on its run (no store writes).
 
+        One pass over the batch: stretches of rows of one (run, node, device)
+        are found with one run-length encoding (a batch whose streams are
+        interleaved is sorted by stream first), mapped to their run's stream
+        index in a loop over stretches, and the rows are grouped by run with
+        one stable argsort. Each run gets numpy views (no per-run polars
+        calls); runs whose pending epoch may now be complete are finished
+        together by :meth:`_advance_many`.
+
         ``live`` batches count in the counters and the per-node arrival lag;
         replays from the store do not.
         """
@@ -457,39 +775,81 @@ class Aggregator:
         else:
             for node, newest in batch.group_by("node").agg(pl.col("timestamp").max()).iter_rows():
                 self.node_lag_s[str(node)] = (now - int(newest.timestamp() * 1e6)) / 1e6
-        parts = batch.select(
-            "run_id",
-            *(pl.col(c) for c in ("node", "device")),
-            pl.col("timestamp").dt.epoch("us").alias("us"),
-            "power_w",
-            "energy_j",
-            "source",
-        )
-        rids = parts["run_id"]
-        if rids[0] == rids[-1] and rids.null_count() == 0 and rids.n_unique() == 1:
-            groups: Iterable[tuple[Any, pl.DataFrame]] = [(rids[0], parts)]
+        keys = ("run_id", "node", "device")
+        seg = batch.select(pl.struct(*keys).rle_id()).to_series().to_numpy()
+        n = batch.height
+        n_seg = int(seg[-1]) + 1
+        if n_seg > 64 and n_seg * 4 > n:
+            # Interleaved streams (e.g. time-major rows): one stable sort by stream.
+            batch = batch.sort(*keys, maintain_order=True, nulls_last=True)
+            seg = batch.select(pl.struct(*keys).rle_id()).to_series().to_numpy()
+            n_seg = int(seg[-1]) + 1
+        starts = np.concatenate(([0], np.flatnonzero(np.diff(seg)) + 1))
+        lengths = np.diff(np.concatenate((starts, [n])))
+        idx = pl.Series(starts)
+        rid_l = batch["run_id"].gather(idx).to_list()
+        node_l = batch["node"].gather(idx).to_list()
+        dev_l = batch["device"].gather(idx).to_list()
+        # Stretch -> (position among this batch's runs, stream index in the run).
+        pos_of: dict[str | None, int] = {}
+        states: list[_Run | None] = []
+        rids: list[str | None] = []
+        seg_pos = np.empty(n_seg, dtype=np.int64)
+        seg_sid = np.empty(n_seg, dtype=np.int32)
+        for j, (rid, node, dev) in enumerate(zip(rid_l, node_l, dev_l, strict=True)):
+            pos = pos_of.get(rid)
+            if pos is None:
+                if rid is not None and rid not in self._valid_ids:
+                    check_run_id(rid)
+                    self._valid_ids.add(rid)
+                pos = pos_of[rid] = len(states)
+                states.append(None if rid is None else self._state(rid))
+                rids.append(rid)
+            seg_pos[j] = pos
+            st = states[pos]
+            seg_sid[j] = st.stream(node, dev) if st is not None else -1
+        row_pos = np.repeat(seg_pos, lengths)
+        row_sid = np.repeat(seg_sid, lengths)
+        us = batch["timestamp"].dt.epoch("us").to_numpy()
+        p = batch["power_w"].cast(pl.Float64).to_numpy()
+        c = batch["energy_j"].cast(pl.Float64).to_numpy()
+        if len(states) > 1 and (np.diff(row_pos) < 0).any():
+            order = np.argsort(row_pos, kind="stable")
+            row_pos, row_sid, us, p, c = (
+                row_pos[order], row_sid[order], us[order], p[order], c[order]
+            )  # fmt: skip
+        counts = np.bincount(row_pos, minlength=len(states))
+        offs = np.concatenate(([0], np.cumsum(counts)))
+        lo = np.minimum.reduceat(us, offs[:-1]).tolist()
+        hi = np.maximum.reduceat(us, offs[:-1]).tolist()
+        src = batch["source"]
+        if src.n_unique() == 1:
+            one = str(src[0])
+            per_run_sources: dict[str | None, set[str]] | None = None
         else:
-            groups = ((k[0], g) for k, g in parts.partition_by("run_id", as_dict=True).items())
-        for rid, part in groups:
-            if rid is None:
-                self.counters["unassigned"] += part.height
-                continue
-            if rid not in self._valid_ids:
-                check_run_id(rid)
-                self._valid_ids.add(rid)
-            st = self._state(rid)
+            per_run_sources = {}
+            for rid, s in batch.select("run_id", "source").unique().iter_rows():
+                per_run_sources.setdefault(rid, set()).add(s)
+        offs_l = offs.tolist()
+        ready: list[_Run] = []
+        for pos, st in enumerate(states):
+            a, b = offs_l[pos], offs_l[pos + 1]
             if st is None:
-                self.counters["after_finish"] += part.height
+                self.counters["unassigned" if rids[pos] is None else "after_finish"] += b - a
                 continue
-            st.sources.update(part["source"].unique().to_list())
-            part = part.drop("run_id", "source")
-            st.chunks.append(part)
-            st.received += part.height
-            lo, top = part.select(pl.col("us").min().alias("lo"), pl.col("us").max()).row(0)
-            st.oldest_new_us = lo if st.oldest_new_us is None else min(st.oldest_new_us, lo)
-            st.newest_us = top if st.newest_us is None else max(st.newest_us, top)
+            if per_run_sources is None:
+                st.sources.add(one)
+            else:
+                st.sources.update(per_run_sources[rids[pos]])
+            st.chunks.append(_Block(row_sid[a:b], us[a:b], p[a:b], c[a:b]))
+            st.received += b - a
+            st.oldest_new_us = (
+                lo[pos] if st.oldest_new_us is None else min(st.oldest_new_us, lo[pos])
+            )
+            st.newest_us = hi[pos] if st.newest_us is None else max(st.newest_us, hi[pos])
             if st.pending:
-                self._advance(st)
+                ready.append(st)
+        self._advance_many(ready)
 
     def ingest_epochs(self, marks: pl.DataFrame, *, write: bool = True) -> int:
         """Take epoch marks (``epochs`` schema); returns the marks taken.
@@ -519,9 +879,8 @@ class Aggregator:
                 st = self._state(rid)
                 if st is None:
                     continue
-                done = {d["epoch"]: d for d in st.done}
-                if epoch in done:
-                    d = done[epoch]
+                d = next((d for d in reversed(st.done) if d["epoch"] == epoch), None)
+                if d is not None:
                     if (d["_s"], d["_e"]) != (s, e):
                         rebuild.add(rid)
                     continue
@@ -536,154 +895,190 @@ class Aggregator:
                         "run %s: epoch marks out of order; rebuilding it from the store", rid
                     )
                     self._reload(rid)
-            for rid in {r for r in rows["run_id"].to_list() if r not in rebuild}:
+            todo = []
+            for rid in dict.fromkeys(rows["run_id"].to_list()):
+                if rid in rebuild:
+                    continue
                 st = self._runs.get(rid)
                 if st is not None and st.pending:
-                    self._advance(st)
+                    todo.append(st)
+            self._advance_many(todo)
         return marks.height
 
     # -------------------------------------------------------------------------------- epochs
-    def _compact(self, st: _Run) -> pl.DataFrame:
-        """Merge a run's new chunks into its window (sorted by stream and time, no duplicates)."""
-        if not st.chunks:
-            return st.window if st.window is not None else _empty_window()
-        parts = ([st.window] if st.window is not None else []) + st.chunks
-        st.chunks = []
-        win = pl.concat(parts, how="vertical")
-        # Samples with neither power nor a counter carry no measurement (as energy.py).
-        empty = win.select((pl.col("power_w").is_null() & pl.col("energy_j").is_null()).sum())
-        n_empty = int(empty.item())
-        if n_empty:
-            win = win.filter(pl.col("power_w").is_not_null() | pl.col("energy_j").is_not_null())
-            st.skipped += n_empty
-        win = win.unique(["node", "device", "us"], keep="first", maintain_order=True).sort(
-            "node", "device", "us"
-        )
-        floors = [(k[0], k[1], b.floor_us) for k, b in st.bases.items() if b.floor_us is not None]
-        oldest_new, st.oldest_new_us = st.oldest_new_us, None
-        # Only chunks reaching below some stream's floor can hold late samples.
-        if floors and (oldest_new is None or oldest_new < max(f[2] for f in floors)):
-            fl = pl.DataFrame(
-                floors,
-                schema={"node": pl.String, "device": pl.String, "floor": pl.Int64},
-                orient="row",
-            )
-            win = win.join(fl, on=["node", "device"], how="left", maintain_order="left")
-            late = win.filter(pl.col("us") < pl.col("floor")).height
-            if late:
-                st.late += late
-                st.dirty = True
-                self.counters["late"] += late
-                win = win.filter(pl.col("floor").is_null() | (pl.col("us") >= pl.col("floor")))
-            win = win.drop("floor")
-        st.window = win
-        return win
+    def _view(self, runs: list[_Run]) -> _View:
+        """Merge the runs' new chunks into their windows and build their integration streams."""
+        return _View(runs, self.gap_threshold_s)
 
-    def _streams(self, st: _Run, win: pl.DataFrame) -> dict[tuple[str, str], EnergyStream]:
-        out: dict[tuple[str, str], EnergyStream] = {}
-        if win.height == 0:
-            return out
-        keys = win.select("node", "device")
-        seg = keys.select(pl.struct("node", "device").rle_id()).to_series().to_numpy()
-        starts = np.concatenate(([0], np.flatnonzero(np.diff(seg)) + 1, [win.height]))
-        us_all = win["us"].to_numpy()
-        p_all = win["power_w"].to_numpy()
-        c_all = win["energy_j"].to_numpy()
-        names = keys[starts[:-1]].rows()
-        for (node, device), a, b in zip(names, starts[:-1], starts[1:], strict=True):
-            us = us_all[a:b]
-            c = c_all[a:b]
-            stream = EnergyStream.build(
-                us / 1e6,
-                p_all[a:b].astype(float),
-                None if np.isnan(c).all() else c,
-                self.gap_threshold_s,
-            )
-            out[(node, device)] = stream
-            base = st.bases.setdefault((node, device), _StreamBase())
-            if base.first_us is None:
-                base.first_us = int(us[0])
-        return out
+    def _advance_many(self, runs: list[_Run], *, force: bool = False) -> None:
+        """Finish every pending epoch whose samples have arrived (all of them with ``force``).
 
-    def _advance(self, st: _Run, *, force: bool = False) -> None:
-        """Finish every pending epoch whose samples have arrived (all of them with ``force``)."""
-        order = sorted(st.pending.items(), key=lambda kv: kv[1][0])
-        if not force and (st.newest_us is None or st.newest_us < order[0][1][1]):
-            return  # no stream has reached the first pending end yet: nothing can be ready
-        win = self._compact(st)
-        streams = self._streams(st, win)
-        ready = []
-        if force:
-            ready = order
-        else:
-            for epoch, (s, e) in order:
-                lagging = st.newest_us is not None and st.newest_us >= e + self.max_lag_us
-                if not (lagging or (streams and self._complete(streams, s, e))):
-                    break
-                ready.append((epoch, (s, e)))
-        if not ready:
+        All runs are handled in one vectorised pass: their windows are merged
+        and integrated together, every pending epoch of every run is checked
+        for completeness at once, the energies at all epoch boundaries are
+        evaluated at once, and the windows are pruned at once. Only the
+        bookkeeping per finished epoch (its row, the STEP update) is a loop.
+        """
+        cand: list[tuple[_Run, list[tuple[int, tuple[int, int]]]]] = []
+        for st in runs:
+            if not st.pending:
+                continue
+            order = sorted(st.pending.items(), key=lambda kv: kv[1][0])
+            if not force and (st.newest_us is None or st.newest_us < order[0][1][1]):
+                continue  # no stream has reached the first pending end yet: nothing can be ready
+            cand.append((st, order))
+        if not cand:
             return
-        for epoch, (s, e) in ready:
+        view = self._view([st for st, _ in cand])
+        # Every (run, pending epoch), in start order per run.
+        ep_run = np.array([r for r, (_, o) in enumerate(cand) for _ in o], dtype=np.int64)
+        ep_s = np.array([s for _, o in cand for _, (s, _) in o], dtype=np.int64)
+        ep_e = np.array([e for _, o in cand for _, (_, e) in o], dtype=np.int64)
+        ep_epoch = [epoch for _, o in cand for epoch, _ in o]
+        if force:
+            ready = np.ones(len(ep_run), dtype=bool)
+        else:
+            ready = self._ready(view, ep_run, ep_s, ep_e)
+        # Per run, the pending epochs up to the first that is not ready.
+        chosen: list[int] = []
+        runs_done: list[int] = []
+        k = 0
+        ready_l = ready.tolist()
+        for r, (_, order) in enumerate(cand):
+            took = False
+            for j in range(len(order)):
+                if not ready_l[k + j]:
+                    break
+                chosen.append(k + j)
+                took = True
+            if took:
+                runs_done.append(r)
+            k += len(order)
+        if not chosen:
+            view.store()
+            return
+        ch = np.array(chosen, dtype=np.int64)
+        stats = self._epoch_stats(view, ep_run[ch], ep_s[ch], ep_e[ch])
+        for (ej, gap, n_samples, e_s, e_e, has), i in zip(stats, chosen, strict=True):
+            st = cand[int(ep_run[i])][0]
+            epoch = ep_epoch[i]
             del st.pending[epoch]
-            self._finish_epoch(st, streams, epoch, s, e)
-        self._prune(st, streams)
+            self._finish_epoch(
+                st, epoch, int(ep_s[i]), int(ep_e[i]), ej, gap, n_samples, e_s, e_e, has
+            )
+        self._prune(view, runs_done)
 
-    def _complete(
-        self, streams: Mapping[tuple[str, str], EnergyStream], s_us: int, e_us: int
-    ) -> bool:
-        """Whether every live stream has samples around and throughout [s, e] without holes.
+    def _ready(
+        self, view: _View, ep_run: np.ndarray, ep_s: np.ndarray, ep_e: np.ndarray
+    ) -> np.ndarray:
+        """Whether each (run, epoch) is finished.
+
+        Finished: every live stream has samples around and throughout [s, e]
+        without holes, or the run's newest sample is ``max_lag_s`` past e.
 
         A hole is an interval longer than 1.5 times the stream's median
         interval: a batch that has not arrived yet (batches can arrive out of
         order). Streams silent since ``max_lag_s`` before ``s`` are ignored.
         """
+        newest = np.array(
+            [st.newest_us if st.newest_us is not None else _UNSET for st in view.runs],
+            dtype=np.int64,
+        )
+        lagging = newest[ep_run] >= ep_e + self.max_lag_us
+        k0 = view.run_seg[ep_run]
+        cnt = view.run_seg[ep_run + 1] - k0
+        pair_ep = np.repeat(np.arange(len(ep_run)), cnt)
+        first = np.concatenate(([0], np.cumsum(cnt)))[:-1]
+        seg = k0[pair_ep] + (np.arange(len(pair_ep)) - first[pair_ep])
+        s_us, e_us = ep_s[pair_ep], ep_e[pair_ep]
         s, e = s_us / 1e6, e_us / 1e6
         silent = s - self.max_lag_us / 1e6
-        for stream in streams.values():
-            t = stream.t
-            if t[-1] < silent:
-                continue
-            if t[0] > s or t[-1] < e:
-                return False
-            i = max(int(np.searchsorted(t, s, side="right")) - 1, 0)
-            j = int(np.searchsorted(t, e, side="left"))
-            if j - i >= 1 and len(t) >= 3:
-                dt = np.diff(t)
-                if float(np.max(dt[i:j])) > 1.5 * float(np.median(dt)):
-                    return False
-        return True
+        a, b = view.seg_a[seg], view.seg_b[seg]
+        t_first, t_last = view.t[a], view.t[b - 1]
+        skip = t_last < silent
+        bad = ~skip & ((t_first > s) | (t_last < e))
+        i = np.maximum(view.find(seg, s_us, "right") - 1, a)
+        j = view.find(seg, e_us, "left")
+        check = ~skip & ~bad & (j - i >= 1) & (b - a >= 3)
+        if check.any():
+            cs, ci, cj = seg[check], i[check], j[check]
+            dt = np.concatenate((view.dt, [np.inf, np.inf]))
+            widest = np.maximum.reduceat(dt, np.column_stack((ci, cj)).ravel())[::2]
+            # A stream's smallest interval bounds its median from below: only where
+            # that cannot settle it is the median computed.
+            ua, ub = view.seg_a[cs], view.seg_b[cs] - 1
+            smallest = np.minimum.reduceat(dt, np.column_stack((ua, ub)).ravel())[::2]
+            hole = widest > 1.5 * smallest
+            for q in np.flatnonzero(hole).tolist():
+                med = float(np.median(view.dt[int(ua[q]) : int(ub[q])]))
+                hole[q] = float(widest[q]) > 1.5 * med
+            bad[np.flatnonzero(check)[hole]] = True
+        not_ok = np.bincount(pair_ep, weights=bad, minlength=len(ep_run))
+        return np.asarray(lagging | ((cnt > 0) & (not_ok == 0)), dtype=bool)
 
-    def _cumulative(
-        self, st: _Run, streams: Mapping[tuple[str, str], EnergyStream], x_us: np.ndarray
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Run energy (J, all streams), largest stream gap (s) and sample count up to times x."""
-        x = x_us / 1e6
-        energy = np.zeros(len(x))
-        gaps = []
-        count = np.zeros(len(x), dtype=np.int64)
-        for key, stream in streams.items():
-            base = st.bases[key]
-            e, g = stream.at(x)
-            energy += base.energy_j + e
-            gaps.append(base.gap_s + g)
-            count += base.pruned + np.searchsorted(stream.t, x, side="left")
-        gap = np.max(gaps, axis=0) if gaps else np.zeros(len(x))
-        return energy, gap, count
+    def _epoch_stats(
+        self, view: _View, ep_run: np.ndarray, ep_s: np.ndarray, ep_e: np.ndarray
+    ) -> list[tuple[float, float, int, float, float, bool]]:
+        """Energy (J), gap (s), samples, run energy at start and end (J) of each epoch.
+
+        Run energy is cumulative over all the run's streams, folded history
+        included (as :func:`estimators.energy.epoch_energy` on all samples).
+        The last item says whether the run had any stream.
+        """
+        k0 = view.run_seg[ep_run]
+        cnt = view.run_seg[ep_run + 1] - k0
+        m = len(ep_run)
+        pair_ep = np.repeat(np.arange(m), cnt)
+        first = np.concatenate(([0], np.cumsum(cnt)))
+        seg = k0[pair_ep] + (np.arange(len(pair_ep)) - first[:-1][pair_ep])
+        q = np.concatenate((seg, seg))
+        x = np.concatenate((ep_s[pair_ep], ep_e[pair_ep]))
+        energy, gaps = view.at(q, x)
+        count = view.find(q, x, "left") - view.seg_a[q]
+        npair = len(seg)
+        gid = view.seg_g[seg]
+        be, bg = view.base_e[gid], view.base_g[gid]
+        e0 = np.bincount(pair_ep, weights=be + energy[:npair], minlength=m)
+        e1 = np.bincount(pair_ep, weights=be + energy[npair:], minlength=m)
+        single = (cnt == 1)[pair_ep]
+        gd = np.where(
+            single, (bg + gaps[npair:]) - (bg + gaps[:npair]), gaps[npair:] - gaps[:npair]
+        )
+        has = cnt > 0
+        gap = np.zeros(m)
+        if npair:
+            gap[has] = np.maximum.reduceat(gd, first[:-1][has])
+        n = np.bincount(pair_ep, weights=count[npair:] - count[:npair], minlength=m)
+        return list(
+            zip(
+                (e1 - e0).tolist(),
+                gap.tolist(),
+                n.astype(np.int64).tolist(),
+                e0.tolist(),
+                e1.tolist(),
+                has.tolist(),
+                strict=True,
+            )
+        )
 
     def _finish_epoch(
-        self, st: _Run, streams: Mapping[tuple[str, str], EnergyStream], epoch: int, s: int, e: int
+        self,
+        st: _Run,
+        epoch: int,
+        s: int,
+        e: int,
+        ej: float,
+        gap: float,
+        n: int,
+        energy_s: float,
+        energy_e: float,
+        has_streams: bool,
     ) -> None:
         duration = (e - s) / 1e6
-        if streams:
-            energy, gaps, count = self._cumulative(st, streams, np.array([s, e], dtype=np.float64))
-            ej = float(energy[1] - energy[0])
-            gap = (
-                float(gaps[1] - gaps[0]) if len(streams) == 1 else self._max_gap(st, streams, s, e)
-            )
-            n = int(count[1] - count[0])
+        if has_streams:
             prev = st.energy_at_watermark_j if st.watermark_us is not None else 0.0
-            between = max(float(energy[0]) - prev, 0.0)
-            st.energy_at_watermark_j = float(energy[1])
+            between = max(energy_s - prev, 0.0)
+            st.energy_at_watermark_j = energy_e
         else:
             ej, gap, n, between = 0.0, duration, 0, 0.0
         st.done.append(
@@ -705,35 +1100,35 @@ class Aggregator:
         if st.projector is not None and duration > 0:
             st.projection = _project(st.projector, ej, duration, between)
 
-    def _max_gap(
-        self, st: _Run, streams: Mapping[tuple[str, str], EnergyStream], s: int, e: int
-    ) -> float:
-        x = np.array([s, e], dtype=np.float64) / 1e6
-        return max(float(np.diff(stream.at(x)[1])[0]) for stream in streams.values())
-
-    def _prune(self, st: _Run, streams: Mapping[tuple[str, str], EnergyStream]) -> None:
-        """Fold samples older than ``watermark - retain_s`` into each stream's base."""
-        if st.watermark_us is None or st.window is None:
+    def _prune(self, view: _View, runs_done: list[int]) -> None:
+        """Fold samples older than ``watermark - retain_s`` into stream bases; store windows."""
+        if not runs_done:
+            view.store()
             return
-        keep_from = (st.watermark_us - self.retain_us) / 1e6
-        keep = []
-        for (node, device), stream in streams.items():
-            i0 = max(int(np.searchsorted(stream.t, keep_from, side="right")) - 1, 0)
-            base = st.bases[(node, device)]
-            if i0 > 0:
-                base.energy_j += float(stream.e[i0])
-                base.gap_s += float(stream.g[i0])
-                base.pruned += i0
-            base.floor_us = int(round(stream.t[i0] * 1e6))
-            keep.append((node, device, base.floor_us))
-        fl = pl.DataFrame(
-            keep, schema={"node": pl.String, "device": pl.String, "floor": pl.Int64}, orient="row"
-        )
-        st.window = (
-            st.window.join(fl, on=["node", "device"], how="left", maintain_order="left")
-            .filter(pl.col("us") >= pl.col("floor"))
-            .drop("floor")
-        )
+        rd = np.array(runs_done, dtype=np.int64)
+        cnt = view.run_seg[rd + 1] - view.run_seg[rd]
+        seg = np.concatenate(
+            [np.arange(view.run_seg[r], view.run_seg[r + 1]) for r in runs_done]
+        ).astype(np.int64)
+        if len(seg) == 0:
+            view.store()
+            return
+        wm = np.array([view.runs[r].watermark_us for r in runs_done], dtype=np.int64)
+        keep_from = np.repeat(wm - self.retain_us, cnt)
+        a = view.seg_a[seg]
+        i0 = np.maximum(view.find(seg, keep_from, "right") - 1 - a, 0)
+        gid = view.seg_g[seg]
+        view.base_e[gid] += view.e[a + i0]
+        view.base_g[gid] += view.g[a + i0]
+        view.pruned[gid] += i0
+        view.floor_us[gid] = view.us[a + i0]
+        if not i0.any():
+            view.store()
+            return
+        floor = np.full(len(view.seg_a), _UNSET, dtype=np.int64)
+        floor[seg] = view.us[a + i0]
+        keep = view.us >= np.repeat(floor, view.seg_b - view.seg_a)
+        view.store(keep)
 
     # -------------------------------------------------------------------------------- finish
     def finish_run(self, run_id: str, status: str = "finished") -> dict[str, Any]:
@@ -765,9 +1160,8 @@ class Aggregator:
                     f"run {run_id!r} is not running on this aggregator; running runs: "
                     f"{sorted(self._runs)[:5]}"
                 )
-            self._advance(st, force=True)
-            streams = self._streams(st, self._compact(st))
-            totals = self._totals(st, streams)
+            self._advance_many([st], force=True)
+            totals = self._totals_many([st])[0]
             if st.dirty and self.store is not None:
                 self.flush()
                 totals, done = self._recompute(st)
@@ -805,29 +1199,13 @@ class Aggregator:
                 log.exception("run %s: on_finish callback failed", run_id)
         return summary
 
-    def _totals(self, st: _Run, streams: Mapping[tuple[str, str], EnergyStream]) -> dict[str, Any]:
-        if not streams:
-            return {
-                "energy_j": 0.0,
-                "duration_s": None,
-                "start": None,
-                "end": None,
-                "gap_s": 0.0,
-                "n_samples": 0,
-            }
-        energy = sum(st.bases[k].energy_j + float(s.e[-1]) for k, s in streams.items())
-        gap = max(st.bases[k].gap_s + float(s.g[-1]) for k, s in streams.items())
-        first = min(int(st.bases[k].first_us or 0) for k in streams)
-        last = max(int(round(s.t[-1] * 1e6)) for s in streams.values())
-        n = sum(st.bases[k].pruned + len(s.t) for k, s in streams.items())
-        return {
-            "energy_j": energy,
-            "duration_s": (last - first) / 1e6,
-            "start": _us_to_dt(first),
-            "end": _us_to_dt(last),
-            "gap_s": gap,
-            "n_samples": n,
-        }
+    def _totals_many(self, runs: list[_Run]) -> list[dict[str, Any]]:
+        """Measured totals of each run so far (merging its queued chunks into its window)."""
+        if not runs:
+            return []
+        view = self._view(runs)
+        view.store()
+        return [view.totals(r) for r in range(len(runs))]
 
     def _recompute(self, st: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Totals and epochs of a run from the store (after late samples)."""
@@ -985,7 +1363,7 @@ class Aggregator:
     # -------------------------------------------------------------------------------- queries
     def _summary(self, st: _Run, *, live: dict[str, Any] | None = None) -> dict[str, Any]:
         if live is None:
-            live = self._totals(st, self._streams(st, self._compact(st)))
+            live = self._totals_many([st])[0]
         proj = st.projection
         reason = "" if st.projector is not None else "planned_epochs unknown: STEP needs it"
         if proj is None and st.projector is not None:
@@ -999,7 +1377,7 @@ class Aggregator:
             "epochs_pending": len(st.pending),
             "samples": live["n_samples"],
             "late_samples": st.late,
-            "devices": len(st.bases),
+            "devices": st.devices,
             "measured_energy_j": live["energy_j"],
             "duration_s": live["duration_s"],
             "gap_s": live["gap_s"],
@@ -1015,7 +1393,9 @@ class Aggregator:
         """
         with self._lock:
             if run_id is None:
-                out = [self._summary(st) for st in self._runs.values()]
+                held = list(self._runs.values())
+                totals = self._totals_many(held)
+                out = [self._summary(st, live=tot) for st, tot in zip(held, totals, strict=True)]
                 return out + list(self._finished.values())
             check_run_id(run_id)
             st = self._runs.get(run_id)

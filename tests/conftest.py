@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,3 +35,33 @@ def shared_data() -> Path:
     if not (SHARED_DATA / "runs.parquet").is_file():
         pytest.skip(f"real traces not found at {SHARED_DATA} (../shared/data/seaa2023)")
     return SHARED_DATA
+
+
+@contextlib.contextmanager
+def typed_ray_cluster(namespace: str, kinds: tuple[str, ...] = ("gpu-a", "gpu-b")) -> Iterator[Any]:
+    """A real local Ray cluster: a one-CPU head plus one one-CPU worker per node type.
+
+    Each worker carries the resource ``node_type:<kind>``; the driver is
+    connected in ``namespace`` and disconnected (and ``RAY_ADDRESS`` restored)
+    at the end.
+    """
+    import ray
+    from ray.cluster_utils import Cluster
+
+    saved = os.environ.pop("RAY_ADDRESS", None)
+    if ray.is_initialized():  # another module's cluster: disconnect from it
+        ray.shutdown()
+    small = {"num_cpus": 1, "object_store_memory": 100 * 1024 * 1024}
+    c = Cluster(initialize_head=True, head_node_args={**small, "include_dashboard": False})
+    for kind in kinds:
+        c.add_node(**small, resources={f"node_type:{kind}": 1})
+    c.wait_for_nodes()
+    ray.init(address=c.address, namespace=namespace, include_dashboard=False)
+    try:
+        yield c
+    finally:
+        ray.shutdown()
+        c.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
+        if saved is not None:
+            os.environ["RAY_ADDRESS"] = saved

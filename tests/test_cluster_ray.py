@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,7 +10,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from conftest import SHARED_DATA
+from conftest import SHARED_DATA, typed_ray_cluster
 
 ray = pytest.importorskip("ray")
 
@@ -22,35 +21,8 @@ TRACE_ROWS = 200
 @pytest.fixture(scope="session")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A head node plus two worker nodes typed gpu-a and gpu-b, one CPU each."""
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "object_store_memory": 100 * 1024 * 1024,
-        },
-    )
-    nodes = {}
-    for kind in ("gpu-a", "gpu-b"):
-        nodes[kind] = c.add_node(
-            num_cpus=1,
-            resources={f"node_type:{kind}": 1},
-            object_store_memory=100 * 1024 * 1024,
-        )
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="wattwise-tests", include_dashboard=False)
-    root = tmp_path_factory.mktemp("ray")
-    try:
-        yield {"cluster": c, "root": root}
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
+    with typed_ray_cluster("wattwise-tests") as c:
+        yield {"cluster": c, "root": tmp_path_factory.mktemp("ray")}
 
 
 def _trace() -> pl.DataFrame:

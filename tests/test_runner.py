@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,6 +12,7 @@ import pytest
 
 from cluster.runner import job_from_command, new_run_id
 from cluster.train import TrainConfig, train
+from conftest import typed_ray_cluster
 from profiler.errors import BadInputError
 
 WATTWISE = str(Path(sys.executable).parent / "wattwise")
@@ -61,37 +61,9 @@ def test_run_ids_are_valid_and_name_the_node_type() -> None:
 @pytest.fixture(scope="module")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A head node plus two one-CPU worker nodes typed gpu-a and gpu-b."""
-    ray = pytest.importorskip("ray")
-    from ray.cluster_utils import Cluster
-
-    saved = os.environ.pop("RAY_ADDRESS", None)
-    if ray.is_initialized():  # another module's cluster: disconnect from it
-        ray.shutdown()
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 1,
-            "include_dashboard": False,
-            "object_store_memory": 100 * 1024 * 1024,
-        },
-    )
-    for kind in ("gpu-a", "gpu-b"):
-        c.add_node(
-            num_cpus=1,
-            resources={f"node_type:{kind}": 1},
-            object_store_memory=100 * 1024 * 1024,
-        )
-    c.wait_for_nodes()
-    ray.init(address=c.address, namespace="wattwise", include_dashboard=False)
-    root = tmp_path_factory.mktemp("runner")
-    try:
-        yield {"store": root / "store"}
-    finally:
-        ray.shutdown()
-        c.shutdown()
-        os.environ.pop("RAY_ADDRESS", None)
-        if saved is not None:
-            os.environ["RAY_ADDRESS"] = saved
+    pytest.importorskip("ray")
+    with typed_ray_cluster("wattwise"):
+        yield {"store": tmp_path_factory.mktemp("runner") / "store"}
 
 
 SIDECAR = {"interval_s": 0.2, "batch_interval_s": 1.0}

@@ -27,8 +27,8 @@ import numpy as np
 import polars as pl
 
 from estimators.gpus import GpuSpec, lookup
-from estimators.step import Projection, RunPlan, Step, Trace
-from profiler.errors import BadInputError, NotFittedError
+from estimators.step import Projection, ProjectionPredictor, RunPlan, Step, Trace
+from profiler.errors import BadInputError
 
 #: Memory power of Green Algorithms, in W per GB (Lannelongue et al. 2021).
 GA_MEMORY_W_PER_GB = 0.3725
@@ -84,21 +84,10 @@ def _trace(samples: pl.DataFrame | Trace) -> Trace:
     return samples if isinstance(samples, Trace) else Trace.from_samples(samples)
 
 
-class _Baseline:
-    """Shared ``predict`` and not-fitted check."""
+class _Baseline(ProjectionPredictor):
+    """Shared ``predict`` (from :class:`ProjectionPredictor`) and the answer helper."""
 
     name = "baseline"
-
-    def predict(self) -> Projection:
-        """The projection made by ``fit``.
-
-        Raises:
-            NotFittedError: ``fit`` has not been called.
-
-        """
-        if not hasattr(self, "projection_"):
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit() first")
-        return self.projection_
 
     def _answer(
         self, energy_j: float | None, trace: Trace, plan: RunPlan, reason: str = ""

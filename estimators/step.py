@@ -650,7 +650,24 @@ def _wide(base: Projection, u: _Units, rem: float, cap_w: float | None, reason: 
 # Estimators
 
 
-class Step:
+class ProjectionPredictor:
+    """``predict`` for projectors whose ``fit`` sets ``projection_`` (STEP and the baselines)."""
+
+    projection_: Projection
+
+    def predict(self) -> Projection:
+        """The projection made by ``fit``.
+
+        Raises:
+            NotFittedError: ``fit`` has not been called.
+
+        """
+        if not hasattr(self, "projection_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit() first")
+        return self.projection_
+
+
+class Step(ProjectionPredictor):
     """STEP projector for one run: fit on what was observed, predict the total.
 
     Args:
@@ -785,17 +802,6 @@ class Step:
         at_s = float(detect_fluss(trace.grid_power(1.0), window=window))
         after = np.flatnonzero(units.starts_s >= at_s - 1e-9)
         return int(after[0]) if len(after) else len(v)
-
-    def predict(self) -> Projection:
-        """The projection made by ``fit``.
-
-        Raises:
-            NotFittedError: ``fit`` has not been called.
-
-        """
-        if not hasattr(self, "projection_"):
-            raise NotFittedError(f"{type(self).__name__} is not fitted yet; call fit() first")
-        return self.projection_
 
 
 def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:

@@ -131,7 +131,16 @@ def test_two_jobs_submitted_to_two_node_types_are_measured_and_recorded(
             WATTWISE, "run", "--node-type", kind, "--run-id", f"run-{kind}",
             "--store", str(store), "--json", "--", WATTWISE, "train", *TINY.split(),
         ]  # fmt: skip
-        out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+        # The head's dashboard agent can come up after the dashboard itself; Ray then
+        # answers "No available agent to submit job, please try again later".
+        agent_deadline = time.monotonic() + 90
+        while True:
+            out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+            if out.returncode == 0 or "No available agent" not in out.stderr:
+                break
+            if time.monotonic() > agent_deadline:
+                break
+            time.sleep(2)
         assert out.returncode == 0, out.stderr[-2000:]
         ids[kind] = sub
     client = ray_head["client"]
@@ -155,7 +164,8 @@ def test_two_jobs_submitted_to_two_node_types_are_measured_and_recorded(
     for kind in ("sim-a", "sim-b"):
         r = runs[f"run-{kind}"]
         assert (r["status"], r["node_type"], r["trained_epochs"]) == ("finished", kind, 3)
-        assert r["energy_j"] > 0 and r["energy_source"] == "measured"
+        # Only the modelled CPU source measured these runs, and the total says so.
+        assert r["energy_j"] > 0 and r["energy_source"] == "modelled"
         samples = s.samples(f"run-{kind}")
         assert samples.height > 0 and samples["source"].unique().to_list() == ["modelled"]
         assert s.epochs(f"run-{kind}")["epoch"].to_list() == [0, 1, 2]

@@ -61,9 +61,12 @@ def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
             for c in time_cols
             if c in df.columns and df.schema[c] == pl.String
         ).with_columns(pl.col(c).cast(UTC_US) for c in time_cols if c in df.columns)
-    except pl.exceptions.PolarsError as err:
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as err:
+        # polars raises TypeError/ValueError/OverflowError for a column of mixed JSON types
+        # or out-of-range numbers; they are bad input like any other.
         raise BadInputError(
-            f"{what}: could not read the rows ({err}); expected ISO 8601 times with an offset"
+            f"{what}: could not read the rows ({err}); expected one JSON type per field and "
+            "ISO 8601 times with an offset"
         ) from err
 
 
@@ -119,7 +122,13 @@ class _Handler(BaseHTTPRequestHandler):
         if length > MAX_BODY:
             return self._error(413, f"request body of {length} bytes exceeds {MAX_BODY}")
         try:
-            body = json.loads(self.rfile.read(length) or b"{}")
+            raw = self.rfile.read(length) or b"{}"
+            try:
+                body = json.loads(raw)
+            except (UnicodeDecodeError, RecursionError) as err:
+                # json raises these (not JSONDecodeError) for non-UTF-8 bytes and deep nesting.
+                why = "is not UTF-8" if isinstance(err, UnicodeDecodeError) else "nests too deep"
+                return self._error(400, f"expected a JSON body in UTF-8; the body {why} ({err})")
             if self.path == "/samples":
                 df = _frame(
                     body.get("samples") if isinstance(body, dict) else None,

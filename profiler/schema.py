@@ -206,7 +206,19 @@ def conform(df: pl.DataFrame, table: str, *, file: str | None = None) -> pl.Data
         else:
             expr = expr.cast(c.dtype)
         out.append(expr.alias(c.name))
-    res = df.select(out)
+    try:
+        res = df.select(out)
+    except pl.exceptions.InvalidOperationError:
+        # A value does not fit the stored type (an Int128 epoch past 2**63, say): name the column.
+        for c, expr in zip(cols, out, strict=True):
+            try:
+                df.select(expr)
+            except pl.exceptions.InvalidOperationError:
+                raise SchemaError(
+                    f"{where(file, label=repr(c.name))}expected {c.dtype} ({c.doc}); found "
+                    f"values of {df.schema[c.name]} that do not fit it"
+                ) from None
+        raise
     _check_values(res, table, file)
     return res
 

@@ -64,8 +64,12 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
             temporary file is removed and ``path`` is untouched.
 
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
+    except OSError as err:
+        why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        raise StoreError(f"could not write {path}: {why}; the store is unchanged") from err
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -77,10 +81,61 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     except BaseException as err:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-        if isinstance(err, OSError):
-            why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
+        # polars reports a failed write (ENOSPC included) as ComputeError, not OSError.
+        if isinstance(err, OSError | pl.exceptions.PolarsError):
+            full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in str(err)
+            why = "the disk is full" if full else str(err)
             raise StoreError(f"could not write {path}: {why}; the store is unchanged") from err
         raise
+
+
+def read_store_files(
+    files: list[Path], table: str, columns: list[str] | None = None
+) -> pl.DataFrame:
+    """Read store files of one table, refusing any that is not a whole file of that table.
+
+    Args:
+        files: Parquet files of ``table``.
+        table: ``runs``, ``samples`` or ``epochs``.
+        columns: Read only these columns.
+
+    Returns:
+        Their rows in the table's schema (only ``columns`` if given).
+
+    Raises:
+        StoreError: A file is not parquet, is cut short or corrupt, or holds
+            other columns or types than the table's; the message names it.
+
+    """
+    import pyarrow.parquet as pq
+
+    want = schema(table)
+    if columns:
+        want = pl.Schema({c: want[c] for c in columns})
+    frames = []
+    for f in files:
+        # pyarrow, not polars, decodes the file: on a corrupt data page polars' reader can
+        # panic twice and abort the whole process, where pyarrow raises a Python error.
+        try:
+            df = pl.from_arrow(pq.read_table(f, columns=columns))
+        # pyarrow raises OSError, ArrowInvalid and more; polars panics (a BaseException) on
+        # metadata that is not UTF-8.
+        except (Exception, pl.exceptions.PanicException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StoreError(
+                f"{f}: expected a parquet file of the store's {table!r} table; it is unreadable "
+                f"({first[:200]}). Move it out of the store (or restore it from a backup) and "
+                "retry"
+            ) from err
+        assert isinstance(df, pl.DataFrame)
+        if df.schema != want:
+            raise StoreError(
+                f"{f}: expected a parquet file of the store's {table!r} table with columns "
+                f"{dict(want)}; found other columns {dict(df.schema)}. Move it out of the store "
+                "(or restore it from a backup) and retry"
+            )
+        frames.append(df)
+    return pl.concat(frames) if frames else pl.DataFrame(schema=want)
 
 
 class Store:
@@ -213,7 +268,7 @@ class Store:
         if not live:
             return part
         key = ["node", "device", "timestamp"]
-        old = pl.scan_parquet(live).select(*key, "power_w", "energy_j").collect()
+        old = read_store_files(live, "samples", [*key, "power_w", "energy_j"])
         both = part.join(old, on=key, how="inner", suffix="_old")
         clash = both.filter(
             ~pl.col("power_w").eq_missing(pl.col("power_w_old"))
@@ -234,7 +289,7 @@ class Store:
         live, top = self._live_parts(run_dir)
         if len(live) < COMPACT_AFTER:
             return
-        merged = pl.read_parquet(live).sort("node", "device", "timestamp")
+        merged = read_store_files(live, "samples").sort("node", "device", "timestamp")
         atomic_write_parquet(merged, run_dir / f"base-{top:012d}.parquet")
         for p in live:  # superseded by the base; harmless if a crash leaves them
             p.unlink(missing_ok=True)
@@ -249,6 +304,9 @@ class Store:
         Returns:
             A frame in the ``samples`` schema.
 
+        Raises:
+            StoreError: A sample file is corrupt or not of the ``samples`` table.
+
         """
         base = self.root / "samples"
         if run_id is not None:
@@ -262,7 +320,7 @@ class Store:
         files = [p for d in dirs for p in self._live_parts(d)[0]]
         if not files:
             return empty("samples")
-        df = pl.read_parquet(files, schema=schema("samples")) if files else empty("samples")
+        df = read_store_files(files, "samples")
         return df.sort("run_id", "node", "device", "timestamp", nulls_last=True)
 
     # -- runs and epochs (small tables, rewritten whole) -----------------------------------
@@ -271,7 +329,7 @@ class Store:
         key = list(KEYS[table])
         with self._locked():
             path = self.root / f"{table}.parquet"
-            old = pl.read_parquet(path) if path.exists() else empty(table)
+            old = read_store_files([path], table) if path.exists() else empty(table)
             if table == "runs":
                 # A partial update (say, only the status) keeps the fields it leaves null.
                 df = df.join(old, on=key, how="left", suffix="_old").select(
@@ -299,10 +357,10 @@ class Store:
 
     def _read_small(self, table: str) -> pl.DataFrame:
         path = self.root / f"{table}.parquet"
-        return pl.read_parquet(path) if path.exists() else empty(table)
+        return read_store_files([path], table) if path.exists() else empty(table)
 
     def runs(self) -> pl.DataFrame:
-        """Every run, sorted by ``run_id``."""
+        """Every run, sorted by ``run_id`` (StoreError if ``runs.parquet`` is corrupt)."""
         return self._read_small("runs")
 
     def epochs(self, run_id: str | None = None) -> pl.DataFrame:

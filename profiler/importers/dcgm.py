@@ -227,7 +227,14 @@ def parse_dcgm_text(
                     f"{at}expected a timestamp in ms since 1970 after the value; found "
                     f"{m.group('ts')!r}"
                 ) from None
-            ts = datetime.fromtimestamp(ms / 1000, tz=UTC)
+            try:
+                ts = datetime.fromtimestamp(ms / 1000, tz=UTC)
+            except (ValueError, OverflowError, OSError):
+                # Before year 1 or after 9999: Python's datetime cannot hold it.
+                raise BadInputError(
+                    f"{at}expected a timestamp in ms since 1970 between years 1 and 9999; "
+                    f"found {m.group('ts')}"
+                ) from None
         elif default_ts is not None:
             ts = default_ts
         else:
@@ -284,7 +291,7 @@ def parse_dcgm_text(
 def _parse_iso(text: str, label: str) -> datetime:
     try:
         return _utc(datetime.fromisoformat(text.replace("Z", "+00:00")))
-    except ValueError:
+    except (ValueError, OverflowError):  # OverflowError: year 1 or 9999 shifted out of range
         raise BadInputError(
             f"{label}expected an ISO 8601 time such as 2024-05-01T12:00:00Z; found {text!r}"
         ) from None

@@ -109,3 +109,18 @@ def test_run_mode_reads_the_store(tmp_path, capsys):
     assert "no run 'nope'" in capsys.readouterr().err
     assert main(["runs", "--store", str(store.root)]) == 0
     assert "job-1" in capsys.readouterr().out
+
+
+def test_the_parser_can_be_built_many_times_in_one_process():
+    """Regression: the shared 'bench' group was cached by id(subparsers); when a collected
+    parser's id was reused, build_parser() failed with 'conflicting subparser: step'."""
+    import gc
+
+    from cluster.cli import build_parser
+
+    for _ in range(40):
+        parser = build_parser()
+        args = parser.parse_args(["bench", "pre", "--train", "a", "--test", "b", "--out", "c"])
+        assert (args.command, args.bench_command) == ("bench", "pre")
+        del parser
+        gc.collect()

@@ -24,8 +24,6 @@ MODULES: tuple[str, ...] = (
     "cluster.commands.demo_cmds",
 )
 
-_BENCH: dict[int, argparse._SubParsersAction[argparse.ArgumentParser]] = {}
-
 
 def bench_subparsers(
     subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
@@ -33,10 +31,14 @@ def bench_subparsers(
     """The sub-parsers of ``wattwise bench``, created on first use.
 
     Several modules add benchmark commands (``bench step``, ``bench pre``);
-    each calls this to get the shared ``bench`` group.
+    each calls this to get the shared ``bench`` group. The group is kept on
+    the ``subparsers`` object itself, so it lives and dies with its parser.
     """
-    key = id(subparsers)
-    if key not in _BENCH:
+    group: argparse._SubParsersAction[argparse.ArgumentParser] | None = getattr(
+        subparsers, "_wattwise_bench", None
+    )
+    if group is None:
         bench = subparsers.add_parser("bench", help="accuracy benchmarks on recorded runs")
-        _BENCH[key] = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    return _BENCH[key]
+        group = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+        subparsers._wattwise_bench = group  # type: ignore[attr-defined]
+    return group

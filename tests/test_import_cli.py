@@ -167,6 +167,24 @@ def test_conflicting_reimport_exits_2(tmp_path: Path, capsys: pytest.CaptureFixt
     assert snapshot(store_dir) == before
 
 
+def test_a_conflict_in_a_later_file_writes_none_of_the_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: files were written run by run, so a conflict in the second file's run
+    left the first file's samples stored."""
+    store_dir = tmp_path / "store"
+    first, second = tmp_path / "a.csv", tmp_path / "b.csv"
+    second.write_text("timestamp, power.draw [W]\n2023/03/09 13:27:53.079, 5 W\n")
+    assert main(["import", "nvidia-smi", str(second), "--store", str(store_dir)]) == 0
+    before = snapshot(store_dir)
+    first.write_text("timestamp, power.draw [W]\n2023/03/09 13:27:53.079, 7 W\n")
+    second.write_text("timestamp, power.draw [W]\n2023/03/09 13:27:53.079, 6 W\n")
+    args = ["import", "nvidia-smi", str(first), str(second), "--store", str(store_dir)]
+    assert main(args) == 2
+    assert "already in the store" in capsys.readouterr().err
+    assert snapshot(store_dir) == before
+
+
 def test_import_dcgm_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     store_dir = tmp_path / "store"
     assert main(["import", "dcgm", str(DATA / "dcgm-scrapes.txt"), "--store", str(store_dir)]) == 0

@@ -229,8 +229,8 @@ def import_samples(
     run_rows = conform(pl.DataFrame(rows, schema=schema("runs")), "runs", file=file)
     totals = dict(samples.group_by("run_id").len().iter_rows())
     new: dict[str, int] = {}
-    for (run_id,), part in samples.partition_by("run_id", as_dict=True).items():
-        new[str(run_id)] = store.write_samples(part, file=file)
+    # One write for every run: the store checks all of them before writing any.
+    store.write_samples(samples, file=file, on_run=lambda rid, n: new.__setitem__(str(rid), n))
     changed = store.write_runs(run_rows, file=file)
     return ImportSummary(
         runs=tuple(

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
-from estimators.energy import DEFAULT_GAP_THRESHOLD_S
+from estimators.energy import DEFAULT_GAP_THRESHOLD_S, inside, outside
 from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.schema import RUN_STATUSES, SOURCES, UTC_US, check_run_id, conform, schema
 
@@ -446,18 +446,7 @@ class _View:
         gap = np.empty(len(x))
         before, after = i < a, i >= b - 1
         inner = ~(before | after)
-        ii = i[inner]
-        s = x[inner] - t[ii]
-        dt = t[ii + 1] - t[ii]
-        k = self.kind[ii]
-        pa, pb = self.p[ii], self.p[ii + 1]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
-            part_counter = self.inc[ii] * s / dt
-        energy[inner] = self.e[ii] + np.where(
-            k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
-        )
-        gap[inner] = self.g[ii] + np.where(k == _GAP, s, 0.0)
+        energy[inner], gap[inner] = inside(self, i[inner], x[inner])
         # Outside the samples: hold the edge power up to the threshold, then a gap.
         for mask, sign, row, w_all in (
             (before, -1.0, a, self.edge_first),
@@ -466,14 +455,11 @@ class _View:
             if not mask.any():
                 continue
             r = row[mask]
-            w = w_all[seg[mask]]
             anchor_e = np.zeros(len(r)) if sign < 0 else self.e[r]
             anchor_g = np.zeros(len(r)) if sign < 0 else self.g[r]
-            d = np.abs(x[mask] - t[r])
-            unknown = np.isnan(w)
-            held = np.where(unknown, 0.0, np.minimum(d, self.thr))
-            energy[mask] = anchor_e + sign * held * np.where(unknown, 0.0, w)
-            gap[mask] = anchor_g + sign * (d - held)
+            energy[mask], gap[mask] = outside(
+                np.abs(x[mask] - t[r]), w_all[seg[mask]], self.thr, anchor_e, anchor_g, sign
+            )
         return energy, gap
 
     def store(self, keep: np.ndarray | None = None) -> None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import polars as pl
@@ -123,31 +124,77 @@ class EnergyStream:
         gap = np.empty_like(x)
         before, after = i < 0, i >= n - 1
         inner = ~(before | after)
-        # Inside an interval: exact partial integral.
-        ii = i[inner]
-        s = x[inner] - t[ii]
-        dt = t[ii + 1] - t[ii]
-        k = self.kind[ii]
-        pa, pb = self.p[ii], self.p[np.minimum(ii + 1, n - 1)]
-        with np.errstate(invalid="ignore", divide="ignore"):
-            part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
-            part_counter = self.inc[ii] * s / dt
-        energy[inner] = self.e[ii] + np.where(
-            k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
-        )
-        gap[inner] = self.g[ii] + np.where(k == _GAP, s, 0.0)
+        energy[inner], gap[inner] = inside(self, i[inner], x[inner])
         # Outside the samples: hold the edge power up to the threshold, then a gap.
         for mask, sign, anchor_e, anchor_g, anchor_t, w in (
             (before, -1.0, 0.0, 0.0, t[0], self.edge_first_w),
             (after, 1.0, self.e[-1], self.g[-1], t[-1], self.edge_last_w),
         ):
-            if not mask.any():
-                continue
-            d = np.abs(x[mask] - anchor_t)
-            held = np.minimum(d, self.thr) if not np.isnan(w) else np.zeros_like(d)
-            energy[mask] = anchor_e + sign * held * (0.0 if np.isnan(w) else w)
-            gap[mask] = anchor_g + sign * (d - held)
+            if mask.any():
+                energy[mask], gap[mask] = outside(
+                    np.abs(x[mask] - anchor_t), w, self.thr, anchor_e, anchor_g, sign
+                )
         return energy, gap
+
+
+class _Intervals(Protocol):
+    """Per-sample arrays of one or many concatenated streams (see :class:`EnergyStream`)."""
+
+    @property
+    def t(self) -> np.ndarray: ...
+    @property
+    def e(self) -> np.ndarray: ...
+    @property
+    def g(self) -> np.ndarray: ...
+    @property
+    def kind(self) -> np.ndarray: ...
+    @property
+    def p(self) -> np.ndarray: ...
+    @property
+    def inc(self) -> np.ndarray: ...
+
+
+def inside(st: _Intervals, ii: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative energy (J) and gap (s) at times ``x`` inside intervals ``ii``.
+
+    The exact partial integral: quadratic in time for a trapezoid, linear for
+    a counter, flat for a gap (whose time counts as gap).
+
+    Args:
+        st: The samples' arrays (``t[ii] <= x < t[ii + 1]`` for every query).
+        ii: Index of the interval's first sample, per query.
+        x: Query times in s.
+
+    """
+    s = x - st.t[ii]
+    dt = st.t[ii + 1] - st.t[ii]
+    k = st.kind[ii]
+    pa, pb = st.p[ii], st.p[ii + 1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
+        part_counter = st.inc[ii] * s / dt
+    energy = st.e[ii] + np.where(
+        k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
+    )
+    return energy, st.g[ii] + np.where(k == _GAP, s, 0.0)
+
+
+def outside(
+    d: np.ndarray,
+    w: float | np.ndarray,
+    thr: float,
+    anchor_e: float | np.ndarray,
+    anchor_g: float | np.ndarray,
+    sign: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Cumulative energy (J) and gap (s) ``d`` seconds before (``sign=-1``) or after a stream.
+
+    Power ``w`` (W; NaN when unknown) is held for at most ``thr`` seconds; the
+    rest is a gap. ``anchor_e``/``anchor_g`` are the values at the edge sample.
+    """
+    unknown = np.isnan(w)
+    held = np.where(unknown, 0.0, np.minimum(d, thr))
+    return anchor_e + sign * held * np.where(unknown, 0.0, w), anchor_g + sign * (d - held)
 
 
 def _seconds(col: pl.Expr) -> pl.Expr:

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 TRACE_ROWS = 200
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     """A head node plus two worker nodes typed gpu-a and gpu-b, one CPU each."""
     with typed_ray_cluster("wattwise-tests") as c:

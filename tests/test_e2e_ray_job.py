@@ -75,7 +75,19 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, Any]]:
     if shutil.which(RAY) is None:
         pytest.skip(f"the ray CLI is not installed at {RAY}")
     temp = tempfile.mkdtemp(prefix="ww", dir="/tmp")  # Ray's socket paths must stay short
-    port, dash, client, agent = (_free_port() for _ in range(4))
+    port, dash, client = (_free_port() for _ in range(3))
+
+    def agent_ports() -> list[str]:
+        # Every agent port explicit and free: another Ray cluster of this test session
+        # (or of another user) may hold the defaults, and the head's job agent then never
+        # starts ("No available agent to submit job").
+        return [
+            f"--dashboard-agent-listen-port={_free_port()}",
+            f"--dashboard-agent-grpc-port={_free_port()}",
+            f"--runtime-env-agent-port={_free_port()}",
+            f"--metrics-export-port={_free_port()}",
+        ]
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
     tags = [temp, f"127.0.0.1:{port}", f"--port={port}"]
@@ -83,12 +95,12 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, Any]]:
         RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
         f"--temp-dir={temp}", "--num-cpus=1", "--include-dashboard=true",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}", "--disable-usage-stats",
+        f"--ray-client-server-port={client}", "--disable-usage-stats", *agent_ports(),
         "--resources", json.dumps({"node_type:sim-a": 1, "accelerator_type:T4": 1}),
     ]  # fmt: skip
     worker = [
         RAY, "start", f"--address=127.0.0.1:{port}", "--node-ip-address=127.0.0.1",
-        "--num-cpus=1", f"--dashboard-agent-listen-port={agent}",
+        "--num-cpus=1", *agent_ports(),
         "--resources", json.dumps({"node_type:sim-b": 1}),
     ]  # fmt: skip
     try:

@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
-from estimators.energy import DEFAULT_GAP_THRESHOLD_S, inside, outside
+from estimators.energy import DEFAULT_GAP_THRESHOLD_S, classify_intervals, inside, outside
 from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.schema import RUN_STATUSES, SOURCES, UTC_US, check_run_id, conform, schema
 
@@ -379,20 +379,9 @@ class _View:
         us, p, c, thr = self.us, self.p, self.c, self.thr
         n = len(us)
         self.t = t = us / 1e6
-        dt = np.diff(t)
-        inc = p[:-1] + p[1:]  # becomes the energy of each interval, in J
-        inc *= 0.5
-        inc *= dt
-        gap = (dt > thr) | np.isnan(inc)
-        kind = np.where(gap, _GAP, _POWER).astype(np.int8)
-        dc = np.diff(c)
-        counter_ok = dc >= 0  # False for NaN (a missing counter) and for resets
-        kind[counter_ok] = _COUNTER
-        inc[counter_ok] = dc[counter_ok]
-        gap &= ~counter_ok
+        dt, inc, kind, gap = classify_intervals(t, p, c, thr)
         between = self.seg_b[:-1] - 1  # intervals joining two segments
         gap[between] = False
-        inc[gap] = 0.0
         inc[between] = 0.0
         e = np.zeros(n)
         g = np.zeros(n)

@@ -39,6 +39,40 @@ DEFAULT_GAP_THRESHOLD_S = 5.0
 _POWER, _COUNTER, _GAP = 0, 1, 2
 
 
+def classify_intervals(
+    t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Kind and energy of every interval between consecutive samples (see the module doc).
+
+    Args:
+        t: Sample times in s, increasing.
+        p: Power in W at each sample (NaN where unknown).
+        c: Cumulative energy counter in J at each sample (NaN where missing), or ``None``.
+        thr: Gap threshold in s.
+
+    Returns:
+        ``dt`` (s), ``inc`` (J; 0 for gaps), ``kind`` (power, counter or gap) and
+        ``gap`` (bool) per interval.
+
+    """
+    # Written to allocate few large temporaries: on big inputs, fresh memory (page
+    # faults) costs more than the arithmetic.
+    dt = np.diff(t)
+    inc = p[:-1] + p[1:]  # becomes the energy of each interval, in J
+    inc *= 0.5
+    inc *= dt
+    gap = (dt > thr) | np.isnan(inc)
+    kind = np.where(gap, _GAP, _POWER).astype(np.int8)
+    if c is not None:
+        dc = np.diff(c)
+        counter_ok = dc >= 0  # False for NaN (a missing counter) and for resets
+        kind[counter_ok] = _COUNTER
+        inc[counter_ok] = dc[counter_ok]
+        gap &= ~counter_ok
+    inc[gap] = 0.0
+    return dt, inc, kind, gap
+
+
 @dataclass(frozen=True, slots=True)
 class EnergyStream:
     """One device's samples prepared for exact integration.
@@ -85,21 +119,7 @@ class EnergyStream:
             The stream, ready for :meth:`at`.
 
         """
-        # Written to allocate few large temporaries: on big inputs, fresh memory (page
-        # faults) costs more than the arithmetic.
-        dt = np.diff(t)
-        inc = p[:-1] + p[1:]  # becomes the energy of each interval, in J
-        inc *= 0.5
-        inc *= dt
-        gap = (dt > thr) | np.isnan(inc)
-        kind = np.where(gap, _GAP, _POWER).astype(np.int8)
-        if c is not None:
-            dc = np.diff(c)
-            counter_ok = dc >= 0  # False for NaN (a missing counter) and for resets
-            kind[counter_ok] = _COUNTER
-            inc[counter_ok] = dc[counter_ok]
-            gap &= ~counter_ok
-        inc[gap] = 0.0
+        dt, inc, kind, gap = classify_intervals(t, p, c, thr)
         e = np.empty(len(t))
         e[0] = 0.0
         np.cumsum(inc, out=e[1:])

@@ -128,9 +128,18 @@ def ray_options(hints: Mapping[str, Any], *, num_cpus: float = 1.0) -> dict[str,
 def hints_for(node: NodeType) -> dict[str, Any]:
     """Hints for one node type: :func:`estimators.recommend.placement` plus Ray options."""
     out = placement(node)
-    out["gpu"] = not (isinstance(node.gpu_model, str) and node.gpu_model.lower() == "cpu")
+    out["gpu"] = not _is_cpu(node.gpu_model)
+    if not out["gpu"]:  # a CPU node type (the demo's): no accelerator to select on
+        out.update(accelerator_type=None, label_selector={}, k8s_node_selector={}, num_gpus=0)
     out["ray_options"] = ray_options(out)
     return out
+
+
+def _is_cpu(model: Any) -> bool:
+    """Whether a node type's device is a CPU: the name ``cpu`` or a spec with ``kind: cpu``."""
+    if isinstance(model, str):
+        return model.lower() == "cpu"
+    return isinstance(model, Mapping) and str(model.get("kind", "")).lower() == "cpu"
 
 
 def simple_hints(node_type: str) -> dict[str, Any]:

@@ -552,9 +552,11 @@ def runs_features(
         )
         try:
             row = job_row(complete_job(job))
-            gm = str(r["gpu_model"])
+            spec = cfg.get("gpu_spec")  # a device described by its numbers (see gpu_features)
+            gm = str(r["gpu_model"]) if not isinstance(spec, Mapping) else gpu_key(spec)
             if gm not in gpu_cache:
-                gpu_cache[gm] = {**gpu_features(gm), "gpu_model": gpu_key(gm)}
+                gpu = spec if isinstance(spec, Mapping) else gm
+                gpu_cache[gm] = {**gpu_features(gpu), "gpu_model": gpu_key(gpu)}
         except BadInputError as err:
             raise BadInputError(f"{where(file, i)}run {r['run_id']!r}: {err}") from err
         row.update(gpu_cache[gm])

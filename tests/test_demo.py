@@ -1,53 +1,147 @@
-"""``wattwise demo`` on the real traces: the README's main command."""
+"""``wattwise demo``, run as a user types it: a local Ray cluster of two node types, end to end.
+
+Each test starts the demo in its own process (it starts and ends its own Ray
+cluster) and checks the one JSON object ``--json`` prints against the store
+and the report files it names.
+"""
 
 from __future__ import annotations
 
-import re
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import polars as pl
+import pytest
 
-from cluster.cli import main
 from profiler.store import Store
 
+ROOT = Path(__file__).resolve().parents[1]
 
-def test_demo_imports_checks_and_ranks(shared_data, tmp_path, capsys):
-    store = tmp_path / "demo-store"
-    assert main(["demo", "--data", str(shared_data), "--store", str(store), "--epochs", "3"]) == 0
-    out = capsys.readouterr().out
-    assert "249 runs, 600,070 samples" in out
-    # The three raw CSVs agree with the dataset's own energy within 1 %.
-    raw = out.split("2. Raw nvidia-smi CSVs")[1].split("3. Per-epoch energy")[0]
-    diffs = [float(d) for d in re.findall(r"([+-]\d+\.\d+) %", raw)]
-    assert len(diffs) == 3 and all(abs(d) < 1.0 for d in diffs)
-    assert "saving vs worst" in out
-    # The live run: every epoch measured, nothing lost.
-    assert re.search(r"sidecar: (\d+) samples taken, \1 stored, 0 spilled, 0 lost", out)
-    runs = Store(store).runs().filter(pl.col("run_id").str.starts_with("demo-"))
-    assert runs.height == 1 and runs["status"].item() == "finished"
-    assert runs["trained_epochs"].item() == 3
-    assert runs["energy_j"].item() > 0
-    # STEP on the recorded runs beats every baseline at 20 % observed.
-    medians = {m: float(v) for m, v in re.findall(r"│ (\w+)\s+│\s+189 │\s+([\d.]+) │", out)}
-    assert set(medians) == {"step", "carbontracker", "mlco2", "green_algorithms", "naive"}
+
+def _demo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    return subprocess.run(
+        [sys.executable, "-m", "cluster.cli", "demo", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _check_jobs(jobs: list[dict], store: Store, planned: int) -> None:
+    """Every live job finished, was measured by the modelled source, and STEP answered at 1/5."""
+    for j in jobs:
+        assert j["status"] == "finished"
+        assert j["epochs"] == j["planned_epochs"] == planned
+        assert j["measured_energy_j"] > 0
+        assert j["projected_after_epochs"] == -(-planned // 5)  # a fifth, rounded up
+        assert j["lower_j"] <= j["projected_energy_j"] <= j["upper_j"]
+        row = store.run(j["run_id"])
+        assert row["status"] == "finished" and row["node_type"] == j["node_type"]
+        assert row["energy_source"] == "modelled"
+        assert row["energy_j"] == pytest.approx(j["measured_energy_j"], rel=1e-9)
+        samples = store.samples(j["run_id"])
+        assert samples["source"].unique().to_list() == ["modelled"]
+        assert store.epochs(j["run_id"])["epoch"].to_list() == list(range(planned))
+
+
+def test_demo_json_runs_jobs_on_two_node_types_and_places_one_by_pre(shared_data, tmp_path):
+    store_dir = tmp_path / "store"
+    r = _demo(
+        "--json", "--store", str(store_dir), "--data", str(shared_data),
+        "--epochs", "5", "--archs", "mobilenet_v3_small",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)  # stdout is the JSON object alone; tables went to stderr
+    store = Store(store_dir)
+    jobs = out["jobs"]
+    assert sorted(j["node_type"] for j in jobs) == ["cpu-eco", "cpu-perf"]
+    _check_jobs(jobs, store, planned=5)
+    # One sidecar per node: the head and the two workers.
+    assert len(out["sidecars"]) == 3
+    # PRE learned from the imported real runs plus the two live ones, and placed a new job.
+    assert out["model"]["version"] >= 1 and out["model"]["rows"] >= 249 + 2
+    rec = out["recommendation"]
+    assert rec["node_type"] in ("cpu-eco", "cpu-perf") and rec["predicted_energy_j"] > 0
+    assert rec["lower_j"] <= rec["predicted_energy_j"] <= rec["upper_j"]
+    assert rec["placement"]["ray_resources"] == {f"node_type:{rec['node_type']}": 0.001}
+    auto = out["auto_job"]
+    assert auto["placement"] == "predicted (PRE)" and auto["node_type"] == rec["node_type"]
+    _check_jobs([auto], store, planned=5)
+    # The recorded-data checks ran too: raw CSVs within 1 %, STEP far ahead of today's rules.
+    rec_data = out["recorded"]
+    assert len(rec_data["raw_csv_difference_pct"]) == 3
+    assert all(abs(d) < 1.0 for d in rec_data["raw_csv_difference_pct"].values())
+    medians = rec_data["step_vs_baselines"]
     assert medians["step"] < 0.5
     assert all(medians["step"] * 10 < v for m, v in medians.items() if m != "step")
-    # PRE was retrained and recommended a node type with a placement.
-    assert "PRE v1 on 249 runs: accepted" in out
-    assert re.search(r"recommended: [\w-]+ \(saves \d+ %", out)
-    assert "'ray_resources': {'node_type:" in out
-    # A second run changes nothing in the store.
-    assert main(["demo", "--data", str(shared_data), "--store", str(store), "--epochs", "1"]) == 0
-    assert "(0 new)" in capsys.readouterr().out
+    # The report files exist: one HTML page per job with its plot, and the summary.
+    files = [Path(f) for f in out["reports"]["files"]]
+    assert len(files) == 4 and all(f.is_file() for f in files)
+    assert all("<img" in f.read_text() for f in files if f.suffix == ".html")
+    assert json.loads(files[-1].read_text())["jobs"] == jobs
+    assert "Jobs: measured energy" in r.stderr and "MODELLED" in r.stderr
 
 
-def test_demo_without_data_measures_a_modelled_cpu_run(tmp_path, capsys):
-    store = tmp_path / "store"
-    args = ["demo", "--data", str(tmp_path / "nothing"), "--store", str(store), "--epochs", "2"]
-    assert main(args) == 0
-    out = capsys.readouterr().out
-    assert "The real traces are not at" in out
-    assert re.search(r"sidecar: (\d+) samples taken, \1 stored, 0 spilled, 0 lost", out)
-    samples = Store(store).samples()
-    assert samples.height > 0
-    assert samples["source"].unique().to_list() == ["modelled"]
-    assert Store(store).epochs()["epoch"].to_list() == [0, 1]
+def test_demo_replays_recorded_runs_through_the_same_path(shared_data, tmp_path):
+    runs = pl.read_parquet(shared_data / "runs.parquet").filter(pl.col("has_trace"))
+    # The shortest recorded run on each GPU keeps the test short.
+    short = runs.sort("duration_s").group_by("gpu_model", maintain_order=True).first()
+    ids = short["run_id"].to_list()
+    store_dir = tmp_path / "store"
+    r = _demo(
+        "--json", "--replay", str(shared_data), "--speed", "100", "--runs", ",".join(ids),
+        "--store", str(store_dir),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    store = Store(store_dir)
+    assert out["mode"] == "replay" and len(out["jobs"]) == 2
+    truth = {r["run_id"]: r for r in short.iter_rows(named=True)}
+    for j in out["jobs"]:
+        orig = truth[j["replay_of"]]
+        assert j["status"] == "finished"
+        assert j["epochs"] == j["planned_epochs"] == orig["trained_epochs"]
+        assert "equal slices" in j["epoch_marks"]
+        # Every recorded sample went through sidecar and aggregator once: the energy is the
+        # recording's (the dataset's own figure sums integer watts: within 1 %).
+        assert j["samples_sent"] == store.samples(j["run_id"]).height
+        assert j["measured_energy_j"] == pytest.approx(orig["gpu_energy_j"], rel=0.01)
+        assert j["projected_energy_j"] is not None
+        assert store.run(j["run_id"])["energy_source"] == "measured"
+    assert out["model"]["rows"] >= 249
+    assert out["recommendation"]["node_type"] in {j["node_type"] for j in out["jobs"]}
+
+
+def test_demo_without_the_real_traces_says_pre_has_too_few_runs(tmp_path):
+    store_dir = tmp_path / "store"
+    r = _demo(
+        "--json", "--store", str(store_dir), "--data", str(tmp_path / "nothing"),
+        "--epochs", "3", "--archs", "mobilenet_v3_small", "--no-auto",
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout)
+    assert "The real traces are not at" in r.stderr
+    _check_jobs(out["jobs"], Store(store_dir), planned=3)
+    assert out["model"]["version"] is None
+    assert "at least 10 finished runs" in out["model"]["reason"]
+    assert out["recommendation"]["node_type"] is None and "auto_job" not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--replay", "/nonexistent/folder"], "expected a SEAA 2023 style folder"),
+        (["--replay", ".", "--speed", "0"], "--speed must be a number > 0"),
+        (["--epochs", "0"], "--epochs must be at least 1"),
+    ],
+)
+def test_demo_refuses_bad_input_before_starting_anything(tmp_path, args, message):
+    r = _demo(*args, "--store", str(tmp_path / "s"), timeout=120)
+    assert r.returncode == 2
+    assert message in r.stderr

@@ -1,15 +1,16 @@
-"""``wattwise demo``: the main job end to end on the embedded default (local store, no GPU)."""
+"""``wattwise demo``: the main job end to end on the embedded default (local Ray, local store)."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, console, open_store
+from cluster.commands.common import add_store_option, open_store
+from cluster.demo import ARCHITECTURES
+from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
-    import polars as pl
     from rich.console import Console
 
     from profiler.store import Store
@@ -22,16 +23,31 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``demo`` command."""
     p = sub.add_parser(
         "demo",
-        help="run the main job end to end on the embedded default (no GPU needed)",
+        help="run the main job end to end on a local Ray cluster (no GPU needed)",
         description=(
-            "Imports the real SEAA 2023 traces into the store, checks the importers against the "
-            "dataset's own energy figures, shows per-epoch energy by architecture and GPU, then "
-            "trains a small torchvision model on the CPU while the sidecar measures a replayed "
-            "RTX 3090 (a real recorded trace) and the epoch hooks mark its epochs."
+            "Starts a local Ray cluster with two simulated node types (cpu-eco: 1 CPU, "
+            "cpu-perf: 2 CPUs), the aggregator and a sidecar on every node (power modelled "
+            "from CPU utilisation without a GPU, and labelled so), runs short torchvision "
+            "training jobs through the job runner, shows per-epoch energy and STEP's "
+            "projection against the measured total, retrains PRE, recommends a node type and "
+            "runs one job with --node-type auto. With the real SEAA 2023 traces (--data) it "
+            "also imports them, checks the importers against the dataset's own figures and "
+            "compares STEP with today's rules on 189 recorded runs. --replay plays recorded "
+            "runs through the same sidecar, aggregator, STEP and PRE path instead."
         ),
     )
     p.add_argument(
-        "--epochs", type=int, default=14, help="epochs of the live training run (default 14)"
+        "--epochs", type=int, default=10, help="planned epochs of every live job (default 10)"
+    )
+    p.add_argument(
+        "--archs",
+        default=",".join(ARCHITECTURES),
+        metavar="A,B",
+        help=f"torchvision models of the live jobs, each run on every node type "
+        f"(default {','.join(ARCHITECTURES)})",
+    )
+    p.add_argument(
+        "--no-auto", action="store_true", help="skip the last job placed by PRE (--node-type auto)"
     )
     p.add_argument(
         "--data",
@@ -39,42 +55,247 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="DIR",
         help=f"folder of the SEAA 2023 dataset (default: {SHARED_DATA})",
     )
+    p.add_argument(
+        "--replay",
+        metavar="STORE_OR_TRACES",
+        help="replay recorded runs from a SEAA 2023 style folder or a wattwise store instead",
+    )
+    p.add_argument(
+        "--speed", type=float, default=100.0, help="replay speed, 1 = real time (default 100)"
+    )
+    p.add_argument(
+        "--runs", metavar="ID,ID", help="run ids to replay (default: a few covering every GPU)"
+    )
+    p.add_argument(
+        "--json", action="store_true", help="print the summary as one JSON object on stdout"
+    )
     add_store_option(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Run ``wattwise demo``."""
-    out = console()
+    import json
+    import logging
+    import sys
+
+    from rich.console import Console
+
+    from cluster import demo
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    # Wide enough for the tables when the output is a file or a pipe.
+    wide = None if (sys.stderr if args.json else sys.stdout).isatty() else 140
+    out = Console(stderr=args.json, highlight=False, width=wide)
     store = open_store(args)
     out.rule("[bold]wattwise demo")
     out.print(f"store: {store.root}")
+    if args.epochs < 1:
+        raise BadInputError(f"--epochs must be at least 1; found {args.epochs}")
     data = Path(args.data)
-    if not (data / "runs.parquet").is_file():
-        # Still a complete measured run: the CPU's own power, modelled from utilisation.
+    has_data = (data / "runs.parquet").is_file() and (data / "traces.parquet").is_file()
+    show = _Show(out)
+    if args.replay:
+        runs = [r for r in (args.runs or "").split(",") if r] or None
+        summary = demo.replay(store, args.replay, speed=args.speed, runs=runs, progress=show.event)
+        show.close()
+        _show_summary(summary, out)
+    else:
+        archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+        if has_data:
+            _import_dataset(store, data, out)
+        else:
+            out.print(
+                f"[yellow]The real traces are not at {data} (pass --data DIR for the SEAA 2023 "
+                "dataset): the live part only; PRE needs at least 10 finished runs.[/]"
+            )
+        out.rule("Local Ray cluster")
         out.print(
-            f"[yellow]The real traces are not at {data} (pass --data DIR for the SEAA 2023 "
-            "dataset). Running the live part only, with power modelled from CPU "
-            "utilisation (stored as source 'modelled').[/]"
+            "head node + "
+            + ", ".join(
+                f"{nt.name} ({nt.cpus} CPU{'s' if nt.cpus > 1 else ''}, "
+                f"modelled {nt.board_power_w:.0f} W)"
+                for nt in demo.NODE_TYPES
+            )
+            + "; a sidecar on every node. [yellow]No GPU here: power is MODELLED from CPU "
+            "utilisation x board power, stored as source 'modelled'.[/]"
         )
-        per_epoch = _live_run(store, None, out, epochs=args.epochs)
-        _step_live(per_epoch, out, power_cap_w=100.0)
-        out.print("Recorded-run comparison and PRE need the real traces: skipped.")
-        return 0
-    _import_dataset(store, data, out)
-    _check_raw_csvs(store, data, out)
-    _savings(store, out)
-    per_epoch = _live_run(store, data, out, epochs=args.epochs)
-    _step_live(per_epoch, out, power_cap_w=350.0)  # the replayed RTX 3090's board power
-    _step_recorded(data, out)
-    _pre(store, out)
+        summary = demo.live(
+            store, epochs=args.epochs, architectures=archs, auto_job=not args.no_auto,
+            progress=show.event,
+        )  # fmt: skip
+        show.close()
+        _show_summary(summary, out)
+        if has_data:
+            summary["recorded"] = {
+                "raw_csv_difference_pct": _check_raw_csvs(store, data, out),
+                "gpu_savings": _savings(store, out),
+                "step_vs_baselines": _step_recorded(data, out),
+                "gpu_recommendation": _pre(store, out),
+            }
+            (Path(summary["reports"]["dir"]) / "summary.json").write_text(
+                json.dumps(summary, indent=2, default=str), encoding="utf-8"
+            )
+    out.rule("Report files")
+    for f in summary["reports"]["files"]:
+        out.print(f"  {f}")
+    out.print(f"done in {summary['elapsed_s']:.0f} s")
+    if args.json:
+        print(json.dumps(summary, default=str))
     return 0
+
+
+class _Show:
+    """Live progress of the demo's jobs: one bar per job, epochs done of planned."""
+
+    def __init__(self, out: Console) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.out = out
+        self.bar = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} epochs"),
+            TextColumn("{task.fields[proj]}"),
+            TimeElapsedColumn(),
+            console=out,
+        )
+        self.tasks: dict[str, Any] = {}
+        self.started = False
+
+    def event(self, kind: str, obj: Any) -> None:
+        if kind == "note":
+            self.out.print(obj)
+            return
+        if kind != "job":
+            return
+        if not self.started:
+            self.bar.start()
+            self.started = True
+        rid = obj["run_id"]
+        if rid not in self.tasks:
+            self.tasks[rid] = self.bar.add_task(
+                f"{obj.get('node_type')}: {rid}", total=obj.get("planned_epochs") or 1, proj=""
+            )
+        p = obj.get("projection") or {}
+        proj = ""
+        if p.get("energy_j") is not None:
+            proj = f"STEP {p['energy_j']:,.0f} J" + (" stable" if p.get("stable") else "")
+        self.bar.update(self.tasks[rid], completed=obj.get("epochs_done") or 0, proj=proj)
+
+    def close(self) -> None:
+        if self.started:
+            self.bar.stop()
+
+
+def _fmt_j(v: Any) -> str:
+    return "-" if v is None else f"{float(v):,.0f}"
+
+
+def _fmt_kj(v: Any) -> str:
+    if v is None:
+        return "-"
+    kj = float(v) / 1e3
+    return f"{kj:,.1f}" if kj >= 10 else f"{kj:,.3f}"
+
+
+def _show_summary(summary: dict[str, Any], out: Console) -> None:
+    """Tables: jobs with STEP at a fifth, per-epoch energy, PRE and the recommendation."""
+    from rich.table import Table
+
+    jobs = list(summary["jobs"]) + ([summary["auto_job"]] if summary.get("auto_job") else [])
+    out.rule("Jobs: measured energy, and STEP's projection after a fifth of the epochs")
+    replayed = any(j.get("recorded_energy_j") for j in jobs)
+    t = Table(title_justify="left")
+    cols = ["run", "node type", "model", "epochs", "measured kJ"]
+    cols += ["recorded kJ"] if replayed else ["seconds"]
+    cols += ["STEP kJ at 1/5", "90 % band kJ", "error"]
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("run", "node type", "model") else "right")
+    for j in jobs:
+        m, p = j.get("measured_energy_j"), j.get("projected_energy_j")
+        err = f"{(p / m - 1) * 100:+.1f} %" if m and p else "-"
+        band = f"{_fmt_kj(j.get('lower_j'))}-{_fmt_kj(j.get('upper_j'))}"
+        status = "" if j["status"] == "finished" else f" [red]{j['status']}[/]"
+        extra = (
+            _fmt_kj(j.get("recorded_energy_j"))
+            if replayed
+            else ("-" if j.get("duration_s") is None else f"{j['duration_s']:.1f}")
+        )
+        t.add_row(
+            j["run_id"] + status, j["node_type"], str(j.get("architecture")),
+            f"{j['epochs']}/{j['planned_epochs']}", _fmt_kj(m), extra,
+            _fmt_kj(p) + ("" if j.get("stable_at_fifth") else " *"), band, err,
+        )  # fmt: skip
+    out.print(t)
+    out.print(
+        "Energy is source "
+        + ", ".join(sorted({str(j.get("energy_source")) for j in jobs}))
+        + ". * not stable yet at a fifth: the band then runs from the lowest power seen to "
+        "the power cap; each run's report shows how it narrowed."
+    )
+    if summary.get("per_epoch"):
+        out.rule("Per-epoch energy (J)")
+        t = Table(title_justify="left")
+        t.add_column("epoch", justify="right")
+        ids = list(summary["per_epoch"])
+        for rid in ids:
+            t.add_column(rid, justify="right")
+        n = max(len(v) for v in summary["per_epoch"].values())
+        for e in range(n):
+            t.add_row(
+                str(e),
+                *[
+                    _fmt_j(v[e]) if e < len(v) else ""
+                    for v in (summary["per_epoch"][r] for r in ids)
+                ],
+            )
+        out.print(t)
+    model, rec = summary.get("model") or {}, summary.get("recommendation") or {}
+    out.rule("PRE: retrained on the store's finished runs, then asked about a new job")
+    if model.get("version") is None:
+        out.print(f"[yellow]no PRE model: {model.get('reason')}[/]")
+        return
+    out.print(
+        f"PRE v{model['version']} on {model['rows']} runs: "
+        f"{'accepted' if model['accepted'] else 'rejected'} ({model['decision']})"
+    )
+    job = rec["job"]
+    out.print(
+        f"new job: {job['architecture']}, {job['train_size']:,} images"
+        + (f" {job['image_size']} px" if job.get("image_size") else "")
+        + f", batch {job['batch_size']}, {job['epochs']} epochs"
+    )
+    t = Table(title_justify="left")
+    for col in ("node type", "predicted J", "90 % interval J", "predicted s"):
+        t.add_column(col, justify="left" if col == "node type" else "right")
+    for r in rec["ranking"]:
+        t.add_row(
+            ("[bold green]" if r["node_type"] == rec["node_type"] else "") + r["node_type"],
+            _fmt_j(r["energy_j"]), f"{_fmt_j(r['lower_j'])} - {_fmt_j(r['upper_j'])}",
+            f"{r['time_s']:.1f}",
+        )  # fmt: skip
+    out.print(t)
+    out.print(
+        f"recommended: {rec['node_type']} (saves {rec['savings_vs_worst_pct']:.0f} % against "
+        f"the worst); placement: {rec['placement']}"
+    )
+    auto = summary.get("auto_job")
+    if auto:
+        m = auto.get("measured_energy_j")
+        pred = auto.get("predicted_energy_j")
+        miss = f" ({(pred / m - 1) * 100:+.1f} % off)" if m and pred else ""
+        out.print(
+            f"ran it with --node-type auto: placed on {auto['node_type']} "
+            f"({auto['placement']}), measured {_fmt_j(m)} J against {_fmt_j(pred)} J "
+            f"predicted{miss}"
+        )
 
 
 def _import_dataset(store: Store, data: Path, out: Console) -> None:
     from profiler.importers.seaa2023 import import_seaa2023
 
-    out.rule("1. Import the real traces")
+    out.rule("Real traces (SEAA 2023): import into the store")
     summary = import_seaa2023(store, data, progress=True)
     out.print(
         f"{len(summary.runs)} runs, {summary.samples_total:,} samples "
@@ -82,7 +303,7 @@ def _import_dataset(store: Store, data: Path, out: Console) -> None:
     )
 
 
-def _check_raw_csvs(store: Store, data: Path, out: Console) -> None:
+def _check_raw_csvs(store: Store, data: Path, out: Console) -> dict[str, float | None]:
     """Integrate the raw nvidia-smi CSVs and compare with the dataset's reported energy."""
     import json
 
@@ -91,7 +312,8 @@ def _check_raw_csvs(store: Store, data: Path, out: Console) -> None:
     from estimators.energy import run_energy
     from profiler.importers.nvidia_smi import read_nvidia_smi_csv
 
-    out.rule("2. Raw nvidia-smi CSVs against the dataset's own figures")
+    out.rule("Recorded: raw nvidia-smi CSVs against the dataset's own figures")
+    diffs: dict[str, float | None] = {}
     runs = {r["run_id"]: r for r in store.runs().iter_rows(named=True)}
     table = Table(title_justify="left")
     for col in ("run", "samples", "wattwise kJ", "reported kJ", "difference"):
@@ -102,6 +324,7 @@ def _check_raw_csvs(store: Store, data: Path, out: Console) -> None:
         energy = float(run_energy(samples)["energy_j"].item())
         config = json.loads(runs[run_id]["config"] or "{}") if run_id in runs else {}
         reported = config.get("gpu_energy_j")
+        diffs[run_id] = (energy / reported - 1) * 100 if reported else None
         diff = f"{(energy / reported - 1) * 100:+.2f} %" if reported else "-"
         table.add_row(
             run_id,
@@ -115,14 +338,16 @@ def _check_raw_csvs(store: Store, data: Path, out: Console) -> None:
         "The dataset's figure sums integer-watt samples; wattwise integrates the "
         "centiwatt readings with trapezoids."
     )
+    return diffs
 
 
-def _savings(store: Store, out: Console) -> None:
+def _savings(store: Store, out: Console) -> dict[str, dict[str, Any]]:
     """Per-epoch energy by architecture and GPU: what picking the right GPU saves."""
     import polars as pl
     from rich.table import Table
 
-    out.rule("3. Per-epoch energy by architecture and GPU (measured)")
+    out.rule("Recorded: per-epoch energy by architecture and GPU (measured)")
+    best: dict[str, dict[str, Any]] = {}
     runs = store.runs().filter(
         (pl.col("status") == "finished")
         & pl.col("energy_j").is_not_null()
@@ -139,6 +364,11 @@ def _savings(store: Store, out: Console) -> None:
         table.add_column(col, justify="left" if col in ("architecture", "GPU") else "right")
     for (arch,), part in per.partition_by("architecture", as_dict=True).items():
         worst = float(part["epoch_j"].max())  # type: ignore[arg-type]
+        top = part.row(0, named=True)
+        best[str(arch)] = {
+            "gpu_model": top["gpu_model"],
+            "saving_vs_worst_pct": (1 - top["epoch_j"] / worst) * 100,
+        }
         for i, r in enumerate(part.iter_rows(named=True)):
             saving = 1 - r["epoch_j"] / worst
             table.add_row(
@@ -151,219 +381,47 @@ def _savings(store: Store, out: Console) -> None:
         table.add_section()
     out.print(table)
     out.print("Data: del Rey et al., SEAA 2023 (GAISSA-UPC/seaa2023_ect), CC BY 4.0")
+    return best
 
 
-def _live_run(store: Store, data: Path | None, out: Console, *, epochs: int) -> pl.DataFrame:
-    """Train on the CPU with epoch hooks while the sidecar samples a replayed GPU.
-
-    Without recorded traces (``data`` is ``None``) the sidecar samples the
-    modelled CPU source instead, and every sample says so.
-    """
-    import json
-    import tempfile
-    from datetime import UTC, datetime
-
-    import polars as pl
-    import torchvision  # noqa: F401  (seconds to import: do it before the replay clock starts)
-
-    from estimators.energy import epoch_energy, run_energy
-    from profiler.hooks import EpochHooks
-    from profiler.sidecar import Sidecar, StoreReceiver
-    from profiler.sources.base import PowerSource
-    from profiler.sources.replay import ReplaySource, load_trace
-
-    source: PowerSource
-    if data is not None:
-        out.rule("4. A live run: CPU training, replayed RTX 3090, epoch hooks")
-        trace_run = "cloud-vgg16-00"
-        trace = load_trace(data / "traces.parquet", run_ids=[trace_run])
-        gpu, node_type = "NVIDIA GeForce RTX 3090", "cloud"
-        source = ReplaySource(trace, model=gpu, device_prefix="")
-        power = f"replay of {trace_run} as a fake {gpu}"
-    else:
-        from profiler.sources.modelled import ModelledCpuSource
-
-        out.rule("4. A live run: CPU training, modelled CPU power, epoch hooks")
-        gpu, node_type = "CPU (modelled)", "cpu"
-        source = ModelledCpuSource()
-        power = "modelled: CPU utilisation x 100 W board power"
-    run_id = "demo-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
-    arch, batch, size, n_train = "mobilenet_v3_small", 32, 64, 128
-    store.write_runs(
-        pl.DataFrame(
-            {
-                "run_id": [run_id],
-                "job_name": ["wattwise demo"],
-                "node_type": [node_type],
-                "gpu_model": [gpu],
-                "gpu_count": [1],
-                "architecture": [arch],
-                "batch_size": [batch],
-                "image_height": [size],
-                "image_width": [size],
-                "training_size": [n_train],
-                "planned_epochs": [epochs],
-                "status": ["running"],
-                "start": [datetime.now(UTC)],
-                "config": [json.dumps({"power": power, "device": "cpu"})],
-            }
-        )
-    )
-    out.print(
-        f"run {run_id}: {arch}, batch {batch}, {n_train} images {size}x{size}, {epochs} epochs; "
-        f"power: {power}, sampled every 0.5 s"
-    )
-    with tempfile.TemporaryDirectory() as journal:
-        sidecar = Sidecar(
-            [source],
-            node="demo-node",
-            run_id=run_id,
-            interval_s=0.5,
-            batch_interval_s=1.0,
-            receiver=StoreReceiver(store),
-            journal=journal,
-        )
-        with sidecar:
-            hooks = EpochHooks(run_id, store=store)
-            _train(arch, batch, size, n_train, epochs, hooks, out)
-            hooks.close()
-        stats = sidecar.stats
-    samples = store.samples(run_id)
-    marks = store.epochs(run_id)
-    total = run_energy(samples).row(0, named=True)
-    store.write_runs(
-        pl.DataFrame(
-            {
-                "run_id": [run_id],
-                "status": ["finished"],
-                "trained_epochs": [marks.height],
-                "end": [datetime.now(UTC)],
-                "duration_s": [total["duration_s"]],
-                "energy_j": [total["energy_j"]],
-                "energy_source": ["measured"],
-            }
-        )
-    )
-    per_epoch = epoch_energy(samples, marks)
-    from rich.table import Table
-
-    table = Table(title_justify="left")
-    for col in ("epoch", "seconds", "energy J", "mean W", "gap s", "samples"):
-        table.add_column(col, justify="right")
-    for r in per_epoch.iter_rows(named=True):
-        table.add_row(
-            str(r["epoch"]),
-            f"{r['duration_s']:.2f}",
-            f"{r['energy_j']:.1f}",
-            f"{r['mean_power_w']:.1f}",
-            f"{r['gap_s']:.1f}",
-            str(r["n_samples"]),
-        )
-    out.print(table)
-    out.print(
-        f"sidecar: {stats.samples} samples taken, {stats.sent} stored, {stats.spilled} spilled, "
-        f"{stats.lost} lost. See it again with: wattwise energy --run {run_id}"
-    )
-    return per_epoch
-
-
-def _train(
-    arch: str, batch: int, size: int, n_train: int, epochs: int, hooks: object, out: Console
-) -> None:
-    """A real (small) torchvision training loop on the CPU, on generated images."""
-    import torch
-    import torchvision
-    from rich.progress import Progress
-
-    torch.manual_seed(0)
-    torch.set_num_threads(1)  # leave the other core to the sidecar
-    model = torchvision.models.get_model(arch, weights=None, num_classes=10)
-    data = torchvision.datasets.FakeData(
-        size=n_train,
-        image_size=(3, size, size),
-        num_classes=10,
-        transform=torchvision.transforms.ToTensor(),
-    )
-    loader = torch.utils.data.DataLoader(data, batch_size=batch, shuffle=True)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    loss_fn = torch.nn.CrossEntropyLoss()
-    with Progress(console=out, transient=True) as bar:
-        task = bar.add_task("training", total=epochs * len(loader))
-        for epoch in range(epochs):
-            with hooks.epoch(epoch):  # type: ignore[attr-defined]
-                model.train()
-                for x, y in loader:
-                    opt.zero_grad()
-                    loss_fn(model(x), y).backward()
-                    opt.step()
-                    bar.advance(task)
-
-
-def _step_live(per_epoch: pl.DataFrame, out: Console, *, power_cap_w: float) -> None:
-    """STEP after every epoch of the live run, as the aggregator computes it."""
-    from rich.table import Table
-
-    from estimators.step import OnlineStep
-
-    out.rule("5. STEP on the live run, updated after every epoch")
-    planned = per_epoch.height
-    total = float(per_epoch["energy_j"].sum())
-    step = OnlineStep(planned_epochs=planned, power_cap_w=power_cap_w)
-    table = Table(title_justify="left")
-    for col in ("after epoch", "projected J", "90 % band J", "stable", "error"):
-        table.add_column(col, justify="right")
-    for i, r in enumerate(per_epoch.iter_rows(named=True)):
-        proj = step.update(r["energy_j"], r["duration_s"])
-        if proj.energy_j is None:
-            continue
-        band = f"{proj.lower_j:,.0f} - {proj.upper_j:,.0f}" if proj.lower_j is not None else "-"
-        table.add_row(
-            str(i),
-            f"{proj.energy_j:,.0f}",
-            band,
-            "yes" if proj.stable else "not yet",
-            f"{(proj.energy_j / total - 1) * 100:+.1f} %",
-        )
-    out.print(table)
-    out.print(
-        f"measured total of the {planned} epochs: {total:,.0f} J. STEP trusts no regime "
-        "before 10 epochs (the paper's warm-up), so early answers carry a wide band."
-    )
-
-
-def _step_recorded(data: Path, out: Console) -> None:
+def _step_recorded(data: Path, out: Console) -> dict[str, float]:
     """STEP and the baselines on every recorded run, seeing only its first 20 %."""
     import polars as pl
 
     from cluster.commands.step_cmds import print_summary
     from estimators.baselines import bench_step, summarise
 
-    out.rule("6. STEP against today's rules on 189 recorded runs, after 20 % of each")
+    out.rule("Recorded: STEP against today's rules on 189 runs, after 20 % of each")
     runs = pl.read_parquet(data / "runs.parquet").filter(pl.col("has_trace"))
     traces = pl.read_parquet(data / "traces.parquet")
     pred = bench_step(runs, traces, fraction=0.2)
-    print_summary(summarise(pred), title="absolute percentage error of the projected total")
+    table = summarise(pred)
+    print_summary(table, title="absolute percentage error of the projected total", out=out)
     out.print(
         "step = wattwise; carbontracker = first epoch x epochs; mlco2 = board power x time; "
         "green_algorithms = board power x utilisation x time; naive = mean power so far x time"
     )
+    return {
+        str(r["method"]): float(r["median_ape_pct"])
+        for r in table.iter_rows(named=True)
+        if r["median_ape_pct"] is not None
+    }
 
 
-def _pre(store: Store, out: Console) -> None:
-    """Retrain PRE on the store, then recommend a node type for a new job."""
+def _pre(store: Store, out: Console) -> dict[str, Any]:
+    """Recommend a GPU node type for a bigger job with the model the live part retrained."""
     from rich.table import Table
 
-    from cluster.retrain import latest_model, retrain
+    from cluster.retrain import latest_model
     from estimators.features import JobDescription
     from estimators.recommend import NodeType, recommend
 
-    out.rule("7. PRE: retrain on the finished runs, recommend a node type for a new job")
-    result = retrain(store)
-    out.print(
-        f"PRE v{result.version} on {result.rows} runs: "
-        f"{'accepted' if result.accepted else 'rejected'} ({result.decision})"
-    )
-    model = latest_model(store.root / "models")
+    out.rule("Recorded: PRE recommends a GPU node type for a bigger job")
+    try:
+        model = latest_model(store.root / "models")
+    except BadInputError as err:
+        out.print(f"[yellow]no PRE model: {err}[/]")
+        return {}
     job = JobDescription(
         architecture="resnet18",
         batch_size=64,
@@ -398,3 +456,4 @@ def _pre(store: Store, out: Console) -> None:
         + (f", {default:.0f} % against the default" if default is not None else "")
         + f"); placement: {rec.placement}"
     )
+    return {"node_type": rec.chosen, "savings_vs_worst_pct": rec.savings_vs_worst_pct}

@@ -19,6 +19,7 @@ from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
     import polars as pl
+    from rich.console import Console
 
     from estimators.step import Projection, RunPlan
 
@@ -247,8 +248,8 @@ def run_bench_step(args: argparse.Namespace) -> int:
     return 0
 
 
-def print_summary(summary: pl.DataFrame, *, title: str) -> None:
-    """Print :func:`estimators.baselines.summarise` output as a rich table."""
+def print_summary(summary: pl.DataFrame, *, title: str, out: Console | None = None) -> None:
+    """Print :func:`estimators.baselines.summarise` output as a rich table (on ``out``)."""
     from rich.table import Table
 
     def pct(x: float | None) -> str:
@@ -269,4 +270,4 @@ def print_summary(summary: pl.DataFrame, *, title: str) -> None:
             pct(r["median_half_width_pct"]),
             "-" if r["stable_share"] is None else f"{r['stable_share']:.0%}",
         )
-    console().print(t)
+    (out or console()).print(t)

@@ -1,0 +1,376 @@
+"""``wattwise demo --replay``: recorded runs through sidecars, the aggregator, STEP and PRE.
+
+Each picked run gets its own sidecar actor, pinned to the worker node of its
+GPU's node type, whose only source replays the run's recorded power trace
+(:class:`profiler.sources.replay.ReplaySource`: the recorded samples with
+their own spacing, released ``speed`` times faster than they were taken, so
+the energy is exactly the recorded energy). A driver thread per run hands the
+run's epoch marks to the aggregator once the replayed clock has passed them:
+the marks recorded in a wattwise store, or, for the SEAA 2023 traces, which
+have none, ``trained_epochs`` equal slices of the run's time (said so in the
+summary). The aggregator integrates, aligns and projects exactly as for a live
+run; at the end the runs are finished, PRE is retrained on the store and asked
+to recommend a node type for the first replayed job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import threading
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from cluster.demo import Progress, _Watch, fifth, local_cluster, write_reports
+from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    import polars as pl
+
+    from profiler.store import Store
+
+log = logging.getLogger(__name__)
+
+
+def _node_type_name(gpu_model: str) -> str:
+    """A node type name for a GPU model: ``NVIDIA GeForce RTX 3090`` -> ``rtx3090``."""
+    from estimators.features import gpu_key
+
+    try:
+        name = gpu_key(gpu_model)
+    except BadInputError:
+        name = gpu_model
+    return "".join(c for c in name.lower() if c.isalnum()) or "gpu"
+
+
+def _load(source: Path) -> tuple[pl.DataFrame, str]:
+    """The recorded runs of ``source`` and its kind (``seaa2023`` or ``store``)."""
+    import polars as pl
+
+    if (source / "traces.parquet").is_file() and (source / "runs.parquet").is_file():
+        runs = pl.read_parquet(source / "runs.parquet")
+        if "has_trace" in runs.columns:
+            runs = runs.filter(pl.col("has_trace"))
+        return runs, "seaa2023"
+    if (source / "runs.parquet").is_file() and (source / "samples").is_dir():
+        from profiler.store import Store
+
+        runs = Store(source).runs().filter(pl.col("status") == "finished")
+        return runs, "store"
+    raise BadInputError(
+        f"{source}: expected a SEAA 2023 style folder (runs.parquet and traces.parquet) or a "
+        "wattwise store (runs.parquet and samples/); found neither"
+    )
+
+
+def _pick(runs: pl.DataFrame, wanted: Sequence[str] | None, count: int) -> pl.DataFrame:
+    """The runs to replay: ``wanted``, else per (architecture, GPU) the median-length run."""
+    import polars as pl
+
+    if wanted:
+        known = set(runs["run_id"].to_list())
+        missing = [r for r in wanted if r not in known]
+        if missing:
+            raise BadInputError(
+                f"--runs: unknown run ids {missing}; the source has {len(known)} runs, e.g. "
+                f"{sorted(known)[:5]}"
+            )
+        return runs.filter(pl.col("run_id").is_in(list(wanted)))
+    if count < 1:
+        raise BadInputError(f"expected at least one run to replay; found count={count}")
+    gpus = runs["gpu_model"].drop_nulls().unique().sort().to_list()
+    picked: list[str] = []
+    # Architectures recorded on every GPU first, so the replay compares GPUs for one job.
+    archs = (
+        runs.group_by("architecture")
+        .agg(pl.col("gpu_model").n_unique().alias("n"))
+        .sort(["n", "architecture"], descending=[True, False])["architecture"]
+        .to_list()
+    )
+    for arch in archs:
+        for gpu in gpus:
+            part = runs.filter((pl.col("architecture") == arch) & (pl.col("gpu_model") == gpu))
+            if part.height == 0 or len(picked) >= count:
+                continue
+            med = float(part["duration_s"].median())  # type: ignore[arg-type]
+            best = part.with_columns((pl.col("duration_s") - med).abs().alias("_d")).sort("_d")
+            picked.append(str(best["run_id"][0]))
+    return runs.filter(pl.col("run_id").is_in(picked))
+
+
+def _trace(source: Path, kind: str, run_id: str) -> pl.DataFrame:
+    from profiler.sources.replay import load_trace
+
+    if kind == "seaa2023":
+        return load_trace(source / "traces.parquet", run_ids=[run_id])
+    from profiler.store import Store
+
+    return (
+        Store(source).samples(run_id).select("device", "model", "timestamp", "power_w", "energy_j")
+    )
+
+
+def _marks(
+    source: Path, kind: str, row: dict[str, Any], trace: pl.DataFrame
+) -> tuple[list[tuple[float, float]], str]:
+    """Epoch (start, end) offsets in s from the trace's first sample, and where they came from."""
+    t0 = trace["timestamp"].min()
+    t1 = trace["timestamp"].max()
+    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    if kind == "store":
+        from profiler.store import Store
+
+        ep = Store(source).epochs(str(row["run_id"])).sort("epoch")
+        if ep.height:
+            return [
+                ((s - t0).total_seconds(), (e - t0).total_seconds())
+                for s, e in zip(ep["start"], ep["end"], strict=True)
+            ], "recorded epoch marks"
+    n = int(row.get("trained_epochs") or 0)
+    if n < 1:
+        raise BadInputError(
+            f"run {row['run_id']!r}: no epoch marks and no trained_epochs to slice its time by"
+        )
+    span = (t1 - t0).total_seconds()
+    return [
+        (span * k / n, span * (k + 1) / n) for k in range(n)
+    ], f"no epoch marks recorded: {n} equal slices of the run's time"
+
+
+def replay_runs(
+    store: Store,
+    source: Path,
+    *,
+    speed: float,
+    runs: Sequence[str] | None,
+    count: int,
+    progress: Progress | None,
+) -> dict[str, Any]:
+    """See :func:`cluster.demo.replay`."""
+    import ray
+
+    from cluster.actors import aggregator, sidecar_actor
+    from cluster.demo import _retrain
+
+    if not (speed > 0 and math.isfinite(speed)):
+        raise BadInputError(f"--speed must be a number > 0 (1 = real time); found {speed}")
+    t_start = time.monotonic()
+    note = progress or (lambda *_: None)
+    recorded, kind = _load(Path(source))
+    picked = _pick(recorded, runs, count)
+    if kind == "seaa2023":  # PRE learns from the whole dataset, as after `wattwise import`
+        from profiler.importers.seaa2023 import import_seaa2023
+
+        import_seaa2023(store, Path(source))
+    types = sorted({_node_type_name(str(g)) for g in picked["gpu_model"].to_list()})
+    per_type = {t: 0 for t in types}
+    for g in picked["gpu_model"].to_list():
+        per_type[_node_type_name(str(g))] += 1
+    root = str(store.root.resolve())
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S")
+    summary: dict[str, Any] = {
+        "mode": "replay",
+        "store": root,
+        "source": str(source),
+        "speed": speed,
+        "cluster": {"nodes": 1 + len(types), "node_types": types},
+        "jobs": [],
+    }
+    with local_cluster([(t, per_type[t]) for t in types]):
+        note("note", f"Ray cluster up: head + {', '.join(types)}; replaying at {speed:g}x")
+        agg = aggregator(root)
+        nodes = {
+            next(k.split(":", 1)[1] for k in n["Resources"] if k.startswith("node_type:")): n
+            for n in ray.nodes()  # type: ignore[no-untyped-call]
+            if n.get("Alive") and any(k.startswith("node_type:") for k in n["Resources"])
+        }
+        plays = []
+        for row in picked.iter_rows(named=True):
+            orig = str(row["run_id"])
+            nt = _node_type_name(str(row["gpu_model"]))
+            trace = _trace(Path(source), kind, orig)
+            marks, marks_from = _marks(Path(source), kind, row, trace)
+            run_id = f"replay-{orig}-{stamp}"[:120]
+            recorded_j = row.get("gpu_energy_j") or row.get("energy_j")
+            ray.get(
+                agg.start_run.remote(
+                    {
+                        "run_id": run_id,
+                        "job_name": f"replay of {orig}",
+                        "node_type": nt,
+                        "gpu_model": row.get("gpu_model"),
+                        "gpu_count": 1,
+                        "architecture": row.get("architecture"),
+                        "batch_size": row.get("batch_size"),
+                        "training_size": row.get("training_size"),
+                        "validation_size": row.get("validation_size"),
+                        "gflops_forward": row.get("gflops_forward"),
+                        "planned_epochs": len(marks),
+                        "status": "running",
+                        "start": datetime.now(UTC),
+                        "config": json.dumps(
+                            {"replay_of": orig, "speed": speed, "epoch_marks": marks_from}
+                        ),
+                    }
+                ),
+                timeout=60,
+            )
+            node = nodes[nt]
+            anchor = datetime.now(UTC)
+            side = sidecar_actor(
+                node["NodeID"],
+                f"{nt}-{orig}",
+                [("replay", {"trace": trace, "speed": speed, "anchor": anchor})],
+                name=f"wattwise-replay-{run_id}"[:100],
+                run_id=run_id,
+                interval_s=0.5,
+                batch_interval_s=1.0,
+                journal_dir=str(store.root / "journal" / run_id),
+            )
+            watch = _Watch(agg, len(marks), progress)
+            watch.start(run_id, {})
+            plays.append(
+                {
+                    "orig": orig,
+                    "row": row,
+                    "run_id": run_id,
+                    "node_type": nt,
+                    "marks": marks,
+                    "marks_from": marks_from,
+                    "anchor": anchor,
+                    "sidecar": side,
+                    "watch": watch,
+                    "recorded_j": recorded_j,
+                    "rows": trace.height,
+                    "span_s": (trace["timestamp"].max() - trace["timestamp"].min()).total_seconds(),  # type: ignore[operator]
+                }
+            )
+        threads = [threading.Thread(target=_play, args=(agg, p, speed), daemon=True) for p in plays]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for p in plays:
+            p["watch"].done.set()
+            s = p["final"]
+            at = p["watch"].at_fifth or {}
+            summary["jobs"].append(
+                {
+                    "run_id": p["run_id"],
+                    "replay_of": p["orig"],
+                    "node_type": p["node_type"],
+                    "gpu_model": p["row"].get("gpu_model"),
+                    "architecture": p["row"].get("architecture"),
+                    "status": s.get("status"),
+                    "planned_epochs": len(p["marks"]),
+                    "epochs": int(s.get("epochs_done") or 0),
+                    "epoch_marks": p["marks_from"],
+                    "measured_energy_j": s.get("measured_energy_j"),
+                    "recorded_energy_j": p["recorded_j"],
+                    "duration_s": s.get("duration_s"),
+                    "energy_source": "measured (replayed recording)",
+                    "projected_energy_j": at.get("energy_j"),
+                    "lower_j": at.get("lower_j"),
+                    "upper_j": at.get("upper_j"),
+                    "stable_at_fifth": bool(at.get("stable")),
+                    "projected_after_epochs": at.get("after_epochs"),
+                    "projection_from": "aggregator",
+                    "samples_sent": p.get("sent"),
+                }
+            )
+        try:
+            summary["model"], model = _retrain(store)
+        except BadInputError as err:
+            summary["model"], model = {"version": None, "rows": 0, "reason": str(err)}, None
+        summary["recommendation"] = _recommend(model, picked)
+    summary["reports"] = write_reports(store, summary)
+    summary["elapsed_s"] = round(time.monotonic() - t_start, 1)
+    return summary
+
+
+def _play(agg: Any, p: dict[str, Any], speed: float) -> None:
+    """Send one run's marks as its replayed clock passes them; then flush, finish, stop."""
+    import polars as pl
+    import ray
+
+    wall0 = time.monotonic()
+    anchor: datetime = p["anchor"]
+    for k, (s, e) in enumerate(p["marks"]):
+        due = wall0 + e / speed
+        time.sleep(max(0.0, due - time.monotonic()))
+        ray.get(
+            agg.ingest_epochs.remote(
+                pl.DataFrame(
+                    {
+                        "run_id": [p["run_id"]],
+                        "epoch": [k],
+                        "start": [anchor + timedelta(seconds=s)],
+                        "end": [anchor + timedelta(seconds=e)],
+                    },
+                    schema={
+                        "run_id": pl.String,
+                        "epoch": pl.Int64,
+                        "start": pl.Datetime("us", "UTC"),
+                        "end": pl.Datetime("us", "UTC"),
+                    },
+                )
+            ),
+            timeout=60,
+        )
+    # The source's clock started when its actor came up: wait until it has played every row.
+    deadline = time.monotonic() + 120 + p["span_s"] / speed
+    while ray.get(p["sidecar"].stats.remote(), timeout=60)["samples"] < p["rows"]:
+        if time.monotonic() > deadline:
+            log.warning("replay of %s: not every recorded sample was played", p["orig"])
+            break
+        time.sleep(0.2)
+    stats = ray.get(p["sidecar"].stop.remote(), timeout=120)
+    p["sent"] = stats.get("sent")
+    ray.kill(p["sidecar"])
+    p["final"] = ray.get(agg.finish_run.remote(p["run_id"], "finished"), timeout=120)
+
+
+def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
+    """PRE's node-type recommendation for the first replayed job among the replay's GPUs."""
+    from estimators.features import JobDescription
+    from estimators.recommend import NodeType, recommend
+
+    if model is None:
+        return {"node_type": None, "predicted_energy_j": None, "reason": "no PRE model"}
+    first = picked.row(0, named=True)
+    gpus = sorted({str(g) for g in picked["gpu_model"].to_list()})
+    inventory = [NodeType(_node_type_name(g), g) for g in gpus]
+    epochs = int(first.get("trained_epochs") or 1)
+    job = JobDescription(
+        architecture=str(first["architecture"]),
+        batch_size=int(first["batch_size"]),
+        training_size=int(first["training_size"]),
+        validation_size=int(first.get("validation_size") or 0),
+        gflops_forward=float(first["gflops_forward"]),
+        planned_epochs=epochs,
+    )
+    rec = recommend(model, job, inventory)
+    best = rec.table.row(0, named=True)
+    return {
+        "job": {"architecture": job.architecture, "epochs": epochs,
+                "batch_size": job.batch_size, "train_size": job.training_size},
+        "node_type": rec.chosen,
+        "predicted_energy_j": float(best["epoch_energy_j"]) * epochs,
+        "lower_j": float(best["lower_j"]) * epochs,
+        "upper_j": float(best["upper_j"]) * epochs,
+        "savings_vs_worst_pct": rec.savings_vs_worst_pct,
+        "ranking": [
+            {"node_type": r["node_type"], "energy_j": float(r["epoch_energy_j"]) * epochs,
+             "lower_j": float(r["lower_j"]) * epochs, "upper_j": float(r["upper_j"]) * epochs,
+             "time_s": float(r["epoch_time_s"]) * epochs}
+            for r in rec.table.iter_rows(named=True)
+        ],
+        "placement": rec.placement,
+    }  # fmt: skip
+
+
+__all__ = ["replay_runs", "fifth"]

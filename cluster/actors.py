@@ -25,6 +25,7 @@ import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -96,13 +97,15 @@ class _AggregatorActorImpl:
         """Liveness: pid and start time of this incarnation."""
         return {"pid": os.getpid(), "started": self.started}
 
-    def ingest_samples(self, batch: pl.DataFrame) -> int:
+    def ingest_samples(self, batch: pl.DataFrame, sent_at: datetime | None = None) -> int:
         """See :meth:`Aggregator.ingest_samples`."""
-        return self.agg.ingest_samples(batch)
+        return self.agg.ingest_samples(batch, sent_at=sent_at)
 
-    def ingest_epochs(self, marks: pl.DataFrame) -> int:
+    def ingest_epochs(
+        self, marks: pl.DataFrame, node: str | None = None, sent_at: datetime | None = None
+    ) -> int:
         """See :meth:`Aggregator.ingest_epochs`."""
-        return self.agg.ingest_epochs(marks)
+        return self.agg.ingest_epochs(marks, node=node, sent_at=sent_at)
 
     def start_run(self, run: dict[str, Any]) -> str:
         """See :meth:`Aggregator.start_run`."""
@@ -240,12 +243,16 @@ class AggregatorReceiver:
 
     def send(self, batch: pl.DataFrame) -> None:
         """Deliver one batch (idempotent on the aggregator's side, so resending is safe)."""
+        self.send_at(batch, None)
+
+    def send_at(self, batch: pl.DataFrame, sent_at: datetime | None) -> None:
+        """Deliver one batch stamped with this node's clock (for the offset estimate)."""
         import ray
 
         if self._handle is None:
             self._handle = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
         try:
-            ray.get(self._handle.ingest_samples.remote(batch), timeout=self.timeout_s)
+            ray.get(self._handle.ingest_samples.remote(batch, sent_at), timeout=self.timeout_s)
         except Exception:
             self._handle = None  # look it up again next time
             raise
@@ -300,6 +307,20 @@ class _SidecarActorImpl:
         """Assign samples from now on to ``run_id`` (``None``: unassigned)."""
         self.sidecar.set_run(run_id)
 
+    def attach_job(
+        self, run_id: str, gpus: list[str] | None = None, pid: int | None = None
+    ) -> dict[str, Any]:
+        """See :meth:`profiler.sidecar.Sidecar.attach_job`."""
+        return self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
+
+    def detach(self, run_id: str) -> int:
+        """See :meth:`profiler.sidecar.Sidecar.detach`."""
+        return self.sidecar.detach(run_id)
+
+    def owners(self) -> dict[str, str | None]:
+        """See :meth:`profiler.sidecar.Sidecar.owners`."""
+        return self.sidecar.owners()
+
     def flush(self) -> dict[str, int]:
         """Cut the buffer and deliver everything now; returns the counters."""
         self.sidecar.cut()
@@ -346,7 +367,7 @@ def sidecar_actor(
         name=name or SIDECAR_PREFIX + node_id[:16],
         namespace=NAMESPACE,
         num_cpus=0,
-        max_concurrency=2,  # stats and flush answer while the threads run
+        max_concurrency=4,  # stats, flush and attach answer while the threads run (several runs)
         scheduling_strategy=NodeAffinitySchedulingStrategy(node_id=node_id, soft=False),
     ).remote(node, list(sources), **kwargs)
 

@@ -33,20 +33,45 @@ ends. Samples go to the store in batches (``flush_rows`` / ``flush_interval_s``)
 with a write-ahead journal (``wal``) every batch is on local disk before
 :meth:`Aggregator.ingest_samples` returns, and a restart replays it.
 
-**Clocks.** Epoch marks and samples of one run come from the same node's
-clock (hooks and sidecar run side by side), so they are aligned without any
-offset correction; across nodes wattwise relies on NTP. The delay between a
-batch's newest sample and its arrival is kept per node (``node_lag_s`` in
-:meth:`Aggregator.stats`) so a skewed clock shows up as a negative lag.
+**Clocks.** Every node stamps samples (sidecar) and epoch marks (hooks)
+with its own clock, and clocks of two nodes can be seconds apart.
+
+* *Estimate.* Each sample batch (``sent_at``: the sidecar's clock when it
+  handed the batch over, stamped anew on every resend) and each forward of
+  epoch marks (``node``, ``sent_at``: the mark relay's clock) gives
+  ``receive time - send time`` = (aggregator clock - node clock) + one-way
+  delay. The node's offset estimate is the minimum over its last
+  ``clock_window`` deliveries (NTP-like): it is biased by the smallest
+  one-way delay seen, never by queueing, so its error is at most that delay
+  (milliseconds on a LAN; :meth:`Aggregator.stats` gives ``clock_offset_s``
+  and the spread of the observations, ``clock_spread_s``).
+* *Stored raw.* Samples and marks are stored with the timestamps their node
+  gave them; nothing in the ``samples`` or ``epochs`` tables is rewritten.
+  So the store's idempotent key (node, device, timestamp) stays exact: a
+  batch resent after the estimate moved, or after a restart, is still
+  recognised and stored once.
+* *Aligned per run.* A run is aligned on the clock of its **home** node,
+  the node whose clock its epoch marks use (``clock_home`` in the run's
+  config, as :func:`cluster.runner.run_job` writes it; else the node of
+  the first marks or samples). Samples of another node N are shifted by
+  ``offset(N) - offset(home)`` when they are integrated. That shift is
+  fixed for (run, N) when N's first samples of the run arrive, so
+  duplicates within the run still coincide, and it is written to the run's
+  config as ``clock = {"home": ..., "shift_s": {N: seconds}, "marks_node": ...}``;
+  a restart, a recomputation from the store after late samples, and
+  :meth:`Aggregator.epochs` of ended runs apply the same shifts. A
+  one-node run (the usual case) has no shift at all: its marks and samples
+  share a clock, whatever that clock's offset.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -106,6 +131,18 @@ def _projection_dict(proj: Any | None, reason: str = "") -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------ PRE glue
+
+
+def _set_clock(st: _Run) -> _Run:
+    """Fill a run's clock alignment from its record's config (kept where already set)."""
+    home, marks_node, shifts = _clock_of(st.row)
+    if st.home is None:
+        st.home = home
+    if st.marks_node is None:
+        st.marks_node = marks_node
+    for n, us in shifts.items():
+        st.shift_us.setdefault(n, us)
+    return st
 
 
 def _retrain(store: Store) -> bool:
@@ -240,6 +277,9 @@ class _Run:
     skipped: int = 0
     dirty: bool = False
     sources: set[str] = field(default_factory=set)  # where its samples came from
+    home: str | None = None  # node whose clock the run is aligned on (its marks' clock)
+    marks_node: str | None = None  # node whose clock its epoch marks use, if not home
+    shift_us: dict[str, int] = field(default_factory=dict)  # node -> µs added to its times
 
     def stream(self, node: str, device: str) -> int:
         """The stream index of (node, device), allocated on first sight."""
@@ -519,6 +559,111 @@ def _us_to_dt(us: int | None) -> datetime | None:
     return datetime.fromtimestamp(us / 1e6, tz=UTC)
 
 
+class ClockOffsets:
+    """Per-node clock offset estimates: min over recent deliveries of (receive - send) time.
+
+    Args:
+        window: Deliveries per node the minimum is taken over (recent ones, so
+            a drifting clock is followed).
+
+    """
+
+    def __init__(self, window: int = 256) -> None:
+        self.window = window
+        self._obs: dict[str, deque[int]] = {}
+
+    def observe(self, node: str, received_us: int, sent_us: int) -> None:
+        """Record one delivery: sent at ``sent_us`` (node clock), received at ``received_us``."""
+        q = self._obs.get(node)
+        if q is None:
+            q = self._obs[node] = deque(maxlen=self.window)
+        q.append(received_us - sent_us)
+
+    def offset_us(self, node: str) -> int | None:
+        """Aggregator minus node clock in µs (plus the least one-way delay); None if unseen."""
+        q = self._obs.get(node)
+        return min(q) if q else None
+
+    def spread_us(self, node: str) -> int | None:
+        """Largest minus smallest observation in µs: delays' spread (queueing, retries)."""
+        q = self._obs.get(node)
+        return max(q) - min(q) if q else None
+
+    def nodes(self) -> list[str]:
+        """Nodes with an estimate."""
+        return sorted(self._obs)
+
+
+def _dt_us(value: datetime | int | float | None) -> int | None:
+    """A send time as µs since the Unix epoch (datetimes must be timezone-aware)."""
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise BadInputError(
+                f"sent_at must be timezone-aware UTC; found naive {value.isoformat()}"
+            )
+        return int(round(value.timestamp() * 1e6))
+    return int(value)
+
+
+def _config(row: Mapping[str, Any]) -> dict[str, Any]:
+    raw = row.get("config")
+    if not raw:
+        return {}
+    try:
+        cfg = json.loads(str(raw))
+    except ValueError:
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
+def _clock_of(row: Mapping[str, Any]) -> tuple[str | None, str | None, dict[str, int]]:
+    """(home, marks node, node -> shift µs) from a run record's config."""
+    cfg = _config(row)
+    found = cfg.get("clock")
+    clock: dict[str, Any] = found if isinstance(found, dict) else {}
+    home = clock.get("home") or cfg.get("clock_home")
+    shifts = {str(k): int(round(float(v) * 1e6)) for k, v in (clock.get("shift_s") or {}).items()}
+    return (
+        None if home is None else str(home),
+        None if clock.get("marks_node") is None else str(clock["marks_node"]),
+        shifts,
+    )
+
+
+def align(
+    samples: pl.DataFrame, marks: pl.DataFrame, row: Mapping[str, Any]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Samples and marks of one run on its home clock, by the shifts in its config.
+
+    Args:
+        samples: The run's stored samples (raw node timestamps).
+        marks: The run's stored epoch marks.
+        row: The run record (its ``config`` holds ``clock``).
+
+    Returns:
+        Both frames with timestamps shifted where the config says so.
+
+    """
+    home, marks_node, shifts = _clock_of(row)
+    shifts = {n: us for n, us in shifts.items() if us and n != home}
+    if shifts and samples.height:
+        by_node = pl.col("node").replace_strict(
+            {n: us for n, us in shifts.items()}, default=0, return_dtype=pl.Int64
+        )
+        samples = samples.with_columns(
+            timestamp=pl.col("timestamp") + pl.duration(microseconds=by_node)
+        )
+    m = shifts.get(marks_node or "", 0)
+    if m and marks.height:
+        marks = marks.with_columns(
+            start=pl.col("start") + pl.duration(microseconds=m),
+            end=pl.col("end") + pl.duration(microseconds=m),
+        )
+    return samples, marks
+
+
 EPOCH_COLUMNS: dict[str, pl.DataType] = {
     "run_id": pl.String(),
     "epoch": pl.Int64(),
@@ -554,6 +699,7 @@ class Aggregator:
         on_finish: Called with (run_id, status, summary) after a run ended
             and its totals were stored.
         clock: Wall clock in µs since the Unix epoch, replaceable in tests.
+        clock_window: Deliveries per node the clock offset minimum is taken over.
 
     """
 
@@ -570,6 +716,7 @@ class Aggregator:
         wal: Journal | str | Path | None = None,
         on_finish: OnFinish | None = None,
         clock: Callable[[], int] = _now_us,
+        clock_window: int = 256,
     ) -> None:
         if gap_threshold_s <= 0:
             raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
@@ -596,6 +743,7 @@ class Aggregator:
         self._valid_ids: set[str] = set()
         self._lock = threading.RLock()
         self.node_lag_s: dict[str, float] = {}
+        self.offsets = ClockOffsets(clock_window)
         self.counters: dict[str, int] = {
             "batches": 0,
             "samples": 0,
@@ -641,9 +789,10 @@ class Aggregator:
                 existing.row.update({k: v for k, v in row.items() if v is not None})
                 if existing.projector is None and not existing.done:
                     existing.projector = _new_projector(existing.row)
+                _set_clock(existing)
                 return run_id
             self._finished.pop(run_id, None)
-            self._runs[run_id] = _Run(run_id, row, _new_projector(row))
+            self._runs[run_id] = _set_clock(_Run(run_id, row, _new_projector(row)))
             self._valid_ids.add(run_id)
         return run_id
 
@@ -667,12 +816,65 @@ class Aggregator:
             else:
                 # Samples or marks for a run nobody announced: track it (STEP needs a plan).
                 self.store.write_runs(pl.DataFrame([row]))
-        st = _Run(run_id, row, _new_projector(row))
+        st = _set_clock(_Run(run_id, row, _new_projector(row)))
         self._runs[run_id] = st
         return st
 
+    # -------------------------------------------------------------------------------- clocks
+    def _shift(self, st: _Run, node: str, *, write: bool) -> int:
+        """µs added to ``node``'s times in run ``st`` (fixed at first sight; see the docstring)."""
+        got = st.shift_us.get(node)
+        if got is not None:
+            return got
+        inferred = st.home is None
+        if inferred:
+            st.home = node
+        if st.home is None or node == st.home:
+            shift = 0
+        else:
+            mine, home = self.offsets.offset_us(node), self.offsets.offset_us(st.home)
+            if mine is None or home is None:
+                log.warning(
+                    "run %s: no clock offset estimate for node %s or home node %s yet; its "
+                    "samples are taken as on the home clock",
+                    st.run_id,
+                    node if mine is None else st.home,
+                    st.home,
+                )
+                shift = 0
+            else:
+                shift = mine - home
+        st.shift_us[node] = shift
+        if write and (inferred or node != st.home):
+            self._save_clock(st)
+        return shift
+
+    def _save_clock(self, st: _Run) -> None:
+        """Write the run's clock alignment into its record's config (for restarts)."""
+        cfg = _config(st.row)
+        cfg["clock"] = {
+            "home": st.home,
+            "marks_node": st.marks_node,
+            "shift_s": {n: us / 1e6 for n, us in sorted(st.shift_us.items()) if n != st.home},
+        }
+        st.row["config"] = json.dumps(cfg)
+        if self.store is not None:
+            self.store.write_runs(
+                pl.DataFrame(
+                    [{"run_id": st.run_id, "status": st.row.get("status") or "running",
+                      "config": st.row["config"]}]
+                )
+            )  # fmt: skip
+
+    def _observe(self, node: str | None, sent_at: datetime | int | float | None) -> None:
+        sent = _dt_us(sent_at)
+        if node is not None and sent is not None:
+            self.offsets.observe(str(node), self.clock(), sent)
+
     # -------------------------------------------------------------------------------- ingest
-    def ingest_samples(self, batch: pl.DataFrame, *, write: bool = True) -> int:
+    def ingest_samples(
+        self, batch: pl.DataFrame, *, write: bool = True, sent_at: datetime | None = None
+    ) -> int:
         """Take a batch of samples (``samples`` schema); returns the rows taken.
 
         Rows without a run id are stored as unassigned (they belong to no
@@ -685,6 +887,11 @@ class Aggregator:
                 ``max_pending_rows`` wait; nothing was taken (resend later).
 
         """
+        if sent_at is not None and batch.height:
+            nodes = batch["node"].unique()
+            if nodes.len() == 1 and nodes[0] is not None:
+                with self._lock:
+                    self._observe(str(nodes[0]), sent_at)
         if batch.height == 0:
             return 0
         batch = self._validate(batch)
@@ -699,7 +906,7 @@ class Aggregator:
                     )
             if write and self.wal is not None:
                 self._wal_seqs.append(self.wal.append(batch))
-            self._absorb(batch)
+            self._absorb(batch, write=write)
             if write and self.store is not None:
                 self._pending.append(batch)
                 self._pending_rows += batch.height
@@ -722,7 +929,7 @@ class Aggregator:
             return conform(batch, "samples")  # raises with the row and the reason
         return batch
 
-    def _absorb(self, batch: pl.DataFrame, *, live: bool = True) -> None:
+    def _absorb(self, batch: pl.DataFrame, *, live: bool = True, write: bool = True) -> None:
         """Split a valid batch by run and queue each part on its run (no store writes).
 
         One pass over the batch: stretches of rows of one (run, node, device)
@@ -771,6 +978,8 @@ class Aggregator:
         rids: list[str | None] = []
         seg_pos = np.empty(n_seg, dtype=np.int64)
         seg_sid = np.empty(n_seg, dtype=np.int32)
+        seg_shift = np.zeros(n_seg, dtype=np.int64)
+        save = write and live
         for j, (rid, node, dev) in enumerate(zip(rid_l, node_l, dev_l, strict=True)):
             pos = pos_of.get(rid)
             if pos is None:
@@ -782,10 +991,17 @@ class Aggregator:
                 rids.append(rid)
             seg_pos[j] = pos
             st = states[pos]
-            seg_sid[j] = st.stream(node, dev) if st is not None else -1
+            if st is not None:
+                seg_sid[j] = st.stream(node, dev)
+                shift = st.shift_us.get(node)
+                seg_shift[j] = shift if shift is not None else self._shift(st, node, write=save)
+            else:
+                seg_sid[j] = -1
         row_pos = np.repeat(seg_pos, lengths)
         row_sid = np.repeat(seg_sid, lengths)
         us = batch["timestamp"].dt.epoch("us").to_numpy()
+        if seg_shift.any():  # other nodes' clocks onto each run's home clock
+            us = us + np.repeat(seg_shift, lengths)
         p = batch["power_w"].cast(pl.Float64).to_numpy()
         c = batch["energy_j"].cast(pl.Float64).to_numpy()
         if len(states) > 1 and (np.diff(row_pos) < 0).any():
@@ -826,17 +1042,33 @@ class Aggregator:
                 ready.append(st)
         self._advance_many(ready)
 
-    def ingest_epochs(self, marks: pl.DataFrame, *, write: bool = True) -> int:
+    def ingest_epochs(
+        self,
+        marks: pl.DataFrame,
+        *,
+        write: bool = True,
+        node: str | None = None,
+        sent_at: datetime | None = None,
+    ) -> int:
         """Take epoch marks (``epochs`` schema); returns the marks taken.
 
         Marks are written to the store at once (they are few); a mark for an
         epoch already finished is ignored unless it differs, in which case
         the run is rebuilt from the store.
 
+        Args:
+            marks: The marks.
+            write: Store them (``False`` when rebuilding from the store).
+            node: Node whose clock the marks use (``None``: the run's home node).
+            sent_at: The sender's clock when it sent them (for the offset estimate).
+
         Raises:
             SchemaError: The marks do not fit the ``epochs`` schema.
 
         """
+        if node is not None and sent_at is not None:
+            with self._lock:
+                self._observe(node, sent_at)
         if marks.height == 0:
             return 0
         marks = conform(marks, "epochs")
@@ -854,6 +1086,19 @@ class Aggregator:
                 st = self._state(rid)
                 if st is None:
                     continue
+                if node is not None:
+                    if st.home is None:
+                        st.home = node
+                    if node != st.home:
+                        moved = st.marks_node != node
+                        st.marks_node = node
+                        shift = self._shift(st, node, write=write)
+                        if moved and write:
+                            self._save_clock(st)
+                        s, e = s + shift, e + shift
+                elif st.marks_node is not None and st.marks_node != st.home:
+                    shift = st.shift_us.get(st.marks_node, 0)  # rebuilt from the store
+                    s, e = s + shift, e + shift
                 d = next((d for d in reversed(st.done) if d["epoch"] == epoch), None)
                 if d is not None:
                     if (d["_s"], d["_e"]) != (s, e):
@@ -1187,8 +1432,7 @@ class Aggregator:
         from estimators.energy import epoch_energy, run_energy
 
         assert self.store is not None
-        samples = self.store.samples(st.run_id)
-        marks = self.store.epochs(st.run_id)
+        samples, marks = align(self.store.samples(st.run_id), self.store.epochs(st.run_id), st.row)
         thr = self.gap_threshold_s
         tot = run_energy(samples, gap_threshold_s=thr) if samples.height else None
         if tot is None or tot.height == 0:
@@ -1422,21 +1666,30 @@ class Aggregator:
             raise BadInputError(f"no run {run_id!r} on this aggregator")
         from estimators.energy import epoch_energy
 
-        self.store.run(run_id)  # raises for an unknown run
+        row = self.store.run(run_id)  # raises for an unknown run
         marks = self.store.epochs(run_id)
         if marks.height == 0:
             return pl.DataFrame(schema=EPOCH_COLUMNS)
-        ep = epoch_energy(self.store.samples(run_id), marks, gap_threshold_s=self.gap_threshold_s)
+        samples, marks = align(self.store.samples(run_id), marks, row)
+        ep = epoch_energy(samples, marks, gap_threshold_s=self.gap_threshold_s)
         return ep.select(list(EPOCH_COLUMNS))
 
     def stats(self) -> dict[str, Any]:
-        """Counters (rows, batches), pending rows, running runs and per-node arrival lag in s."""
+        """Counters (rows, batches), pending rows, running runs, per-node arrival lag in s.
+
+        ``clock_offset_s``: per node, aggregator clock minus node clock in s as
+        estimated (plus the least one-way delay); ``clock_spread_s``: the
+        spread of its observations in s.
+        """
         with self._lock:
+            nodes = self.offsets.nodes()
             return {
                 **self.counters,
                 "pending_rows": self._pending_rows,
                 "running_runs": len(self._runs),
                 "node_lag_s": dict(self.node_lag_s),
+                "clock_offset_s": {n: (self.offsets.offset_us(n) or 0) / 1e6 for n in nodes},
+                "clock_spread_s": {n: (self.offsets.spread_us(n) or 0) / 1e6 for n in nodes},
             }
 
 

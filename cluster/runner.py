@@ -12,14 +12,26 @@
    ``{"node_type:<name>": 0.001}`` plus CPUs/GPUs) that starts the command
    as a subprocess with ``WATTWISE_RUN_ID``, ``WATTWISE_STORE``,
    ``WATTWISE_AGGREGATOR`` and ``WATTWISE_EPOCHS`` in its environment;
-4. records the run (``running``), points the node's sidecar at it, forwards
-   the epoch marks the command's :class:`profiler.hooks.EpochHooks` write to
-   the store to the aggregator while it runs, and at the end records
-   ``finished`` or ``failed`` (non-zero exit) with the measured totals.
+4. records the run (``running``), tells the node's sidecar which samples
+   are the run's, forwards the epoch marks the command's
+   :class:`profiler.hooks.EpochHooks` write to the store to the aggregator
+   while it runs, and at the end records ``finished`` or ``failed``
+   (non-zero exit) with the measured totals.
 
-One sidecar measures a whole node, so runs sharing a node at the same time
-share its samples: the runner asks one CPU per job by default, which on
-one-CPU nodes keeps one job per node.
+**Runs sharing a node** each get their own samples
+(:meth:`profiler.sidecar.Sidecar.attach_job`): a job given GPUs owns those
+devices (Ray's ``get_gpu_ids()`` in the job's actor, NVML indices); a job on
+a node measured by the modelled CPU source gets a modelled source of its own
+process tree (:mod:`profiler.sources.process`, attached once the command
+runs, counting from its start); only where neither applies (a replay or
+RAPL source and no GPU) does the run take the whole node's samples, as
+before. ``num_cpus`` (default 1) is what the job reserves, not a device of
+measurement: pass a fraction to run several jobs on one CPU.
+
+**Clocks.** The run record's config names the node whose clock the epoch
+marks use (``clock_home``: the node of the job's actor, where the hooks and
+the mark relay run); the relay stamps every forward with that node's clock
+so the aggregator estimates its offset (see :mod:`cluster.aggregator`).
 """
 
 from __future__ import annotations
@@ -153,24 +165,36 @@ class _JobActorImpl:
         self._started = threading.Event()
 
     def node(self) -> dict[str, Any]:
-        """Where this actor runs: Ray node id (hex), host name, pid."""
+        """Where this actor runs: Ray node id (hex), host name, pid, and the GPU ids Ray gave it."""
         import ray
 
         return {
             "node_id": ray.get_runtime_context().get_node_id(),
             "host": socket.gethostname(),
             "pid": os.getpid(),
+            "gpus": [str(g) for g in ray.get_gpu_ids()],
         }
 
+    def command_pid(self, timeout_s: float = 60.0) -> int | None:
+        """Process id of the command once started (``None``: it could not start)."""
+        self._started.wait(timeout=timeout_s)
+        return None if self.proc is None else int(self.proc.pid)
+
     def run(
-        self, command: list[str], env: dict[str, str], run_id: str, relay_s: float
+        self,
+        command: list[str],
+        env: dict[str, str],
+        run_id: str,
+        relay_s: float,
+        node: str | None = None,
     ) -> dict[str, Any]:
         """Run ``command`` to its end; returns ``{"returncode", "stopped", "marks"}``.
 
         Output goes to this actor's stdout/stderr, which Ray forwards to the
-        driver (the job's log under ``ray job submit``).
+        driver (the job's log under ``ray job submit``). ``node`` is the
+        sidecar's name of this node, sent with the epoch marks (their clock).
         """
-        relay = MarkRelay(run_id, env[ENV_STORE])
+        relay = MarkRelay(run_id, env[ENV_STORE], node=node)
         try:
             self.proc = subprocess.Popen(command, env={**os.environ, **env})
         except OSError as err:
@@ -178,19 +202,23 @@ class _JobActorImpl:
             return {"returncode": 127, "stopped": False, "marks": 0, "error": str(err)}
         self._started.set()
         while True:
-            try:
-                rc = self.proc.wait(timeout=relay_s)
+            rc = _exited(self.proc)
+            if rc is not None:
                 break
-            except subprocess.TimeoutExpired:
-                relay.forward()
+            relay.forward()
+            time.sleep(relay_s)
         relay.forward(final=True)
         return {"returncode": rc, "stopped": self.stopped, "marks": relay.sent}
+
+    def reap(self) -> int | None:
+        """Reap the ended command (a zombie after :meth:`run` so a final read sees its CPU)."""
+        return None if self.proc is None else self.proc.poll()
 
     def stop(self, grace_s: float = 10.0) -> bool:
         """SIGTERM the command (SIGKILL after ``grace_s``); True if it was running."""
         self._started.wait(timeout=60)
         proc = self.proc
-        if proc is None or proc.poll() is not None:
+        if proc is None or proc.returncode is not None or _exited(proc) is not None:
             return False
         self.stopped = True
         proc.terminate()
@@ -201,6 +229,26 @@ class _JobActorImpl:
         return True
 
 
+def _exited(proc: subprocess.Popen[bytes]) -> int | None:
+    """The exit status of an ended process without reaping it (``None`` while it runs).
+
+    The process stays a zombie, so its ``/proc/<pid>/stat`` still holds its
+    whole CPU time for the process source's final read; :meth:`Popen.poll`
+    reaps it later. Negative: killed by that signal.
+    """
+    if proc.returncode is not None:
+        return proc.returncode
+    try:
+        info = os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG)
+    except ChildProcessError:  # reaped already (by poll): ask Popen
+        return proc.poll()
+    if info is None or info.si_pid == 0:
+        return None
+    if info.si_code == os.CLD_EXITED:
+        return int(info.si_status)
+    return -int(info.si_status)
+
+
 class MarkRelay:
     """Forwards a run's epoch marks from the store to the aggregator actor, each once.
 
@@ -209,18 +257,35 @@ class MarkRelay:
     this relay, living in the job's actor, hands them to the aggregator so
     its per-epoch energy and STEP projection follow the run live.
 
+    Each forward carries ``node`` (the node whose clock the marks use) and
+    the send time on this process's clock, from which the aggregator
+    estimates that node's clock offset (as it does from sample batches).
+
     Args:
         run_id: The run.
         store_root: The store the training process writes to.
+        node: The sidecar's name of this node (``None``: the run's home node).
+        clock: UTC clock stamped on each forward (default
+            :func:`profiler.sources.base.utc_now`).
 
     Attributes:
         sent: Marks delivered so far.
 
     """
 
-    def __init__(self, run_id: str, store_root: str) -> None:
+    def __init__(
+        self,
+        run_id: str,
+        store_root: str,
+        *,
+        node: str | None = None,
+        clock: Callable[[], datetime] | None = None,
+    ) -> None:
+        from profiler.sources.base import utc_now
         from profiler.store import Store
 
+        self.node = node
+        self.clock = clock or utc_now
         self.run_id = run_id
         self.store = Store(store_root)
         self.sent = 0
@@ -247,7 +312,10 @@ class MarkRelay:
         try:
             if self._handle is None:
                 self._handle = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
-            ray.get(self._handle.ingest_epochs.remote(fresh), timeout=30 if final else 10)
+            ray.get(
+                self._handle.ingest_epochs.remote(fresh, node=self.node, sent_at=self.clock()),
+                timeout=30 if final else 10,
+            )
         except Exception as err:  # kept in the store; the aggregator reads it on rebuild
             self._handle = None
             log.warning("run %s: aggregator did not take epoch marks: %s", self.run_id, err)
@@ -468,7 +536,8 @@ def run_job(
         job: Job description (default: parsed from a ``wattwise train`` command).
         job_name: Human name of the job.
         inventory: Node types with GPU models (for ``auto``; default from the cluster).
-        num_cpus: CPUs the job's actor reserves on its node.
+        num_cpus: CPUs the job's actor reserves on its node (a fraction lets
+            several jobs share a CPU; each still gets its own samples).
         num_gpus: GPUs it reserves (default: 1 on GPU node types, else 0).
         sources: Sidecar power sources when the runner starts the sidecars.
         sidecar_options: Options of those sidecars (default ``interval_s=0.5``).
@@ -520,8 +589,15 @@ def run_job(
     )
     started = finished = False
     ref = None
+    sidecar = None
     try:
         where = ray.get(actor.node.remote())  # waits until the node type has room
+        sidecar = _sidecar_on(where["node_id"], timeout_s=30.0)
+        node_name = None
+        if sidecar is None:
+            log.warning("run %s: no sidecar on node %s; energy is not measured", run_id, where)
+        else:
+            node_name = ray.get(sidecar.ping.remote(), timeout=30)
         planned = epochs if epochs is not None else (job.planned_epochs if job else None)
         gpu_model = hints.get("gpu_model") or (
             hints.get("accelerator_type") if hints.get("gpu") else None
@@ -539,16 +615,18 @@ def run_job(
                 "node_id": where["node_id"],
                 "host": where["host"],
                 "placement": hints,
+                **({"clock_home": node_name} if node_name else {}),
                 **dict(extra_config or {}),
             },
         )
         ray.get(agg.start_run.remote(row), timeout=60)
         started = True
-        sidecar = _sidecar_on(where["node_id"], timeout_s=30.0)
-        if sidecar is None:
-            log.warning("run %s: no sidecar on node %s; energy is not measured", run_id, where)
-        else:
-            ray.get(sidecar.set_run.remote(run_id), timeout=30)
+        attached: dict[str, Any] = {}
+        if sidecar is not None:  # devices and whole-node holds before the command starts
+            attached = ray.get(
+                sidecar.attach_job.remote(run_id, list(where.get("gpus") or []), None),
+                timeout=30,
+            )
         env = {
             "WATTWISE_RUN_ID": run_id,
             ENV_STORE: root,
@@ -559,7 +637,13 @@ def run_job(
             **({"WATTWISE_EPOCHS": str(planned)} if epochs is not None else {}),
             **dict(extra_env or {}),
         }
-        ref = actor.run.remote(list(command), env, run_id, relay_s)
+        ref = actor.run.remote(list(command), env, run_id, relay_s, node_name)
+        if attached.get("pending") and sidecar is not None:  # its own process tree, once running
+            pid = ray.get(actor.command_pid.remote(), timeout=120)
+            if pid is not None:
+                got: Any = ray.get(sidecar.attach_job.remote(run_id, [], pid), timeout=30)
+                attached = dict(got)
+        log.info("run %s: samples attributed by %s", run_id, attached.get("mode"))
         if on_start is not None:
             on_start(run_id, hints)
         t0 = time.monotonic()
@@ -582,10 +666,12 @@ def run_job(
         out = ray.get(ref)
         if sidecar is not None:
             try:  # cut this run's samples and deliver them before the totals are taken
-                ray.get(sidecar.set_run.remote(None), timeout=30)
+                ray.get(sidecar.detach.remote(run_id), timeout=30)
                 ray.get(sidecar.flush.remote(), timeout=60)
             except Exception as err:
                 log.warning("run %s: sidecar flush failed: %s", run_id, err)
+        with contextlib.suppress(Exception):
+            ray.get(actor.reap.remote(), timeout=30)
         rc = int(out["returncode"])
         status = "finished" if rc == 0 or out["stopped"] else "failed"
         summary = ray.get(agg.finish_run.remote(run_id, status), timeout=120)
@@ -607,6 +693,11 @@ def run_job(
             except Exception as err:
                 log.warning("run %s: could not stop the command: %s", run_id, err)
         if started and not finished:
+            if sidecar is not None:
+                try:
+                    ray.get(sidecar.detach.remote(run_id), timeout=30)
+                except Exception as err:
+                    log.warning("run %s: could not detach it from the sidecar: %s", run_id, err)
             try:
                 ray.get(agg.finish_run.remote(run_id, "failed"), timeout=120)
             except Exception as err:

@@ -76,6 +76,8 @@ class EpochHooks:
             written with the next one (and at :meth:`close`).
         store: Store to write to when no sink is given.
         first_epoch: Number of the first epoch when ``epoch_start`` gets none.
+        clock: UTC clock of the marks (default :func:`profiler.sources.base.utc_now`,
+            the node's clock, which the node's sidecar also uses).
 
     Attributes:
         marks: Every mark recorded so far, in order.
@@ -89,8 +91,10 @@ class EpochHooks:
         sink: Sink | None = None,
         store: object | None = None,
         first_epoch: int = 0,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         self.run_id = check_run_id(run_id)
+        self.clock = clock
         if sink is None:
             if store is None:
                 from profiler.store import Store
@@ -118,7 +122,7 @@ class EpochHooks:
                 "is still open; call epoch_end() first"
             )
         self._epoch = self._next if epoch is None else int(epoch)
-        self._start = utc_now()
+        self._start = self.clock()
 
     def epoch_end(self) -> EpochMark:
         """Mark the end of the open epoch and write its mark.
@@ -130,7 +134,7 @@ class EpochHooks:
             BadInputError: No epoch is open.
 
         """
-        end = utc_now()
+        end = self.clock()
         if self._start is None or self._epoch is None:
             raise BadInputError(
                 f"run {self.run_id}: epoch_end() without epoch_start(); call epoch_start() at "

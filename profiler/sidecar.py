@@ -15,6 +15,19 @@ new batches straight to the journal.
 A source read that raises or does not return within ``read_timeout_s`` is
 reported once per incident; its devices get a marked sample (power and
 counter null, ``note`` set) for that tick, and the other sources carry on.
+
+**Attribution.** Each sample gets its run id when it is taken, in this
+order: a source added for a run (:meth:`Sidecar.add_source`, e.g. the
+modelled CPU power of one job's processes) gives all its samples to that
+run; else a device attached to a run (:meth:`Sidecar.attach`, e.g. the GPUs
+Ray gave a job) belongs to it; else the node-wide run of
+:meth:`Sidecar.set_run` (or none). So several runs can share a node, each
+with its own samples; :meth:`Sidecar.detach` ends everything of one run.
+
+**Clock.** Batches are stamped with the sidecar's ``clock`` when they are
+handed to a receiver that has ``send_at(batch, sent_at)`` (the aggregator's),
+so the aggregator can estimate this node's clock offset (see
+:mod:`cluster.aggregator`). Resends are stamped anew.
 """
 
 from __future__ import annotations
@@ -27,8 +40,9 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import polars as pl
 
@@ -44,6 +58,14 @@ class Receiver(Protocol):
 
     def send(self, batch: pl.DataFrame) -> None:
         """Accept a batch in the ``samples`` schema; raise if it was not taken."""
+        ...
+
+
+class TimedReceiver(Protocol):
+    """A receiver that also takes the sender's clock time of each delivery attempt."""
+
+    def send_at(self, batch: pl.DataFrame, sent_at: datetime) -> None:
+        """Accept a batch sent at ``sent_at`` (the sender's UTC clock); raise if not taken."""
         ...
 
 
@@ -114,6 +136,8 @@ class _Runner:
     pool: ThreadPoolExecutor
     pending: Future[list[PowerSample]] | None = None
     devices: dict[str, str | None] = field(default_factory=dict)
+    run_id: str | None = None  # set: every sample of this source belongs to this run
+    key: str = ""
 
 
 @dataclass(slots=True)
@@ -135,8 +159,9 @@ class Sidecar:
         run_id: Run the samples belong to (``None``: unassigned).
         interval_s: Seconds between ticks, 0.1 to 3600.
         batch_interval_s: Seconds between batches (at least one tick).
-        receiver: A :class:`Receiver` or a callable taking the batch frame;
-            default writes to the local store.
+        receiver: A :class:`Receiver`, a :class:`TimedReceiver` (given the send
+            time too) or a callable taking the batch frame; default writes to the
+            local store.
         journal: Spill journal, or its directory; default
             ``default_journal_dir()/<node>``.
         max_memory_rows: Rows kept in memory waiting to be shipped before new
@@ -145,6 +170,8 @@ class Sidecar:
             least 1 s (a busy machine can delay a read by a few ticks at 10 Hz).
         retry_s: Seconds between receiver retries during an outage; default
             ``batch_interval_s``.
+        clock: UTC wall clock stamped on each delivery attempt for receivers with
+            ``send_at`` (default :func:`profiler.sources.base.utc_now`).
 
     Attributes:
         stats: The :class:`SidecarStats` counters.
@@ -162,11 +189,12 @@ class Sidecar:
         run_id: str | None = None,
         interval_s: float = 1.0,
         batch_interval_s: float = 5.0,
-        receiver: Receiver | Callable[[pl.DataFrame], object] | None = None,
+        receiver: Receiver | TimedReceiver | Callable[[pl.DataFrame], object] | None = None,
         journal: Journal | str | Path | None = None,
         max_memory_rows: int = 100_000,
         read_timeout_s: float | None = None,
         retry_s: float | None = None,
+        clock: Callable[[], datetime] = utc_now,
     ) -> None:
         from profiler.errors import BadInputError
 
@@ -187,22 +215,19 @@ class Sidecar:
         self.max_memory_rows = max_memory_rows
         if receiver is None:
             receiver = StoreReceiver()
-        elif not hasattr(receiver, "send"):
+        elif not hasattr(receiver, "send") and not hasattr(receiver, "send_at"):
             receiver = _CallableReceiver(receiver)
         self.receiver: Receiver = receiver  # type: ignore[assignment]
         if not isinstance(journal, Journal):
             journal = Journal(journal if journal is not None else default_journal_dir() / self.node)
         self.journal = journal
+        self.clock = clock
         self.stats = SidecarStats()
-        self._runners = [
-            _Runner(
-                s,
-                SampleGuard(getattr(s, "name", type(s).__name__), log),
-                ThreadPoolExecutor(1, thread_name_prefix=f"wattwise-read-{s.name}"),
-            )
-            for s in sources
-        ]
-        self._buffer: list[PowerSample] = []
+        self._runners = [self._runner(s, None, f"s{i}") for i, s in enumerate(sources)]
+        self._owners: dict[str, str] = {}  # device -> run that owns it
+        self._added = 0
+        self._tick_lock = threading.Lock()
+        self._buffer: list[tuple[PowerSample, str | None]] = []
         self._queue: deque[_Batch] = deque()
         self._queued_rows = 0
         self._seq = max((seq for seq, _ in self.journal.pending()), default=0)
@@ -213,6 +238,217 @@ class Sidecar:
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
 
+    @staticmethod
+    def _runner(source: PowerSource, run_id: str | None, key: str) -> _Runner:
+        name = getattr(source, "name", type(source).__name__)
+        return _Runner(
+            source,
+            SampleGuard(name, log),
+            ThreadPoolExecutor(1, thread_name_prefix=f"wattwise-read-{name}"),
+            run_id=run_id,
+            key=key,
+        )
+
+    # -- attribution --------------------------------------------------------------------------
+    def _owner(self, r: _Runner, device: str) -> str | None:
+        """The run a sample of ``device`` read from ``r`` belongs to now."""
+        if r.run_id is not None:
+            return r.run_id
+        return self._owners.get(device, self.run_id)
+
+    def _known_device(self, device: str) -> str:
+        """A device id as the sources name it: aliases (e.g. GPU UUIDs) resolved."""
+        for r in self._runners:
+            if device in r.devices or device in (getattr(r.source, "devices", None) or ()):
+                return device
+        for r in self._runners:
+            aliases = getattr(r.source, "device_aliases", None)
+            if isinstance(aliases, dict) and device in aliases:
+                return str(aliases[device])
+        if device.strip().isdigit():
+            return str(int(device))
+        return device
+
+    def attach(self, run_id: str, devices: Sequence[str | int]) -> list[str]:
+        """Give ``devices`` (and their samples from now on) to ``run_id``.
+
+        Device ids are those the sources use (NVML: the GPU index); a GPU UUID
+        is accepted where the source lists it in ``device_aliases``. A device
+        another run holds is taken over (Ray gave it to this run).
+
+        Returns:
+            The device ids as stored with the samples.
+
+        Raises:
+            BadInputError: A bad run id.
+
+        """
+        rid = check_run_id(run_id)
+        names = [self._known_device(str(d)) for d in devices]
+        with self._tick_lock:
+            for d in names:
+                prev = self._owners.get(d)
+                if prev is not None and prev != rid:
+                    log.info("sidecar: device %s moves from run %s to run %s", d, prev, rid)
+                self._owners[d] = rid
+        return names
+
+    def detach(self, run_id: str, *, final_read: bool = True) -> int:
+        """End all of ``run_id``: its devices, its sources (read once more), its node-wide hold.
+
+        Returns:
+            Samples taken by the final reads of its sources.
+
+        """
+        rid = check_run_id(run_id)
+        n = 0
+        for r in [r for r in self._runners if r.run_id == rid]:
+            n += self.remove_source(r.key, final_read=final_read)
+        with self._tick_lock:
+            for d in [d for d, o in self._owners.items() if o == rid]:
+                del self._owners[d]
+            if self.run_id == rid:
+                self.run_id = None
+        return n
+
+    def attach_job(
+        self,
+        run_id: str,
+        *,
+        gpus: Sequence[str | int] = (),
+        pid: int | None = None,
+        process_options: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Attribute a job's samples on this node to ``run_id``, the best way the sources allow.
+
+        1. The job was given GPUs: those devices are attached to the run (:meth:`attach`).
+        2. Else, when the node is measured by the modelled CPU source (no
+           GPU) and the job's process id is known: a
+           :class:`~profiler.sources.process.ProcessCpuSource` for its process
+           tree is added for the run, modelled with the same board power.
+        3. Else the run takes the whole node (:meth:`set_run`, as before): runs
+           sharing the node then share its samples.
+
+        Args:
+            run_id: The run.
+            gpus: Device ids of the job's GPUs (Ray's ``get_gpu_ids()``).
+            pid: Process id of the job's command.
+            process_options: More arguments for the process source.
+
+        Returns:
+            ``{"mode": "devices"|"process"|"node", ...}`` with the devices or source
+            key. ``{"mode": "process", "pending": True}`` when case 2 applies but no
+            ``pid`` was given: nothing is attached yet; call again with the pid once
+            the command runs (the process source counts from the process start, so
+            nothing is lost). Cases 1 and 3 are best attached before the command starts.
+
+        """
+        rid = check_run_id(run_id)
+        if gpus:
+            return {"mode": "devices", "devices": self.attach(rid, gpus)}
+        node_model = next(
+            (
+                r.source
+                for r in self._runners
+                if r.run_id is None
+                and getattr(r.source, "name", "") == "modelled"
+                and hasattr(r.source, "board_power_w")
+            ),
+            None,
+        )
+        if node_model is not None and pid is None:
+            return {"mode": "process", "pending": True}
+        if node_model is not None and pid is not None:
+            from profiler.errors import WattwiseError
+            from profiler.sources.process import ProcessCpuSource
+
+            opts = {
+                "board_power_w": node_model.board_power_w,
+                "idle_w": getattr(node_model, "idle_w", 0.0),
+                **(process_options or {}),
+            }
+            try:
+                src = ProcessCpuSource(pid, **opts)
+            except WattwiseError as err:
+                log.warning("sidecar: run %s: %s; it takes the whole node instead", rid, err)
+            else:
+                key = self.add_source(src, run_id=rid)
+                return {"mode": "process", "device": src.device, "key": key}
+        if self.run_id is not None and self.run_id != rid:
+            log.warning(
+                "sidecar on %s: run %s takes the whole node from run %s; runs sharing a node "
+                "whose sources cannot tell them apart share its samples",
+                self.node,
+                rid,
+                self.run_id,
+            )
+        self.set_run(rid)
+        return {"mode": "node"}
+
+    def owners(self) -> dict[str, str | None]:
+        """Who owns what now: device -> run, ``source:<key>`` -> run, ``*`` -> node-wide run."""
+        out: dict[str, str | None] = dict(self._owners)
+        for r in self._runners:
+            if r.run_id is not None:
+                out[f"source:{r.key}"] = r.run_id
+        out["*"] = self.run_id
+        return out
+
+    def add_source(self, source: PowerSource, *, run_id: str | None = None) -> str:
+        """Start reading ``source`` at the next tick; its samples belong to ``run_id`` if given.
+
+        Returns:
+            A key for :meth:`remove_source`.
+
+        """
+        rid = None if run_id is None else check_run_id(run_id)
+        with self._tick_lock:
+            self._added += 1
+            key = f"a{self._added}"
+            self._runners = [*self._runners, self._runner(source, rid, key)]
+        return key
+
+    def remove_source(self, key: str, *, final_read: bool = True) -> int:
+        """Stop reading an added source, after one last read (kept), and close it.
+
+        Returns:
+            Samples the final read took (0 for an unknown key).
+
+        """
+        with self._tick_lock:
+            r = next((r for r in self._runners if r.key == key), None)
+            if r is None:
+                return 0
+            self._runners = [x for x in self._runners if x is not r]
+            got: list[PowerSample] = []
+            if final_read and (r.pending is None or r.pending.done()):
+                try:
+                    got = r.guard.check(r.pool.submit(r.source.read).result(self.read_timeout_s))
+                except Exception as err:
+                    log.warning("sidecar: final read of %s failed: %s", r.source.name, err)
+            if got:
+                with self._lock:
+                    self._buffer.extend((s, self._owner(r, s.device)) for s in got)
+                self.stats.samples += len(got)
+        r.pool.shutdown(wait=False, cancel_futures=True)
+        try:
+            r.source.close()
+        except Exception as err:
+            log.debug("closing %s failed: %s", r.source.name, err)
+        return len(got)
+
+    def sources(self) -> list[dict[str, Any]]:
+        """The sources read now: name, key, owning run (added ones) and devices seen."""
+        return [
+            {
+                "name": getattr(r.source, "name", type(r.source).__name__),
+                "key": r.key,
+                "run_id": r.run_id,
+                "devices": sorted(r.devices),
+            }
+            for r in self._runners
+        ]
+
     # -- sampling -----------------------------------------------------------------------------
     def tick(self) -> int:
         """Read every source once (in parallel, each within the read timeout).
@@ -221,8 +457,12 @@ class Sidecar:
             Samples added to the buffer.
 
         """
+        with self._tick_lock:
+            return self._tick()
+
+    def _tick(self) -> int:
         started: list[_Runner] = []
-        marks: list[PowerSample] = []
+        marks: list[tuple[PowerSample, str | None]] = []
         for r in self._runners:
             if r.pending is not None and not r.pending.done():
                 marks += self._mark(r, "hang", "still hung from an earlier tick")
@@ -230,7 +470,7 @@ class Sidecar:
             r.pending = r.pool.submit(r.source.read)
             started.append(r)
         deadline = time.monotonic() + self.read_timeout_s
-        got: list[PowerSample] = []
+        got: list[tuple[PowerSample, str | None]] = []
         for r in started:
             fut = r.pending
             assert fut is not None
@@ -258,22 +498,22 @@ class Sidecar:
             checked = r.guard.check(res)
             for s in checked:
                 r.devices[s.device] = s.model
-            got += checked
+            got += [(s, self._owner(r, s.device)) for s in checked]
         got += marks
         with self._lock:
             self._buffer.extend(got)
         self.stats.ticks += 1
         self.stats.samples += len(got)
-        self.stats.marked += sum(1 for s in got if s.note)
+        self.stats.marked += sum(1 for s, _ in got if s.note)
         return len(got)
 
-    def _mark(self, r: _Runner, kind: str, note: str) -> list[PowerSample]:
+    def _mark(self, r: _Runner, kind: str, note: str) -> list[tuple[PowerSample, str | None]]:
         ts = utc_now()
         out = [
             PowerSample(dev, model, ts, None, None, source=r.source.name, note=note)
             for dev, model in r.devices.items()
         ]
-        return r.guard.check(out)
+        return [(s, self._owner(r, s.device)) for s in r.guard.check(out)]
 
     # -- batching and shipping ---------------------------------------------------------------
     def cut(self) -> int:
@@ -287,7 +527,7 @@ class Sidecar:
             buf, self._buffer = self._buffer, []
             if not buf:
                 return 0
-            frame = samples_frame(buf, node=self.node, run_id=self.run_id)
+            frame = _frame(buf, self.node)
             self._seq += 1
             batch = _Batch(self._seq, frame)
             if self._queued_rows + frame.height > self.max_memory_rows or self._outage:
@@ -336,7 +576,11 @@ class Sidecar:
                     return True
                 seq, frame, from_memory = item
                 try:
-                    self.receiver.send(frame)
+                    send_at = getattr(self.receiver, "send_at", None)
+                    if send_at is not None:
+                        send_at(frame, self.clock())
+                    else:
+                        self.receiver.send(frame)
                 except Exception as err:
                     self.stats.send_failures += 1
                     with self._lock:
@@ -451,7 +695,7 @@ class Sidecar:
     def close(self) -> None:
         """Stop (if running) and close every source."""
         self.stop()
-        for r in self._runners:
+        for r in list(self._runners):
             r.pool.shutdown(wait=False, cancel_futures=True)
             try:
                 r.source.close()
@@ -482,3 +726,8 @@ class Sidecar:
         """Rows taken but not yet accepted by the receiver (buffer, memory queue, journal)."""
         with self._lock:
             return len(self._buffer) + self._queued_rows + self.journal.rows
+
+
+def _frame(buf: list[tuple[PowerSample, str | None]], node: str) -> pl.DataFrame:
+    """Samples with their runs as a ``samples`` frame, sorted by device and time."""
+    return samples_frame([s for s, _ in buf], node=node, run_ids=[rid for _, rid in buf])

@@ -131,6 +131,17 @@ def _modelled(tmp: Path, stack: ExitStack) -> tuple[PowerSource, Callable[[], No
     return ModelledCpuSource(65.0), lambda: time.sleep(0.02)
 
 
+def _process(tmp: Path, stack: ExitStack) -> tuple[PowerSource, Callable[[], None]]:
+    import subprocess
+    import sys
+
+    busy = "import time\nt = time.monotonic()\nwhile time.monotonic() - t < 30: pass"
+    proc = subprocess.Popen([sys.executable, "-c", busy])
+    stack.callback(proc.wait)
+    stack.callback(proc.kill)
+    return open_source("process", proc.pid, 65.0), lambda: time.sleep(0.05)
+
+
 def _rapl(tmp: Path, stack: ExitStack) -> tuple[PowerSource, Callable[[], None]]:
     root = make_rapl_tree(tmp / "powercap")
     src = RaplSource(root)
@@ -165,6 +176,7 @@ CONTRACT: dict[str, SourceFactory] = {
     "dcgm-exporter": _dcgm_exporter,
     "replay": _replay,
     "modelled": _modelled,
+    "process": _process,
     "rapl": _rapl,
     "nvml": _nvml,
 }

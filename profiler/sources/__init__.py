@@ -22,6 +22,7 @@ REGISTRY: dict[str, str] = {
     "rapl": "profiler.sources.rapl:RaplSource",
     "replay": "profiler.sources.replay:ReplaySource",
     "modelled": "profiler.sources.modelled:ModelledCpuSource",
+    "process": "profiler.sources.process:ProcessCpuSource",
 }
 
 

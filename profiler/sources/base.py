@@ -132,7 +132,11 @@ _FRAME_FIELDS = (
 
 
 def samples_frame(
-    samples: Sequence[PowerSample], *, node: str, run_id: str | None = None
+    samples: Sequence[PowerSample],
+    *,
+    node: str,
+    run_id: str | None = None,
+    run_ids: Sequence[str | None] | None = None,
 ) -> pl.DataFrame:
     """Turn samples into a frame in the store's ``samples`` schema.
 
@@ -140,6 +144,7 @@ def samples_frame(
         samples: Readings, any order.
         node: Host name the samples were taken on.
         run_id: Run they belong to, or ``None`` while unassigned.
+        run_ids: The run of each sample (same length as ``samples``); overrides ``run_id``.
 
     Returns:
         A frame with exactly the ``samples`` columns, sorted by device and time.
@@ -152,7 +157,9 @@ def samples_frame(
     n = len(samples)
     df = pl.DataFrame(
         {
-            "run_id": pl.Series([run_id] * n, dtype=pl.String),
+            "run_id": pl.Series(
+                list(run_ids) if run_ids is not None else [run_id] * n, dtype=pl.String
+            ),
             "node": pl.Series([node] * n, dtype=pl.String),
             "device": pl.Series(cols["device"], dtype=pl.String),
             "model": pl.Series(cols["model"], dtype=pl.String),

@@ -7,12 +7,15 @@ Prints, for per-epoch energy (truth ``gpu_energy_j / trained_epochs``):
   kernel ridge reached 6.0 %;
 * leave-one-architecture-out: per held-out architecture, MAPE, coverage and
   median interval width (upper / lower) for energy, MAPE (time), kernel ridge
-  MAPE, the prior's efficiency and how the training fold chose it, and
+  MAPE, the prior's efficiency and overlap and how the training fold chose
+  them, and
   whether the recommendation
   (lowest predicted energy among the GPUs that ran it) is the truly
   lowest-energy GPU;
 * retraining time on ``--retrain-rows`` synthetic runs resampled from the
-  real ones (multiplicative jitter on the truths, architecture names kept).
+  real ones (multiplicative jitter on the truths, architecture names kept):
+  best and median of ``--retrain-repeats`` fits, with the machine's load
+  average before and after (other jobs on the machine slow it down).
 
 The paper's ten features are batch size, image height and width, RAM,
 training and validation set sizes, GFLOPs, CUDA cores, GPU memory and board
@@ -26,10 +29,12 @@ Run: ``.venv/bin/python bench/pre.py [--data ../shared/data/seaa2023] [--splits 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -57,7 +62,7 @@ def paper_matrix(df: pl.DataFrame) -> np.ndarray:
     return df.select(cols).fill_null(float("nan")).to_numpy()
 
 
-def scores(train: pl.DataFrame, test: pl.DataFrame, **kw) -> dict[str, float]:
+def scores(train: pl.DataFrame, test: pl.DataFrame, **kw: Any) -> dict[str, Any]:
     from estimators.kernel_ridge import KernelRidge
     from estimators.pre import PREModel
 
@@ -78,6 +83,7 @@ def scores(train: pl.DataFrame, test: pl.DataFrame, **kw) -> dict[str, float]:
         "cover": 100 * float(np.mean((y >= lo) & (y <= hi))),
         "width": float(np.median(hi / lo)),
         "eta": m.cv_["energy"]["efficiency"],
+        "overlap": m.cv_["energy"]["overlap"],
         "eta_how": m.cv_["energy"]["efficiency_source"],
         "time_mape": 100 * float(np.mean(np.abs(p["predicted_epoch_time_s"].to_numpy() - yt) / yt)),
         "kr_mape": 100 * float(np.mean(np.abs(pk - y) / y)),
@@ -104,6 +110,7 @@ def main() -> None:
     ap.add_argument("--data", default=str(REPO.parent / "shared" / "data" / "seaa2023"))
     ap.add_argument("--splits", type=int, default=5)
     ap.add_argument("--retrain-rows", type=int, default=10_000)
+    ap.add_argument("--retrain-repeats", type=int, default=3)
     args = ap.parse_args()
     sys.path.insert(0, str(REPO))
     from estimators.features import runs_features
@@ -150,18 +157,24 @@ def main() -> None:
             f"  {a:14} {r['mape']:6.2f}% {r['cover']:7.1f}% {'x':>2}{r['width']:5.2f} "
             f"{r['time_mape']:9.2f}% {r['kr_mape']:7.2f}%  {r['pred_best']} / {r['true_best']} {ok}"
         )
-        print(f"      efficiency {r['eta']:.2f} ({r['eta_how']})")
+        print(f"      efficiency {r['eta']:.2f}, overlap p={r['overlap']:g} ({r['eta_how']})")
         for g, t, p in r["cells"]:
             print(
                 f"      {g:12} true {t:9.0f} J  predicted {p:9.0f} J  ({100 * (p - t) / t:+.1f} %)"
             )
 
     syn = synthetic(df, args.retrain_rows, 0)
-    t0 = time.perf_counter()
-    PREModel().fit(syn)
-    dt = time.perf_counter() - t0
+    load0 = os.getloadavg()[0]
+    times = []
+    for _ in range(args.retrain_repeats):
+        t0 = time.perf_counter()
+        PREModel().fit(syn)
+        times.append(time.perf_counter() - t0)
     print(
-        f"\nretrain on {syn.height} synthetic runs (defaults, nthread=2): {dt:.1f} s (goal < 30 s)"
+        f"\nretrain on {syn.height} synthetic runs (defaults, nthread=1), "
+        f"{len(times)} repeats: best {min(times):.1f} s, median {np.median(times):.1f} s "
+        f"(goal < 30 s; {os.cpu_count()} cores, 1-min load average {load0:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after)"
     )
 
 

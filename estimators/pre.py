@@ -3,11 +3,16 @@
 Each target (per-epoch energy in J, per-epoch time in s) is a physical prior
 times a learned correction:
 
-* **Prior** (roofline plus overhead, per GPU model): one epoch costs, per
-  batch, a fixed overhead ``c0`` plus ``c1`` per layer (kernel launches, data
-  loading, small kernels) plus the epoch's FLOPs at the GPU's peak
-  throughput. Energy is that time at board power:
-  ``E = P_board * gpus * (batches * (c0 + c1 * layers) + FLOP / peak)``.
+* **Prior** (roofline plus overhead, per GPU model): per batch, a host/launch
+  overhead ``h = c0 + c1 * layers`` (data loading, kernel launches, small
+  kernels) and a device time ``d`` = the batch's FLOPs at ``efficiency`` times
+  the GPU's peak throughput overlap as a soft maximum
+  ``(h^p + d^p)^(1/p)`` (``p = 1``: they add up; the GPU hides host work
+  behind computation as ``p`` grows). Energy is that time at board power:
+  ``E = P_board * gpus * batches * (h^p + d^p)^(1/p)``. ``p`` and the
+  efficiency are chosen together by grouped cross-validation when a training
+  run is compute-bound enough to inform them, else the constructor's values
+  (``p = 2``, efficiency 0.8) are kept.
   ``c0`` and ``c1`` (seconds, >= 0) are fitted per GPU model by weighted least
   squares on relative error; a GPU seen with one architecture only borrows
   the ratio ``c0 / c1`` from the others; an unseen GPU gets them from a
@@ -59,7 +64,7 @@ if TYPE_CHECKING:
     import xgboost as xgb
 
 FORMAT = "wattwise-pre"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
@@ -69,6 +74,15 @@ EFFICIENCY_GRID: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0)
 #: share of its measured energy (or time) in the compute term at peak throughput;
 #: below it the training runs are overhead-bound and say nothing about it.
 MIN_COMPUTE_SHARE = 0.25
+#: Efficiencies the least-squares fit (a GPU with three architectures) chooses from.
+EFFICIENCY_FIT_GRID: tuple[float, ...] = tuple(round(0.05 + 0.01 * i, 2) for i in range(96))
+#: A run pins the overhead down only when its device part is at most this share
+#: of its time; above it the overhead hides under the computation.
+INFORMATIVE_SHARE = 0.5
+#: Soft-maximum exponent of overhead and device time per batch (see :class:`Prior`).
+OVERLAP = 2.0
+#: Overlap exponents the grouped cross-validation chooses from (1: no overlap).
+OVERLAP_GRID: tuple[float, ...] = (1.0, 2.0)
 
 
 # ----------------------------------------------------------------------------- folds
@@ -155,7 +169,40 @@ def _arrays(frame: pl.DataFrame) -> dict[str, np.ndarray]:
         "compute_s": col("tflop_per_epoch") / (peak * gpus),
         "power_w": col("gpu_board_power_w") * gpus,
         "tflops": tf,
+        "gpu": np.asarray(frame["gpu_model"].cast(pl.String).to_list(), dtype=object),
     }
+
+
+def _take(a: dict[str, np.ndarray], idx: np.ndarray) -> dict[str, np.ndarray]:
+    """Rows ``idx`` of the arrays of :func:`_arrays` (cheaper than slicing the frame)."""
+    return {k: v[idx] for k, v in a.items()}
+
+
+def _overhead_coef(
+    layers: np.ndarray, s: np.ndarray, d: np.ndarray, overlap: float
+) -> tuple[float, float] | None:
+    """Per-batch ``(c0, c1)`` of one GPU, or ``None`` when one architecture cannot split them.
+
+    The overhead each run shows is what is left of its time once the device
+    part is taken out: ``h = (s^p - d^p)^(1/p)``. Only runs whose device part
+    is at most :data:`INFORMATIVE_SHARE` of their time pin ``h`` down (on a
+    compute-bound run the overhead hides under the computation); with two such
+    architectures ``c0`` and ``c1`` are fitted on them. Otherwise, with two
+    architectures of any kind, the additive split (``s - d``) is the only
+    information there is on the ratio of ``c0`` to ``c1``, and is used.
+    """
+    if len(np.unique(layers)) < 2:
+        return None
+    h = np.power(np.maximum(s**overlap - d**overlap, 0.0), 1.0 / overlap)
+    inf = d <= INFORMATIVE_SHARE * s
+    if len(np.unique(layers[inf])) >= 2:
+        return _nnls2(layers[inf], h[inf], 1.0 / s[inf] ** 2)
+    return _nnls2(layers, s - d, 1.0 / s**2)
+
+
+def _combine(h: np.ndarray, d: np.ndarray, overlap: float) -> np.ndarray:
+    """Seconds per batch of host overhead ``h`` and device work ``d`` overlapping by ``p``."""
+    return np.asarray(np.power(h**overlap + d**overlap, 1.0 / overlap), dtype=float)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +216,8 @@ class Prior:
         slope: d log c / d log TFLOPS for (c0, c1), for unseen GPUs.
         intercept: log c at 1 TFLOPS for (c0, c1), for unseen GPUs.
         efficiency: Fraction of peak FLOPS the compute term assumes.
+        overlap: Exponent ``p`` of the soft maximum of overhead and device time
+            per batch (1: they add up; large: the longer one hides the other).
 
     """
 
@@ -178,10 +227,17 @@ class Prior:
     slope: tuple[float, float]
     intercept: tuple[float, float]
     efficiency: float
+    overlap: float = 1.0
 
     @classmethod
     def fit(
-        cls, frame: pl.DataFrame, y: np.ndarray, *, energy: bool, efficiency: float = 0.8
+        cls,
+        frame: pl.DataFrame,
+        y: np.ndarray,
+        *,
+        energy: bool,
+        efficiency: float = 0.8,
+        overlap: float = 1.0,
     ) -> Prior:
         """Fit per-GPU ``c0``, ``c1`` to truths ``y`` (J or s per epoch).
 
@@ -191,60 +247,67 @@ class Prior:
             energy: Whether ``y`` is energy.
             efficiency: Fraction of peak FLOPS reached in the compute term when
                 no GPU has runs of three architectures to learn it from.
+            overlap: Exponent of the soft maximum of overhead and device time.
 
         """
         a = _arrays(frame)
+        fitted = _fitted_efficiency(a, y, energy=energy, overlap=overlap)
+        return cls._fit(
+            a,
+            y,
+            energy=energy,
+            efficiency=efficiency if fitted is None else fitted,
+            overlap=overlap,
+        )
+
+    @classmethod
+    def _fit(
+        cls,
+        a: dict[str, np.ndarray],
+        y: np.ndarray,
+        *,
+        energy: bool,
+        efficiency: float,
+        overlap: float,
+    ) -> Prior:
+        """:meth:`fit` on the arrays of :func:`_arrays`, ``efficiency`` as given."""
         s = y / (a["batches"] * (a["power_w"] if energy else 1.0))
-        comp = a["compute_s"] / a["batches"]  # compute seconds per batch at peak
-        names = np.asarray(frame["gpu_model"].to_list())
-        tflops = {str(g): float(np.nanmedian(a["tflops"][names == g])) for g in np.unique(names)}
-        fitted = cls.fitted_efficiency(frame, y, energy=energy)
-        eta = efficiency if fitted is None else fitted
-        over = s - comp / eta
+        d = a["compute_s"] / a["batches"] / efficiency
+        names = a["gpu"]
         coef: dict[str, tuple[float, float]] = {}
-        single: list[str] = []
-        for g in tflops:
+        tflops: dict[str, float] = {}
+        single: list[tuple[str, np.ndarray]] = []
+        for g in sorted(set(names.tolist())):
             m = names == g
-            if len(np.unique(a["layers"][m])) < 2:
-                single.append(g)
-                continue
-            coef[g] = _nnls2(a["layers"][m], over[m], 1.0 / s[m] ** 2)
+            tflops[str(g)] = float(np.nanmedian(a["tflops"][m]))
+            c = _overhead_coef(a["layers"][m], s[m], d[m], overlap)
+            if c is None:
+                single.append((str(g), m))
+            else:
+                coef[str(g)] = c
         # A GPU seen with one architecture cannot separate c0 from c1: it borrows
         # c0 (per-batch host and data-loading cost, little GPU-dependent).
         c0s = [c0 for c0, _ in coef.values()]
-        for g in single:
-            m = names == g
-            ov = float(np.median(over[m]))
+        for g, m in single:
+            over = np.power(np.maximum(s[m] ** overlap - d[m] ** overlap, 0.0), 1.0 / overlap)
+            ov = float(np.median(over))
             lay = float(np.median(a["layers"][m]))
             c0 = min(float(np.median(c0s)) if c0s else ov / 2, max(ov, 0.0))
             coef[g] = (c0, max(ov - c0, 0.0) / lay)
         slope, intercept = _log_fit(coef, tflops)
-        return cls(energy, coef, tflops, slope, intercept, eta)
+        return cls(energy, coef, tflops, slope, intercept, efficiency, overlap)
 
     @staticmethod
-    def fitted_efficiency(frame: pl.DataFrame, y: np.ndarray, *, energy: bool) -> float | None:
+    def fitted_efficiency(
+        frame: pl.DataFrame, y: np.ndarray, *, energy: bool, overlap: float = 1.0
+    ) -> float | None:
         """Efficiency fitted where one GPU ran three architectures, else ``None``.
 
-        Per such GPU, ``c0 + c1 * layers + compute / efficiency`` is fitted by
-        least squares on relative error; the median over GPUs is clipped to
-        [0.05, 1].
+        Per such GPU, the efficiency on :data:`EFFICIENCY_FIT_GRID` whose
+        overhead fit (:func:`_overhead_coef`) gives the least mean absolute log
+        error on that GPU's runs is kept; the median over GPUs is returned.
         """
-        a = _arrays(frame)
-        s = y / (a["batches"] * (a["power_w"] if energy else 1.0))
-        comp = a["compute_s"] / a["batches"]
-        names = np.asarray(frame["gpu_model"].to_list())
-        etas = []
-        for g in np.unique(names):
-            m = names == g
-            if len(np.unique(a["layers"][m])) >= 3 and len(np.unique(comp[m])) >= 3:
-                c, *_ = np.linalg.lstsq(
-                    np.column_stack([np.ones(m.sum()), a["layers"][m], comp[m]]) / s[m, None],
-                    np.ones(m.sum()),
-                    rcond=None,
-                )
-                if c[2] > 0:
-                    etas.append(1.0 / float(c[2]))
-        return float(np.clip(np.median(etas), 0.05, 1.0)) if etas else None
+        return _fitted_efficiency(_arrays(frame), y, energy=energy, overlap=overlap)
 
     def coefficients(self, gpu: str, tflops: float) -> tuple[float, float]:
         """``(c0, c1)`` of a GPU; extrapolated on TFLOPS for a GPU not fitted."""
@@ -258,12 +321,20 @@ class Prior:
 
     def predict(self, frame: pl.DataFrame) -> np.ndarray:
         """Prior per-epoch energy (J) or time (s) per row."""
-        a = _arrays(frame)
-        names = frame["gpu_model"].to_list()
-        c = np.array(
-            [self.coefficients(g, t) for g, t in zip(names, a["tflops"], strict=True)]
-        ).reshape(-1, 2)
-        secs = a["batches"] * (c[:, 0] + c[:, 1] * a["layers"]) + a["compute_s"] / self.efficiency
+        return self._predict(_arrays(frame))
+
+    def _predict(self, a: dict[str, np.ndarray]) -> np.ndarray:
+        """:meth:`predict` on the arrays of :func:`_arrays`."""
+        seen: dict[tuple[str, float], int] = {}
+        keys = zip(a["gpu"].tolist(), a["tflops"].tolist(), strict=True)
+        code = np.fromiter((seen.setdefault(k, len(seen)) for k in keys), dtype=int)
+        c = np.array([self.coefficients(*k) for k in seen]).reshape(-1, 2)[code]
+        per_batch = _combine(
+            c[:, 0] + c[:, 1] * a["layers"],
+            a["compute_s"] / a["batches"] / self.efficiency,
+            self.overlap,
+        )
+        secs = a["batches"] * per_batch
         return np.asarray(secs * (a["power_w"] if self.energy else 1.0), dtype=float)
 
     def to_json(self) -> dict[str, Any]:
@@ -275,6 +346,7 @@ class Prior:
             "slope": list(self.slope),
             "intercept": list(self.intercept),
             "efficiency": self.efficiency,
+            "overlap": self.overlap,
         }
 
     @classmethod
@@ -287,7 +359,35 @@ class Prior:
             (float(d["slope"][0]), float(d["slope"][1])),
             (float(d["intercept"][0]), float(d["intercept"][1])),
             float(d["efficiency"]),
+            float(d["overlap"]),
         )
+
+
+def _fitted_efficiency(
+    a: dict[str, np.ndarray], y: np.ndarray, *, energy: bool, overlap: float
+) -> float | None:
+    """:meth:`Prior.fitted_efficiency` on the arrays of :func:`_arrays`."""
+    s = y / (a["batches"] * (a["power_w"] if energy else 1.0))
+    comp = a["compute_s"] / a["batches"]
+    names = a["gpu"]
+    etas = []
+    for g in sorted(set(names.tolist())):
+        m = names == g
+        lay, sg, cg = a["layers"][m], s[m], comp[m]
+        if len(np.unique(lay)) < 3 or len(np.unique(cg)) < 3:
+            continue
+        best: tuple[float, float] | None = None
+        for eta in EFFICIENCY_FIT_GRID:
+            d = cg / eta
+            c = _overhead_coef(lay, sg, d, overlap)
+            assert c is not None
+            pred = _combine(c[0] + c[1] * lay, d, overlap)
+            err = float(np.mean(np.abs(np.log(pred / sg))))
+            if best is None or err < best[0] - 1e-12:
+                best = (err, float(eta))
+        assert best is not None
+        etas.append(best[1])
+    return float(np.median(etas)) if etas else None
 
 
 def compute_share(frame: pl.DataFrame, y: np.ndarray, *, energy: bool) -> np.ndarray:
@@ -375,13 +475,18 @@ class PREModel:
         max_depths: Tree depths tried by grouped cross-validation.
         learning_rate: XGBoost ``eta``.
         cv_folds: Folds for grouped and random cross-validation.
-        nthread: XGBoost threads.
+        nthread: XGBoost threads. 1 by default: the boosters are small (a few
+            thousand rows, shallow trees), and with 2 threads on a busy 2-core
+            machine OpenMP's waiting made training 50 times slower.
         seed: Seed of folds and boosting.
         efficiency: Fraction of peak FLOPS assumed by the prior's compute term
             when the training runs cannot pin it down (no GPU ran three
             architectures and no run is compute-bound enough for grouped
             cross-validation over :data:`EFFICIENCY_GRID`). Chosen by hand
             after looking at the SEAA 2023 runs: a caveat.
+        overlap: Soft-maximum exponent of per-batch overhead and device time
+            in the prior (1: they add up). 2 is a choice made before measuring
+            (a smooth maximum), not tuned on the held-out architectures.
 
     Attributes:
         priors_: Fitted prior per target (``energy``, ``time``).
@@ -404,9 +509,10 @@ class PREModel:
         max_depths: tuple[int, ...] = (2, 4),
         learning_rate: float = 0.05,
         cv_folds: int = 5,
-        nthread: int = 2,
+        nthread: int = 1,
         seed: int = 0,
         efficiency: float = 0.8,
+        overlap: float = OVERLAP,
     ) -> None:
         self.coverage = coverage
         self.n_estimators = n_estimators
@@ -416,6 +522,7 @@ class PREModel:
         self.nthread = nthread
         self.seed = seed
         self.efficiency = efficiency
+        self.overlap = overlap
 
     # -- fit
 
@@ -431,88 +538,146 @@ class PREModel:
             "verbosity": 0,
         }
 
-    def _fit_one(
+    def _prior(
         self,
-        frame: pl.DataFrame,
-        x: np.ndarray,
+        a: dict[str, np.ndarray],
         y: np.ndarray,
         energy: bool,
-        depth: int,
         efficiency: float,
-    ) -> tuple[Prior, xgb.Booster]:
+        overlap: float,
+    ) -> Prior:
+        """Prior of training rows ``a`` under ``overlap``.
+
+        The efficiency is fitted where a GPU ran three architectures, else
+        ``efficiency`` is used.
+        """
+        fitted = _fitted_efficiency(a, y, energy=energy, overlap=overlap)
+        eta = efficiency if fitted is None else fitted
+        return Prior._fit(a, y, energy=energy, efficiency=eta, overlap=overlap)
+
+    def _train(self, depth: int, dtrain: xgb.DMatrix) -> xgb.Booster:
         import xgboost as xgb
 
-        prior = Prior.fit(frame, y, energy=energy, efficiency=efficiency)
-        resid = np.log(y / prior.predict(frame))
-        booster = xgb.train(self._params(depth), xgb.DMatrix(x, label=resid), self.n_estimators)
-        return prior, booster
+        return xgb.train(self._params(depth), dtrain, self.n_estimators)
 
     def _choose_efficiency(
         self,
-        frame: pl.DataFrame,
+        a: dict[str, np.ndarray],
         y: np.ndarray,
         energy: bool,
         folds: list[tuple[np.ndarray, np.ndarray]] | None,
-    ) -> tuple[float, str, dict[str, float | None]]:
-        """Efficiency of the prior's compute term, chosen inside the training rows.
+    ) -> tuple[float, float, str, dict[str, float | None]]:
+        """Efficiency and overlap of the prior, chosen inside the training rows.
+
+        Both are chosen together by cross-validation grouped by architecture
+        over :data:`EFFICIENCY_GRID` x :data:`OVERLAP_GRID`, when some training
+        run is compute-bound enough to say anything about them
+        (:data:`MIN_COMPUTE_SHARE`); otherwise the constructor's values are
+        kept. Where a GPU ran three architectures the efficiency is then fitted
+        by least squares under the chosen overlap.
+
+        Args:
+            a: Arrays of :func:`_arrays` of the training rows.
+            y: Truths (J or s per epoch).
+            energy: Whether ``y`` is energy.
+            folds: Architecture-grouped folds, or ``None`` (one architecture).
 
         Returns:
-            (efficiency, how it was chosen, grouped-CV score per grid value: mean
-            absolute log error of the prior alone, in %).
+            (efficiency, overlap, how they were chosen, grouped-CV score per
+            grid point ``"p=<overlap>,eta=<efficiency>"``: mean absolute log
+            error of the prior alone, in %; null where the prior was impossible).
 
         """
-        # A GPU that ran three architectures lets the prior fit it by least squares.
-        probe = Prior.fitted_efficiency(frame, y, energy=energy)
-        if probe is not None:
-            return probe, "fitted: a GPU ran three or more architectures", {}
-        share = float(np.nanmax(compute_share(frame, y, energy=energy)))
+        comp = a["compute_s"] * (a["power_w"] if energy else 1.0)
+        share = float(np.nanmax(comp / y))
         if folds is None or share < MIN_COMPUTE_SHARE:
+            probe = _fitted_efficiency(a, y, energy=energy, overlap=self.overlap)
+            if probe is not None:
+                return probe, self.overlap, "fitted: a GPU ran three or more architectures", {}
             return (
                 self.efficiency,
+                self.overlap,
                 f"default: not identifiable (largest compute share {share:.2f} < "
                 f"{MIN_COMPUTE_SHARE})",
                 {},
             )
-        scores: dict[str, float] = {}
-        for eta in EFFICIENCY_GRID:
-            oof = np.empty(len(y))
-            for tr, va in folds:
-                oof[va] = Prior.fit(frame[tr], y[tr], energy=energy, efficiency=eta).predict(
-                    frame[va]
-                )
+        parts = [(_take(a, tr), y[tr], _take(a, va), va) for tr, va in folds]
+        oof = {(p, eta): np.empty(len(y)) for p in OVERLAP_GRID for eta in EFFICIENCY_GRID}
+        for at, yt, av, va in parts:
+            for p in OVERLAP_GRID:
+                # A fold whose GPU ran three architectures fits its own efficiency:
+                # the same prior for every grid value, fitted once.
+                fitted = _fitted_efficiency(at, yt, energy=energy, overlap=p)
+                once = None
+                for eta in EFFICIENCY_GRID:
+                    if fitted is not None and once is not None:
+                        oof[p, eta][va] = once
+                        continue
+                    pred = Prior._fit(
+                        at,
+                        yt,
+                        energy=energy,
+                        efficiency=eta if fitted is None else fitted,
+                        overlap=p,
+                    )._predict(av)
+                    oof[p, eta][va] = pred
+                    once = pred
+        scores: dict[tuple[float, float], float] = {}
+        for k, o in oof.items():
             # A prior whose compute term alone exceeds a truth is physically impossible.
-            ok = bool(np.all(np.isfinite(oof) & (oof > 0)))
-            scores[f"{eta:g}"] = float(100 * np.mean(np.abs(np.log(oof / y)))) if ok else math.inf
-        best = min(EFFICIENCY_GRID, key=lambda e: scores[f"{e:g}"])
+            ok = bool(np.all(np.isfinite(o) & (o > 0)))
+            scores[k] = float(100 * np.mean(np.abs(np.log(o / y)))) if ok else math.inf
+        best_p, best_eta = min(scores, key=lambda k: scores[k])
         # JSON has no infinity: an impossible grid value is recorded as null.
-        shown = {k: (v if math.isfinite(v) else None) for k, v in scores.items()}
-        if not math.isfinite(scores[f"{best:g}"]):
-            return self.efficiency, "default: every grid value gave a non-positive prior", shown
-        return best, "grouped CV", shown
+        shown = {
+            f"p={k[0]:g},eta={k[1]:g}": (v if math.isfinite(v) else None) for k, v in scores.items()
+        }
+        if not math.isfinite(scores[best_p, best_eta]):
+            return (
+                self.efficiency,
+                self.overlap,
+                "default: every grid value gave a non-positive prior",
+                shown,
+            )
+        probe = _fitted_efficiency(a, y, energy=energy, overlap=best_p)
+        if probe is not None:
+            how = "overlap by grouped CV; efficiency fitted (a GPU ran 3+ architectures)"
+            return probe, best_p, how, shown
+        return best_eta, best_p, "grouped CV", shown
 
     def _oof(
         self,
-        frame: pl.DataFrame,
+        a: dict[str, np.ndarray],
         x: np.ndarray,
         y: np.ndarray,
         energy: bool,
-        depth: int,
+        depths: Sequence[int],
         folds: list[tuple[np.ndarray, np.ndarray]],
-    ) -> np.ndarray:
-        """Out-of-fold predictions; each fold chooses its own efficiency (nested)."""
+        choice: tuple[float, float],
+    ) -> dict[int, np.ndarray]:
+        """Out-of-fold predictions per tree depth.
+
+        Every fold uses the efficiency and overlap ``choice`` made on all the
+        training rows (a fold whose GPU ran three architectures refits the
+        efficiency, as the full fit does). The choice is two numbers picked
+        by grouped CV of the prior alone; choosing them again inside each
+        fold (nested) cost most of the training time and, with few
+        architectures, scored degenerate single-architecture inner folds.
+        Each fold's prior is fitted once and shared by all depths.
+        """
         import xgboost as xgb
 
-        keys = np.asarray(arch_keys(frame))
-        out = np.empty(len(y))
+        out = {depth: np.empty(len(y)) for depth in depths}
         for tr, va in folds:
-            inner = (
-                grouped_folds(keys[tr], self.cv_folds, seed=self.seed)
-                if len(set(keys[tr])) >= 2
-                else None
+            at = _take(a, tr)
+            prior = self._prior(at, y[tr], energy, *choice)
+            dtrain = xgb.DMatrix(
+                x[tr], label=np.log(y[tr] / prior._predict(at)), nthread=self.nthread
             )
-            eta = self._choose_efficiency(frame[tr], y[tr], energy, inner)[0]
-            prior, booster = self._fit_one(frame[tr], x[tr], y[tr], energy, depth, eta)
-            out[va] = prior.predict(frame[va]) * np.exp(booster.predict(xgb.DMatrix(x[va])))
+            dval = xgb.DMatrix(x[va], nthread=self.nthread)
+            base = prior._predict(_take(a, va))
+            for depth in depths:
+                out[depth][va] = base * np.exp(self._train(depth, dtrain).predict(dval))
         return out
 
     def fit(self, frame: pl.DataFrame) -> PREModel:
@@ -548,7 +713,10 @@ class PREModel:
                     f"PRE training rows: column {c!r} must be > 0 in every row; "
                     f"{bad.height} row(s) are not (first: {bad.row(0, named=True).get('run_id')})"
                 )
+        import xgboost as xgb
+
         x = _matrix(frame)
+        a = _arrays(frame)
         keys = arch_keys(frame)
         n_arch = len(set(keys))
         gfolds = grouped_folds(keys, self.cv_folds, seed=self.seed) if n_arch >= 2 else None
@@ -559,27 +727,24 @@ class PREModel:
         for name, col in TARGETS.items():
             energy = name == "energy"
             y = frame[col].to_numpy().astype(float)
-            eta, eta_how, eta_scores = self._choose_efficiency(frame, y, energy, gfolds)
-            best: tuple[float, int, np.ndarray | None] | None = None
-            for depth in self.max_depths:
-                if gfolds is None:
-                    best = (math.nan, depth, None)
-                    break
-                oof = self._oof(frame, x, y, energy, depth, gfolds)
-                score = float(np.mean(np.abs(oof - y) / y))
-                if best is None or score < best[0]:
-                    best = (score, depth, oof)
-            assert best is not None
-            _, depth, goof = best
-            roof = self._oof(frame, x, y, energy, depth, rfolds)
+            eta, ov, eta_how, eta_scores = self._choose_efficiency(a, y, energy, gfolds)
+            depth, goof = self.max_depths[0], None
+            if gfolds is not None:
+                oofs = self._oof(a, x, y, energy, self.max_depths, gfolds, (eta, ov))
+                depth = min(self.max_depths, key=lambda d: _mape(oofs[d], y))
+                goof = oofs[depth]
+            roof = self._oof(a, x, y, energy, (depth,), rfolds, (eta, ov))[depth]
             seen_q = _quantiles(np.log(y / roof), self.coverage)
             unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
             self.oof_[name] = goof if goof is not None else roof
-            prior, booster = self._fit_one(frame, x, y, energy, depth, eta)
+            prior = self._prior(a, y, energy, eta, ov)
+            resid = np.log(y / prior._predict(a))
+            booster = self._train(depth, xgb.DMatrix(x, label=resid, nthread=self.nthread))
             self.fitted_[name] = _Fitted(prior, booster, seen_q, unseen_q)
             self.cv_[name] = {
                 "max_depth": depth,
                 "efficiency": prior.efficiency,
+                "overlap": prior.overlap,
                 "efficiency_source": eta_how,
                 "efficiency_cv_log_error_pct": eta_scores,
                 "random_mape_pct": _mape(roof, y),

@@ -7,7 +7,7 @@ import polars as pl
 import pytest
 
 from estimators.features import JobDescription, feature_frame, runs_features
-from estimators.pre import PREModel, grouped_folds, random_folds
+from estimators.pre import PREModel, Prior, grouped_folds, random_folds
 from profiler.errors import BadInputError, NotFittedError
 
 GPUS = ["RTX 3090", "RTX 3070", "T4", "A100 40GB"]
@@ -109,9 +109,10 @@ def test_efficiency_is_chosen_by_grouped_cv_only_when_identifiable() -> None:
     heavy = synthetic(2, 6, sigma=0.01, seed=4, eta=0.5, archs=[(2.0, 20), (0.05, 200)])
     m = PREModel(**SMALL).fit(heavy)
     assert m.cv_["energy"]["efficiency"] == 0.5
+    assert m.cv_["energy"]["overlap"] == 1.0  # the data were made additive
     assert m.cv_["energy"]["efficiency_source"] == "grouped CV"
     scores = m.cv_["energy"]["efficiency_cv_log_error_pct"]
-    assert scores["0.5"] == min(v for v in scores.values() if v is not None)
+    assert scores["p=1,eta=0.5"] == min(v for v in scores.values() if v is not None)
     # Overhead-bound runs only: the data cannot tell 0.5 from 0.8, so the default stays.
     light = synthetic(2, 6, sigma=0.01, seed=4, eta=0.5, archs=[(0.002, 20), (0.001, 200)])
     m = PREModel(**SMALL, efficiency=0.7).fit(light)
@@ -121,7 +122,28 @@ def test_efficiency_is_chosen_by_grouped_cv_only_when_identifiable() -> None:
     three = synthetic(3, 4, sigma=0.0, seed=4, eta=0.5, archs=[(2.0, 20), (0.5, 200), (4.0, 60)])
     m = PREModel(**SMALL).fit(three)
     assert m.cv_["energy"]["efficiency"] == pytest.approx(0.5, rel=1e-6)
-    assert m.cv_["energy"]["efficiency_source"].startswith("fitted")
+    assert "efficiency fitted" in m.cv_["energy"]["efficiency_source"]
+
+
+def test_prior_overlaps_overhead_and_computation_by_a_soft_maximum() -> None:
+    """Regression: an additive prior charged host overhead on top of computation.
+
+    On compute-bound VGG16 that made the RTX 3070 look cheaper than the RTX 3090
+    (overhead of the 3090's slower host added in full); the GPU hides host work
+    behind computation, so per batch time is a soft maximum of the two.
+    """
+    row = feature_frame(
+        [(JobDescription("a", 32, 3200, 0, gflops_forward=1.0, layers=10), "RTX 3090")]
+    )
+    # 100 batches; device per batch 3 * 1 GFLOP * 32 / (35.58 TFLOPS * 0.8) = 3.3727 ms
+    d = 3 * 32 / (35.58e3 * 0.8)
+    h = 0.002 + 0.0001 * 10  # c0 + c1 * layers = 3 ms
+    coef = {"RTX 3090": (0.002, 0.0001)}
+    for p, want in ((1.0, h + d), (2.0, (h * h + d * d) ** 0.5)):
+        prior = Prior(False, coef, {"RTX 3090": 35.58}, (0.0, 0.0), (0.0, 0.0), 0.8, p)
+        assert prior.predict(row)[0] == pytest.approx(100 * want, rel=1e-6)
+        energy = Prior(True, coef, {"RTX 3090": 35.58}, (0.0, 0.0), (0.0, 0.0), 0.8, p)
+        assert energy.predict(row)[0] == pytest.approx(350 * 100 * want, rel=1e-6)
 
 
 def test_predict_before_fit_and_bad_rows_are_refused() -> None:
@@ -171,16 +193,22 @@ def seaa(shared_data) -> pl.DataFrame:
 
 
 def test_real_runs_random_split_mape(seaa: pl.DataFrame) -> None:
-    perm = np.random.default_rng(0).permutation(seaa.height)
-    n = int(0.7 * seaa.height)
-    m = PREModel(n_estimators=200, max_depths=(2,), cv_folds=3).fit(seaa[perm[:n]])
-    test = seaa[perm[n:]]
-    p = m.predict(test)
-    y = test["epoch_energy_j"].to_numpy()
-    mape = 100 * np.mean(np.abs(p["predicted_epoch_energy_j"].to_numpy() - y) / y)
-    cover = np.mean((y >= p["lower_j"].to_numpy()) & (y <= p["upper_j"].to_numpy()))
-    assert mape <= 6.5  # goal 6 % on average over splits; the paper reported 6.0 %
-    assert 0.8 <= cover <= 0.97
+    """The issue's goal, as bench/pre.py measures it: five random 70/30 splits, defaults.
+
+    Measured (2-core x86): mean MAPE 5.72 %, mean coverage 89.6 %.
+    """
+    mapes, covers = [], []
+    for seed in range(5):
+        perm = np.random.default_rng(seed).permutation(seaa.height)
+        n = int(0.7 * seaa.height)
+        m = PREModel().fit(seaa[perm[:n]])
+        test = seaa[perm[n:]]
+        p = m.predict(test)
+        y = test["epoch_energy_j"].to_numpy()
+        mapes.append(100 * np.mean(np.abs(p["predicted_epoch_energy_j"].to_numpy() - y) / y))
+        covers.append(np.mean((y >= p["lower_j"].to_numpy()) & (y <= p["upper_j"].to_numpy())))
+    assert np.mean(mapes) <= 6.0  # the paper's kernel ridge reported 6.0 %
+    assert 0.85 <= np.mean(covers) <= 0.95
 
 
 def test_cli_bench_recommend_and_tampered_model(tmp_path, capsys) -> None:

@@ -85,30 +85,20 @@ def test_bad_inventory_and_objective(model: PREModel, tmp_path) -> None:
 
 
 @pytest.mark.parametrize(
-    "arch",
-    [
-        "mobilenet_v2",
-        "nasnet_mobile",
-        pytest.param(
-            "vgg16",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason="measured: RTX 3090 beats RTX 3070 by 3 % on vgg16; PRE predicts them "
-                "0.7 % apart the other way (within run-to-run noise of ~5 %). The order hinges "
-                "on the prior's FLOP efficiency, which overhead-bound MobileNetV2/NASNet runs "
-                "cannot identify, so the fold falls back to the default",
-            ),
-        ),
-    ],
+    ("arch", "max_mape"),
+    # measured with the defaults (2-core x86): 14.1 %, 10.9 %, 11.5 %
+    [("mobilenet_v2", 15.0), ("nasnet_mobile", 12.0), ("vgg16", 12.5)],
 )
-def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str) -> None:
+def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str, max_mape: float) -> None:
+    """Regression (vgg16): the additive prior picked the RTX 3070, 3 % worse than the 3090."""
     df = runs_features(pl.read_parquet(shared_data / "runs.parquet"))
-    m = PREModel(n_estimators=200, max_depths=(2,), cv_folds=3).fit(
-        df.filter(pl.col("architecture") != arch)
-    )
+    m = PREModel().fit(df.filter(pl.col("architecture") != arch))
     held = df.filter(pl.col("architecture") == arch)
-    p = held.with_columns(m.predict(held)["predicted_epoch_energy_j"].alias("pred"))
+    pred = m.predict(held)
+    p = held.with_columns(pred["predicted_epoch_energy_j"].alias("pred"))
     cells = p.group_by("gpu_model").agg(pl.col("epoch_energy_j").mean(), pl.col("pred").mean())
     assert cells.sort("pred")["gpu_model"][0] == cells.sort("epoch_energy_j")["gpu_model"][0]
     y = held["epoch_energy_j"].to_numpy()
-    assert 100 * np.mean(np.abs(p["pred"].to_numpy() - y) / y) < 16
+    assert 100 * np.mean(np.abs(p["pred"].to_numpy() - y) / y) < max_mape
+    cover = np.mean((y >= pred["lower_j"].to_numpy()) & (y <= pred["upper_j"].to_numpy()))
+    assert cover >= 0.8  # the issue's goal for unseen architectures

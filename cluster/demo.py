@@ -435,16 +435,29 @@ def live(
 
 
 def _retrain(store: Store) -> tuple[dict[str, Any], Any]:
-    from cluster.retrain import latest_model, retrain
+    from cluster.retrain import latest_model, retrain, versions
+    from estimators.pre import card_path
 
     result = retrain(store)
     model = latest_model(store.root / "models")
+    # The model in use: this retrain's if accepted, else the newest accepted one before it.
+    version, rows = result.version, result.rows
+    if not result.accepted:
+        for v in reversed(versions(store.root / "models")):
+            card = json.loads(card_path(store.root / "models" / f"pre-v{v}.json").read_text())
+            if card.get("accepted", True):
+                version, rows = v, len(card.get("run_ids") or [])
+                break
     return {
-        "version": result.version,
-        "rows": result.rows,
-        "accepted": result.accepted,
-        "decision": result.decision,
-        "path": str(result.path),
+        "version": version,
+        "rows": rows,
+        "retrained": {
+            "version": result.version,
+            "rows": result.rows,
+            "accepted": result.accepted,
+            "decision": result.decision,
+            "path": str(result.path),
+        },
     }, model
 
 

@@ -256,9 +256,11 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
     if model.get("version") is None:
         out.print(f"[yellow]no PRE model: {model.get('reason')}[/]")
         return
+    new = model["retrained"]
     out.print(
-        f"PRE v{model['version']} on {model['rows']} runs: "
-        f"{'accepted' if model['accepted'] else 'rejected'} ({model['decision']})"
+        f"retrained PRE v{new['version']} on {new['rows']} runs: "
+        f"{'accepted' if new['accepted'] else 'rejected'} ({new['decision']}); "
+        f"in use: v{model['version']} ({model['rows']} runs)"
     )
     job = rec["job"]
     out.print(
@@ -350,6 +352,7 @@ def _savings(store: Store, out: Console) -> dict[str, dict[str, Any]]:
     best: dict[str, dict[str, Any]] = {}
     runs = store.runs().filter(
         (pl.col("status") == "finished")
+        & (pl.col("energy_source").fill_null("measured") != "modelled")
         & pl.col("energy_j").is_not_null()
         & (pl.col("trained_epochs") > 0)
     )

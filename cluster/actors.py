@@ -59,15 +59,19 @@ class _AggregatorActorImpl:
         store_root: str,
         options: dict[str, Any] | None = None,
         retrain_delay_s: float = 30.0,
+        shard: int = 0,
+        shards: int = 1,
     ) -> None:
         from cluster.aggregator import Aggregator, Debounced
         from profiler.store import Store
 
         self.store = Store(store_root)
+        self.shard, self.shards = shard, shards
         self.retrain = Debounced(lambda: _launch_retrain(store_root), retrain_delay_s)
         opts = dict(options or {})
-        opts.setdefault("wal", self.store.root / "aggregator-wal")
-        self.agg = Aggregator.rebuild(self.store, on_finish=self._on_finish, **opts)
+        opts.setdefault("wal", self.store.root / wal_name(shard))
+        owns = None if shards == 1 else (lambda run_id: shard_of(run_id, shards) == shard)
+        self.agg = Aggregator.rebuild(self.store, on_finish=self._on_finish, owns=owns, **opts)
         self.started = time.time()
         self._stop = threading.Event()
         self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
@@ -76,8 +80,21 @@ class _AggregatorActorImpl:
         self._api: Any = None
 
     def _on_finish(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
-        if status == "finished":
+        if status != "finished":
+            return
+        if self.shard == 0:
             self.retrain()
+            return
+        try:  # one debounced retrain per cluster: shard 0's
+            import ray
+
+            ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE).note_finished.remote()
+        except Exception as err:
+            log.warning("shard %d: could not tell shard 0 about %s: %s", self.shard, run_id, err)
+
+    def note_finished(self) -> None:
+        """Another shard finished a run: (re)start the debounced PRE retrain."""
+        self.retrain()
 
     def _flush_loop(self) -> None:
         period = max(self.agg.flush_interval_us / 1e6 / 2, 0.1)
@@ -130,6 +147,7 @@ class _AggregatorActorImpl:
     def stats(self) -> dict[str, Any]:
         """See :meth:`Aggregator.stats`; adds the store root and the API address."""
         out = self.agg.stats()
+        out["shard"], out["shards"] = self.shard, self.shards
         out["store"] = str(self.store.root)
         out["api"] = None if self._api is None else self._api.url
         out["sidecars"] = None if self.manager is None else self.manager.node_names()
@@ -174,12 +192,119 @@ def _launch_retrain(store_root: str) -> None:
     _retrain_task.remote(store_root)
 
 
+def shard_name(shard: int) -> str:
+    """The actor name of aggregator shard ``shard`` (shard 0 keeps the plain name)."""
+    return AGGREGATOR_NAME if shard == 0 else f"{AGGREGATOR_NAME}-{shard}"
+
+
+def wal_name(shard: int) -> str:
+    """The write-ahead journal folder of a shard, under the store."""
+    return "aggregator-wal" if shard == 0 else f"aggregator-wal-{shard}"
+
+
+def shard_of(run_id: str, shards: int) -> int:
+    """The shard that owns ``run_id``: a stable hash (CRC-32) of the id modulo ``shards``."""
+    import zlib
+
+    return zlib.crc32(run_id.encode("utf-8")) % shards if shards > 1 else 0
+
+
+def aggregators(
+    store_root: str | os.PathLike[str] | None = None,
+    *,
+    shards: int = 1,
+    options: dict[str, Any] | None = None,
+    retrain_delay_s: float = 30.0,
+) -> list[Any]:
+    """Get or create the cluster's ``shards`` aggregator shards; returns their handles.
+
+    Runs are split among shards by :func:`shard_of`; sidecars, the runner and
+    the mark relay route each run's data to its shard (:class:`Router`). Each
+    shard has its own write-ahead journal and rebuilds only its runs after a
+    restart; all write to the same store. Shard 0 also manages the sidecars
+    and runs the debounced PRE retrain for all.
+
+    Raises:
+        BadInputError: ``shards`` < 1, or different from the running cluster's.
+
+    """
+    import ray
+
+    from profiler.errors import BadInputError
+
+    if shards < 1:
+        raise BadInputError(f"--shards must be at least 1; found {shards}")
+    first = aggregator(store_root, options=options, retrain_delay_s=retrain_delay_s, shards=shards)
+    running = int(ray.get(first.stats.remote(), timeout=120).get("shards", 1))
+    if running != shards:
+        raise BadInputError(
+            f"the cluster's aggregator runs {running} shard(s); found --shards {shards}. Stop "
+            "it first ('ray kill' the wattwise-aggregator actors) to change the shard count"
+        )
+    return [first] + [
+        aggregator(
+            store_root,
+            options=options,
+            retrain_delay_s=retrain_delay_s,
+            shard=k,
+            shards=shards,
+        )
+        for k in range(1, shards)
+    ]
+
+
+class Router:
+    """Finds the aggregator shard of a run (one shard: always the plain aggregator).
+
+    The shard count is read once from shard 0 and again after a failure.
+    """
+
+    def __init__(self) -> None:
+        self._handles: list[Any] | None = None
+
+    def handles(self) -> list[Any]:
+        """All shards' handles, shard 0 first."""
+        import ray
+
+        if self._handles is None:
+            first = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+            stats: Any = ray.get(first.stats.remote(), timeout=30)
+            n = int(stats.get("shards", 1))
+            self._handles = [first] + [
+                ray.get_actor(shard_name(k), namespace=NAMESPACE) for k in range(1, n)
+            ]
+        return self._handles
+
+    def for_run(self, run_id: str | None) -> Any:
+        """The handle of ``run_id``'s shard (unassigned data goes to shard 0)."""
+        hs = self.handles()
+        return hs[0] if run_id is None else hs[shard_of(run_id, len(hs))]
+
+    def split(self, batch: pl.DataFrame) -> list[tuple[Any, pl.DataFrame]]:
+        """The batch cut into one part per shard that owns some of its rows."""
+        hs = self.handles()
+        if len(hs) == 1:
+            return [(hs[0], batch)]
+        ids = batch["run_id"].unique().to_list()
+        owner = {r: (0 if r is None else shard_of(r, len(hs))) for r in ids}
+        parts = batch.with_columns(
+            pl.col("run_id").replace_strict(owner, default=0, return_dtype=pl.Int64).alias("_s")
+        ).partition_by("_s", as_dict=True, include_key=False)
+        return [(hs[int(k[0])], part) for k, part in parts.items()]
+
+    def reset(self) -> None:
+        """Look the shards up again next time."""
+        self._handles = None
+
+
 def aggregator(
     store_root: str | os.PathLike[str] | None = None,
     *,
     options: dict[str, Any] | None = None,
     retrain_delay_s: float = 30.0,
     create: bool = True,
+    shard: int = 0,
+    shards: int = 1,
 ) -> Any:
     """The cluster's aggregator actor: the running one, or a new one.
 
@@ -189,6 +314,8 @@ def aggregator(
         options: Keyword arguments for :class:`cluster.aggregator.Aggregator`.
         retrain_delay_s: Debounce of the PRE retrain in s.
         create: Create it when it is not running (else raise).
+        shard: Which shard (0: the plain ``wattwise-aggregator``); see :func:`aggregators`.
+        shards: Shards in all (a new shard rebuilds only the runs it owns).
 
     Returns:
         A handle to the named detached actor.
@@ -204,7 +331,7 @@ def aggregator(
 
     if not create:
         try:
-            return ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+            return ray.get_actor(shard_name(shard), namespace=NAMESPACE)
         except ValueError as err:
             raise SourceUnavailableError(
                 f"no aggregator is running in this Ray cluster (actor {AGGREGATOR_NAME!r} in "
@@ -213,14 +340,14 @@ def aggregator(
     root = str(Store(store_root).root.resolve())
     cls = ray.remote(_AggregatorActorImpl)
     return cls.options(
-        name=AGGREGATOR_NAME,
+        name=shard_name(shard),
         namespace=NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
         max_restarts=-1,
         num_cpus=0,
         max_concurrency=4,  # queries and the API answer while a batch is being ingested
-    ).remote(root, options, retrain_delay_s)
+    ).remote(root, options, retrain_delay_s, shard, shards)
 
 
 # ------------------------------------------------------------------------------ sidecars
@@ -239,7 +366,7 @@ class AggregatorReceiver:
 
     def __init__(self, timeout_s: float = 10.0) -> None:
         self.timeout_s = timeout_s
-        self._handle: Any = None
+        self._router = Router()
 
     def send(self, batch: pl.DataFrame) -> None:
         """Deliver one batch (idempotent on the aggregator's side, so resending is safe)."""
@@ -249,12 +376,11 @@ class AggregatorReceiver:
         """Deliver one batch stamped with this node's clock (for the offset estimate)."""
         import ray
 
-        if self._handle is None:
-            self._handle = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
-        try:
-            ray.get(self._handle.ingest_samples.remote(batch, sent_at), timeout=self.timeout_s)
+        try:  # one part per shard; resending a part a shard already took is harmless
+            refs = [h.ingest_samples.remote(part, sent_at) for h, part in self._router.split(batch)]
+            ray.get(refs, timeout=self.timeout_s)
         except Exception:
-            self._handle = None  # look it up again next time
+            self._router.reset()  # look the shards up again next time
             raise
 
 

@@ -1535,7 +1535,9 @@ class Aggregator:
 
     # -------------------------------------------------------------------------------- rebuild
     @classmethod
-    def rebuild(cls, store: Store, **kwargs: Any) -> Aggregator:
+    def rebuild(
+        cls, store: Store, *, owns: Callable[[str], bool] | None = None, **kwargs: Any
+    ) -> Aggregator:
         """An aggregator holding the state of every running run in ``store``.
 
         Batches left in the write-ahead journal by a process that died are
@@ -1545,6 +1547,7 @@ class Aggregator:
 
         Args:
             store: The run store.
+            owns: Keep only the running runs for which this is true (a shard's own).
             **kwargs: As for :class:`Aggregator`.
 
         """
@@ -1556,7 +1559,8 @@ class Aggregator:
                     agg.wal.remove(seq)
             runs = store.runs()
             for row in runs.filter(pl.col("status") == "running").iter_rows(named=True):
-                agg._load(row)
+                if owns is None or owns(str(row["run_id"])):
+                    agg._load(row)
         return agg
 
     def _load(self, row: dict[str, Any]) -> None:

@@ -297,7 +297,7 @@ class MarkRelay:
         import polars as pl
         import ray
 
-        from cluster.actors import AGGREGATOR_NAME, NAMESPACE
+        from cluster.actors import Router
 
         try:
             marks = self.store.epochs(self.run_id)
@@ -311,7 +311,7 @@ class MarkRelay:
         fresh = marks.filter(pl.Series(new))
         try:
             if self._handle is None:
-                self._handle = ray.get_actor(AGGREGATOR_NAME, namespace=NAMESPACE)
+                self._handle = Router().for_run(self.run_id)
             ray.get(
                 self._handle.ingest_epochs.remote(fresh, node=self.node, sent_at=self.clock()),
                 timeout=30 if final else 10,
@@ -561,7 +561,7 @@ def run_job(
     """
     import ray
 
-    from cluster.actors import AGGREGATOR_NAME, NAMESPACE
+    from cluster.actors import AGGREGATOR_NAME, NAMESPACE, Router
 
     if not command:
         raise BadInputError("expected a command after '--', e.g. -- python train.py")
@@ -578,6 +578,7 @@ def run_job(
     hints = choose_node_type(node_type, types=types, job=job, store_root=root, inventory=inventory)
     chosen = str(hints["node_type"])
     run_id = run_id or new_run_id(chosen)
+    agg = Router().for_run(run_id)  # the run's aggregator shard (shard 0 when unsharded)
     options = dict(hints["ray_options"])
     options["num_cpus"] = num_cpus
     if num_gpus is not None:

@@ -34,6 +34,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default="none",
         help="also start one sidecar per node with this power source (default none)",
     )
+    start.add_argument(
+        "--shards",
+        type=int,
+        default=1,
+        help="aggregator shards; runs are split among them by a hash of the run id (default 1)",
+    )
     start.add_argument("--json", action="store_true", help="print the status as JSON")
     start.set_defaults(func=run_start)
 
@@ -90,7 +96,7 @@ def run_start(args: argparse.Namespace) -> int:
     """Run ``wattwise aggregator start``."""
     import ray
 
-    from cluster.actors import aggregator
+    from cluster.actors import aggregators
 
     token = args.token or os.environ.get("WATTWISE_API_TOKEN")
     from cluster.api import is_loopback
@@ -101,22 +107,36 @@ def run_start(args: argparse.Namespace) -> int:
             "$WATTWISE_API_TOKEN), or keep the default 127.0.0.1"
         )
     _connect(args.address)
-    handle = aggregator(open_store(args).root)
+    handles = aggregators(open_store(args).root, shards=args.shards)
+    handle = handles[0]
     if args.port is not None:
         ray.get(handle.start_api.remote(args.host, args.port, token))
     if args.sidecars != "none":
         ray.get(handle.start_sidecars.remote([(args.sidecars, {})]))
-    _print(ray.get(handle.stats.remote()), ray.get(handle.status.remote()), args.json)
+    _print(*_merged(handles), args.json)
     return 0
+
+
+def _merged(handles: list[Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Counters summed over the shards (shard 0's store, API and sidecars) and all their runs."""
+    import ray
+
+    stats = ray.get([h.stats.remote() for h in handles])
+    out = dict(stats[0])
+    for key in ("running_runs", "samples", "batches", "pending_rows"):
+        out[key] = sum(int(s.get(key) or 0) for s in stats)
+    out["per_shard"] = [
+        {k: s.get(k) for k in ("shard", "running_runs", "samples", "batches")} for s in stats
+    ]
+    runs = [r for rs in ray.get([h.status.remote() for h in handles]) for r in rs]
+    return out, runs
 
 
 def run_status(args: argparse.Namespace) -> int:
     """Run ``wattwise aggregator status``."""
-    import ray
-
-    from cluster.actors import aggregator
+    from cluster.actors import Router, aggregator
 
     _connect(args.address)
-    handle = aggregator(create=False)
-    _print(ray.get(handle.stats.remote()), ray.get(handle.status.remote()), args.json)
+    aggregator(create=False)  # a clear message when none runs
+    _print(*_merged(Router().handles()), args.json)
     return 0

@@ -6,14 +6,30 @@ Routes::
     GET  /runs/<run_id>             one run's status and STEP projection
     GET  /runs/<run_id>/epochs      per-epoch energy (J), duration (s), gaps (s)
     GET  /runs/<run_id>/projection  the current STEP projection with its band
+    GET  /placement?arch=resnet50&batch_size=64&...   placement hints for a job
+    POST /placement                 {"arch": "resnet50", "batch_size": 64, ...}: the same
     POST /samples                   {"samples": [{...sample...}, ...]}  -> {"accepted": n}
     POST /epochs                    {"epochs": [{run_id, epoch, start, end}, ...]}
 
+``/placement`` answers exactly what ``wattwise placement --json`` prints for
+the same job: the PRE recommendation (newest accepted model in
+``<store>/models``) among the inventory's node types, else the default node
+type, as Ray resources, a label selector and a k8s nodeSelector. Its fields
+are those of the CLI's job options: ``arch`` (required), ``batch_size`` (32),
+``image_size`` (224), ``train_size`` (50000), ``validation_size`` (0),
+``epochs``, ``node_type`` and ``objective`` (energy, cost, carbon).
+
 Timestamps are ISO 8601 strings with an offset (``2024-01-01T00:00:00+00:00``).
-Bound to a non-loopback address, the server refuses to start without a
-token, and writes need ``Authorization: Bearer <token>`` (compared in
-constant time). Answers are JSON; errors are ``{"error": message}`` with
-status 400 (bad input), 401 (token), 404 (unknown run or route) or 413.
+
+Security: bound to a non-loopback address, the server refuses to start
+without a token of at least :data:`MIN_TOKEN_CHARS` characters, and every
+POST needs ``Authorization: Bearer <token>`` (compared in constant time with
+:func:`hmac.compare_digest`). The token is never logged nor echoed. Run ids in
+paths and bodies must match :data:`profiler.schema.RUN_ID_RE` in full, so no
+request reaches a path outside the store. Idle connections are dropped after
+:data:`REQUEST_TIMEOUT_S`. Answers are JSON; errors are ``{"error": message}``
+with status 400 (bad input), 401 (token), 404 (unknown run or route), 413
+(body too large) or 503 (no inventory, store refused).
 """
 
 from __future__ import annotations
@@ -22,21 +38,53 @@ import hmac
 import ipaddress
 import json
 import logging
+import socket
+import sys
 import threading
+import urllib.parse
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
 from cluster.aggregator import Aggregator, _jsonable, runs_table
-from profiler.errors import BadInputError, WattwiseError
-from profiler.schema import UTC_US, check_run_id
+from profiler.errors import BadInputError, SchemaError, WattwiseError
+from profiler.schema import RUN_ID_RE, UTC_US, check_run_id
+
+if TYPE_CHECKING:
+    from estimators.features import JobDescription
+    from estimators.pre import PREModel
+    from estimators.recommend import NodeType
 
 log = logging.getLogger(__name__)
 
 #: Largest request body accepted, in bytes.
 MAX_BODY = 16 * 1024 * 1024
+#: Shortest token accepted off loopback, in characters (``secrets.token_urlsafe()`` gives 43).
+MIN_TOKEN_CHARS = 16
+#: A connection that sends nothing for this long is closed, in s.
+REQUEST_TIMEOUT_S = 30.0
+
+#: Node types to place on: a fixed list, a function returning the current one, or
+#: ``None`` (the connected Ray cluster's, see :func:`cluster.placement.inventory_from_ray`).
+Inventory = Sequence["NodeType"] | Callable[[], Sequence["NodeType"]] | None
+
+#: Job fields of ``/placement`` (the CLI's job options) -> default (``None``: unset).
+PLACEMENT_FIELDS: dict[str, Any] = {
+    "arch": None,
+    "batch_size": 32,
+    "image_size": 224,
+    "train_size": 50_000,
+    "validation_size": 0,
+    "epochs": None,
+    "node_type": None,
+    "objective": "energy",
+}
+_INT_FIELDS = {"batch_size": 1, "image_size": 1, "train_size": 1, "validation_size": 0, "epochs": 1}
+_OBJECTIVES = ("energy", "cost", "carbon")
 
 
 def is_loopback(host: str) -> bool:
@@ -49,6 +97,26 @@ def is_loopback(host: str) -> bool:
         return False
 
 
+def check_run_ids(df: pl.DataFrame, what: str) -> None:
+    """Refuse a frame whose ``run_id`` column holds an id that is not a safe run id in full.
+
+    ``re.match`` with ``$`` accepts a trailing newline; this checks with
+    ``fullmatch`` so that a run id ending in a line break is refused like ``../x``.
+
+    Raises:
+        SchemaError: The first bad id, quoted.
+
+    """
+    if "run_id" not in df.columns or df.schema["run_id"] != pl.String:
+        return
+    for rid in df["run_id"].drop_nulls().unique().to_list():
+        if not RUN_ID_RE.fullmatch(rid):
+            raise SchemaError(
+                f"{what}: run_id must match {RUN_ID_RE.pattern} in full (letters, digits, '.', "
+                f"'_', '-', at most 128, no path separators or line breaks); found {rid!r}"
+            )
+
+
 def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise BadInputError(f"expected {{{what!r}: [objects]}} in the request body")
@@ -56,7 +124,7 @@ def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
         return pl.DataFrame()
     try:
         df = pl.DataFrame(rows, infer_schema_length=None)
-        return df.with_columns(
+        df = df.with_columns(
             pl.col(c).str.to_datetime(time_unit="us", time_zone="UTC")
             for c in time_cols
             if c in df.columns and df.schema[c] == pl.String
@@ -68,12 +136,93 @@ def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
             f"{what}: could not read the rows ({err}); expected one JSON type per field and "
             "ISO 8601 times with an offset"
         ) from err
+    check_run_ids(df, what)
+    return df
+
+
+def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, str]:
+    """The job, named node type and objective of a ``/placement`` request.
+
+    Args:
+        params: Field -> value (strings from a query, JSON values from a body);
+            ``-`` and ``_`` are interchangeable in names.
+
+    Returns:
+        (job, node type or ``None``, objective), as ``wattwise placement`` builds them.
+
+    Raises:
+        BadInputError: Unknown or missing field, a value of the wrong type or range.
+
+    """
+    from estimators.features import JobDescription
+
+    given = {str(k).replace("-", "_"): v for k, v in params.items()}
+    unknown = sorted(set(given) - set(PLACEMENT_FIELDS))
+    if unknown:
+        raise BadInputError(
+            f"placement: unknown field(s) {unknown}; expected some of {list(PLACEMENT_FIELDS)}"
+        )
+    v = {**PLACEMENT_FIELDS, **{k: x for k, x in given.items() if x is not None}}
+    if not isinstance(v["arch"], str) or not v["arch"].strip():
+        raise BadInputError(
+            "placement: expected 'arch', the architecture (a torchvision name such as resnet50); "
+            f"found {v['arch']!r}"
+        )
+    for name, least in _INT_FIELDS.items():
+        x = v[name]
+        if x is None:
+            continue
+        if isinstance(x, str):
+            try:
+                x = int(x.strip())
+            except ValueError:
+                raise BadInputError(
+                    f"placement: {name!r} must be an integer >= {least}; found {v[name]!r}"
+                ) from None
+        if isinstance(x, bool) or not isinstance(x, int) or x < least:
+            raise BadInputError(
+                f"placement: {name!r} must be an integer >= {least}; found {v[name]!r}"
+            )
+        v[name] = x
+    if v["objective"] not in _OBJECTIVES:
+        raise BadInputError(
+            f"placement: 'objective' must be one of {list(_OBJECTIVES)}; found {v['objective']!r}"
+        )
+    if v["node_type"] is not None and not isinstance(v["node_type"], str):
+        raise BadInputError(f"placement: 'node_type' must be a string; found {v['node_type']!r}")
+    job = JobDescription(
+        architecture=v["arch"],
+        batch_size=v["batch_size"],
+        training_size=v["train_size"],
+        validation_size=v["validation_size"],
+        image_height=v["image_size"],
+        image_width=v["image_size"],
+        planned_epochs=v["epochs"],
+    )
+    return job, v["node_type"], v["objective"]
+
+
+def _query_params(query: str) -> dict[str, str]:
+    try:
+        pairs = urllib.parse.parse_qsl(
+            query, keep_blank_values=True, strict_parsing=bool(query), max_num_fields=32
+        )
+    except ValueError as err:
+        raise BadInputError(f"placement: could not read the query string ({err})") from err
+    out: dict[str, str] = {}
+    for k, x in pairs:
+        if k in out:
+            raise BadInputError(f"placement: field {k!r} given twice; give it once")
+        out[k] = x
+    return out
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = REQUEST_TIMEOUT_S
 
     def log_message(self, fmt: str, *args: Any) -> None:
+        # The request line only: headers (and so the token) are never logged.
         log.debug("api: " + fmt, *args)
 
     def _send(self, code: int, body: Any) -> None:
@@ -89,10 +238,13 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         agg = self.server.agg
-        parts = [p for p in self.path.split("?")[0].split("/") if p]
+        path, _, query = self.path.partition("?")
+        parts = [p for p in path.split("/") if p]
         try:
             if parts == ["runs"]:
                 return self._send(200, runs_table(agg))
+            if parts == ["placement"]:
+                return self._placement(_query_params(query))
             if len(parts) >= 2 and parts[0] == "runs":
                 run_id = check_run_id(parts[1])
                 if len(parts) == 2:
@@ -101,26 +253,45 @@ class _Handler(BaseHTTPRequestHandler):
                     return self._send(200, agg.epochs(run_id).to_dicts())
                 if parts[2:] == ["projection"]:
                     return self._send(200, agg.projection(run_id))
-            return self._error(404, f"no route GET {self.path}; see GET /runs")
+            return self._error(
+                404, f"no route GET {path[:200]!r}; see GET /runs or GET /placement?arch=..."
+            )
         except BadInputError as err:
             code = 404 if str(err).startswith("no run") else 400
             return self._error(code, str(err))
         except WattwiseError as err:
             return self._error(500, str(err))
 
+    def _placement(self, params: dict[str, Any]) -> None:
+        job, node_type, objective = placement_job(params)
+        try:
+            inventory = self.server.placement_inventory()
+        except BadInputError as err:
+            return self._error(503, f"placement: no node types to place on: {err}")
+        model = None if node_type is not None else self.server.placement_model()
+        from cluster.placement import recommend_hints
+
+        with self.server.placement_lock:  # one XGBoost prediction at a time
+            hints = recommend_hints(job, inventory, model, objective=objective, node_type=node_type)
+        return self._send(200, hints)
+
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
         agg = self.server.agg
         token = self.server.token
         if token is not None:
             given = self.headers.get("Authorization", "")
+            # Both sides as UTF-8 bytes: compare_digest refuses non-ASCII str.
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
                 return self._error(401, "writes need 'Authorization: Bearer <token>'")
         try:
             length = int(self.headers.get("Content-Length") or 0)
         except ValueError:
             return self._error(400, "Content-Length must be an integer")
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            return self._error(400, f"Content-Length must be >= 0; found {length}")
         if length > MAX_BODY:
             return self._error(413, f"request body of {length} bytes exceeds {MAX_BODY}")
+        path = self.path.partition("?")[0]
         try:
             raw = self.rfile.read(length) or b"{}"
             try:
@@ -129,21 +300,27 @@ class _Handler(BaseHTTPRequestHandler):
                 # json raises these (not JSONDecodeError) for non-UTF-8 bytes and deep nesting.
                 why = "is not UTF-8" if isinstance(err, UnicodeDecodeError) else "nests too deep"
                 return self._error(400, f"expected a JSON body in UTF-8; the body {why} ({err})")
-            if self.path == "/samples":
+            if path == "/samples":
                 df = _frame(
                     body.get("samples") if isinstance(body, dict) else None,
                     "samples",
                     ("timestamp",),
                 )
                 return self._send(200, {"accepted": agg.ingest_samples(df) if df.height else 0})
-            if self.path == "/epochs":
+            if path == "/epochs":
                 df = _frame(
                     body.get("epochs") if isinstance(body, dict) else None,
                     "epochs",
                     ("start", "end"),
                 )
                 return self._send(200, {"accepted": agg.ingest_epochs(df) if df.height else 0})
-            return self._error(404, f"no route POST {self.path}; use /samples or /epochs")
+            if path == "/placement":
+                if not isinstance(body, dict):
+                    raise BadInputError("placement: expected a JSON object describing the job")
+                return self._placement(body)
+            return self._error(
+                404, f"no route POST {path[:200]!r}; use /samples, /epochs or /placement"
+            )
         except json.JSONDecodeError as err:
             return self._error(400, f"expected a JSON body; {err}")
         except BadInputError as err:
@@ -155,10 +332,76 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, addr: tuple[str, int], agg: Aggregator, token: str | None) -> None:
+    def __init__(
+        self,
+        addr: tuple[str, int],
+        agg: Aggregator,
+        token: str | None,
+        inventory: Inventory = None,
+        models: Path | None = None,
+    ) -> None:
+        if ":" in addr[0]:
+            self.address_family = socket.AF_INET6
         super().__init__(addr, _Handler)
         self.agg = agg
         self.token = token
+        self.inventory = inventory
+        self.models = models
+        self.placement_lock = threading.Lock()
+        self._model_key: tuple[str, int] | None = None
+        self._model: PREModel | None = None
+
+    def __repr__(self) -> str:  # never show the token
+        return f"<wattwise API on {self.server_address[:2]}>"
+
+    def placement_inventory(self) -> list[NodeType]:
+        """The node types to place on (see :data:`Inventory`).
+
+        Raises:
+            BadInputError: None given and no Ray connection, or none names a GPU model.
+
+        """
+        inv = self.inventory
+        if callable(inv):
+            return list(inv())
+        if inv is not None:
+            return list(inv)
+        ray = sys.modules.get("ray")  # only ask Ray when this process is connected to it
+        if ray is None or not ray.is_initialized():
+            raise BadInputError(
+                "this API was started without an inventory and outside a Ray cluster; start it "
+                "with 'wattwise aggregator start --port N' on the cluster"
+            )
+        from cluster.placement import inventory_from_ray
+
+        return inventory_from_ray(ray.nodes())
+
+    def placement_model(self) -> PREModel | None:
+        """The newest accepted PRE model of the store (reloaded when a new one appears)."""
+        from cluster.retrain import latest_model, versions
+
+        folder = self.models
+        if folder is None:
+            if self.agg.store is None:
+                return None
+            folder = self.agg.store.root / "models"
+        have = versions(folder)
+        if not have:
+            return None
+        newest = folder / f"pre-v{have[-1]}.json"
+        try:
+            key = (str(newest), newest.stat().st_mtime_ns)
+        except OSError:
+            return None
+        if key != self._model_key:
+            try:
+                self._model = latest_model(folder)
+            except BadInputError as err:
+                # As the CLI: without a usable model, the default node type (and say why).
+                log.warning("placement: no usable PRE model (%s); using the default node type", err)
+                self._model = None
+            self._model_key = key
+        return self._model
 
 
 @dataclass
@@ -183,7 +426,13 @@ class ApiServer:
 
 
 def serve(
-    agg: Aggregator, *, host: str = "127.0.0.1", port: int = 0, token: str | None = None
+    agg: Aggregator,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    token: str | None = None,
+    inventory: Inventory = None,
+    models: str | Path | None = None,
 ) -> ApiServer:
     """Serve ``agg`` over HTTP in a background thread.
 
@@ -191,19 +440,32 @@ def serve(
         agg: The aggregator to answer for.
         host: Address to bind; loopback by default.
         port: TCP port; 0 picks a free one.
-        token: Bearer token for writes; required when ``host`` is not loopback.
+        token: Bearer token for writes (every POST); required off loopback, at
+            least :data:`MIN_TOKEN_CHARS` characters there.
+        inventory: Node types for ``/placement`` (see :data:`Inventory`).
+        models: PRE model folder for ``/placement``; default ``<store>/models``.
 
     Raises:
-        BadInputError: A non-loopback address without a token.
+        BadInputError: A non-loopback address without a token, or with a short one.
 
     """
-    if not is_loopback(host) and not token:
-        raise BadInputError(
-            f"the API would accept writes from the network on {host}; give a token "
-            "(--token or $WATTWISE_API_TOKEN) or bind to 127.0.0.1"
-        )
-    server = _Server((host, port), agg, token)
+    if not is_loopback(host):
+        if not token:
+            raise BadInputError(
+                f"the API would accept writes from the network on {host}; give a token "
+                "(--token or $WATTWISE_API_TOKEN) or bind to 127.0.0.1"
+            )
+        if len(token) < MIN_TOKEN_CHARS:
+            raise BadInputError(
+                f"the API token for {host} has {len(token)} characters; expected at least "
+                f"{MIN_TOKEN_CHARS} (e.g. python -c 'import secrets; "
+                "print(secrets.token_urlsafe())')"
+            )
+    server = _Server(
+        (host, port), agg, token, inventory, Path(models) if models is not None else None
+    )
     thread = threading.Thread(target=server.serve_forever, name="wattwise-api", daemon=True)
     thread.start()
     bound_host, bound_port = str(server.server_address[0]), int(server.server_address[1])
-    return ApiServer(f"http://{bound_host}:{bound_port}", server, thread)
+    shown = f"[{bound_host}]" if ":" in bound_host else bound_host
+    return ApiServer(f"http://{shown}:{bound_port}", server, thread)

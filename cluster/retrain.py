@@ -35,7 +35,9 @@ def latest_model(folder: Path) -> PREModel:
     """The newest accepted model in ``folder``.
 
     Raises:
-        BadInputError: No model there, or the model fails its checks.
+        BadInputError: No model there, the model fails its checks (see
+            :meth:`estimators.pre.PREModel.load`: checksummed XGBoost JSON only), or it
+            is a symlink to a file outside ``folder``.
 
     """
     from estimators.pre import PREModel, card_path
@@ -43,6 +45,13 @@ def latest_model(folder: Path) -> PREModel:
     for v in reversed(versions(folder)):
         path = folder / f"pre-v{v}.json"
         card = card_path(path)
+        for p in (path, card):
+            # A model or card linked from outside the folder is not the store's to load.
+            if p.is_symlink() and p.resolve().parent != folder.resolve():
+                raise BadInputError(
+                    f"{p}: is a symlink to {p.resolve()}, outside {folder}; models load only "
+                    "from their own folder. Remove the link or copy the model in"
+                )
         if card.is_file():
             try:
                 accepted = json.loads(card.read_text()).get("accepted", True)

@@ -15,6 +15,11 @@ crash leaves at most a hidden temporary that the next writer removes. Writers
 serialise on ``.lock``; readers take no lock. A sample's identity is
 (run_id, node, device, timestamp): writing it again is a no-op, writing a
 different value for it is refused.
+
+Paths never leave the root: run ids must match ``RUN_ID_RE`` in full (see
+:func:`safe_run_id`), a run directory that is a symlink is neither read nor
+written, the sweep of temporaries skips symlinked directories, and the lock
+file is opened with ``O_NOFOLLOW``.
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from pathlib import Path
 import polars as pl
 
 from profiler.errors import BadInputError, SchemaError, StoreError, where
-from profiler.schema import KEYS, check_run_id, conform, empty, schema
+from profiler.schema import KEYS, RUN_ID_RE, check_run_id, conform, empty, schema
 
 UNASSIGNED = "_unassigned"
 _PART_RE = re.compile(r"^(part|base)-(\d{12})\.parquet$")
@@ -46,6 +51,26 @@ def default_root() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
     return Path(base) / "wattwise" / "store"
+
+
+def safe_run_id(run_id: str) -> str:
+    """``run_id`` if it is a safe run id in full, else :class:`SchemaError`.
+
+    Stricter than :func:`profiler.schema.check_run_id`, whose ``re.match``
+    with ``$`` lets one trailing line break through.
+    """
+    check_run_id(run_id)
+    if not RUN_ID_RE.fullmatch(run_id):
+        raise SchemaError(
+            f"run_id must match {RUN_ID_RE.pattern} in full (no line breaks); found {run_id!r}"
+        )
+    return run_id
+
+
+def _check_frame_ids(df: pl.DataFrame) -> None:
+    if "run_id" in df.columns:
+        for rid in df["run_id"].drop_nulls().unique().to_list():
+            safe_run_id(str(rid))
 
 
 def _fsync_dir(path: Path) -> None:
@@ -160,7 +185,10 @@ class Store:
     def _locked(self) -> Iterator[None]:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            fh = open(self.root / ".lock", "a+b")  # noqa: SIM115 - closed below
+            # O_NOFOLLOW: a symlink planted at .lock must not make a writer create or lock a
+            # file outside the store.
+            fd = os.open(self.root / ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+            fh = os.fdopen(fd, "a+b")
         except OSError as err:
             raise StoreError(f"cannot open the store at {self.root}: {err}") from err
         try:
@@ -177,15 +205,19 @@ class Store:
             tmp.unlink(missing_ok=True)
         samples = self.root / "samples"
         if samples.is_dir():
-            for tmp in samples.glob("*/.tmp-*"):
-                tmp.unlink(missing_ok=True)
+            for d in samples.iterdir():
+                if d.is_symlink() or not d.is_dir():  # never delete outside the store
+                    continue
+                for tmp in d.glob(".tmp-*"):
+                    tmp.unlink(missing_ok=True)
 
     # -- paths -------------------------------------------------------------------------------
     def _run_dir(self, run_id: str | None) -> Path:
-        name = UNASSIGNED if run_id is None else check_run_id(run_id)
+        name = UNASSIGNED if run_id is None else safe_run_id(run_id)
         path = (self.root / "samples" / name).resolve()
-        # check_run_id forbids separators and leading dots; this is a second line of defence.
-        if path.parent != (self.root / "samples").resolve():
+        # check_run_id forbids separators and leading dots; resolving also catches a run
+        # directory that is a symlink out of the store.
+        if path.parent != (self.root / "samples").resolve() or path.name != name:
             raise SchemaError(f"run_id {run_id!r} would leave the store at {self.root}")
         return path
 
@@ -236,6 +268,7 @@ class Store:
 
         """
         df = conform(df, "samples", file=file).unique(maintain_order=True)
+        _check_frame_ids(df)
         if df.height == 0:
             return 0
         groups = df.partition_by("run_id", as_dict=True, maintain_order=True)
@@ -312,8 +345,11 @@ class Store:
         if run_id is not None:
             dirs = [self._run_dir(run_id)]
         elif base.is_dir():
+            # A symlinked run directory could point out of the store: it is not read.
             dirs = sorted(
-                d for d in base.iterdir() if d.is_dir() and (unassigned or d.name != UNASSIGNED)
+                d
+                for d in base.iterdir()
+                if d.is_dir() and not d.is_symlink() and (unassigned or d.name != UNASSIGNED)
             )
         else:
             dirs = []
@@ -326,6 +362,7 @@ class Store:
     # -- runs and epochs (small tables, rewritten whole) -----------------------------------
     def _upsert(self, table: str, df: pl.DataFrame, file: str | None) -> int:
         df = conform(df, table, file=file).unique(maintain_order=True)
+        _check_frame_ids(df)
         key = list(KEYS[table])
         with self._locked():
             path = self.root / f"{table}.parquet"
@@ -367,7 +404,7 @@ class Store:
         """Epoch marks, of one run or of all, sorted by run and epoch."""
         df = self._read_small("epochs")
         if run_id is not None:
-            df = df.filter(pl.col("run_id") == check_run_id(run_id))
+            df = df.filter(pl.col("run_id") == safe_run_id(run_id))
         return df
 
     def run(self, run_id: str) -> dict[str, object]:
@@ -378,7 +415,7 @@ class Store:
 
         """
         runs = self.runs()
-        hit = runs.filter(pl.col("run_id") == check_run_id(run_id))
+        hit = runs.filter(pl.col("run_id") == safe_run_id(run_id))
         if hit.height == 0:
             known = runs["run_id"].head(5).to_list()
             raise BadInputError(

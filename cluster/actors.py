@@ -414,6 +414,7 @@ class _SidecarActorImpl:
         from profiler.sources import open_source
 
         opened = [open_source(name, **kwargs) for name, kwargs in sources]
+        journal = Path(journal_dir) if journal_dir else default_journal_dir() / node
         self.sidecar = Sidecar(
             opened,
             node=node,
@@ -421,9 +422,66 @@ class _SidecarActorImpl:
             interval_s=interval_s,
             batch_interval_s=batch_interval_s,
             receiver=AggregatorReceiver(send_timeout_s),
-            journal=journal_dir or default_journal_dir() / node,
-        ).start()
+            journal=journal,
+        )
         self.node = node
+        # Run assignments survive a restart of this actor: kept beside the journal (on the
+        # node) and applied to the replacement before it takes its first sample.
+        self._state = journal / "assignments.json"
+        self._node_run: str | None = run_id
+        self._jobs: dict[str, dict[str, Any]] = {}
+        self._restore()
+        self.sidecar.start()
+
+    def _restore(self) -> None:
+        import json
+
+        try:
+            saved = json.loads(self._state.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return
+        live = self._still_running
+        if self._node_run is None and saved.get("node_run") and live(saved["node_run"]):
+            self._node_run = str(saved["node_run"])
+            self.sidecar.set_run(self._node_run)
+        for rid, job in dict(saved.get("jobs") or {}).items():
+            pid = job.get("pid")
+            if pid is not None and not _pid_alive(int(pid)):
+                continue  # the job's process is gone: nothing of it to measure
+            if not live(rid):
+                continue
+            try:
+                self.sidecar.attach_job(rid, gpus=job.get("gpus") or (), pid=pid)
+                self._jobs[rid] = job
+            except Exception as err:
+                log.warning("sidecar %s: could not re-attach run %s: %s", self.node, rid, err)
+        log.info("sidecar %s: restored assignments %s", self.node, self.sidecar.owners())
+
+    @staticmethod
+    def _still_running(run_id: str) -> bool:
+        """Whether the run's aggregator still holds it as running (True when it cannot tell)."""
+        import ray
+
+        try:
+            status = ray.get(Router().for_run(run_id).status.remote(run_id), timeout=10)
+        except Exception:
+            return True
+        return bool(status.get("status") == "running")
+
+    def _save(self) -> None:
+        import json
+
+        data = {"node_run": self._node_run, "jobs": self._jobs}
+        tmp = self._state.with_name(self._state.name + ".tmp")
+        try:
+            self._state.parent.mkdir(parents=True, exist_ok=True)
+            with open(tmp, "w", encoding="utf-8") as fh:
+                json.dump(data, fh)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self._state)  # readers see the old file or the new, never half
+        except OSError as err:
+            log.warning("sidecar %s: could not save assignments: %s", self.node, err)
 
     def ping(self) -> str:
         """The node name (liveness check)."""
@@ -432,16 +490,26 @@ class _SidecarActorImpl:
     def set_run(self, run_id: str | None) -> None:
         """Assign samples from now on to ``run_id`` (``None``: unassigned)."""
         self.sidecar.set_run(run_id)
+        self._node_run = run_id
+        self._save()
 
     def attach_job(
         self, run_id: str, gpus: list[str] | None = None, pid: int | None = None
     ) -> dict[str, Any]:
         """See :meth:`profiler.sidecar.Sidecar.attach_job`."""
-        return self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
+        out = self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
+        self._jobs[run_id] = {"gpus": list(gpus or ()), "pid": pid}
+        self._save()
+        return out
 
     def detach(self, run_id: str) -> int:
         """See :meth:`profiler.sidecar.Sidecar.detach`."""
-        return self.sidecar.detach(run_id)
+        n = self.sidecar.detach(run_id)
+        self._jobs.pop(run_id, None)
+        if self._node_run == run_id:
+            self._node_run = None
+        self._save()
+        return n
 
     def owners(self) -> dict[str, str | None]:
         """See :meth:`profiler.sidecar.Sidecar.owners`."""
@@ -465,6 +533,16 @@ class _SidecarActorImpl:
         """Stop sampling, deliver what is left; returns the final counters."""
         self.sidecar.stop()
         return self.stats()
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def sidecar_actor(

@@ -927,6 +927,10 @@ class Aggregator:
         ).row(0)
         if any(bad):
             return conform(batch, "samples")  # raises with the row and the reason
+        # The fast path skips conform: check the run ids here, before the batch reaches the
+        # write-ahead journal (a refused batch there would fail every rebuild).
+        for run_id in batch["run_id"].drop_nulls().unique().to_list():
+            check_run_id(run_id, context="samples batch: ")
         return batch
 
     def _absorb(self, batch: pl.DataFrame, *, live: bool = True, write: bool = True) -> None:
@@ -1555,7 +1559,15 @@ class Aggregator:
         with agg._lock:
             if agg.wal is not None:
                 for seq, path in agg.wal.pending():
-                    store.write_samples(agg.wal.read(path))
+                    try:
+                        store.write_samples(agg.wal.read(path))
+                    except (SchemaError, BadInputError) as err:
+                        # Never a crash loop: keep the batch aside for a person to look at.
+                        aside = path.with_name(f"rejected-{path.name}")
+                        path.replace(aside)
+                        log.error("aggregator: journal batch %s refused (%s); kept as %s",
+                                  path, err, aside)  # fmt: skip
+                        continue
                     agg.wal.remove(seq)
             runs = store.runs()
             for row in runs.filter(pl.col("status") == "running").iter_rows(named=True):

@@ -149,7 +149,8 @@ def check_run_id(run_id: str, *, context: str = "") -> str:
             outside ``[A-Za-z0-9._-]`` (or starts with ``.``, ``_`` or ``-``).
 
     """
-    if not isinstance(run_id, str) or not RUN_ID_RE.match(run_id):
+    # fullmatch: with match, '$' would also accept a trailing line break ("a\n").
+    if not isinstance(run_id, str) or not RUN_ID_RE.fullmatch(run_id):
         raise SchemaError(
             f"{context}run_id must match {RUN_ID_RE.pattern} (letters, digits, '.', '_', '-', "
             f"at most 128, no path separators); found {run_id!r}"

@@ -289,6 +289,26 @@ def test_the_write_ahead_journal_keeps_acknowledged_batches_across_a_crash(
     assert list((tmp_path / "wal").glob("batch-*.parquet")) == []
 
 
+def test_a_journal_batch_the_store_refuses_is_set_aside_not_a_crash_loop(
+    store: Store, tmp_path: Path
+) -> None:
+    from profiler.journal import Journal
+
+    agg = Aggregator(store, wal=tmp_path / "wal", flush_rows=10**9, flush_interval_s=1e9)
+    agg.start_run({"run_id": "r1", "planned_epochs": 2})
+    agg.ingest_samples(ramp())  # a good batch, acknowledged and journalled
+    del agg
+    # A batch an older version let through: a run id with a path in it.
+    Journal(tmp_path / "wal").append(ramp().with_columns(pl.lit("../evil").alias("run_id")))
+    again = Aggregator.rebuild(store, wal=tmp_path / "wal")  # does not raise
+    assert store.samples("r1").height == 11
+    assert again.status("r1")["samples"] == 11
+    assert list((tmp_path / "wal").glob("batch-*.parquet")) == []
+    aside = list((tmp_path / "wal").glob("rejected-batch-*.parquet"))
+    assert len(aside) == 1 and pl.read_parquet(aside[0])["run_id"][0] == "../evil"
+    assert not (tmp_path / "evil").exists()
+
+
 def test_matches_the_batch_energy_on_a_real_trace_fed_in_random_batches(
     store: Store, shared_data: Path
 ) -> None:

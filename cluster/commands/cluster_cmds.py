@@ -26,7 +26,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     start.add_argument(
         "--token",
         default=None,
-        help="bearer token for API writes (default $WATTWISE_API_TOKEN); needed off loopback",
+        help="bearer token for API writes; prefer $WATTWISE_API_TOKEN (a flag shows in ps); "
+        "needed off loopback, at least 16 characters",
     )
     start.add_argument(
         "--sidecars",
@@ -99,13 +100,25 @@ def run_start(args: argparse.Namespace) -> int:
     from cluster.actors import aggregators
 
     token = args.token or os.environ.get("WATTWISE_API_TOKEN")
-    from cluster.api import is_loopback
+    from cluster.api import MIN_TOKEN_CHARS, is_loopback
 
-    if args.port is not None and not is_loopback(args.host) and not token:
-        raise BadInputError(
-            f"--host {args.host} accepts API writes from the network; give --token (or "
-            "$WATTWISE_API_TOKEN), or keep the default 127.0.0.1"
+    if args.token:
+        console(stderr=True).print(
+            "[yellow]warning: --token shows the token to anyone who can list processes "
+            "(ps); prefer the environment variable WATTWISE_API_TOKEN[/]"
         )
+    if args.port is not None and not is_loopback(args.host):
+        if not token:
+            raise BadInputError(
+                f"--host {args.host} accepts API writes from the network; set "
+                "$WATTWISE_API_TOKEN (or give --token), or keep the default 127.0.0.1"
+            )
+        if len(token) < MIN_TOKEN_CHARS:
+            raise BadInputError(
+                f"the API token must have at least {MIN_TOKEN_CHARS} characters; found "
+                f"{len(token)}. Make one with: python -c 'import secrets; "
+                "print(secrets.token_urlsafe())'"
+            )
     _connect(args.address)
     handles = aggregators(open_store(args).root, shards=args.shards)
     handle = handles[0]

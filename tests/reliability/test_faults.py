@@ -385,14 +385,6 @@ def _alive(handle: Any) -> bool:
         return False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cluster/actors.py SidecarManager.reconcile starts a replacement sidecar with the "
-    "manager's options only: the run assignment (set_run/attach_job) the dead sidecar held is "
-    "lost, so until the runner happens to assign again every sample of the running job is "
-    "stored unassigned. Fix: keep node -> owners in the manager (or the sidecar's journal "
-    "directory) and re-apply them to the replacement before it samples.",
-)
 def test_a_restarted_sidecar_keeps_its_run_assignment(
     cluster: dict[str, Any], trace: pl.DataFrame, tmp_path: Path
 ) -> None:

@@ -135,6 +135,8 @@ class NvmlSource:
             self.close()
             raise
         self.devices = [str(g.index) for g in self._gpus]
+        # Ray may name a job's GPUs by UUID: the sidecar maps them to these device ids.
+        self.device_aliases = {g.uuid: str(g.index) for g in self._gpus}
 
     @staticmethod
     def _open_gpu(index: int, use_counter: bool | None) -> _Gpu:

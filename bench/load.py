@@ -106,6 +106,40 @@ def _pid_of(_actor: object) -> int:
     return os.getpid()
 
 
+def _instrument(actor: Any) -> None:
+    """Inside the aggregator actor: time its store flushes and its ingest calls (server side)."""
+    agg = actor.agg
+    actor.bench_times = {"flush_s": [], "ingest_s": []}
+
+    def wrap(name: str, key: str) -> None:
+        fn = getattr(agg, name, None)
+        if fn is None:
+            return
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                actor.bench_times[key].append(time.perf_counter() - t)
+
+        setattr(agg, name, timed)
+
+    wrap("_flush_locked", "flush_s")  # the store write of one flush
+    wrap("ingest_samples", "ingest_s")
+
+
+def _warm(_actor: Any) -> None:
+    """Inside the aggregator actor: load scipy.stats, which STEP's first band imports (~1.2 s)."""
+    from estimators.step import _t_quantile
+
+    _t_quantile(0.975, 2)
+
+
+def _times(actor: Any) -> dict[str, list[float]]:
+    return dict(getattr(actor, "bench_times", {}))
+
+
 def actor_pid(handle: Any) -> int | None:
     """Process id of a Ray actor (run inside it with ``__ray_call__``); None if unavailable."""
     import ray
@@ -128,6 +162,7 @@ def run_load(
     workers: int = 2,
     root: Path | None = None,
     echo: bool = True,
+    warm: bool = False,
 ) -> dict[str, Any]:
     """Run the load and return its figures (see the module docstring).
 
@@ -142,12 +177,18 @@ def run_load(
         workers: Ray worker nodes besides the head.
         root: Folder for the store and journals (default a temporary one).
         echo: Print the readings as they come.
+        warm: Load the estimators' lazy imports (scipy.stats) in the aggregator
+            before the load starts, as an aggregator that warms up at start would.
 
     Returns:
         ``memory`` (list of readings), ``produced``, ``sent``, ``stored``,
         ``duplicates``, ``lost``, ``epochs_done`` (finished per job: min, max),
         ``latency_s`` (probe latencies, s), ``probe_ingest_s`` (their ingest
-        calls alone, s), ``trace`` and the set-up.
+        calls alone, s), ``probe_at_s`` (when each probe started, s),
+        ``loadavg`` (1, 5, 15-minute load averages at the start and the end),
+        ``flush_s`` and ``ingest_server_s`` (durations of the aggregator's
+        store flushes and ingest calls, timed inside its actor, s),
+        ``trace`` and the set-up.
 
     """
     import ray
@@ -179,6 +220,9 @@ def run_load(
     try:
         agg = aggregator(store_root, options={"flush_interval_s": 2.0}, retrain_delay_s=3600)
         agg_pid = int(ray.get(agg.ping.remote(), timeout=120)["pid"])
+        ray.get(agg.__ray_call__.remote(_instrument), timeout=120)
+        if warm:
+            ray.get(agg.__ray_call__.remote(_warm), timeout=120)
         nodes = [n["NodeID"] for n in ray.nodes() if n["Alive"]]  # type: ignore[no-untyped-call]
         handles = []
         for s in range(sidecars):
@@ -221,6 +265,8 @@ def run_load(
         memory: list[dict[str, float]] = []
         latency: list[float] = []
         ingest_s: list[float] = []  # of those, the ingest call alone (queueing included)
+        probe_at: list[float] = []  # when each probe started, s after the start
+        load_before = os.getloadavg()
         marks_sent = 0
         t0 = time.monotonic()
         next_mem = t0
@@ -280,6 +326,7 @@ def run_load(
                     if time.perf_counter() - tp > 60:
                         break
                 latency.append(time.perf_counter() - tp)
+                probe_at.append(round(now - t0, 1))
                 probe_epoch += 1
                 probe_last = ts[-1]
                 probe_mark_start = ts[-2]
@@ -308,6 +355,7 @@ def run_load(
         final = [ray.get(h.stop.remote(), timeout=300) for h in handles]
         ray.get(agg.flush.remote(), timeout=300)
         held = {r: ray.get(agg.status.remote(r), timeout=120) for r in run_ids}
+        inside = ray.get(agg.__ray_call__.remote(_times), timeout=120)
         store = Store(store_root)
         stored = store.samples(unassigned=True).filter(pl.col("node") != "probe")
         keys = stored.select("run_id", "node", "device", "timestamp")
@@ -343,6 +391,10 @@ def run_load(
             ),
             "latency_s": latency,
             "probe_ingest_s": ingest_s,
+            "probe_at_s": probe_at,
+            "flush_s": inside.get("flush_s", []),
+            "ingest_server_s": inside.get("ingest_s", []),
+            "loadavg": {"start": list(load_before), "end": list(os.getloadavg())},
             "store": str(store_root),
         }
         ray.kill(agg, no_restart=True)
@@ -365,6 +417,11 @@ def main() -> int:
     p.add_argument("--epoch-s", type=float, default=60.0, help="seconds per epoch of each job")
     p.add_argument("--every", type=float, default=30.0, help="seconds between memory readings")
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
+    p.add_argument(
+        "--warm",
+        action="store_true",
+        help="import scipy.stats in the aggregator first (else the first STEP band pays ~1 s)",
+    )
     args = p.parse_args()
     t = time.monotonic()
     r = run_load(
@@ -375,6 +432,7 @@ def main() -> int:
         epoch_s=args.epoch_s,
         every_s=args.every,
         workers=args.workers,
+        warm=args.warm,
     )
     mem = r["memory"]
     lat = np.array(r["latency_s"]) if r["latency_s"] else np.array([np.nan])
@@ -398,6 +456,16 @@ def main() -> int:
     ing = np.array(r["probe_ingest_s"]) if r["probe_ingest_s"] else np.array([np.nan])
     print(f"  of which the probe's ingest call: p50 {np.median(ing):.3f} s, max {ing.max():.3f} s; "
           f"probes over 1 s: {int((lat > 1).sum())}")  # fmt: skip
+    when = zip(r["probe_at_s"], r["latency_s"], strict=True)
+    slow = [f"{a:.0f} s: {x:.2f} s" for a, x in when if x > 1]
+    if slow:
+        print(f"  probes over 1 s (when: latency): {', '.join(slow)}")
+    for key, what in (("flush_s", "store flushes"), ("ingest_server_s", "ingest calls")):
+        x = np.array(r[key]) if r[key] else np.array([np.nan])
+        print(f"aggregator {what} (inside the actor): {len(r[key])}, p50 {np.median(x):.3f} s, "
+              f"p95 {np.percentile(x, 95):.3f} s, max {x.max():.3f} s")  # fmt: skip
+    la = r["loadavg"]
+    print(f"load average (1, 5, 15 min) at the start {la['start']}, at the end {la['end']}")
     print(f"wall time {time.monotonic() - t:.0f} s; machine: {os.cpu_count()} CPUs")
     if args.json:
         print(json.dumps(r))

@@ -63,8 +63,12 @@ class _AggregatorActorImpl:
         shards: int = 1,
     ) -> None:
         from cluster.aggregator import Aggregator, Debounced
+        from estimators.step import _t_quantile
         from profiler.store import Store
 
+        # STEP's first band imports scipy.stats (about 1.2 s here): pay it now, not while
+        # the first projection holds the lock ingest waits for.
+        _t_quantile(0.975, 2)
         self.store = Store(store_root)
         self.shard, self.shards = shard, shards
         self.retrain = Debounced(lambda: _launch_retrain(store_root), retrain_delay_s)

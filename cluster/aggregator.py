@@ -742,6 +742,15 @@ class Aggregator:
         self._wal_seqs: list[int] = []
         self._valid_ids: set[str] = set()
         self._lock = threading.RLock()
+        # Store writes happen outside ``_lock`` (ingest and queries go on meanwhile):
+        # ``_flush_lock`` lets one flush run at a time; ``_queue_lock`` guards the queue
+        # (``_pending``, ``_pending_rows``, ``_pending_since``, ``_wal_seqs``,
+        # ``_inflight_rows``) and is held only briefly; ``_wal_lock`` serialises journal
+        # appends and removals. Order: ``_lock``, then ``_flush_lock``, then either other.
+        self._flush_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._wal_lock = threading.Lock()
+        self._inflight_rows = 0  # of ``_pending_rows``, those a flush is writing now
         self.node_lag_s: dict[str, float] = {}
         self.offsets = ClockOffsets(clock_window)
         self.counters: dict[str, int] = {
@@ -904,15 +913,19 @@ class Aggregator:
                         f"{getattr(self.store, 'root', None)} has not accepted (bound "
                         f"{self.max_pending_rows}); resend the batch of {batch.height} later"
                     )
-            if write and self.wal is not None:
-                self._wal_seqs.append(self.wal.append(batch))
-            self._absorb(batch, write=write)
-            if write and self.store is not None:
-                self._pending.append(batch)
-                self._pending_rows += batch.height
-                if self._pending_since is None:
-                    self._pending_since = self.clock()
-                self.maybe_flush()
+            seq = self._journal(batch) if write else None
+            try:
+                self._absorb(batch, write=write)
+            except BaseException:
+                self._enqueue(None, seq)  # its journal entry is dropped with the next flush
+                raise
+            self._enqueue(batch if write and self.store is not None else None, seq)
+        if write and self.store is not None:
+            # Outside the lock: a store write does not hold up queries. By age, an ingest
+            # call flushes only rows twice as old as the interval: the periodic
+            # maybe_flush (the actor's flush thread) normally gets there first, so
+            # ingest calls seldom wait for a store write.
+            self.maybe_flush(_age_factor=2)
         return batch.height
 
     def _validate(self, batch: pl.DataFrame) -> pl.DataFrame:
@@ -1464,40 +1477,65 @@ class Aggregator:
         return totals, done
 
     # -------------------------------------------------------------------------------- store
-    def maybe_flush(self, *, force: bool = False) -> int:
+    def _journal(self, batch: pl.DataFrame) -> int | None:
+        """Write a batch to the write-ahead journal; its sequence number (None: no journal)."""
+        if self.wal is None:
+            return None
+        with self._wal_lock:
+            return self.wal.append(batch)
+
+    def _enqueue(self, batch: pl.DataFrame | None, seq: int | None) -> None:
+        """Queue a batch for the store together with its journal entry (``None``: none)."""
+        with self._queue_lock:
+            if seq is not None:
+                self._wal_seqs.append(seq)
+            if batch is not None:
+                self._pending.append(batch)
+                self._pending_rows += batch.height
+                if self._pending_since is None:
+                    self._pending_since = self.clock()
+
+    def maybe_flush(self, *, force: bool = False, _age_factor: int = 1) -> int:
         """Write pending samples when enough wait or the oldest waited long enough.
 
-        Store failures are logged and the rows kept for the next try.
+        Unless ``force``, returns at once when another flush is running (its
+        rows wait for the next one). Store failures are logged and the rows
+        kept for the next try. (``_age_factor``: the oldest must have waited
+        this many ``flush_interval_s``; ingest calls ask for 2.)
 
         Returns:
             Rows written (new to the store).
 
         """
-        with self._lock:
-            if not self._pending:
+        with self._queue_lock:
+            if not self._pending or self.store is None:
                 return 0
             due = (
                 force
-                or self._pending_rows >= self.flush_rows
+                or self._pending_rows - self._inflight_rows >= self.flush_rows
                 or (
                     self._pending_since is not None
-                    and self.clock() - self._pending_since >= self.flush_interval_us
+                    and self.clock() - self._pending_since >= _age_factor * self.flush_interval_us
                 )
             )
-            if not due:
-                return 0
-            try:
-                return self.flush()
-            except StoreError as err:
-                log.warning(
-                    "aggregator: store write failed (%s); %d samples kept for retry",
-                    err,
-                    self._pending_rows,
-                )
-                return 0
+        if not due:
+            return 0
+        if not self._flush_lock.acquire(blocking=force):
+            return 0
+        try:
+            return self._flush_locked()
+        except StoreError as err:
+            log.warning(
+                "aggregator: store write failed (%s); %d samples kept for retry",
+                err,
+                self._pending_rows,
+            )
+            return 0
+        finally:
+            self._flush_lock.release()
 
     def flush(self) -> int:
-        """Write every pending sample to the store now.
+        """Write every pending sample to the store now (after any flush already running).
 
         A batch that conflicts with stored samples (same key, other values)
         is dropped with an error logged, so it cannot block the others.
@@ -1509,29 +1547,58 @@ class Aggregator:
             StoreError: The store could not be written; the rows stay pending.
 
         """
-        with self._lock:
-            if not self._pending or self.store is None:
+        if self.store is None:
+            return 0
+        with self._flush_lock:
+            return self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        """Write the queued batches (caller holds ``_flush_lock``, not necessarily ``_lock``).
+
+        The queue is taken under ``_queue_lock`` and written without any lock
+        that ingest or queries wait for. Each batch is in the journal until the
+        store holds it: journal entries are removed only after the write
+        returned, and only those of the batches taken (batches queued
+        meanwhile keep theirs). A failed write puts the batches back in front.
+        """
+        assert self.store is not None
+        with self._queue_lock:
+            if not self._pending:
                 return 0
-            pending = self._pending
+            taken, seqs, since = self._pending, self._wal_seqs, self._pending_since
+            rows = self._pending_rows - self._inflight_rows
+            self._pending, self._wal_seqs, self._pending_since = [], [], None
+            self._inflight_rows += rows
+        rejected = 0
+        try:
             try:
-                n = self.store.write_samples(pl.concat(pending, how="vertical"))
+                n = self.store.write_samples(pl.concat(taken, how="vertical"))
             except SchemaError:
                 n = 0
-                for part in pending:
+                for part in taken:
                     try:
                         n += self.store.write_samples(part)
                     except SchemaError as err:
-                        self.counters["rejected"] += part.height
+                        rejected += part.height
                         log.error("aggregator: dropped a batch of %d samples: %s", part.height, err)
-            self._pending = []
-            self._pending_rows = 0
-            self._pending_since = None
+        except BaseException:
+            with self._queue_lock:
+                self._pending = taken + self._pending
+                self._wal_seqs = seqs + self._wal_seqs
+                self._inflight_rows -= rows
+                if since is not None:
+                    self._pending_since = min(since, self._pending_since or since)
+            raise
+        with self._queue_lock:
+            self._inflight_rows -= rows
+            self._pending_rows -= rows
             self.counters["flushed"] += n
-            if self.wal is not None:
-                for seq in self._wal_seqs:
+            self.counters["rejected"] += rejected
+        if self.wal is not None:
+            with self._wal_lock:
+                for seq in seqs:
                     self.wal.remove(seq)
-                self._wal_seqs = []
-            return n
+        return n
 
     def close(self) -> None:
         """Flush everything that waits."""

@@ -16,6 +16,15 @@ serialise on ``.lock``; readers take no lock. A sample's identity is
 (run_id, node, device, timestamp): writing it again is a no-op, writing a
 different value for it is refused.
 
+New rows are compared only with the files of their run whose time range
+overlaps theirs: a file's range (first and last timestamp) comes from its
+parquet statistics, read once per file and kept in memory by file identity
+(inode, size, mtime), so a write reads the footers of unknown files and the
+whole of only the few files it can collide with. A run is compacted once it
+holds ``COMPACT_AFTER`` files, at most one run per write (the one with most
+files) unless a run reaches twice that, so runs that grow in step do not all
+compact in the same write.
+
 Paths never leave the root: run ids must match ``RUN_ID_RE`` in full (see
 :func:`safe_run_id`), a run directory that is a symlink is neither read nor
 written, the sweep of temporaries skips symlinked directories, and the lock
@@ -31,6 +40,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
@@ -42,6 +52,8 @@ UNASSIGNED = "_unassigned"
 _PART_RE = re.compile(r"^(part|base)-(\d{12})\.parquet$")
 #: Compact a run's sample directory once it holds this many part files.
 COMPACT_AFTER = 64
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_US = timedelta(microseconds=1)
 
 
 def default_root() -> Path:
@@ -163,6 +175,46 @@ def read_store_files(
     return pl.concat(frames) if frames else pl.DataFrame(schema=want)
 
 
+def _time_range(df: pl.DataFrame) -> tuple[int, int]:
+    """First and last ``timestamp`` of a non-empty samples frame, in µs since the epoch."""
+    us = df.get_column("timestamp").to_physical()  # µs: conform() casts to UTC_US
+    lo, hi = us.min(), us.max()
+    assert isinstance(lo, int) and isinstance(hi, int)
+    return lo, hi
+
+
+def _parquet_time_range(path: Path) -> tuple[int, int] | None:
+    """First and last timestamp (µs) of a samples file from its parquet footer alone.
+
+    ``None`` when the footer cannot be read, the file is not in the samples
+    schema, or a row group lacks min/max statistics.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        head = pl.from_arrow(meta.schema.to_arrow_schema().empty_table())
+        if not isinstance(head, pl.DataFrame) or head.schema != schema("samples"):
+            return None
+        col = meta.schema.names.index("timestamp")
+        lo = hi = None
+        for g in range(meta.num_row_groups):
+            st = meta.row_group(g).column(col).statistics
+            if st is None or not st.has_min_max:
+                return None
+            a, b = st.min, st.max
+            if not isinstance(a, datetime) or not isinstance(b, datetime):
+                return None
+            a_us, b_us = (a - _EPOCH) // _US, (b - _EPOCH) // _US
+            lo = a_us if lo is None else min(lo, a_us)
+            hi = b_us if hi is None else max(hi, b_us)
+    except (Exception, pl.exceptions.PanicException):
+        return None
+    if lo is None or hi is None:
+        return None
+    return lo, hi
+
+
 class Store:
     """A run store rooted at a directory.
 
@@ -176,6 +228,8 @@ class Store:
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
+        # Time range (µs) of each samples file seen, by path, with the file's identity.
+        self._ranges: dict[str, tuple[tuple[int, int, int], tuple[int, int]]] = {}
 
     def __repr__(self) -> str:
         return f"Store({str(self.root)!r})"
@@ -272,36 +326,56 @@ class Store:
         if df.height == 0:
             return 0
         groups = df.partition_by("run_id", as_dict=True, maintain_order=True)
-        for (rid,) in groups:
-            self._run_dir(rid if rid is None else str(rid))  # validate every id before writing
+        dirs = {rid: self._run_dir(None if rid is None else str(rid)) for (rid,) in groups}
         with self._locked():
             # Check every run before writing any, so a conflict leaves the store unchanged.
-            pending: dict[Path, pl.DataFrame] = {}
+            pending: dict[Path, tuple[pl.DataFrame, int, int]] = {}
             for (rid,), part in groups.items():
-                run_dir = self._run_dir(None if rid is None else str(rid))
-                new = self._only_new(part, run_dir, file)
+                run_dir = dirs[rid]
+                live, top = self._live_parts(run_dir)
+                new = self._only_new(part, run_dir, live, file)
                 if new.height:
-                    pending[run_dir] = new
+                    pending[run_dir] = (new, top, len(live))
+            due: list[tuple[int, Path]] = []  # (live files after this write, run directory)
             for (rid,) in groups:
-                run_dir = self._run_dir(None if rid is None else str(rid))
-                fresh = pending.get(run_dir)
+                run_dir = dirs[rid]
+                fresh, top, n_live = pending.get(run_dir, (None, 0, 0))
                 if fresh is not None:
-                    _, top = self._live_parts(run_dir)
-                    atomic_write_parquet(
-                        fresh.sort("node", "device", "timestamp"),
-                        run_dir / f"part-{top + 1:012d}.parquet",
-                    )
-                    self._maybe_compact(run_dir)
+                    path = run_dir / f"part-{top + 1:012d}.parquet"
+                    atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
+                    self._remember_range(path, _time_range(fresh))
+                    if n_live + 1 >= COMPACT_AFTER:
+                        due.append((n_live + 1, run_dir))
                 if on_run is not None:
                     on_run(None if rid is None else str(rid), 0 if fresh is None else fresh.height)
-        return sum(new.height for new in pending.values())
+            # Staggered: the fullest run now, every run that reached twice the threshold too;
+            # the others at a later write (their rows are stored either way).
+            due.sort(key=lambda d: -d[0])
+            for k, (n_live, run_dir) in enumerate(due):
+                if k == 0 or n_live >= 2 * COMPACT_AFTER:
+                    self._compact(run_dir)
+        return sum(new.height for new, _, _ in pending.values())
 
-    def _only_new(self, part: pl.DataFrame, run_dir: Path, file: str | None) -> pl.DataFrame:
-        live, _ = self._live_parts(run_dir)
+    def _only_new(
+        self, part: pl.DataFrame, run_dir: Path, live: list[Path], file: str | None
+    ) -> pl.DataFrame:
+        """Rows of ``part`` not yet in ``live`` (a run's files); a changed value is refused.
+
+        Only files whose time range overlaps the rows' are read (a file whose
+        range is unknown is read whole).
+        """
         if not live:
             return part
+        lo, hi = _time_range(part)
+        near = []
+        for f in live:
+            rng = self._file_range(f)
+            if rng is None or (rng[0] <= hi and lo <= rng[1]):
+                near.append(f)
+        if not near:
+            return part
         key = ["node", "device", "timestamp"]
-        old = read_store_files(live, "samples", [*key, "power_w", "energy_j"])
+        old = read_store_files(near, "samples", [*key, "power_w", "energy_j"])
         both = part.join(old, on=key, how="inner", suffix="_old")
         clash = both.filter(
             ~pl.col("power_w").eq_missing(pl.col("power_w_old"))
@@ -318,14 +392,50 @@ class Store:
             )
         return part.join(old.select(key), on=key, how="anti")
 
-    def _maybe_compact(self, run_dir: Path) -> None:
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int]:
+        st = path.stat()
+        return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+    def _remember_range(self, path: Path, rng: tuple[int, int]) -> None:
+        try:
+            self._ranges[str(path)] = (self._identity(path), rng)
+        except OSError:
+            self._ranges.pop(str(path), None)
+
+    def _file_range(self, path: Path) -> tuple[int, int] | None:
+        """First and last timestamp (µs since the epoch) in a samples file; None if unknown.
+
+        Taken from the file's parquet statistics, kept per file identity (a
+        file replaced under the same name is looked at again). ``None`` when
+        the file has no usable statistics or is not a samples file: the caller
+        then reads it whole (and a corrupt file is reported there).
+        """
+        try:
+            ident = self._identity(path)
+        except OSError:
+            return None
+        hit = self._ranges.get(str(path))
+        if hit is not None and hit[0] == ident:
+            return hit[1]
+        rng = _parquet_time_range(path)
+        if rng is not None:
+            self._ranges[str(path)] = (ident, rng)
+        return rng
+
+    def _compact(self, run_dir: Path) -> None:
+        """Merge a run's live files into one base file, then remove them (we hold the lock)."""
         live, top = self._live_parts(run_dir)
-        if len(live) < COMPACT_AFTER:
+        if len(live) < 2:
             return
         merged = read_store_files(live, "samples").sort("node", "device", "timestamp")
-        atomic_write_parquet(merged, run_dir / f"base-{top:012d}.parquet")
+        path = run_dir / f"base-{top:012d}.parquet"
+        atomic_write_parquet(merged, path)
+        if merged.height:
+            self._remember_range(path, _time_range(merged))
         for p in live:  # superseded by the base; harmless if a crash leaves them
             p.unlink(missing_ok=True)
+            self._ranges.pop(str(p), None)
 
     def samples(self, run_id: str | None = None, *, unassigned: bool = False) -> pl.DataFrame:
         """Read samples, sorted by run, node, device and time.

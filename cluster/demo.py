@@ -35,7 +35,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -604,13 +604,3 @@ def replay(
         store, Path(source), speed=speed, runs=runs, count=count, progress=progress
     )
     return out
-
-
-def utc(t: float) -> datetime:
-    """A POSIX time as an aware UTC datetime."""
-    return datetime.fromtimestamp(t, UTC)
-
-
-def after(anchor: datetime, seconds: float) -> datetime:
-    """``anchor`` plus ``seconds``."""
-    return anchor + timedelta(seconds=seconds)

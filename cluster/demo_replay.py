@@ -25,7 +25,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.demo import Progress, _Watch, fifth, local_cluster, write_reports
+from cluster.demo import Progress, _Watch, local_cluster, write_reports
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -112,6 +112,13 @@ def _trace(source: Path, kind: str, run_id: str) -> pl.DataFrame:
     return (
         Store(source).samples(run_id).select("device", "model", "timestamp", "power_w", "energy_j")
     )
+
+
+def _span_s(trace: pl.DataFrame) -> float:
+    """Seconds from a trace's first sample to its last."""
+    t0, t1 = trace["timestamp"].min(), trace["timestamp"].max()
+    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    return (t1 - t0).total_seconds()
 
 
 def _marks(
@@ -246,7 +253,7 @@ def replay_runs(
                     "watch": watch,
                     "recorded_j": recorded_j,
                     "rows": trace.height,
-                    "span_s": (trace["timestamp"].max() - trace["timestamp"].min()).total_seconds(),  # type: ignore[operator]
+                    "span_s": _span_s(trace),
                 }
             )
         threads = [threading.Thread(target=_play, args=(agg, p, speed), daemon=True) for p in plays]
@@ -371,6 +378,3 @@ def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
         ],
         "placement": rec.placement,
     }  # fmt: skip
-
-
-__all__ = ["replay_runs", "fifth"]

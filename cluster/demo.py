@@ -490,7 +490,6 @@ def _recommend(
     model: Any, arch: str, epochs: int, inventory: list[Any], train_size: int
 ) -> dict[str, Any]:
     from estimators.features import JobDescription
-    from estimators.recommend import recommend
 
     job = JobDescription(
         architecture=arch,
@@ -501,14 +500,22 @@ def _recommend(
         validation_size=0,
         planned_epochs=epochs,
     )
-    from cluster.placement import hints_for
+    return recommendation_summary(model, job, inventory)
 
+
+def recommendation_summary(model: Any, job: Any, inventory: list[Any]) -> dict[str, Any]:
+    """PRE's ranking of ``inventory`` for ``job`` as the demo's JSON (totals over its epochs)."""
+    from cluster.placement import hints_for
+    from estimators.recommend import recommend
+
+    epochs = int(job.planned_epochs or 1)
     rec = recommend(model, job, inventory)
     best = rec.table.row(0, named=True)
     hints = hints_for(next(n for n in inventory if n.name == rec.chosen))
     return {
-        "job": {"architecture": arch, "epochs": epochs, "batch_size": BATCH_SIZE,
-                "image_size": IMAGE_SIZE, "train_size": train_size},
+        "job": {"architecture": job.architecture, "epochs": epochs,
+                "batch_size": job.batch_size, "image_size": job.image_height,
+                "train_size": job.training_size},
         "node_type": rec.chosen,
         "predicted_energy_j": float(best["epoch_energy_j"]) * epochs,
         "lower_j": float(best["lower_j"]) * epochs,

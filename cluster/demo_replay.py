@@ -343,8 +343,9 @@ def _play(agg: Any, p: dict[str, Any], speed: float) -> None:
 
 def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
     """PRE's node-type recommendation for the first replayed job among the replay's GPUs."""
+    from cluster.demo import recommendation_summary
     from estimators.features import JobDescription
-    from estimators.recommend import NodeType, recommend
+    from estimators.recommend import NodeType
 
     if model is None:
         return {"node_type": None, "predicted_energy_j": None, "reason": "no PRE model"}
@@ -360,21 +361,4 @@ def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
         gflops_forward=float(first["gflops_forward"]),
         planned_epochs=epochs,
     )
-    rec = recommend(model, job, inventory)
-    best = rec.table.row(0, named=True)
-    return {
-        "job": {"architecture": job.architecture, "epochs": epochs,
-                "batch_size": job.batch_size, "train_size": job.training_size},
-        "node_type": rec.chosen,
-        "predicted_energy_j": float(best["epoch_energy_j"]) * epochs,
-        "lower_j": float(best["lower_j"]) * epochs,
-        "upper_j": float(best["upper_j"]) * epochs,
-        "savings_vs_worst_pct": rec.savings_vs_worst_pct,
-        "ranking": [
-            {"node_type": r["node_type"], "energy_j": float(r["epoch_energy_j"]) * epochs,
-             "lower_j": float(r["lower_j"]) * epochs, "upper_j": float(r["upper_j"]) * epochs,
-             "time_s": float(r["epoch_time_s"]) * epochs}
-            for r in rec.table.iter_rows(named=True)
-        ],
-        "placement": rec.placement,
-    }  # fmt: skip
+    return recommendation_summary(model, job, inventory)

@@ -364,7 +364,10 @@ def test_a_killed_sidecar_is_restarted_by_the_manager_and_its_journal_resent(
     ray.get(agg.flush.remote())
     now = ray.get(agg.status.remote(run_id))
     assert now["samples"] == 3 * TRACE_ROWS
-    assert now["measured_energy_j"] == pytest.approx(3 * _trace_energy(trace, anchor), rel=1e-9)
+    # Samples are checked row for row below; the energy is summed incrementally over batches
+    # that the resend splits differently from run to run, and microsecond timestamps turned
+    # into float seconds differ in the last bits: one CI run was 1.6e-9 off (3.5e-5 J).
+    assert now["measured_energy_j"] == pytest.approx(3 * _trace_energy(trace, anchor), rel=1e-8)
     from profiler.store import Store
 
     stored = Store(cluster["store"]).samples(run_id)

@@ -150,6 +150,38 @@ def arch_keys(frame: pl.DataFrame) -> list[str]:
     ]
 
 
+#: Relative difference of forward FLOPs within which a named architecture counts as
+#: the one trained on (another input size or width is another workload).
+SEEN_FLOPS_TOLERANCE = 0.05
+
+
+def arch_flops(frame: pl.DataFrame) -> dict[str, list[float]]:
+    """Forward GFLOPs per sample seen per named architecture (sorted, distinct)."""
+    out: dict[str, set[float]] = {}
+    names, gflops = frame["architecture"].to_list(), frame["gflops_forward"].to_list()
+    for n, g in zip(names, gflops, strict=True):
+        if n and g is not None:
+            out.setdefault(str(n), set()).add(float(g))
+    return {k: sorted(v) for k, v in out.items()}
+
+
+def _seen(
+    keys: list[str], gflops: list[float | None], known: set[str], flops: dict[str, list[float]]
+) -> np.ndarray:
+    """Whether each row's architecture was trained on, at the same FLOPs per sample."""
+    out = np.zeros(len(keys), dtype=bool)
+    for i, (k, g) in enumerate(zip(keys, gflops, strict=True)):
+        if k not in known:
+            continue
+        seen_g = flops.get(k)
+        out[i] = (
+            seen_g is None
+            or g is None
+            or any(abs(g / s - 1.0) <= SEEN_FLOPS_TOLERANCE for s in seen_g)
+        )
+    return out
+
+
 # ----------------------------------------------------------------------------- prior
 
 
@@ -494,6 +526,9 @@ class PREModel:
             and interval coverage, the chosen depth, and the efficiency with
             how it was chosen (and its grouped-CV scores).
         architectures_: Architecture keys seen in training.
+        architecture_gflops_: Forward GFLOPs per sample trained on, per named
+            architecture: a job of that name at other FLOPs (another input
+            size or width) is predicted as an unseen architecture.
         gpus_: GPU names seen in training.
         n_rows_: Training rows.
         oof_: Per target, out-of-fold predictions of the training rows from
@@ -754,6 +789,7 @@ class PREModel:
                 "grouped_folds": 0 if gfolds is None else len(gfolds),
             }
         self.architectures_ = sorted(set(keys))
+        self.architecture_gflops_ = arch_flops(frame)
         self.gpus_ = sorted(set(frame["gpu_model"].to_list()))
         self.n_rows_ = frame.height
         return self
@@ -797,7 +833,12 @@ class PREModel:
                     f"PRE prediction rows: column {c!r} has nulls; expected numbers"
                 )
         x = _matrix(frame)
-        seen = np.array([k in set(self.architectures_) for k in arch_keys(frame)], dtype=bool)
+        seen = _seen(
+            arch_keys(frame),
+            frame["gflops_forward"].to_list(),
+            set(self.architectures_),
+            self.architecture_gflops_,
+        )
         out: dict[str, Any] = {}
         names = {
             "energy": ("predicted_epoch_energy_j", "lower_j", "upper_j"),
@@ -831,6 +872,7 @@ class PREModel:
             "features": list(FEATURES),
             "coverage": self.coverage,
             "architectures": self.architectures_,
+            "architecture_gflops": self.architecture_gflops_,
             "gpus": self.gpus_,
             "n_rows": self.n_rows_,
             "cv": self.cv_,
@@ -934,6 +976,10 @@ class PREModel:
                 )
             m.cv_ = d["cv"]
             m.architectures_ = list(d["architectures"])
+            # Files written before FLOPs were recorded match architectures by name only.
+            m.architecture_gflops_ = {
+                str(k): [float(x) for x in v] for k, v in d.get("architecture_gflops", {}).items()
+            }
             m.gpus_ = list(d["gpus"])
             m.n_rows_ = int(d["n_rows"])
         except BadInputError:

@@ -1,10 +1,12 @@
 from __future__ import annotations
 
+import polars as pl
 import pytest
 import torch
 
 from estimators.features import (
     FEATURES,
+    KNOWN_ARCHITECTURES,
     JobDescription,
     complete_job,
     feature_frame,
@@ -12,6 +14,7 @@ from estimators.features import (
     measure_module,
     measure_torchvision,
     runs_features,
+    same_configuration,
 )
 from profiler.errors import BadInputError
 
@@ -55,13 +58,37 @@ def test_torchvision_resnet18_small_image() -> None:
 
 def test_numbers_only_job_uses_known_table() -> None:
     job = complete_job(JobDescription("vgg16", 32, 23807, 10203, gflops_forward=10.0))
-    assert job.layers == 16 and job.params == pytest.approx(138.4e6)
-    assert job.gflops_train == pytest.approx(30.0)
+    # The SEAA 2023 configuration: no ImageNet top, 128x128 input.
+    assert job.layers == 14 and job.params == 14_715_201
+    assert job.gflops_train == pytest.approx(30.0102)
+    assert job.activation_mb == pytest.approx(70.97)
+    assert (job.image_height, job.image_width) == (128, 128)
     row = feature_frame([(job, "NVIDIA GeForce RTX 3090")]).row(0, named=True)
     assert row["gpu_model"] == "RTX 3090"
     assert row["batches_per_epoch"] == 744 + 319
-    assert row["tflop_per_epoch"] == pytest.approx((30.0 * 23807 + 10.0 * 10203) / 1e3)
+    assert row["tflop_per_epoch"] == pytest.approx((30.0102 * 23807 + 10.0 * 10203) / 1e3)
     assert row["gpu_board_power_w"] == 350
+
+
+def test_other_configuration_of_a_known_name_takes_only_its_depth() -> None:
+    # VGG16 at 224x224 has 3x the FLOPs of the tabulated 128x128 model: its
+    # parameters, activations and image size are not the table's.
+    job = complete_job(JobDescription("vgg16", 32, 1000, gflops_forward=30.9))
+    assert job.layers == 14
+    assert job.params is None and job.activation_mb is None and job.image_height is None
+    assert job.gflops_train == pytest.approx(3 * 30.9)
+
+
+def test_known_table_is_the_configuration_the_seaa_runs_trained(seaa_runs) -> None:
+    # The table's FLOPs were measured on the Keras models as the authors built
+    # them; they must agree with the dataset's own figures.
+    got = seaa_runs.group_by("architecture").agg(pl.col("gflops_forward").first())
+    assert got.height == 3
+    for name, gflops in got.iter_rows():
+        info = KNOWN_ARCHITECTURES[name]
+        assert info.gflops_forward == pytest.approx(gflops, rel=0.01), name
+        assert same_configuration(info, gflops)
+        assert info.image_size == 128
 
 
 def test_bad_input_is_refused_with_what_is_known() -> None:
@@ -88,7 +115,7 @@ def test_runs_features_from_shared_layout(seaa_runs) -> None:
     r = df.filter(df["run_id"] == "cloud-mobilenet_v2-00").row(0, named=True)
     assert r["epoch_energy_j"] == pytest.approx(415170.4675 / 98)
     assert r["epoch_time_s"] == pytest.approx(2645.101 / 98)
-    assert r["layers"] == 105
+    assert r["layers"] == 106 and r["image_height"] == 128 and r["activation_mb"] == 15.44
 
 
 def test_runs_features_names_the_missing_column(seaa_runs) -> None:

@@ -103,6 +103,22 @@ def test_new_architecture_gets_the_grouped_interval_and_extrapolates() -> None:
     assert width_new > (seen["upper_j"] / seen["lower_j"]).mean()
 
 
+def test_same_name_at_other_flops_is_an_unseen_architecture(tmp_path) -> None:
+    data = synthetic(5, 6, sigma=0.03, seed=3)
+    m = PREModel(**SMALL).fit(data)
+    name = data["architecture"][0]
+    same = data.filter(pl.col("architecture") == name).head(3)
+    # The same name at 4x the FLOPs per sample (say, twice the image side) is
+    # another workload: it must get the wider interval of a new architecture.
+    bigger = same.with_columns(pl.col("gflops_forward") * 4, pl.col("tflop_per_epoch") * 4)
+    m.save(tmp_path / "m.json")
+    for model in (m, PREModel.load(tmp_path / "m.json")):
+        p = model.predict(pl.concat([same, bigger]))
+        assert p["seen_architecture"].to_list() == [True] * 3 + [False] * 3
+        width = (p["upper_j"] / p["lower_j"]).to_list()
+        assert width[3] > width[0]
+
+
 def test_efficiency_is_chosen_by_grouped_cv_only_when_identifiable() -> None:
     # Two architectures per GPU (no three-architecture fit), one compute-bound:
     # at 2 GFLOPs x 3 x 32 samples the compute term is most of each batch.

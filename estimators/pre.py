@@ -15,7 +15,8 @@ times a learned correction:
   (``p = 2``, efficiency 0.8) are kept.
   ``c0`` and ``c1`` (seconds, >= 0) are fitted per GPU model by weighted least
   squares on relative error; a GPU seen with one architecture only borrows
-  the ratio ``c0 / c1`` from the others; an unseen GPU gets them from a
+  ``c0`` (the median of the others', capped at its own overhead) and puts
+  the rest of its overhead on ``c1``; an unseen GPU gets them from a
   log-linear fit on peak TFLOPS across seen GPUs. A linear prior extrapolates
   to architectures with more or fewer FLOPs and layers than any seen, which
   trees cannot. The efficiency (fraction of peak FLOPS reached) is fitted

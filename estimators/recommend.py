@@ -187,7 +187,9 @@ def recommend(
         ``gpu_count``, ``epoch_energy_j``, ``lower_j``, ``upper_j``,
         ``epoch_time_s``, ``total_energy_kwh`` (with ``total_lower_kwh`` and
         ``total_upper_kwh``), ``total_time_h``, ``cost``, ``carbon_g``,
-        ``meets_deadline``, ``seen_gpu``, ``default``.
+        ``meets_deadline``, ``seen_gpu``, ``seen_architecture`` (the
+        architecture at these FLOPs per sample was in the training runs; else
+        the interval is the wider one of a new architecture), ``default``.
 
     Raises:
         BadInputError: Empty inventory, unknown GPU, a cost/carbon objective
@@ -233,6 +235,7 @@ def recommend(
             "upper_j",
             pl.col("predicted_epoch_time_s").alias("epoch_time_s"),
             "seen_gpu",
+            "seen_architecture",
         )
     )
     kwh = epochs / 3.6e6

@@ -58,6 +58,27 @@ def test_ranks_by_energy_cost_and_deadline(model: PREModel) -> None:
     assert dl.table.filter(pl.col("node_type") == slowest)["meets_deadline"][0] is False
 
 
+def test_recommendation_says_whether_the_architecture_was_seen(model: PREModel) -> None:
+    inv = [NodeType("gamer", "NVIDIA GeForce RTX 3090"), NodeType("t4", "Tesla T4")]
+    data = synthetic(4, 5, sigma=0.02, seed=5)
+    row = data.filter(pl.col("architecture") == "arch0").row(0, named=True)
+    seen_job = JobDescription(
+        "arch0", 32, 20000, 5000, gflops_forward=row["gflops_forward"], layers=int(row["layers"])
+    )
+    other = JobDescription(
+        "arch0",
+        32,
+        20000,
+        5000,
+        gflops_forward=row["gflops_forward"] * 3,
+        layers=int(row["layers"]),
+    )
+    a = recommend(model, seen_job, inv).table
+    b = recommend(model, other, inv).table
+    assert a["seen_architecture"].all() and not b["seen_architecture"].any()
+    assert ((b["upper_j"] / b["lower_j"]) > (a["upper_j"] / a["lower_j"]).max()).all()
+
+
 def test_placement_hints() -> None:
     p = placement(NodeType("gpu-a100", "NVIDIA A100-SXM4-80GB", gpu_count=2))
     assert p["accelerator_type"] == "A100"

@@ -173,6 +173,11 @@ def _print_table(rec: Any, args: argparse.Namespace) -> None:
             else ""
         )
     )
+    if not rec.table["seen_architecture"].all():
+        out.print(
+            f"{args.arch} at this size is not in the training runs (no run with its name and "
+            "FLOPs per sample): predicted as a new architecture, with the wider interval"
+        )
 
 
 # ----------------------------------------------------------------------------- bench

@@ -257,3 +257,90 @@ def write_report(
     )
     out.write_text(doc, encoding="utf-8")
     return out
+
+
+def pre_figure(
+    predictions: pl.DataFrame,
+    gpu_model: list[str],
+    truth_j: np.ndarray | None = None,
+    *,
+    title: str = "PRE: per-epoch energy",
+) -> Figure:
+    """Predicted per-epoch energy with 90 % intervals, against the truth when known.
+
+    With truth: a log-log scatter of predicted against measured J per epoch,
+    one colour per GPU, the interval as a vertical bar, filled markers for
+    architectures PRE was trained on and open ones for new architectures,
+    the line y = x and a +-12 % band. Without truth: each run's prediction
+    and interval, sorted.
+
+    Args:
+        predictions: :meth:`estimators.pre.PREModel.predict` rows
+            (``predicted_epoch_energy_j``, ``lower_j``, ``upper_j``,
+            ``seen_architecture``).
+        gpu_model: GPU per row.
+        truth_j: Measured J per epoch per row, if known.
+        title: Figure title.
+
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    p = predictions["predicted_epoch_energy_j"].to_numpy()
+    lo = predictions["lower_j"].fill_null(float("nan")).to_numpy()
+    hi = predictions["upper_j"].fill_null(float("nan")).to_numpy()
+    seen = predictions["seen_architecture"].to_numpy()
+    gpus = np.asarray(gpu_model, dtype=object)
+    fig = Figure(figsize=(7.5, 6.0))
+    ax = fig.add_subplot(1, 1, 1)
+    colours = matplotlib.colormaps["tab10"]
+    if truth_j is None:
+        order = np.argsort(p)
+        x = np.arange(len(p))
+        ax.errorbar(x, p[order], yerr=[p[order] - lo[order], hi[order] - p[order]], fmt="o", ms=3)
+        ax.set_xlabel("run (sorted by prediction)")
+        ax.set_ylabel("predicted J per epoch (90 % interval)")
+    else:
+        y = np.asarray(truth_j, dtype=float)
+        for i, g in enumerate(sorted(set(gpus.tolist()))):
+            for flag, face in ((True, None), (False, "none")):
+                m = (gpus == g) & (seen == flag)
+                if not m.any():
+                    continue
+                c = colours(i % 10)
+                ax.errorbar(
+                    y[m],
+                    p[m],
+                    yerr=[p[m] - lo[m], hi[m] - p[m]],
+                    fmt="o",
+                    ms=4,
+                    color=c,
+                    mfc=c if face is None else face,
+                    elinewidth=0.6,
+                    alpha=0.8,
+                    label=f"{g} ({'seen' if flag else 'new'} architecture)",
+                )
+        span = np.array([np.nanmin([y.min(), p.min()]) * 0.8, np.nanmax([y.max(), p.max()]) * 1.2])
+        ax.plot(span, span, "k-", lw=0.8, label="predicted = measured")
+        ax.fill_between(span, span * 0.88, span * 1.12, color="grey", alpha=0.15, label="+-12 %")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("measured J per epoch")
+        ax.set_ylabel("predicted J per epoch (90 % interval)")
+        mape = 100 * float(np.mean(np.abs(p - y) / y))
+        cover = 100 * float(np.mean((y >= lo) & (y <= hi)))
+        title += f" (MAPE {mape:.1f} %, coverage {cover:.0f} %)"
+        ax.legend(fontsize=7, loc="upper left")
+    ax.set_title(title, fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    return fig
+
+
+def figure_png(fig: Figure) -> bytes:
+    """A figure as PNG bytes."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    return buf.getvalue()

@@ -299,3 +299,28 @@ def test_cli_bench_recommend_and_tampered_model(tmp_path, capsys) -> None:
         "predicted_epoch_time_s",
     ]
     assert pred.height == data.height
+
+    # --plot draws predicted against measured (a real PNG); another suffix is refused.
+    bench = ["bench", "pre", "--train", str(tmp_path / "runs.parquet")]
+    bench += ["--test", str(tmp_path / "runs.parquet"), "--out", str(tmp_path / "q.parquet")]
+    assert main([*bench, "--plot", str(tmp_path / "pre.png")]) == 0
+    png = (tmp_path / "pre.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    capsys.readouterr()
+    assert main([*bench, "--plot", str(tmp_path / "pre.svg")]) == 2
+    assert "--plot must name a .png file" in capsys.readouterr().err
+    assert not (tmp_path / "pre.svg").exists()
+
+
+def test_pre_figure_without_truth_draws_sorted_predictions() -> None:
+    from estimators.report import figure_png, pre_figure
+
+    data = synthetic(3, 5, sigma=0.05, seed=2)
+    p = PREModel(**SMALL).fit(data).predict(data)
+    fig = pre_figure(p, data["gpu_model"].to_list(), None)
+    ax = fig.axes[0]
+    assert ax.get_xlabel() == "run (sorted by prediction)"
+    assert figure_png(fig)[:4] == b"\x89PNG"
+    # with truth the title carries MAPE and coverage
+    fig = pre_figure(p, data["gpu_model"].to_list(), data["epoch_energy_j"].to_numpy())
+    assert "MAPE" in fig.axes[0].get_title() and fig.axes[0].get_xscale() == "log"

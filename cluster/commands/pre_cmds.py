@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
 from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
     pass
@@ -65,6 +66,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--train", required=True, metavar="TRAIN.parquet")
     p.add_argument("--test", required=True, metavar="TEST.parquet")
     p.add_argument("--out", required=True, metavar="PRED.parquet")
+    p.add_argument(
+        "--plot",
+        metavar="FILE.png",
+        help="also draw predicted against measured J per epoch, with intervals (PNG)",
+    )
     p.set_defaults(func=run_bench)
 
 
@@ -192,6 +198,8 @@ def run_bench(args: argparse.Namespace) -> int:
     from estimators.pre import PREModel
     from profiler.store import atomic_write_parquet
 
+    if args.plot and not str(args.plot).lower().endswith(".png"):
+        raise BadInputError(f"--plot must name a .png file; found {args.plot!r}")
     train = runs_features(read_parquet(args.train, "training runs"), file=args.train)
     test_raw = read_parquet(args.test, "test runs")
     has_truth = all(c in test_raw.columns for c in ("gpu_energy_j", "trained_epochs", "duration_s"))
@@ -217,5 +225,17 @@ def run_bench(args: argparse.Namespace) -> int:
         mape = 100 * np.mean(np.abs(pe - y) / y)
         cover = np.mean((y >= lo) & (y <= hi))
         msg += f"; per-epoch energy MAPE {mape:.2f} %, 90 % interval coverage {100 * cover:.1f} %"
+    if args.plot:
+        from estimators.pre import atomic_write_bytes
+        from estimators.report import figure_png, pre_figure
+
+        fig = pre_figure(
+            p,
+            test["gpu_model"].to_list(),
+            test["epoch_energy_j"].to_numpy() if has_truth else None,
+            title=f"PRE trained on {Path(args.train).name}, tested on {Path(args.test).name}",
+        )
+        atomic_write_bytes(figure_png(fig), Path(args.plot))
+        msg += f"; plot: {args.plot}"
     console().print(msg)
     return 0

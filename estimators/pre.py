@@ -27,7 +27,12 @@ times a learned correction:
   and the card says so.
 * **Correction**: an XGBoost regressor on ``log(truth / prior)`` with the
   job and GPU features (:data:`estimators.features.FEATURES`); its depth is
-  chosen by cross-validation grouped by architecture.
+  chosen by cross-validation grouped by architecture. It has no monotone
+  constraints: the directions physics gives (more FLOPs, layers or batches
+  cost more; energy scales with board power) are in the prior by
+  construction, and the correction is a residual that may go either way
+  (constraining it to rise with board power left every figure of
+  ``bench/pre.py`` unchanged).
 * **Intervals** (split conformal on out-of-fold log residuals): for a job
   whose architecture was in the training runs, from random K-fold residuals;
   for a new architecture, from folds grouped by architecture (each

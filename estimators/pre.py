@@ -63,14 +63,16 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from estimators.features import FEATURES
+from estimators.features import FEATURES, SAME_CONFIG_TOLERANCE
 from profiler.errors import BadInputError, NotFittedError, StoreError
 
 if TYPE_CHECKING:
     import xgboost as xgb
 
 FORMAT = "wattwise-pre"
-FORMAT_VERSION = 2
+#: 3: the SEAA architectures are described as trained (features changed meaning) and
+#: the model records the FLOPs it saw per architecture.
+FORMAT_VERSION = 3
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
@@ -156,13 +158,17 @@ def arch_keys(frame: pl.DataFrame) -> list[str]:
     ]
 
 
-#: Relative difference of forward FLOPs within which a named architecture counts as
-#: the one trained on (another input size or width is another workload).
-SEEN_FLOPS_TOLERANCE = 0.05
-
-
 def arch_flops(frame: pl.DataFrame) -> dict[str, list[float]]:
-    """Forward GFLOPs per sample seen per named architecture (sorted, distinct)."""
+    """Forward GFLOPs per sample seen per named architecture.
+
+    Args:
+        frame: Feature rows with ``architecture`` and ``gflops_forward``.
+
+    Returns:
+        Architecture name to its distinct forward GFLOPs, sorted; rows without
+        a name or FLOPs are left out.
+
+    """
     out: dict[str, set[float]] = {}
     names, gflops = frame["architecture"].to_list(), frame["gflops_forward"].to_list()
     for n, g in zip(names, gflops, strict=True):
@@ -174,7 +180,12 @@ def arch_flops(frame: pl.DataFrame) -> dict[str, list[float]]:
 def _seen(
     keys: list[str], gflops: list[float | None], known: set[str], flops: dict[str, list[float]]
 ) -> np.ndarray:
-    """Whether each row's architecture was trained on, at the same FLOPs per sample."""
+    """Whether each row's architecture was trained on, at the same FLOPs per sample.
+
+    A named architecture counts as seen when its forward GFLOPs are within
+    :data:`estimators.features.SAME_CONFIG_TOLERANCE` of one it was trained
+    at (another input size or width is another workload).
+    """
     out = np.zeros(len(keys), dtype=bool)
     for i, (k, g) in enumerate(zip(keys, gflops, strict=True)):
         if k not in known:
@@ -183,7 +194,7 @@ def _seen(
         out[i] = (
             seen_g is None
             or g is None
-            or any(abs(g / s - 1.0) <= SEEN_FLOPS_TOLERANCE for s in seen_g)
+            or any(s > 0 and abs(g / s - 1.0) <= SAME_CONFIG_TOLERANCE for s in seen_g)
         )
     return out
 
@@ -747,7 +758,13 @@ class PREModel:
             raise BadInputError(
                 f"PRE needs at least 10 finished runs to train; found {frame.height}"
             )
-        for c in (*TARGETS.values(), "layers", "gpu_fp32_tflops", "gpu_board_power_w"):
+        for c in (
+            *TARGETS.values(),
+            "layers",
+            "gflops_forward",
+            "gpu_fp32_tflops",
+            "gpu_board_power_w",
+        ):
             bad = frame.filter(pl.col(c).is_null() | ~(pl.col(c) > 0))
             if bad.height:
                 raise BadInputError(
@@ -982,10 +999,10 @@ class PREModel:
                 )
             m.cv_ = d["cv"]
             m.architectures_ = list(d["architectures"])
-            # Files written before FLOPs were recorded match architectures by name only.
-            m.architecture_gflops_ = {
-                str(k): [float(x) for x in v] for k, v in d.get("architecture_gflops", {}).items()
-            }
+            flops = d["architecture_gflops"]
+            if not isinstance(flops, dict):
+                raise TypeError(f"architecture_gflops is {type(flops).__name__}, not an object")
+            m.architecture_gflops_ = {str(k): [float(x) for x in v] for k, v in flops.items()}
             m.gpus_ = list(d["gpus"])
             m.n_rows_ = int(d["n_rows"])
         except BadInputError:

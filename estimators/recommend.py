@@ -187,7 +187,8 @@ def recommend(
         ``gpu_count``, ``epoch_energy_j``, ``lower_j``, ``upper_j``,
         ``epoch_time_s``, ``total_energy_kwh`` (with ``total_lower_kwh`` and
         ``total_upper_kwh``), ``total_time_h``, ``cost``, ``carbon_g``,
-        ``meets_deadline``, ``seen_gpu``, ``seen_architecture`` (the
+        ``meets_deadline``, ``gflops_forward`` (the job's, per sample),
+        ``seen_gpu``, ``seen_architecture`` (the
         architecture at these FLOPs per sample was in the training runs; else
         the interval is the wider one of a new architecture), ``default``.
 
@@ -226,6 +227,7 @@ def recommend(
             "default": [n.default for n in inventory],
             "price_per_hour": [n.price_per_hour for n in inventory],
             "carbon_g_per_kwh": [n.carbon_g_per_kwh for n in inventory],
+            "gflops_forward": [float(full.gflops_forward or 0.0)] * len(inventory),
         },
         schema_overrides={"price_per_hour": pl.Float64, "carbon_g_per_kwh": pl.Float64},
     ).with_columns(

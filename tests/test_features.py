@@ -61,7 +61,8 @@ def test_numbers_only_job_uses_known_table() -> None:
     # The SEAA 2023 configuration: no ImageNet top, 128x128 input.
     assert job.layers == 14 and job.params == 14_715_201
     assert job.gflops_train == pytest.approx(30.0102)
-    assert job.activation_mb == pytest.approx(70.97)
+    # Activation memory measured on Keras is not comparable with torch's: not tabulated.
+    assert job.activation_mb is None
     assert (job.image_height, job.image_width) == (128, 128)
     row = feature_frame([(job, "NVIDIA GeForce RTX 3090")]).row(0, named=True)
     assert row["gpu_model"] == "RTX 3090"
@@ -77,6 +78,26 @@ def test_other_configuration_of_a_known_name_takes_only_its_depth() -> None:
     assert job.layers == 14
     assert job.params is None and job.activation_mb is None and job.image_height is None
     assert job.gflops_train == pytest.approx(3 * 30.9)
+    # Same FLOPs but another stated image size: not the table's configuration either.
+    job = complete_job(
+        JobDescription("vgg16", 32, 1000, image_height=224, image_width=224, gflops_forward=10.0)
+    )
+    assert job.params is None and job.image_height == 224
+
+
+def test_table_only_architecture_at_its_size_and_refused_at_others() -> None:
+    # NASNet-Mobile is not in torchvision: at the table's 128 px its FLOPs come from the
+    # table; at another size there is nothing to measure, and the message says so.
+    job = complete_job(JobDescription("nasnet_mobile", 32, 1000, image_height=128, image_width=128))
+    assert job.gflops_forward == pytest.approx(0.3684) and job.layers == 390
+    assert job.params == 4_811_413
+    with pytest.raises(BadInputError, match=r"known only at 128x128.*found image size 224x224"):
+        complete_job(JobDescription("nasnet_mobile", 32, 1000, image_height=224, image_width=224))
+
+
+def test_zero_flops_are_refused() -> None:
+    with pytest.raises(BadInputError, match=r"gflops_forward must be > 0; found 0"):
+        complete_job(JobDescription("mine", 32, 1000, gflops_forward=0.0, layers=3))
 
 
 def test_known_table_is_the_configuration_the_seaa_runs_trained(seaa_runs) -> None:
@@ -115,7 +136,7 @@ def test_runs_features_from_shared_layout(seaa_runs) -> None:
     r = df.filter(df["run_id"] == "cloud-mobilenet_v2-00").row(0, named=True)
     assert r["epoch_energy_j"] == pytest.approx(415170.4675 / 98)
     assert r["epoch_time_s"] == pytest.approx(2645.101 / 98)
-    assert r["layers"] == 106 and r["image_height"] == 128 and r["activation_mb"] == 15.44
+    assert r["layers"] == 106 and r["image_height"] == 128 and r["params"] == 1_362_609
 
 
 def test_runs_features_names_the_missing_column(seaa_runs) -> None:

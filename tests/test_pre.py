@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -170,6 +171,8 @@ def test_predict_before_fit_and_bad_rows_are_refused() -> None:
         PREModel(**SMALL).fit(data.head(5))
     with pytest.raises(BadInputError, match=r"column\(s\) \['epoch_time_s'\]"):
         PREModel(**SMALL).fit(data.drop("epoch_time_s"))
+    with pytest.raises(BadInputError, match=r"'gflops_forward' must be > 0 in every row"):
+        PREModel(**SMALL).fit(data.with_columns(pl.lit(0.0).alias("gflops_forward")))
     m = PREModel(**SMALL).fit(data)
     with pytest.raises(BadInputError, match="'layers' has nulls"):
         m.predict(data.with_columns(pl.lit(None, pl.Float64).alias("layers")))
@@ -201,6 +204,18 @@ def test_save_load_round_trip_and_tamper_detection(tmp_path) -> None:
         PREModel.load(path)
     with pytest.raises(BadInputError, match="no such file"):
         PREModel.load(tmp_path / "nope.json")
+
+    # A file whose card checksum matches but whose FLOPs record is not an object.
+    m.save(path)
+    body = json.loads(path.read_text())
+    body["architecture_gflops"] = [1.0]
+    raw = json.dumps(body, separators=(",", ":")).encode()
+    path.write_bytes(raw)
+    meta = json.loads(card.read_text())
+    meta["sha256"] = hashlib.sha256(raw).hexdigest()
+    card.write_text(json.dumps(meta))
+    with pytest.raises(BadInputError, match="malformed PRE model file.*architecture_gflops"):
+        PREModel.load(path)
 
 
 @pytest.fixture
@@ -255,6 +270,14 @@ def test_cli_bench_recommend_and_tampered_model(tmp_path, capsys) -> None:
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["placement"]["ray_resources"] == {f"node_type:{out['chosen']}": 0.001}
+    assert all(not r["seen_architecture"] for r in out["node_types"])
+    # The table says why the interval is wide: arch0 was trained at other FLOPs.
+    trained = sorted(set(data.filter(pl.col("architecture") == "arch0")["gflops_forward"]))
+    assert 2.0 not in trained
+    assert main([a for a in args if a != "--json"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "arch0 at 2 GFLOPs per sample is new to PRE" in text
+    assert f"trained on arch0 at: {trained[0]:.3g}" in text
     path.write_bytes(path.read_bytes().replace(b'"coverage":0.9', b'"coverage":0.8'))
     assert main(args) == 2
     assert "checksum mismatch" in capsys.readouterr().err
@@ -324,3 +347,11 @@ def test_pre_figure_without_truth_draws_sorted_predictions() -> None:
     # with truth the title carries MAPE and coverage
     fig = pre_figure(p, data["gpu_model"].to_list(), data["epoch_energy_j"].to_numpy())
     assert "MAPE" in fig.axes[0].get_title() and fig.axes[0].get_xscale() == "log"
+    # an architecture the model never saw is drawn in its own (open-marker) series
+    held = data["architecture"][0]
+    m2 = PREModel(**SMALL).fit(data.filter(pl.col("architecture") != held))
+    p2 = m2.predict(data)
+    fig = pre_figure(p2, data["gpu_model"].to_list(), data["epoch_energy_j"].to_numpy())
+    labels = fig.axes[0].get_legend_handles_labels()[1]
+    assert any("(new architecture)" in x for x in labels)
+    assert any("(seen architecture)" in x for x in labels)

@@ -139,11 +139,11 @@ def run_recommend(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rec.to_json(), indent=2, default=str))
         return 0
-    _print_table(rec, args)
+    _print_table(rec, args, model.architecture_gflops_.get(args.arch, []))
     return 0
 
 
-def _print_table(rec: Any, args: argparse.Namespace) -> None:
+def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]) -> None:
     from rich.table import Table
 
     t = Table(
@@ -180,9 +180,11 @@ def _print_table(rec: Any, args: argparse.Namespace) -> None:
         )
     )
     if not rec.table["seen_architecture"].all():
+        at = ", ".join(f"{g:.3g}" for g in trained_gflops) or "none"
         out.print(
-            f"{args.arch} at this size is not in the training runs (no run with its name and "
-            "FLOPs per sample): predicted as a new architecture, with the wider interval"
+            f"{args.arch} at {rec.table['gflops_forward'][0]:.3g} GFLOPs per sample is new to PRE "
+            f"(trained on {args.arch} at: {at}): predicted as a new architecture, with the "
+            "wider interval"
         )
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import logging
 import os
 import re
 import tempfile
@@ -47,6 +48,8 @@ import polars as pl
 
 from profiler.errors import BadInputError, SchemaError, StoreError, where
 from profiler.schema import KEYS, RUN_ID_RE, check_run_id, conform, empty, schema
+
+log = logging.getLogger(__name__)
 
 UNASSIGNED = "_unassigned"
 _PART_RE = re.compile(r"^(part|base)-(\d{12})\.parquet$")
@@ -318,7 +321,12 @@ class Store:
         Raises:
             SchemaError: The rows do not fit the schema, or a row has the key
                 of a stored row but different values.
-            StoreError: The store could not be written; it is unchanged.
+            StoreError: The store could not be written (for example the disk
+                is full). The message says which runs of the batch were stored
+                before the failure, if any; sending the batch again stores only
+                the rest. A failed compaction (merging a run's files) is not an
+                error: the rows are stored, a warning is logged and a later
+                write merges them.
 
         """
         df = conform(df, "samples", file=file).unique(maintain_order=True)
@@ -337,12 +345,27 @@ class Store:
                 if new.height:
                     pending[run_dir] = (new, top, len(live))
             due: list[tuple[int, Path]] = []  # (live files after this write, run directory)
+            stored: list[str] = []
             for (rid,) in groups:
                 run_dir = dirs[rid]
                 fresh, top, n_live = pending.get(run_dir, (None, 0, 0))
                 if fresh is not None:
                     path = run_dir / f"part-{top + 1:012d}.parquet"
-                    atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
+                    try:
+                        atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
+                    except StoreError as err:
+                        if not stored:
+                            raise
+                        rest = [
+                            str(r) for (r,) in groups if dirs[r] in pending and str(r) not in stored
+                        ]
+                        msg = str(err).replace("; the store is unchanged", "")
+                        raise StoreError(
+                            f"{msg}; of this batch, the rows of run(s) {stored} were stored and "
+                            f"those of {rest} were not. Sending the batch again stores only the "
+                            "missing rows"
+                        ) from err
+                    stored.append(str(rid))
                     self._remember_range(path, _time_range(fresh))
                     if n_live + 1 >= COMPACT_AFTER:
                         due.append((n_live + 1, run_dir))
@@ -353,7 +376,16 @@ class Store:
             due.sort(key=lambda d: -d[0])
             for k, (n_live, run_dir) in enumerate(due):
                 if k == 0 or n_live >= 2 * COMPACT_AFTER:
-                    self._compact(run_dir)
+                    try:
+                        self._compact(run_dir)
+                    except StoreError as err:
+                        # The rows are stored; merging waits for a later write.
+                        log.warning(
+                            "samples stored; merging the %d files of %s was postponed: %s",
+                            n_live,
+                            run_dir,
+                            str(err).replace("; the store is unchanged", ""),
+                        )
         return sum(new.height for new, _, _ in pending.values())
 
     def _only_new(

@@ -153,6 +153,54 @@ def test_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
     assert s.samples("r1").height == 3
 
 
+def test_disk_full_midway_through_a_batch_says_which_runs_were_stored(tmp_path, monkeypatch):
+    s = Store(tmp_path)
+    real = store_mod.atomic_write_parquet
+    calls = []
+
+    def second_write_fails(df, path):
+        calls.append(path)
+        if len(calls) == 2:
+            raise StoreError(f"could not write {path}: the disk is full; the store is unchanged")
+        real(df, path)
+
+    monkeypatch.setattr(store_mod, "atomic_write_parquet", second_write_fails)
+    two_runs = pl.concat([batch(0, 3, run="a"), batch(0, 3, run="b")])
+    with pytest.raises(StoreError) as err:
+        s.write_samples(two_runs)
+    text = str(err.value)
+    assert "the disk is full" in text and "store is unchanged" not in text
+    assert "run(s) ['a'] were stored and those of ['b'] were not" in text
+    monkeypatch.undo()
+    assert s.samples("a").height == 3 and s.samples("b").height == 0
+    assert s.write_samples(two_runs) == 3  # resending stores only what was missing
+    assert s.samples("b").height == 3
+
+
+def test_failed_compaction_keeps_the_write_and_merges_later(tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 3)
+    s = Store(tmp_path)
+    s.write_samples(batch(0, 2))
+    s.write_samples(batch(10, 2))
+
+    def compaction_fails(self, run_dir):
+        raise StoreError(
+            f"could not write {run_dir}/base: the disk is full; the store is unchanged"
+        )
+
+    monkeypatch.setattr(Store, "_compact", compaction_fails)
+    with caplog.at_level("WARNING", logger="profiler.store"):
+        assert s.write_samples(batch(20, 2)) == 2  # the third file: compaction due, and fails
+    assert "samples stored; merging the 3 files" in caplog.text and "disk is full" in caplog.text
+    assert s.samples("r1").height == 6
+    monkeypatch.undo()
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 3)
+    s.write_samples(batch(30, 2))  # a later write merges them
+    run_dir = tmp_path / "samples" / "r1"
+    assert [p.name.split("-")[0] for p in s._live_parts(run_dir)[0]] == ["base"]
+    assert s.samples("r1").height == 8
+
+
 def test_runs_upsert_keeps_fields_a_partial_update_leaves_out(tmp_path):
     s = Store(tmp_path)
     first = pl.DataFrame({"run_id": ["a"], "status": ["running"], "gpu_model": ["NVIDIA H100"]})

@@ -353,3 +353,36 @@ def test_full_disk_is_a_store_error_and_leaves_nothing_half_written(small_disk: 
     assert store.write_samples(lost) == lost.height == 8000
     assert store.samples("r1").height == len(acked) * 4000
     assert _temporaries(root) == []
+
+
+def test_full_disk_during_compaction_keeps_the_acknowledged_write(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A real full disk hit while merging a run's files: the write that triggered it stands.
+
+    Merging needs room for a copy of the run, so on a filling disk it fails
+    before the small part writes do. The rows are already stored then: the
+    write returns, a warning says the merge was postponed, and nothing is lost.
+    """
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 4)
+    root = small_disk / "store"
+    store = Store(root)
+    acked: list[pl.DataFrame] = []
+    err: StoreError | None = None
+    with caplog.at_level("WARNING", logger="profiler.store"):
+        for i in range(200):
+            b = _noise_batch(i)
+            try:
+                assert store.write_samples(b) == b.height
+            except StoreError as e:
+                err = e
+                break
+            acked.append(b)
+    assert err is not None, "the 1 MiB disk never filled"
+    postponed = [r for r in caplog.records if "merging the" in r.getMessage()]
+    assert postponed, "no merge ran into the full disk"
+    assert "the disk is full" in postponed[0].getMessage()
+    assert "the disk is full" in str(err)
+    assert _temporaries(root) == []
+    expect = pl.concat(acked).sort("timestamp")
+    assert store.samples("r1").select(expect.columns).equals(expect)

@@ -178,7 +178,10 @@ class _AggregatorActorImpl:
         from cluster.api import serve
 
         if self._api is None:
-            self._api = serve(self.agg, host=host, port=port, token=token)
+            view: Any = self.agg
+            if self.shards > 1:
+                view = ShardView(self.agg, self.shard, self.shards)
+            self._api = serve(view, host=host, port=port, token=token)
         return str(self._api.url)
 
 
@@ -255,6 +258,91 @@ def aggregators(
         )
         for k in range(1, shards)
     ]
+
+
+class ShardView:
+    """What the HTTP API asks of the aggregator, answered by the shard that owns each run.
+
+    The API runs in one shard's actor (shard 0). Runs held by that shard are
+    answered from its own aggregator; the others are asked of their shard's
+    actor, and posted samples and marks are cut per shard. A run id is looked
+    up with :func:`shard_of`, so no shard has to know the others' runs.
+
+    Args:
+        local: This shard's aggregator.
+        shard: This shard's number.
+        shards: How many shards the cluster runs.
+
+    """
+
+    def __init__(self, local: Any, shard: int, shards: int) -> None:
+        self.local, self.shard, self.shards = local, shard, shards
+        self.store = local.store
+        self._handles: dict[int, Any] = {}
+
+    def _remote(self, k: int) -> Any:
+        import ray
+
+        if k not in self._handles:
+            self._handles[k] = ray.get_actor(shard_name(k), namespace=NAMESPACE)
+        return self._handles[k]
+
+    def _call(self, k: int, method: str, *args: Any) -> Any:
+        """``method(*args)`` on shard ``k``: here, or on its actor (its own errors re-raised)."""
+        if k == self.shard:
+            return getattr(self.local, method)(*args)
+        import ray
+
+        try:
+            return ray.get(getattr(self._remote(k), method).remote(*args), timeout=60)
+        except ray.exceptions.RayTaskError as err:
+            # The shard's own exception (BadInputError for an unknown run...), not Ray's wrapper.
+            cause = getattr(err, "cause", None)
+            if isinstance(cause, Exception):
+                raise cause from None
+            raise
+        except (ray.exceptions.RayError, ValueError) as err:
+            self._handles.pop(k, None)  # looked up again next time (a restarted shard)
+            from profiler.errors import StoreError
+
+            raise StoreError(f"aggregator shard {k} did not answer: {err}") from err
+
+    def status(self, run_id: str | None = None) -> Any:
+        """One run's summary from its shard, or every shard's held runs together."""
+        if run_id is not None:
+            return self._call(shard_of(run_id, self.shards), "status", run_id)
+        out: list[dict[str, Any]] = []
+        for k in range(self.shards):
+            out.extend(self._call(k, "status"))
+        return out
+
+    def epochs(self, run_id: str) -> pl.DataFrame:
+        """The run's epochs, from its shard."""
+        return self._call(shard_of(run_id, self.shards), "epochs", run_id)  # type: ignore[no-any-return]
+
+    def projection(self, run_id: str) -> dict[str, Any]:
+        """The run's projection, from its shard."""
+        return self._call(shard_of(run_id, self.shards), "projection", run_id)  # type: ignore[no-any-return]
+
+    def _split(self, df: pl.DataFrame) -> dict[int, pl.DataFrame]:
+        owner = {
+            r: (0 if r is None else shard_of(r, self.shards))
+            for r in df["run_id"].unique().to_list()
+        }
+        parts = df.with_columns(
+            pl.col("run_id").replace_strict(owner, default=0, return_dtype=pl.Int64).alias("_s")
+        ).partition_by("_s", as_dict=True, include_key=False)
+        return {int(k[0]): part for k, part in parts.items()}
+
+    def ingest_samples(self, df: pl.DataFrame) -> int:
+        """Samples cut per shard; returns how many were new over all shards."""
+        return sum(
+            int(self._call(k, "ingest_samples", part)) for k, part in self._split(df).items()
+        )
+
+    def ingest_epochs(self, df: pl.DataFrame) -> int:
+        """Epoch marks cut per shard; returns how many were new over all shards."""
+        return sum(int(self._call(k, "ingest_epochs", part)) for k, part in self._split(df).items())
 
 
 class Router:

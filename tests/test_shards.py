@@ -137,3 +137,66 @@ def test_two_shards_split_runs_and_rebuild_only_their_own(cluster):
 
     with pytest.raises(BadInputError, match="runs 2 shard"):
         aggregators(root, shards=3)
+
+
+def _http(method: str, url: str, body: Any = None) -> tuple[int, Any]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_http_api_answers_for_every_shard(cluster):
+    """The API lives in shard 0; a run owned by shard 1 is posted, read and projected through it."""
+    from cluster.actors import Router, aggregators, shard_of
+
+    handles = aggregators(cluster["root"], shards=2)
+    ids = [f"api-run-{i}" for i in range(40)]
+    a = next(r for r in ids if shard_of(r, 2) == 0)
+    b = next(r for r in ids if shard_of(r, 2) == 1)
+    router = Router()
+    for rid in (a, b):
+        row = {"run_id": rid, "node_type": "gpu-a", "planned_epochs": 4, "status": "running"}
+        ray.get(router.for_run(rid).start_run.remote(row))
+    url = ray.get(handles[0].start_api.remote())
+    t0 = dt.datetime(2026, 2, 1, tzinfo=dt.UTC)
+    batch = _batch([a, b], t0, 40).with_columns(pl.col("timestamp").dt.to_string("%+"))
+    code, ans = _http("POST", url + "/samples", {"samples": batch.to_dicts()})
+    assert (code, ans) == (200, {"accepted": 80})
+    # Each shard holds its own run's rows only.
+    assert [ray.get(h.stats.remote())["samples"] for h in handles] == [40, 40]
+    marks = [
+        {
+            "run_id": rid,
+            "epoch": e,
+            "start": (t0 + dt.timedelta(seconds=10 * e)).isoformat(),
+            "end": (t0 + dt.timedelta(seconds=10 * e + 10)).isoformat(),
+        }
+        for rid in (a, b)
+        for e in range(3)
+    ]
+    assert _http("POST", url + "/epochs", {"epochs": marks}) == (200, {"accepted": 6})
+    # Run b lives on shard 1: its status, epochs and projection come from there.
+    code, st = _http("GET", url + f"/runs/{b}")
+    assert code == 200 and st["run_id"] == b and st["status"] == "running"
+    code, ep = _http("GET", url + f"/runs/{b}/epochs")
+    assert code == 200 and [round(e["energy_j"]) for e in ep] == [1500, 1500, 1500]
+    code, pr = _http("GET", url + f"/runs/{b}/projection")
+    assert code == 200 and pr["energy_j"] == pytest.approx(4 * 1500, rel=0.05)
+    code, ep = _http("GET", url + f"/runs/{a}/epochs")
+    assert code == 200 and [round(e["energy_j"]) for e in ep] == [1000, 1000, 1000]
+    code, listed = _http("GET", url + "/runs")
+    assert code == 200 and {a, b} <= {r["run_id"] for r in listed}
+    # An unknown run is still a 404 with the shard's own message, not Ray's wrapper.
+    missing = next(r for r in (f"nope-{i}" for i in range(40)) if shard_of(r, 2) == 1)
+    code, err = _http("GET", url + f"/runs/{missing}")
+    assert code == 404 and err["error"].startswith("no run") and "ray" not in err["error"].lower()
+    for rid in (a, b):
+        ray.get(router.for_run(rid).finish_run.remote(rid, "finished"))

@@ -522,8 +522,13 @@ class _SidecarActorImpl:
         self._state = journal / "assignments.json"
         self._node_run: str | None = run_id
         self._jobs: dict[str, dict[str, Any]] = {}
+        self._state_lock = threading.RLock()  # actor calls run in several threads
+        self._stop_verify = threading.Event()
         self._restore()
         self.sidecar.start()
+
+    #: Seconds between asks about restored runs the aggregator could not confirm.
+    verify_interval_s = 30.0
 
     def _restore(self) -> None:
         import json
@@ -532,32 +537,73 @@ class _SidecarActorImpl:
             saved = json.loads(self._state.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             return
-        live = self._still_running
-        if self._node_run is None and saved.get("node_run") and live(saved["node_run"]):
-            self._node_run = str(saved["node_run"])
-            self.sidecar.set_run(self._node_run)
+        unverified: list[str] = []  # kept because the aggregator could not say
+        node_run = saved.get("node_run")
+        if self._node_run is None and node_run:
+            state = self._still_running(str(node_run))
+            if state is not False:
+                self._node_run = str(node_run)
+                self.sidecar.set_run(self._node_run)
+                if state is None:
+                    unverified.append(self._node_run)
         for rid, job in dict(saved.get("jobs") or {}).items():
             pid = job.get("pid")
             if pid is not None and not _pid_alive(int(pid)):
                 continue  # the job's process is gone: nothing of it to measure
-            if not live(rid):
+            state = self._still_running(rid)
+            if state is False:
                 continue
             try:
                 self.sidecar.attach_job(rid, gpus=job.get("gpus") or (), pid=pid)
                 self._jobs[rid] = job
             except Exception as err:
                 log.warning("sidecar %s: could not re-attach run %s: %s", self.node, rid, err)
+                continue
+            if state is None:
+                unverified.append(rid)
         log.info("sidecar %s: restored assignments %s", self.node, self.sidecar.owners())
+        if unverified:
+            threading.Thread(
+                target=self._verify_restored,
+                args=(unverified,),
+                name=f"wattwise-verify-{self.node}",
+                daemon=True,
+            ).start()
+
+    def _verify_restored(self, run_ids: list[str]) -> None:
+        """Ask again about restored runs the aggregator could not confirm; drop ended ones.
+
+        A restored node-wide run has no process to check, so without this a run
+        that ended while the aggregator was unreachable would keep collecting
+        the node's samples.
+        """
+        pending = list(run_ids)
+        while pending and not self._stop_verify.wait(self.verify_interval_s):
+            for rid in list(pending):
+                state = self._still_running(rid)
+                if state is None:
+                    continue
+                pending.remove(rid)
+                if state is False:
+                    with self._state_lock:
+                        held = rid in self._jobs or rid == self._node_run
+                    if held:
+                        log.warning(
+                            "sidecar %s: restored run %s is no longer running; released",
+                            self.node,
+                            rid,
+                        )
+                        self.detach(rid)
 
     @staticmethod
-    def _still_running(run_id: str) -> bool:
-        """Whether the run's aggregator still holds it as running (True when it cannot tell)."""
+    def _still_running(run_id: str) -> bool | None:
+        """Whether the run's aggregator still holds it as running; ``None`` if it cannot tell."""
         import ray
 
         try:
             status = ray.get(Router().for_run(run_id).status.remote(run_id), timeout=10)
         except Exception:
-            return True
+            return None
         return bool(status.get("status") == "running")
 
     def _save(self) -> None:
@@ -581,26 +627,29 @@ class _SidecarActorImpl:
 
     def set_run(self, run_id: str | None) -> None:
         """Assign samples from now on to ``run_id`` (``None``: unassigned)."""
-        self.sidecar.set_run(run_id)
-        self._node_run = run_id
-        self._save()
+        with self._state_lock:
+            self.sidecar.set_run(run_id)
+            self._node_run = run_id
+            self._save()
 
     def attach_job(
         self, run_id: str, gpus: list[str] | None = None, pid: int | None = None
     ) -> dict[str, Any]:
         """See :meth:`profiler.sidecar.Sidecar.attach_job`."""
-        out = self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
-        self._jobs[run_id] = {"gpus": list(gpus or ()), "pid": pid}
-        self._save()
+        with self._state_lock:
+            out = self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
+            self._jobs[run_id] = {"gpus": list(gpus or ()), "pid": pid}
+            self._save()
         return out
 
     def detach(self, run_id: str) -> int:
         """See :meth:`profiler.sidecar.Sidecar.detach`."""
-        n = self.sidecar.detach(run_id)
-        self._jobs.pop(run_id, None)
-        if self._node_run == run_id:
-            self._node_run = None
-        self._save()
+        with self._state_lock:
+            n = self.sidecar.detach(run_id)
+            self._jobs.pop(run_id, None)
+            if self._node_run == run_id:
+                self._node_run = None
+            self._save()
         return n
 
     def owners(self) -> dict[str, str | None]:
@@ -623,6 +672,7 @@ class _SidecarActorImpl:
 
     def stop(self) -> dict[str, int]:
         """Stop sampling, deliver what is left; returns the final counters."""
+        self._stop_verify.set()
         self.sidecar.stop()
         return self.stats()
 

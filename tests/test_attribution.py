@@ -260,3 +260,50 @@ def test_two_concurrent_jobs_on_one_node_have_disjoint_samples(tmp_path: Path) -
     assert runs[hot.run_id]["energy_j"] > 1.5 * runs[cool.run_id]["energy_j"] > 0
     config = __import__("json").loads(str(runs[hot.run_id]["config"]))
     assert config["clock_home"]  # the node whose clock its epoch marks use
+
+
+def test_restored_node_wide_run_is_released_once_the_aggregator_says_it_ended(
+    tmp_path: Path,
+) -> None:
+    """A sidecar restarted while the aggregator is unreachable keeps its node-wide run, asks
+    again, and lets the run go when the aggregator answers that it is no longer running."""
+    import json
+
+    from cluster.actors import _SidecarActorImpl
+
+    answers: dict[str, list[bool | None]] = {"node-run": [None, None, False], "job-run": [True]}
+    asked: list[str] = []
+
+    class Probe(_SidecarActorImpl):
+        verify_interval_s = 0.05
+
+        @staticmethod
+        def _still_running(run_id: str) -> bool | None:
+            asked.append(run_id)
+            queue = answers[run_id]
+            return queue.pop(0) if len(queue) > 1 else queue[0]
+
+    journal = tmp_path / "journal"
+    journal.mkdir()
+    (journal / "assignments.json").write_text(
+        json.dumps({"node_run": "node-run", "jobs": {"job-run": {"gpus": [], "pid": None}}})
+    )
+    actor = Probe(
+        "node-1",
+        [("modelled", {"board_power_w": 50.0})],
+        interval_s=0.2,
+        batch_interval_s=10.0,
+        journal_dir=str(journal),
+    )
+    try:
+        owners = actor.owners()
+        assert owners.get("*") == "node-run"  # kept: the aggregator could not say
+        deadline = time.monotonic() + 10
+        while actor.owners().get("*") is not None:
+            assert time.monotonic() < deadline, f"node-run never released; asked {asked}"
+            time.sleep(0.05)
+        assert asked.count("node-run") == 3  # at restore, once more unsure, then "ended"
+        assert json.loads((journal / "assignments.json").read_text())["node_run"] is None
+        assert "job-run" in json.loads((journal / "assignments.json").read_text())["jobs"]
+    finally:
+        actor.stop()

@@ -32,6 +32,7 @@ so the aggregator can estimate this node's clock offset (see
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import socket
 import threading
@@ -421,9 +422,16 @@ class Sidecar:
                 return 0
             self._runners = [x for x in self._runners if x is not r]
             got: list[PowerSample] = []
-            if final_read and (r.pending is None or r.pending.done()):
+            if r.pending is not None and r.pending.done():
+                # A late read that returned since the last tick: keep it.
                 try:
-                    got = r.guard.check(r.pool.submit(r.source.read).result(self.read_timeout_s))
+                    got = r.guard.check(r.pending.result(timeout=0))
+                except Exception as err:
+                    log.warning("sidecar: late read of %s failed: %s", r.source.name, err)
+                r.pending = None
+            if final_read and r.pending is None:
+                try:
+                    got += r.guard.check(r.pool.submit(r.source.read).result(self.read_timeout_s))
                 except Exception as err:
                     log.warning("sidecar: final read of %s failed: %s", r.source.name, err)
             if got:
@@ -463,42 +471,38 @@ class Sidecar:
     def _tick(self) -> int:
         started: list[_Runner] = []
         marks: list[tuple[PowerSample, str | None]] = []
+        got: list[tuple[PowerSample, str | None]] = []
         for r in self._runners:
-            if r.pending is not None and not r.pending.done():
-                marks += self._mark(r, "hang", "still hung from an earlier tick")
-                continue
+            if r.pending is not None:
+                if not r.pending.done():
+                    marks += self._mark(r, "hang", "still hung from an earlier tick")
+                    continue
+                # A read that missed its tick's deadline has returned since: keep what it
+                # read (the source has moved past those samples, a new read would not
+                # return them again).
+                late, r.pending = r.pending, None
+                got += self._collect(r, late, marks)
             r.pending = r.pool.submit(r.source.read)
             started.append(r)
         deadline = time.monotonic() + self.read_timeout_s
-        got: list[tuple[PowerSample, str | None]] = []
         for r in started:
             fut = r.pending
             assert fut is not None
             try:
-                res = fut.result(timeout=max(0.0, deadline - time.monotonic()))
-            except Exception as err:
+                fut.result(timeout=max(0.0, deadline - time.monotonic()))
+            except Exception:
                 if not fut.done():
                     self.stats.bad_reads += 1
                     r.guard.report(
                         "*",
                         "hang",
                         f"read did not return within {self.read_timeout_s} s; its devices get "
-                        "marked samples until it does",
+                        "marked samples until it does (what it reads then is kept)",
                     )
                     marks += self._mark(r, "hang", f"no reading within {self.read_timeout_s} s")
                     continue
-                r.pending = None
-                self.stats.bad_reads += 1
-                r.guard.report("*", "error", f"read failed: {type(err).__name__}: {err}")
-                marks += self._mark(r, "error", f"read failed: {err}")
-                continue
             r.pending = None
-            r.guard.resolve("*", "hang")
-            r.guard.resolve("*", "error")
-            checked = r.guard.check(res)
-            for s in checked:
-                r.devices[s.device] = s.model
-            got += [(s, self._owner(r, s.device)) for s in checked]
+            got += self._collect(r, fut, marks)
         got += marks
         with self._lock:
             self._buffer.extend(got)
@@ -507,13 +511,42 @@ class Sidecar:
         self.stats.marked += sum(1 for s, _ in got if s.note)
         return len(got)
 
+    def _collect(
+        self,
+        r: _Runner,
+        fut: Future[list[PowerSample]],
+        marks: list[tuple[PowerSample, str | None]],
+    ) -> list[tuple[PowerSample, str | None]]:
+        """The samples of a finished read (checked), or marks in ``marks`` if it failed."""
+        try:
+            res = fut.result(timeout=0)
+        except Exception as err:
+            self.stats.bad_reads += 1
+            r.guard.report("*", "error", f"read failed: {type(err).__name__}: {err}")
+            marks += self._mark(r, "error", f"read failed: {err}")
+            return []
+        r.guard.resolve("*", "hang")
+        r.guard.resolve("*", "error")
+        checked = r.guard.check(res)
+        for s in checked:
+            r.devices[s.device] = s.model
+        return [(s, self._owner(r, s.device)) for s in checked]
+
     def _mark(self, r: _Runner, kind: str, note: str) -> list[tuple[PowerSample, str | None]]:
+        """Null samples saying why ``r``'s devices have no reading now.
+
+        They carry no measurement (energy integration skips them) and do not
+        pass the guard's ordering: a reading that returns late, stamped
+        before the mark, must still be kept.
+        """
         ts = utc_now()
-        out = [
-            PowerSample(dev, model, ts, None, None, source=r.source.name, note=note)
+        return [
+            (
+                PowerSample(dev, model, ts, None, None, source=r.source.name, note=note),
+                self._owner(r, dev),
+            )
             for dev, model in r.devices.items()
         ]
-        return [(s, self._owner(r, s.device)) for s in r.guard.check(out)]
 
     # -- batching and shipping ---------------------------------------------------------------
     def cut(self) -> int:
@@ -688,9 +721,32 @@ class Sidecar:
         for t in self._threads:
             t.join()
         self._threads = []
+        self._drain_pending()
         self.cut()
         self.ship()
         return self.stats
+
+    def _drain_pending(self) -> None:
+        """Keep what reads still out at stop return within the read timeout."""
+        deadline = time.monotonic() + self.read_timeout_s
+        with self._tick_lock:
+            got: list[tuple[PowerSample, str | None]] = []
+            marks: list[tuple[PowerSample, str | None]] = []
+            for r in self._runners:
+                fut = r.pending
+                if fut is None:
+                    continue
+                with contextlib.suppress(Exception):
+                    fut.result(timeout=max(0.0, deadline - time.monotonic()))
+                if fut.done():
+                    r.pending = None
+                    got += self._collect(r, fut, marks)
+            got += marks
+            if got:
+                with self._lock:
+                    self._buffer.extend(got)
+                self.stats.samples += len(got)
+                self.stats.marked += sum(1 for s, _ in got if s.note)
 
     def close(self) -> None:
         """Stop (if running) and close every source."""

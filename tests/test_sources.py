@@ -293,8 +293,9 @@ def test_replay_loop_and_counter_keep_increasing() -> None:
     )
     clock.t += 4.5  # one lap is 3 s + 1 s step: offsets 0..3 and the next lap's 0
     got = src.read()
-    # Trapezoids: 105 + 115 + 125 = 345 J after the first lap.
-    assert [s.energy_j for s in got] == [0.0, 105.0, 220.0, 345.0, 345.0]
+    # Trapezoids: 105 + 115 + 125 = 345 J after the first lap, then the 1 s step back to
+    # the first sample: (130 + 100) / 2 = 115 J more (the counter never stalls).
+    assert [s.energy_j for s in got] == [0.0, 105.0, 220.0, 345.0, 460.0]
     assert [s.device for s in got] == ["0"] * 5
     assert got[4].timestamp - got[3].timestamp == timedelta(seconds=1)
     assert not src.exhausted

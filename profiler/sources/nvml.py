@@ -82,6 +82,7 @@ class _Gpu:
     counter: bool
     mig: bool
     extras: bool = True
+    failing: bool = False  # its last read raised; logged once until it reads again
 
 
 class NvmlSource:
@@ -170,53 +171,103 @@ class NvmlSource:
         return _Gpu(index, h, model, uuid, counter, mig)
 
     def read(self) -> list[PowerSample]:
-        """One sample per GPU: power in W, energy counter in J where supported."""
+        """One sample per GPU: power in W, energy counter in J where supported.
+
+        A GPU whose NVML reading fails (``NVMLError_GpuIsLost`` after an Xid 79,
+        say) gets a sample with null power and counter and a note naming the
+        error, so the other GPUs keep their measurements; the failure is logged
+        once, and again when the GPU reads again.
+
+        Raises:
+            WattwiseError: Every GPU failed; the error is the first GPU's, so the
+                sidecar's handling of a failed source applies.
+
+        """
+        out: list[PowerSample] = []
+        failed: list[tuple[_Gpu, WattwiseError]] = []
+        for g in self._gpus:
+            try:
+                out.append(self._read_gpu(g))
+            except WattwiseError as err:
+                failed.append((g, err))
+                out.append(
+                    PowerSample(
+                        device=str(g.index),
+                        model=g.model,
+                        timestamp=utc_now(),
+                        power_w=None,
+                        energy_j=None,
+                        source="nvml",
+                        note=str(err),
+                    )
+                )
+        if failed and len(failed) == len(self._gpus):
+            raise failed[0][1]
+        bad = {id(g) for g, _ in failed}
+        for g, error in failed:
+            if not g.failing:
+                log.warning(
+                    "GPU %d (%s): %s; its samples are stored with null power and counter "
+                    "until it reads again",
+                    g.index,
+                    g.model,
+                    error,
+                )
+            g.failing = True
+        for g in self._gpus:
+            if g.failing and id(g) not in bad:
+                g.failing = False
+                log.info("GPU %d (%s): NVML readings are good again", g.index, g.model)
+        return out
+
+    @staticmethod
+    def _read_gpu(g: _Gpu) -> PowerSample:
+        """One GPU's sample.
+
+        Raises:
+            WattwiseError: NVML failed to give its power or counter.
+
+        """
         import pynvml
 
-        out = []
-        for g in self._gpus:
-            h = g.handle
-            energy_j = None
-            if g.counter:
-                energy_j = (
-                    _call(
-                        f"reading the energy counter of GPU {g.index}",
-                        pynvml.nvmlDeviceGetTotalEnergyConsumption,
-                        h,
-                    )
-                    / 1000.0
+        h = g.handle
+        energy_j = None
+        if g.counter:
+            energy_j = (
+                _call(
+                    f"reading the energy counter of GPU {g.index}",
+                    pynvml.nvmlDeviceGetTotalEnergyConsumption,
+                    h,
                 )
-            power_w = (
-                _call(f"reading the power of GPU {g.index}", pynvml.nvmlDeviceGetPowerUsage, h)
                 / 1000.0
             )
-            ts = utc_now()
-            util = mem_util = mem_mib = temp = None
-            if g.extras:
-                try:
-                    rates = pynvml.nvmlDeviceGetUtilizationRates(h)
-                    util, mem_util = float(rates.gpu), float(rates.memory)
-                    mem_mib = pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
-                    temp = float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
-                except pynvml.NVMLError_NotSupported:
-                    g.extras = False  # MIG and some boards refuse these; stop asking
-                except pynvml.NVMLError as err:
-                    log.debug("GPU %d: optional readings failed: %s", g.index, err)
-            out.append(
-                PowerSample(
-                    device=str(g.index),
-                    model=g.model,
-                    timestamp=ts,
-                    power_w=power_w,
-                    energy_j=energy_j,
-                    gpu_util_pct=util,
-                    mem_util_pct=mem_util,
-                    mem_used_mib=mem_mib,
-                    temp_c=temp,
-                    source="nvml",
-                )
-            )
-        return out
+        power_w = (
+            _call(f"reading the power of GPU {g.index}", pynvml.nvmlDeviceGetPowerUsage, h) / 1000.0
+        )
+        ts = utc_now()
+        util = mem_util = mem_mib = temp = None
+        if g.extras:
+            try:
+                rates = pynvml.nvmlDeviceGetUtilizationRates(h)
+                util, mem_util = float(rates.gpu), float(rates.memory)
+                mem_mib = pynvml.nvmlDeviceGetMemoryInfo(h).used / 2**20
+                temp = float(pynvml.nvmlDeviceGetTemperature(h, pynvml.NVML_TEMPERATURE_GPU))
+            except pynvml.NVMLError_NotSupported:
+                g.extras = False  # MIG and some boards refuse these; stop asking
+            except pynvml.NVMLError as err:
+                log.debug("GPU %d: optional readings failed: %s", g.index, err)
+        return PowerSample(
+            device=str(g.index),
+            model=g.model,
+            timestamp=ts,
+            power_w=power_w,
+            energy_j=energy_j,
+            gpu_util_pct=util,
+            mem_util_pct=mem_util,
+            mem_used_mib=mem_mib,
+            temp_c=temp,
+            source="nvml",
+        )
 
     def close(self) -> None:
         """Shut NVML down (once)."""

@@ -8,12 +8,16 @@ Layout read (Linux powercap, Intel and AMD)::
     /sys/class/powercap/intel-rapl:0:1/name               "dram" (a sub-zone of package 0)
 
 Packages and their ``dram`` sub-zones are reported; ``core`` and ``uncore``
-sub-zones are left out because the package already contains them. Since
-2020 kernels make ``energy_uj`` readable by root only.
+sub-zones are left out because the package already contains them. Top-level
+zones not named ``package-*`` are skipped with their sub-zones: on Intel
+clients ``intel-rapl:1`` is ``psys``, the whole platform (packages included),
+which would be counted twice if reported beside the packages. Since 2020
+kernels make ``energy_uj`` readable by root only.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import time
 from dataclasses import dataclass
@@ -21,6 +25,8 @@ from pathlib import Path
 
 from profiler.errors import PermissionDeniedError, SourceUnavailableError
 from profiler.sources.base import PowerSample, utc_now
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "/sys/class/powercap"
 _ZONE_RE = re.compile(r"^intel-rapl:(\d+)(?::(\d+))?$")
@@ -72,6 +78,8 @@ class RaplSource:
     def __init__(self, root: str | Path = DEFAULT_ROOT) -> None:
         self.root = Path(root)
         zones = []
+        skipped: list[str] = []
+        not_packages: set[str] = set()
         dirs = sorted(self.root.glob("intel-rapl:*")) if self.root.is_dir() else []
         for d in dirs:
             m = _ZONE_RE.match(d.name)
@@ -82,8 +90,18 @@ class RaplSource:
             except OSError:
                 label = d.name
             pkg, sub = m.group(1), m.group(2)
+            if sub is None and not label.startswith("package"):
+                # psys (Intel clients) covers the whole platform, packages included:
+                # summing it with them would count the CPU twice.
+                log.debug("RAPL: skipping top-level zone %s (%r): not a CPU package", d.name, label)
+                skipped.append(f"{d.name} ({label})")
+                not_packages.add(pkg)
+                continue
             if sub is None:
-                device = label if label.startswith("package") else f"package-{pkg}"
+                device = label
+            elif pkg in not_packages:
+                log.debug("RAPL: skipping zone %s (%r): under a skipped zone", d.name, label)
+                continue
             elif label == "dram":
                 device = f"dram-{pkg}"
             else:
@@ -96,6 +114,7 @@ class RaplSource:
                 f"RAPL: no readable intel-rapl zones under {self.root}; this CPU or kernel does "
                 "not expose RAPL through powercap (virtual machines usually do not); use "
                 "--source modelled for an estimate"
+                + (f" (skipped, not CPU packages: {', '.join(skipped)})" if skipped else "")
             )
         self._zones = zones
         self.devices = [z.device for z in zones]

@@ -143,9 +143,13 @@ class ReplaySource:
             sorted order (``""`` gives GPU-like ids "0", "1"); ``None`` keeps
             the trace's device names.
         loop: Start over at the end (timestamps and counter keep increasing).
+            Between the last sample of one lap and the first of the next, a
+            device's counter rises by its last power times the time between
+            them, so the counter stays continuous and matches the power.
         counter: Give the fake device a cumulative energy counter in J, the
             trapezoid of the recorded power (as Volta and newer GPUs have);
-            intervals with a missing power reading add nothing.
+            intervals with a missing power reading add nothing. A recorded
+            ``energy_j`` column takes precedence; its missing values stay null.
         anchor: UTC time of the first sample of every device; default now.
         clock: Monotonic clock in s; replaceable to step time in tests.
 
@@ -232,11 +236,54 @@ class ReplaySource:
         self._lap_us = span + max(step, 1)
         self._lap_energy: dict[str, float] = {}
         if self._energy is not None:
-            for i in range(len(self._device) - 1, -1, -1):
-                self._lap_energy.setdefault(self._device[i], float(np.nan_to_num(self._energy[i])))
+            played = np.array(self._device)
+            for d in set(self._device):
+                idx = np.flatnonzero(played == d)
+                self._lap_energy[d] = self._lap_increment(
+                    self._offset_us[idx], self._power[idx], self._energy[idx]
+                )
         self._pos = 0
         self._lap = 0
         self.devices = sorted(set(self._device))
+
+    def _lap_increment(self, offset_us: np.ndarray, power: np.ndarray, energy: np.ndarray) -> float:
+        """How far one device's counter moves per lap, in J, so laps join up seamlessly.
+
+        A recorded counter starts wherever the hardware's was (NVML and DCGM count
+        from driver load, often megajoules), so a lap adds the counter's own rise
+        over the lap (last valid minus first valid value) plus the energy of the
+        stretch from the last valid counter of one lap to the first of the next:
+        the mean of the lap's last and first power over that time (the trapezoid
+        the power samples give; the counter's mean rate where the trace has no
+        power). Missing counter values are skipped,
+        never read as 0, so the counter cannot run backwards at a lap boundary.
+
+        Args:
+            offset_us: The device's sample offsets in µs from its first sample, increasing.
+            power: Its power in W at each sample (NaN where missing).
+            energy: Its counter in J at each sample (NaN where missing).
+
+        Returns:
+            The counter increase per lap in J; 0 when the device has no counter value.
+
+        """
+        valid = np.flatnonzero(~np.isnan(energy))
+        if len(valid) == 0:
+            return 0.0
+        i0, i1 = int(valid[0]), int(valid[-1])
+        rise = float(energy[i1] - energy[i0])
+        watts = power[~np.isnan(power)]
+        span_s = float(offset_us[i1] - offset_us[i0]) / 1e6
+        if len(watts):
+            # The trapezoid from the lap's last power to the next lap's first, as the
+            # power samples themselves integrate over that step.
+            held_w = (float(watts[-1]) + float(watts[0])) / 2
+        elif span_s > 0:
+            held_w = max(rise, 0.0) / span_s
+        else:
+            held_w = 0.0
+        bridge_s = float(self._lap_us - offset_us[i1] + offset_us[i0]) / 1e6
+        return rise + held_w * bridge_s
 
     @classmethod
     def from_file(

@@ -90,6 +90,31 @@ def test_exporter_source_scrapes_directly(exporter: DcgmExporter) -> None:
         assert counters == sorted(counters)
 
 
+def test_a_job_attached_by_gpu_index_gets_its_dcgm_gpu(
+    exporter: DcgmExporter, tmp_path: Path
+) -> None:
+    """Ray hands a job GPU indices; DCGM names devices by UUID: the source maps one to the other."""
+    from profiler.sidecar import Sidecar
+
+    src = DcgmExporterSource(exporter.url)
+    uuids = {s.power_w: s.device for s in src.read()}
+    assert src.device_aliases == {"0": uuids[100.0], "1": uuids[250.0]}
+    got: list[pl.DataFrame] = []
+    side = Sidecar([src], node="node-a", receiver=got.append, journal=tmp_path / "j")
+    side.attach_job("job-1", gpus=["1"])
+    for _ in range(3):
+        side.tick()
+        time.sleep(0.3)
+    side.cut()
+    side.ship()
+    df = pl.concat(got)
+    mine = df.filter(pl.col("run_id") == "job-1")
+    assert mine.height >= 3 and set(mine["device"]) == {uuids[250.0]}
+    assert set(mine["power_w"]) == {250.0}
+    assert df.filter(pl.col("device") == uuids[100.0])["run_id"].is_null().all()
+    side.close()
+
+
 def test_exporter_source_unreachable() -> None:
     with pytest.raises(SourceUnavailableError, match="cannot reach dcgm-exporter at .*9400"):
         DcgmExporterSource(f"http://127.0.0.1:{free_port()}/metrics")
@@ -184,6 +209,30 @@ def test_dcgm_source_through_a_real_prometheus(prometheus: str, exporter: DcgmEx
     assert second and all(s.timestamp > last[s.device] for s in second)
     with pytest.raises(SourceUnavailableError, match=r"hosts it has: \['node-a'\]"):
         DcgmPrometheusSource(prometheus, hostname="node-b")
+
+
+def test_dcgm_query_outage_loses_no_scrape(prometheus: str, exporter: DcgmExporter) -> None:
+    """Prometheus keeps scraping while the source cannot query it: the next read fills the hole."""
+    from prometheus_api_client import PrometheusConnect
+
+    src = DcgmPrometheusSource(prometheus, hostname="node-a", lookback_s=60, timeout_s=1)
+    assert set(src.device_aliases) == {"0", "1"}
+    first = src.read()
+    good = src._prom
+    src._prom = PrometheusConnect(url=f"http://127.0.0.1:{free_port()}", disable_ssl=True)
+    with pytest.raises(SourceUnavailableError):
+        src.read()
+    time.sleep(4.0)  # about four scrapes happen meanwhile
+    with pytest.raises(SourceUnavailableError):
+        src.read()
+    src._prom = good
+    after = src.read()
+    for dev in {s.device for s in first}:
+        ts = sorted(s.timestamp for s in first + after if s.device == dev)
+        steps = [(b - a).total_seconds() for a, b in zip(ts, ts[1:], strict=False)]
+        # Every 1 s scrape is there: no step spans the outage.
+        assert max(steps) < 2.5, steps
+        assert len(ts) == len(set(ts))
 
 
 def test_dcgm_prometheus_unreachable() -> None:

@@ -3,7 +3,9 @@
 Metrics: ``DCGM_FI_DEV_POWER_USAGE`` (W, gauge) and
 ``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ, counter; converted to J here).
 A device is named by its ``UUID`` label (else ``gpu``), as
-:mod:`profiler.importers.dcgm` does. Errors are mapped at this boundary::
+:mod:`profiler.importers.dcgm` does; ``device_aliases`` maps the ``gpu``
+index (what Ray hands a job) to that UUID, so a job attached by GPU index
+gets its GPU's samples. Errors are mapped at this boundary::
 
     connection refused, timeout, DNS      -> SourceUnavailableError
     HTTP 401 / 403                        -> PermissionDeniedError
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import urllib.error
 import urllib.request
 from datetime import UTC, datetime
@@ -27,6 +30,21 @@ log = logging.getLogger(__name__)
 POWER = "DCGM_FI_DEV_POWER_USAGE"
 ENERGY = "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"
 HOST_LABELS = ("Hostname", "hostname")
+#: Longest range one Prometheus read asks for, in s (after an outage of the query path).
+MAX_WINDOW_S = 3600
+_LABEL_RE = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def _aliases_from_text(text: str) -> dict[str, str]:
+    """GPU index -> UUID from the labels of dcgm-exporter text (lines with both labels)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.startswith("#") or "{" not in line or "}" not in line:
+            continue
+        labels = dict(_LABEL_RE.findall(line[line.index("{") : line.index("}") + 1]))
+        if labels.get("gpu") and labels.get("UUID"):
+            out[labels["gpu"]] = labels["UUID"]
+    return out
 
 
 class DcgmExporterSource:
@@ -48,7 +66,9 @@ class DcgmExporterSource:
         self.url = url
         self.node = node
         self.timeout_s = timeout_s
-        self._fetch()
+        #: GPU index (the ``gpu`` label, what Ray hands a job) -> the UUID samples are named by.
+        self.device_aliases: dict[str, str] = {}
+        self.device_aliases.update(_aliases_from_text(self._fetch()))
 
     def _fetch(self) -> str:
         try:
@@ -75,6 +95,7 @@ class DcgmExporterSource:
         ts = utc_now()
         text = self._fetch()
         df = parse_dcgm_text(text, timestamp=ts, node=self.node, file=self.url)
+        self.device_aliases.update(_aliases_from_text(text))
         return frame_samples(df, source="dcgm")
 
     def close(self) -> None:
@@ -125,9 +146,13 @@ class DcgmPrometheusSource:
         self._label: str | None = None
         self._last: dict[str, float] = {}  # device -> last timestamp returned, s since 1970
         self._last_read: float | None = None
+        #: GPU index (the ``gpu`` label, what Ray hands a job) -> the UUID samples are named by.
+        self.device_aliases: dict[str, str] = {}
         for label in HOST_LABELS:
-            if self._query(f'{POWER}{{{label}="{hostname}"}}'):
+            found = self._query(f'{POWER}{{{label}="{hostname}"}}')
+            if found:
                 self._label = label
+                self._note_aliases(found)
                 break
         if self._label is None:
             hosts = sorted(
@@ -165,15 +190,39 @@ class DcgmPrometheusSource:
                 "running and is the URL right (default port 9090)?"
             ) from err
 
+    def _note_aliases(self, series: list[dict[str, Any]]) -> None:
+        for one in series:
+            m = one.get("metric", {})
+            if m.get("gpu") and m.get("UUID"):
+                self.device_aliases[str(m["gpu"])] = str(m["UUID"])
+
     def read(self) -> list[PowerSample]:
-        """The node's GPU samples Prometheus scraped since the previous read."""
+        """The node's GPU samples Prometheus scraped since the previous successful read.
+
+        A failed query does not move the window on: the next read asks for
+        everything since the last one that worked (at most
+        :data:`MAX_WINDOW_S`; an older part of a longer outage is logged as
+        not fetched).
+        """
         now = utc_now().timestamp()
         since = self._last_read if self._last_read is not None else now - self.lookback_s
         window = max(2, math.ceil(now - since) + 2)
-        self._last_read = now
+        if window > MAX_WINDOW_S:
+            log.warning(
+                "DCGM via Prometheus %s: %d s since the last successful read; fetching the "
+                "last %d s only, the %d s before are not fetched",
+                self.url,
+                window,
+                MAX_WINDOW_S,
+                window - MAX_WINDOW_S,
+            )
+            window = MAX_WINDOW_S
         sel = f'{{__name__=~"{POWER}|{ENERGY}",{self._label}="{self.hostname}"}}[{window}s]'
+        found = self._query(sel)  # raises on failure: the window stays where it was
+        self._last_read = now
+        self._note_aliases(found)
         merged: dict[tuple[str, float], dict[str, Any]] = {}
-        for series in self._query(sel):
+        for series in found:
             m = series["metric"]
             device = m.get("UUID") or m.get("gpu")
             if device is None:

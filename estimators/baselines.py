@@ -27,7 +27,15 @@ import numpy as np
 import polars as pl
 
 from estimators.gpus import GpuSpec, lookup
-from estimators.step import Projection, ProjectionPredictor, RunPlan, Step, Trace
+from estimators.step import (
+    MAX_GAP_SHARE,
+    Projection,
+    ProjectionPredictor,
+    RunPlan,
+    Step,
+    Trace,
+    run_epochs,
+)
 from profiler.errors import BadInputError
 
 #: Memory power of Green Algorithms, in W per GB (Lannelongue et al. 2021).
@@ -268,20 +276,23 @@ class Carbontracker(_Baseline):
         if not planned or planned <= 0:
             raise BadInputError(f"Carbontracker needs planned epochs > 0; found {planned}")
         if epochs is not None and epochs.height and isinstance(samples, pl.DataFrame):
-            from estimators.energy import epoch_energy
-
-            s = (
-                samples
-                if "run_id" in samples.columns
-                else samples.with_columns(run_id=pl.lit("run"))
-            )
-            ep = (
-                epochs.with_columns(run_id=pl.lit(s["run_id"][0]))
-                if "run_id" not in epochs.columns
-                else epochs
-            )
-            per = epoch_energy(s.filter(pl.col("power_w").is_not_null()), ep).sort("start")
-            first = per["energy_j"].head(k).to_numpy()
+            if trace.n_samples == 0:
+                self._answer(None, trace, plan, "no power samples (all null or none)")
+                return self
+            per = run_epochs(samples, epochs, trace).head(k)
+            bad = per.filter(~pl.col("covered"))
+            if bad.height:
+                r = bad.row(0, named=True)
+                self._answer(
+                    None,
+                    trace,
+                    plan,
+                    f"Carbontracker measures epoch {r['epoch']}, but {r['gap_s']:.0f} s of its "
+                    f"{r['duration_s']:.0f} s are without samples (more than "
+                    f"{MAX_GAP_SHARE:.0%}); its energy is not known",
+                )
+                return self
+            first = per["energy_j"].to_numpy()
         else:
             unit = _duration(plan, "Carbontracker") / planned
             n = min(k, int(trace.end_s / unit + 1e-9))

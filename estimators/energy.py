@@ -271,8 +271,8 @@ def _prepare_streams(
 
     Raises:
         BadInputError: Missing columns, non-numeric, negative or non-finite
-            power or energy, a null run id, or timestamps of one device not
-            strictly increasing (unsorted or duplicated).
+            power or energy, a null run id, node or device, or timestamps of
+            one device not strictly increasing (unsorted or duplicated).
 
     """
     _require(samples, ("run_id", "timestamp", "power_w"), "samples", file)
@@ -294,6 +294,15 @@ def _prepare_streams(
     if df["run_id"].null_count():
         r = _first_row(df["run_id"].is_null().to_numpy())
         raise BadInputError(f"{where(file, r + 1, repr('run_id'))}expected a run id; found null")
+    for k in keys[1:]:
+        # A null id is no device: merging it with another stream, or guessing one, would
+        # add up or invent energy. The samples schema requires node and device.
+        if df[k].null_count():
+            r = _first_row(df[k].is_null().to_numpy())
+            raise BadInputError(
+                f"{where(file, r + 1, repr(k))}expected a {k} id; found null. Fill in the "
+                f"{k} of every sample, or drop the column when the run has a single {k}"
+            )
     streams: dict[tuple[str, str, str], EnergyStream] = {}
     for key, part in _split_streams(df, keys):
         named = dict(zip(keys, key, strict=True))
@@ -328,7 +337,8 @@ def _split_streams(
     """
     if df.height == 0:
         return []
-    constant = df.select((pl.col(k) == pl.col(k).first()).all() for k in keys).row(0)
+    # eq_missing: a null never passes for "the same as the first value" (nor is skipped).
+    constant = df.select(pl.col(k).eq_missing(pl.col(k).first()).all() for k in keys).row(0)
     varying = [k for k, const in zip(keys, constant, strict=True) if not const]
     if not varying:
         return [(df.select(keys).row(0), df)]

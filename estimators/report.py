@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from estimators.step import Detector, OnlineStep, Projection, RunPlan, Step, Trace
+from estimators.step import Detector, OnlineStep, Projection, RunPlan, Step, Trace, run_epochs
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -70,26 +70,25 @@ def projection_history(
     plan = replace(plan, finished=False)  # replay as the run was seen while it ran
     rows: list[dict[str, object]] = []
     if epochs is not None and epochs.height:
-        from estimators.energy import epoch_energy
-
-        s = samples.filter(pl.col("power_w").is_not_null())
-        if "run_id" not in s.columns:
-            s = s.with_columns(run_id=pl.lit("run"))
-        run_id = s["run_id"][0] if s.height else "run"
-        ep = epochs.with_columns(run_id=pl.lit(run_id)).sort("start")
-        if s.height == 0:
+        if trace.n_samples == 0:
             return pl.DataFrame(schema=_HISTORY_SCHEMA)
-        per = epoch_energy(s.select([c for c in s.columns if c != "energy_j"]), ep).sort("start")
-        origin = trace.origin_us
-        t0 = (per["start"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - origin) / 1e6
-        t1 = (per["end"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - origin) / 1e6
+        per = run_epochs(samples, epochs, trace)
+        t0, t1 = per["t0_s"].to_numpy(), per["t1_s"].to_numpy()
         planned = plan.planned_epochs or per.height
         online = OnlineStep(planned_epochs=planned, confidence=confidence, power_cap_w=plan.cap_w())
         prev_end = 0.0
         for k in range(per.height):
             between = float(trace.energy_at(t0[k])[0] - trace.energy_at(prev_end)[0])
+            energy = float(per["energy_j"][k])
+            if not per["covered"][k]:
+                # Mostly without samples: measured as the trace has it (straight through the
+                # gap, as STEP's measured energy), and kept out of the stable mean.
+                energy = float(np.diff(trace.energy_at(np.array([t0[k], t1[k]])))[0])
             proj = online.update(
-                float(per["energy_j"][k]), float(per["duration_s"][k]), between_j=max(between, 0.0)
+                energy,
+                float(per["duration_s"][k]),
+                between_j=max(between, 0.0),
+                gap_s=float(per["gap_s"][k]),
             )
             prev_end = float(t1[k])
             start_s = float(t0[proj.stable_unit]) if proj.stable_unit is not None else None
@@ -143,9 +142,7 @@ def figure(
     for t, p in zip(trace.t, trace.p, strict=True):
         ax1.plot(t / 60, p, lw=0.6, color="tab:blue")
     if epochs is not None and epochs.height:
-        ends = (
-            epochs["end"].dt.replace_time_zone(None).dt.epoch("us").to_numpy() - trace.origin_us
-        ) / 6e7
+        ends = (epochs["end"].dt.epoch("us").to_numpy() - trace.origin_us) / 6e7  # UTC
         for x in ends:
             ax1.axvline(x, color="0.8", lw=0.5, zorder=0)
     stable = history.filter(pl.col("stable"))

@@ -50,6 +50,12 @@ from profiler.errors import BadInputError, NotFittedError
 
 Detector = Literal["online", "pelt", "fluss"]
 DETECTORS: tuple[str, ...] = ("online", "pelt", "fluss")
+#: An epoch with more than this share of its time without samples (``gap_s``) is
+#: left out of the stable mean: its energy is not known well enough.
+MAX_GAP_SHARE = 0.2
+#: Epoch energies count a stretch without samples as a gap once it is longer than
+#: this many of the stream's median sample intervals (and 5 s).
+GAP_THRESHOLD_INTERVALS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -123,7 +129,9 @@ class Projection:
         epoch_s: Projected duration of each remaining epoch in s.
         n_stable: Units in the stable regime.
         finished: The run has ended; ``energy_j`` is the measured total.
-        reason: Why the projection is not stable (empty when it is).
+        reason: Why the projection is not stable, and which epochs were left
+            out of the stable mean for lack of samples (empty when it is
+            stable and used every epoch).
 
     """
 
@@ -179,8 +187,9 @@ class Trace:
         """Build from a frame with ``timestamp`` and ``power_w`` (W).
 
         Optional ``node`` and ``device`` columns split the devices of a
-        multi-GPU run; their energies add up. Naive timestamps are taken as
-        they are (only differences matter).
+        multi-GPU run; their energies add up. Zone-aware timestamps count in
+        UTC, naive ones are taken as UTC (as in :mod:`estimators.energy`), so
+        samples and epoch marks in any zones line up.
 
         Raises:
             BadInputError: Missing columns, non-datetime timestamps, negative
@@ -202,7 +211,7 @@ class Trace:
         keys = [c for c in ("node", "device") if c in samples.columns]
         df = samples.select(
             *keys,
-            pl.col("timestamp").dt.replace_time_zone(None).dt.epoch("us").alias("us"),
+            pl.col("timestamp").dt.epoch("us").alias("us"),  # UTC for a zone-aware column
             pl.col("power_w").cast(pl.Float64),
         )
         n_null = int(df["power_w"].null_count() + df["power_w"].is_nan().sum())
@@ -244,6 +253,22 @@ class Trace:
     def end_s(self) -> float:
         """Time of the last sample of any device in s (0 without samples)."""
         return max((float(t[-1]) for t in self.t), default=0.0)
+
+    def sample_interval_s(self) -> float:
+        """Median time between consecutive samples of a device in s (0 without two samples)."""
+        diffs = [np.diff(t) for t in self.t if len(t) > 1]
+        return float(np.median(np.concatenate(diffs))) if diffs else 0.0
+
+    def gap_threshold_s(self) -> float:
+        """Gap threshold for :func:`estimators.energy.epoch_energy` that suits this sampler.
+
+        ``max(5 s, 3 x the median sample interval)``: a sampler slower than one
+        sample every 5 s is not a run of gaps, while a stretch without samples
+        much longer than the sampler's own rhythm still is.
+        """
+        from estimators.energy import DEFAULT_GAP_THRESHOLD_S
+
+        return max(DEFAULT_GAP_THRESHOLD_S, GAP_THRESHOLD_INTERVALS * self.sample_interval_s())
 
     def energy_at(self, x: np.ndarray | float) -> np.ndarray:
         """Cumulative energy in J of all devices from the first sample to times ``x`` (s).
@@ -523,8 +548,11 @@ class _Units:
         remaining: Amount still to come, in the rate's unit (s or epochs).
         remaining_units: The same in units (for the noise of future units).
         elapsed_units: Units elapsed (fractional in time mode).
-        unit_s: Mean duration of a stable unit in s.
+        unit_s: Duration of each unit in s.
         time_mode: Values are powers (W) and ``remaining`` is seconds.
+        index: Epoch (0-based, in order) of each unit where some finished
+            epochs were left out; ``None`` when unit ``i`` is epoch ``i``.
+        note: Which epochs were left out and why, for the projection's reason.
 
     """
 
@@ -537,6 +565,21 @@ class _Units:
     elapsed_units: float
     unit_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     time_mode: bool = True
+    index: np.ndarray | None = None
+    note: str = ""
+
+    def epoch_of(self, unit: int) -> int:
+        """The epoch (0-based, in order) that unit ``unit`` stands for."""
+        return int(self.index[unit]) if self.index is not None else unit
+
+
+def _units_text(x: float) -> str:
+    """Elapsed units for a message: two decimals at most, never rounded up to the next unit."""
+    return f"{math.floor(x * 100 + 1e-6) / 100:g}"
+
+
+def _join(*parts: str) -> str:
+    return "; ".join(p for p in parts if p)
 
 
 def _project(
@@ -567,9 +610,10 @@ def _project(
     rem = max(u.remaining, 0.0)
     unit_s = float(np.mean(u.unit_s[start:])) if n else None
     if n == 0:
-        reason = why or (
+        reason = why or _join(
             f"STEP needs at least {min_stable_epochs} whole epochs of power to find a stable "
-            f"regime; found {n_all}"
+            f"regime; found {n_all}",
+            u.note,
         )
         return _wide(base, u, rem, cap_w, reason)
     rate = float(np.mean(stable_vals))
@@ -582,7 +626,7 @@ def _project(
         energy_j=centre,
         remaining_s=remaining_s,
         stable_start_s=float(u.starts_s[start]),
-        stable_unit=start,
+        stable_unit=u.epoch_of(start),
         stable_power_w=power,
         energy_per_epoch_j=(rate * unit_s if u.time_mode and unit_s else rate),
         epoch_s=unit_s,
@@ -591,23 +635,29 @@ def _project(
     reasons = []
     if why:
         reasons.append(why)
-    if n < min_stable_epochs:
+    # A band needs the spread of two units at least (a t quantile with 0 dof is NaN).
+    need = max(min_stable_epochs, 2)
+    if n < need:
         reasons.append(
-            f"STEP needs {min_stable_epochs} epochs after the stable point; this run has {n} "
-            f"since epoch {start + 1}"
+            f"STEP needs {need} epochs after the stable point; this run has {n} "
+            f"since epoch {u.epoch_of(start) + 1}"
         )
     if u.elapsed_units + 1e-9 < settle_epochs:
         reasons.append(
-            f"only {u.elapsed_units:.1f} of the {settle_epochs:g} epochs a warm-up may last "
-            "have run; power may not have settled yet"
+            f"only {_units_text(u.elapsed_units)} of the {settle_epochs:g} epochs a warm-up may "
+            "last have run; power may not have settled yet"
         )
     if reasons:
-        return _wide(info, u, rem, cap_w, "; ".join(reasons))
+        return _wide(info, u, rem, cap_w, _join(*reasons, u.note))
     q = _t_quantile(0.5 + confidence / 2.0, n - 1)
     spread = q * sd * math.sqrt(1.0 / n + 1.0 / max(u.remaining_units, 1.0))
     half = rem * (spread + band_floor * abs(rate))
     return replace(
-        info, lower_j=max(centre - half, u.measured_j), upper_j=centre + half, stable=True
+        info,
+        lower_j=max(centre - half, u.measured_j),
+        upper_j=centre + half,
+        stable=True,
+        reason=u.note,
     )
 
 
@@ -650,6 +700,14 @@ def _wide(base: Projection, u: _Units, rem: float, cap_w: float | None, reason: 
 # Estimators
 
 
+def _check_min_stable(min_stable_epochs: int) -> None:
+    if min_stable_epochs < 2:
+        raise BadInputError(
+            f"min_stable_epochs must be >= 2; found {min_stable_epochs} (the band comes from "
+            "the spread of the stable epochs, and one epoch has none)"
+        )
+
+
 class ProjectionPredictor:
     """``predict`` for projectors whose ``fit`` sets ``projection_`` (STEP and the baselines)."""
 
@@ -673,7 +731,7 @@ class Step(ProjectionPredictor):
     Args:
         detector: Stable-point detector: ``online`` (default), ``pelt`` or ``fluss``.
         confidence: Nominal coverage of the band, in (0, 1).
-        min_stable_epochs: Units the stable regime must have lasted.
+        min_stable_epochs: Units the stable regime must have lasted (at least 2).
         settle_epochs: Units the run must have gone before any regime is
             trusted (the paper's warm-up length, 10 epochs).
         band_floor: Smallest band half-width, as a fraction of the remaining
@@ -684,8 +742,9 @@ class Step(ProjectionPredictor):
 
     Attributes:
         projection_: The projection (after ``fit``).
-        units_: Unit values seen (W in time mode, J in epoch mode).
-        stable_start_: First unit of the stable regime.
+        units_: Unit values used (W in time mode, J in epoch mode; epochs
+            left out for lack of samples are not among them).
+        stable_start_: First unit of the stable regime (an index into ``units_``).
 
     """
 
@@ -719,8 +778,7 @@ class Step(ProjectionPredictor):
             )
         if not 0.0 < self.confidence < 1.0:
             raise BadInputError(f"confidence must be in (0, 1); found {self.confidence}")
-        if self.min_stable_epochs < 1:
-            raise BadInputError(f"min_stable_epochs must be >= 1; found {self.min_stable_epochs}")
+        _check_min_stable(self.min_stable_epochs)
 
     def fit(
         self,
@@ -805,7 +863,12 @@ class Step(ProjectionPredictor):
 
 
 def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
-    """Blocks of one mean epoch (``total_duration_s / planned_epochs``) as units."""
+    """Blocks of one mean epoch (``total_duration_s / planned_epochs``) as units.
+
+    A block counts as finished once the last sample is within one sample
+    interval of its end (a trace cut at a block's end rarely has a sample right
+    on it); its value is the mean power over the part the samples cover.
+    """
     total, epochs = plan.total_duration_s, plan.planned_epochs
     if total is None or not epochs or total <= 0 or epochs <= 0:
         raise BadInputError(
@@ -814,10 +877,14 @@ def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
         )
     unit = float(total) / int(epochs)
     end = trace.end_s
-    k = int(math.floor(end / unit + 1e-9)) if trace.n_samples > 1 else 0
+    k = 0
+    if trace.n_samples > 1:
+        k = int(math.floor(end / unit + 1e-9))
+        if (k + 1) * unit - end <= trace.sample_interval_s() and end > k * unit + 1e-9:
+            k += 1
     edges = np.arange(k + 1, dtype=np.float64) * unit
-    cum = trace.energy_at(edges) if k else np.zeros(1)
-    values = np.diff(cum) / unit if k else np.zeros(0)
+    cut = np.minimum(edges, end)
+    values = np.diff(trace.energy_at(cut)) / np.diff(cut) if k else np.zeros(0)
     why = ""
     if trace.n_samples == 0:
         why = "no power samples (all null or none)"
@@ -830,83 +897,126 @@ def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
         elapsed_s=end,
         remaining=max(float(total) - end, 0.0),
         remaining_units=max(float(total) - end, 0.0) / unit,
-        elapsed_units=end / unit,
+        elapsed_units=max(end / unit, float(k)),
         unit_s=np.full(k, unit),
         time_mode=True,
     )
     return units, why
 
 
+def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.DataFrame:
+    """Energy of each finished epoch of one run, as STEP and the baselines use it.
+
+    :func:`estimators.energy.epoch_energy` on the power samples (a counter is
+    not used, as in :class:`Trace`), with NaN power skipped like a null and a
+    gap threshold from the sampler's own rhythm (:meth:`Trace.gap_threshold_s`).
+    Epoch marks without ``run_id``, or when the samples hold one run, belong to
+    the samples' run.
+
+    Args:
+        samples: The run's samples, at least one with a power value.
+        epochs: The run's finished epochs (``epoch``, ``start``, ``end``).
+        trace: :meth:`Trace.from_samples` of ``samples``.
+
+    Returns:
+        :func:`~estimators.energy.epoch_energy`'s rows in time order, plus
+        ``t0_s`` and ``t1_s`` (start and end in s since the trace's first
+        sample) and ``covered`` (at most :data:`MAX_GAP_SHARE` of the epoch
+        without samples).
+
+    """
+    from estimators.energy import epoch_energy
+
+    s = samples if "run_id" in samples.columns else samples.with_columns(run_id=pl.lit("run"))
+    if "run_id" not in epochs.columns or s["run_id"].n_unique() == 1:
+        epochs = epochs.with_columns(run_id=pl.lit(s["run_id"][0]))
+    # NaN power becomes null, which epoch_energy skips and counts: filtering rows out
+    # instead would shift the row numbers its messages give.
+    s = s.select([c for c in s.columns if c != "energy_j"]).with_columns(
+        pl.col("power_w").cast(pl.Float64).fill_nan(None)
+    )
+    per = epoch_energy(s, epochs, gap_threshold_s=trace.gap_threshold_s()).sort("start")
+
+    def seconds(col: str) -> pl.Expr:
+        return (pl.col(col).dt.epoch("us") - trace.origin_us) / 1e6
+
+    return per.with_columns(
+        seconds("start").alias("t0_s"),
+        seconds("end").alias("t1_s"),
+        (pl.col("gap_s") <= MAX_GAP_SHARE * pl.col("duration_s")).alias("covered"),
+    )
+
+
+def left_out_note(per: pl.DataFrame, gap_threshold_s: float) -> str:
+    """Which epochs of :func:`run_epochs` are left out of the stable mean, and why."""
+    out = per.filter(~pl.col("covered"))
+    if out.height == 0:
+        return ""
+    names = ", ".join(str(e) for e in out["epoch"].head(5)) + (" ..." if out.height > 5 else "")
+    worst = out.row(int(np.argmax(out["gap_s"].to_numpy())), named=True)
+    return (
+        f"epoch{'s' if out.height > 1 else ''} {names} left out of the stable mean: more than "
+        f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {worst['gap_s']:.0f} s of "
+        f"{worst['duration_s']:.0f} s; samples more than {gap_threshold_s:g} s apart count as "
+        "a gap)"
+    )
+
+
 def _epoch_units(
     samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace, plan: RunPlan
 ) -> tuple[_Units, str]:
-    """Finished epochs as units, their energy from :func:`estimators.energy.epoch_energy`."""
-    from estimators.energy import epoch_energy
+    """Finished epochs as units, their energy from :func:`run_epochs`.
 
-    s = samples
-    if "run_id" not in s.columns:
-        s = s.with_columns(pl.lit("run").alias("run_id"))
-    ep = epochs
-    if "run_id" not in ep.columns or s["run_id"].n_unique() == 1:
-        ep = ep.with_columns(pl.lit(s["run_id"][0]).alias("run_id"))
-    s = s.filter(pl.col("power_w").is_not_null())
-    if s.height == 0:
+    Epochs mostly without samples count as run (elapsed and measured) but
+    are left out of the units (see :data:`MAX_GAP_SHARE`).
+    """
+    if trace.n_samples == 0:
         n = epochs.height
-        units = _Units(
-            np.zeros(0),
-            np.zeros(0),
-            0.0,
-            0.0,
-            float(plan.planned_epochs or 0) - n,
-            float(plan.planned_epochs or 0) - n,
-            float(n),
-            np.zeros(0),
-            False,
-        )
+        remaining = float(max((plan.planned_epochs or n) - n, 0))
+        empty = np.zeros(0)
+        units = _Units(empty, empty, 0.0, 0.0, remaining, remaining, float(n), empty, False)
         return units, "no power samples (all null or none)"
-    per = epoch_energy(s.select([c for c in s.columns if c != "energy_j"]), ep).sort("start")
-    values = per["energy_j"].to_numpy().astype(np.float64)
-    durations = per["duration_s"].to_numpy().astype(np.float64)
-    origin = trace.origin_us  # the first non-null sample, as in Trace
-
-    def seconds(col: str) -> np.ndarray:
-        us = per[col].dt.replace_time_zone(None).dt.epoch("us").to_numpy()
-        return (us.astype(np.float64) - origin) / 1e6
-
-    starts = seconds("start")
-    last_end = float(seconds("end").max())
-    measured = float(trace.energy_at(last_end)[0])
-    n = len(values)
-    planned = plan.planned_epochs
-    if planned is None:
-        planned = n
+    per = run_epochs(samples, epochs, trace)
+    n = per.height
+    keep = np.flatnonzero(per["covered"].to_numpy())
+    last_end = float(per["t1_s"].max())  # type: ignore[arg-type]
+    planned = plan.planned_epochs if plan.planned_epochs is not None else n
     remaining = float(max(planned - n, 0))
     return _Units(
-        values=values,
-        starts_s=starts,
-        measured_j=measured,
+        values=per["energy_j"].to_numpy()[keep].astype(np.float64),
+        starts_s=per["t0_s"].to_numpy()[keep],
+        measured_j=float(trace.energy_at(last_end)[0]),
         elapsed_s=last_end,
         remaining=remaining,
         remaining_units=remaining,
         elapsed_units=float(n),
-        unit_s=durations,
+        unit_s=per["duration_s"].to_numpy()[keep].astype(np.float64),
         time_mode=False,
+        index=keep if len(keep) < n else None,
+        note=left_out_note(per, trace.gap_threshold_s()),
     ), ""
 
 
 class OnlineStep:
     """STEP updated after every epoch in O(1): the aggregator's per-run state.
 
+    An epoch with more than :data:`MAX_GAP_SHARE` of its time without samples
+    (``gap_s``) counts as run and its energy as measured, but it stays out of
+    the regime and the stable mean, and the projection's reason names it.
+
     Args:
         planned_epochs: Epochs the run is planned for.
         confidence: Nominal coverage of the band.
-        min_stable_epochs: See :class:`Step`.
+        min_stable_epochs: See :class:`Step` (at least 2).
         settle_epochs: See :class:`Step`.
         band_floor: See :class:`Step`.
         power_cap_w: Total board power cap in W, for the not-stable band.
         drift: See :class:`OnlineRegimeDetector`.
         clip: See :class:`OnlineRegimeDetector`.
         threshold: See :class:`OnlineRegimeDetector`.
+
+    Raises:
+        BadInputError: ``min_stable_epochs`` below 2.
 
     """
 
@@ -923,6 +1033,7 @@ class OnlineStep:
         clip: float = 3.0,
         threshold: float = 5.0,
     ) -> None:
+        _check_min_stable(min_stable_epochs)
         self.planned_epochs = planned_epochs
         self.confidence = confidence
         self.min_stable_epochs = min_stable_epochs
@@ -933,15 +1044,21 @@ class OnlineStep:
         self._measured = 0.0
         self._elapsed = 0.0
         self._n = 0
-        # Sums over the current regime, rebuilt only when the regime changes.
+        # The epochs in the regime detector (all but those left out for gaps): values,
+        # durations and which epoch (0-based) each one is.
         self._values: list[float] = []
         self._durations: list[float] = []
+        self._epoch: list[int] = []
+        self._left_out: list[tuple[int, float, float]] = []  # (epoch, gap_s, duration_s)
+        # Sums over the current regime, rebuilt only when the regime changes.
         self._start = 0
         self._sum = self._sum2 = self._dsum = 0.0
         self._lo = math.inf
         self._hi = 0.0
 
-    def update(self, energy_j: float, duration_s: float, *, between_j: float = 0.0) -> Projection:
+    def update(
+        self, energy_j: float, duration_s: float, *, between_j: float = 0.0, gap_s: float = 0.0
+    ) -> Projection:
         """Add one finished epoch and return the new projection.
 
         Args:
@@ -949,9 +1066,12 @@ class OnlineStep:
             duration_s: The epoch's duration in s.
             between_j: Energy since the previous epoch's end that belongs to
                 no epoch (J), counted as measured.
+            gap_s: Time of the epoch without samples in s; above
+                :data:`MAX_GAP_SHARE` of ``duration_s`` the epoch is left out
+                of the stable mean.
 
         Raises:
-            BadInputError: A negative or non-finite energy or duration.
+            BadInputError: A negative or non-finite energy, duration or gap.
 
         """
         if not (
@@ -959,16 +1079,22 @@ class OnlineStep:
             and energy_j >= 0
             and math.isfinite(duration_s)
             and duration_s > 0
+            and math.isfinite(gap_s)
+            and gap_s >= 0
         ):
             raise BadInputError(
-                f"epoch {self._n + 1}: expected energy_j >= 0 J and duration_s > 0 s; found "
-                f"{energy_j} J over {duration_s} s"
+                f"epoch {self._n + 1}: expected energy_j >= 0 J, duration_s > 0 s and gap_s >= 0 "
+                f"s; found {energy_j} J over {duration_s} s with {gap_s} s of gap"
             )
         self._n += 1
         self._measured += energy_j + between_j
         self._elapsed += duration_s
+        if gap_s > MAX_GAP_SHARE * duration_s:
+            self._left_out.append((self._n - 1, gap_s, duration_s))
+            return self._projection()
         self._values.append(energy_j)
         self._durations.append(duration_s)
+        self._epoch.append(self._n - 1)
         self._lo = min(self._lo, energy_j)
         self._hi = max(self._hi, energy_j)
         self._det.update(energy_j)
@@ -985,12 +1111,39 @@ class OnlineStep:
             self._dsum += duration_s
         return self._projection()
 
+    def _note(self) -> str:
+        """Which epochs were left out of the stable mean, and why (empty when none)."""
+        out = self._left_out
+        if not out:
+            return ""
+        names = ", ".join(str(e + 1) for e, _, _ in out[:5]) + (" ..." if len(out) > 5 else "")
+        _, gap, dur = max(out, key=lambda r: r[1] / r[2])
+        return (
+            f"epoch{'s' if len(out) > 1 else ''} {names} left out of the stable mean: more than "
+            f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {gap:.0f} s of {dur:.0f} s)"
+        )
+
     def _projection(self) -> Projection:
-        n = self._n - self._start
+        remaining = float(max(self.planned_epochs - self._n, 0))
+        if not self._values:  # every epoch so far was left out
+            unit_s = self._elapsed / self._n
+            cap = self.power_cap_w * unit_s if self.power_cap_w else None
+            return Projection(
+                method="step",
+                energy_j=None,
+                lower_j=self._measured,
+                upper_j=self._measured + cap * remaining if cap else None,
+                confidence=self.confidence,
+                measured_j=self._measured,
+                elapsed_s=self._elapsed,
+                remaining_s=remaining * unit_s,
+                remaining_epochs=remaining,
+                reason=_join("no epoch with samples over most of its time yet", self._note()),
+            )
+        n = len(self._values) - self._start
         mean = self._sum / n
         unit_s = self._dsum / n
         sd = math.sqrt(max(self._sum2 - n * mean * mean, 0.0) / (n - 1)) if n > 1 else mean
-        remaining = float(max(self.planned_epochs - self._n, 0))
         centre = self._measured + mean * remaining
         proj = Projection(
             method="step",
@@ -1000,19 +1153,23 @@ class OnlineStep:
             elapsed_s=self._elapsed,
             remaining_s=remaining * unit_s,
             remaining_epochs=remaining,
-            stable_unit=self._start,
+            stable_unit=self._epoch[self._start],
             stable_power_w=mean / unit_s,
             energy_per_epoch_j=mean,
             epoch_s=unit_s,
             n_stable=n,
         )
-        if n >= self.min_stable_epochs and self._n >= self.settle_epochs:
+        if n >= max(self.min_stable_epochs, 2) and self._n >= self.settle_epochs:
             q = _t_quantile(0.5 + self.confidence / 2.0, n - 1)
             half = remaining * (
                 q * sd * math.sqrt(1.0 / n + 1.0 / max(remaining, 1.0)) + self.band_floor * mean
             )
             return replace(
-                proj, lower_j=max(centre - half, self._measured), upper_j=centre + half, stable=True
+                proj,
+                lower_j=max(centre - half, self._measured),
+                upper_j=centre + half,
+                stable=True,
+                reason=self._note(),
             )
         lo = min(self._lo if self._lo < math.inf else mean, mean)
         hi = max(self._hi, mean)
@@ -1021,9 +1178,10 @@ class OnlineStep:
             proj,
             lower_j=self._measured + lo * remaining,
             upper_j=self._measured + hi * remaining,
-            reason=(
+            reason=_join(
                 f"not stable yet: {n} epochs in the current regime (need "
-                f"{self.min_stable_epochs}), {self._n} epochs run (need {self.settle_epochs:g})"
+                f"{self.min_stable_epochs}), {self._n} epochs run (need {self.settle_epochs:g})",
+                self._note(),
             ),
         )
 

@@ -29,9 +29,12 @@ recomputed per batch.
 inside the window; a sample older than its stream's window is *late*: it is
 stored (the store drops duplicates) but cannot change finished epochs, so the
 run is flagged and its final totals are recomputed from the store when it
-ends. Samples go to the store in batches (``flush_rows`` / ``flush_interval_s``);
-with a write-ahead journal (``wal``) every batch is on local disk before
-:meth:`Aggregator.ingest_samples` returns, and a restart replays it.
+ends. A sample sent again with other values keeps its first value, in memory
+and in the store alike (the store skips it and counts it as ``rejected``); one
+batch with two values for one sample is refused. Samples go to the store in
+batches (``flush_rows`` / ``flush_interval_s``); with a write-ahead journal
+(``wal``) every batch is on local disk before :meth:`Aggregator.ingest_samples`
+returns, and a restart replays it.
 
 **Clocks.** Every node stamps samples (sidecar) and epoch marks (hooks)
 with its own clock, and clocks of two nodes can be seconds apart.
@@ -94,6 +97,7 @@ log = logging.getLogger(__name__)
 _SAMPLES_SCHEMA = schema("samples")
 _REQUIRED = ("node", "device", "timestamp", "source")
 _KEEP = ("node", "device", "timestamp", "power_w", "energy_j")
+_KEY = ("run_id", "node", "device", "timestamp")
 #: Summaries of ended runs kept in memory for queries (older ones are read from the store).
 _FINISHED_CACHE = 1024
 
@@ -779,6 +783,9 @@ class Aggregator:
 
         Raises:
             SchemaError: The record does not fit the ``runs`` schema.
+            BadInputError: (``write``) The run id is taken by a run that has
+                ended (finished or failed): its record, samples and marks
+                would mix with the new run's.
 
         """
         row = dict(run.row(0, named=True)) if isinstance(run, pl.DataFrame) else dict(run)
@@ -791,6 +798,8 @@ class Aggregator:
         row = frame.row(0, named=True)
         run_id = str(row["run_id"])
         with self._lock:
+            if write:
+                self._refuse_ended(run_id)
             if write and self.store is not None:
                 self.store.write_runs(frame)
             existing = self._runs.get(run_id)
@@ -804,6 +813,27 @@ class Aggregator:
             self._runs[run_id] = _set_clock(_Run(run_id, row, _new_projector(row)))
             self._valid_ids.add(run_id)
         return run_id
+
+    def _refuse_ended(self, run_id: str) -> None:
+        """BadInputError if ``run_id`` names a run that has ended (here or in the store)."""
+        if run_id in self._runs:
+            return
+        status, end = None, None
+        held = self._finished.get(run_id)
+        if held is not None:
+            status = held.get("status")
+        if self.store is not None:
+            known = self.store.runs().filter(pl.col("run_id") == run_id)
+            if known.height:
+                status, end = known["status"][0], known["end"][0]
+        if status is None or status == "running":
+            return
+        when = f"ended at {end.isoformat()}" if end is not None else "end time not recorded"
+        held_by = "this aggregator" if self.store is None else f"the store at {self.store.root}"
+        raise BadInputError(
+            f"run {run_id!r} already ended: {held_by} has it as {status!r} ({when}); expected "
+            "a new run id. Choose another id (or leave it out for a generated one)"
+        )
 
     def _state(self, run_id: str) -> _Run | None:
         """The run's state; ``None`` for a run that has ended (its samples are only stored)."""
@@ -937,6 +967,8 @@ class Aggregator:
             ((~p.is_finite()) | (p < 0)).any(),
             ((~e.is_finite()) | (e < 0)).any(),
             (~pl.col("source").is_in(SOURCES)).any(),
+            # Two rows of one sample: harmless if equal, refused if not (conform tells).
+            pl.struct(_KEY).hash().is_duplicated().any(),
         ).row(0)
         if any(bad):
             return conform(batch, "samples")  # raises with the row and the reason
@@ -1537,8 +1569,9 @@ class Aggregator:
     def flush(self) -> int:
         """Write every pending sample to the store now (after any flush already running).
 
-        A batch that conflicts with stored samples (same key, other values)
-        is dropped with an error logged, so it cannot block the others.
+        A sample whose key is stored already with other values keeps the
+        stored (first) value, as in memory: it is skipped, logged and counted
+        as ``rejected``; the rest of its batch is written.
 
         Returns:
             Rows new to the store.
@@ -1570,14 +1603,27 @@ class Aggregator:
             self._pending, self._wal_seqs, self._pending_since = [], [], None
             self._inflight_rows += rows
         rejected = 0
+
+        def skipped(rows: int, first: str) -> None:
+            nonlocal rejected
+            rejected += rows
+
         try:
             try:
-                n = self.store.write_samples(pl.concat(taken, how="vertical"))
+                # Queued batches in arrival order: of two values of one sample, the first
+                # (the one the aggregator integrated) is stored, as by _absorb.
+                n = self.store.write_samples(
+                    pl.concat(taken, how="vertical"), conflicts="keep_stored", on_conflict=skipped
+                )
             except SchemaError:
-                n = 0
+                # Only a batch the store cannot take at all (e.g. its run directory is a
+                # symlink out of the store) gets here: the others must not wait for it.
+                n, rejected = 0, 0
                 for part in taken:
                     try:
-                        n += self.store.write_samples(part)
+                        n += self.store.write_samples(
+                            part, conflicts="keep_stored", on_conflict=skipped
+                        )
                     except SchemaError as err:
                         rejected += part.height
                         log.error("aggregator: dropped a batch of %d samples: %s", part.height, err)
@@ -1612,9 +1658,13 @@ class Aggregator:
         """An aggregator holding the state of every running run in ``store``.
 
         Batches left in the write-ahead journal by a process that died are
-        written to the store first; then each running run's samples and epoch
-        marks are replayed (one run at a time, so memory stays bounded by the
-        largest run's current window plus one run's history).
+        written to the store first (a sample stored already with other values
+        keeps the stored value, as in :meth:`flush`); then each running run's
+        samples and epoch marks are replayed (one run at a time, so memory
+        stays bounded by the largest run's current window plus one run's
+        history). A run that cannot be rebuilt is logged and left out (its
+        later samples are stored, not measured live): one bad run record must
+        not stop the others, nor make every restart fail.
 
         Args:
             store: The run store.
@@ -1625,9 +1675,15 @@ class Aggregator:
         agg = cls(store, **kwargs)
         with agg._lock:
             if agg.wal is not None:
+
+                def skipped(rows: int, first: str) -> None:
+                    agg.counters["rejected"] += rows
+
                 for seq, path in agg.wal.pending():
                     try:
-                        store.write_samples(agg.wal.read(path))
+                        store.write_samples(
+                            agg.wal.read(path), conflicts="keep_stored", on_conflict=skipped
+                        )
                     except (SchemaError, BadInputError) as err:
                         # Never a crash loop: keep the batch aside for a person to look at.
                         aside = path.with_name(f"rejected-{path.name}")
@@ -1639,8 +1695,35 @@ class Aggregator:
             runs = store.runs()
             for row in runs.filter(pl.col("status") == "running").iter_rows(named=True):
                 if owns is None or owns(str(row["run_id"])):
-                    agg._load(row)
+                    agg._load_or_skip(row)
         return agg
+
+    def _load_or_skip(self, row: dict[str, Any]) -> None:
+        """:meth:`_load` a run; on failure log it and hold it as ended (never raises)."""
+        run_id = str(row["run_id"])
+        try:
+            self._load(row)
+        except Exception as err:  # one bad run must not keep the aggregator from starting
+            self._runs.pop(run_id, None)
+            reason = f"{type(err).__name__}: {err}"
+            log.error(
+                "aggregator: run %s could not be rebuilt from the store at %s (%s); it is "
+                "left out: its new samples are stored but not measured live. Correct or "
+                "remove its record in runs.parquet and restart",
+                run_id,
+                getattr(self.store, "root", None),
+                reason,
+            )
+            self._finished[run_id] = {
+                "run_id": run_id,
+                "status": row.get("status"),
+                "node_type": row.get("node_type"),
+                "planned_epochs": row.get("planned_epochs"),
+                "epochs_done": row.get("trained_epochs"),
+                "measured_energy_j": row.get("energy_j"),
+                "duration_s": row.get("duration_s"),
+                "projection": _projection_dict(None, f"not rebuilt after a restart: {reason}"),
+            }
 
     def _load(self, row: dict[str, Any]) -> None:
         assert self.store is not None

@@ -500,6 +500,40 @@ def choose_node_type(
     return recommend_hints(job, inv, model)
 
 
+def check_new_run_id(run_id: str, store_root: str | os.PathLike[str] | None) -> None:
+    """Refuse ``run_id`` when the store already has it as an ended run.
+
+    A run id names one run: reusing that of a finished or failed run would mix
+    the old run's record, samples and epoch marks with the new run's. A run
+    still ``running`` is allowed (its record is updated, as by the aggregator).
+
+    Args:
+        run_id: The run id asked for.
+        store_root: The store (``None``: the default store).
+
+    Raises:
+        BadInputError: The run id is malformed, or the store has it as a run
+            that has ended.
+
+    """
+    import polars as pl
+
+    from profiler.store import Store
+
+    check_run_id(run_id)
+    store = Store(store_root)
+    known = store.runs().filter(pl.col("run_id") == run_id)
+    if known.height == 0 or known["status"][0] == "running":
+        return
+    end = known["end"][0]
+    when = f"ended at {end.isoformat()}" if end is not None else "end time not recorded"
+    raise BadInputError(
+        f"--run-id {run_id!r}: the store at {store.root} already has this run as "
+        f"{known['status'][0]!r} ({when}); expected a new run id. Choose another id (or leave "
+        "--run-id out for a generated one)"
+    )
+
+
 def run_job(
     command: Sequence[str],
     *,
@@ -555,7 +589,9 @@ def run_job(
         (unless the runner stopped it).
 
     Raises:
-        BadInputError: Empty command, unknown node type or none alive, bad run id.
+        BadInputError: Empty command, unknown node type or none alive, bad run
+            id, or a run id the store has as an ended run (checked before Ray
+            is used).
         SourceUnavailableError: Ray is not initialised.
 
     """
@@ -565,16 +601,20 @@ def run_job(
 
     if not command:
         raise BadInputError("expected a command after '--', e.g. -- python train.py")
-    if not ray.is_initialized():
-        raise SourceUnavailableError("run_job needs a Ray connection; call ray.init() first")
     if run_id is not None:
         check_run_id(run_id)
+        if store_root is not None:
+            check_new_run_id(run_id, store_root)  # fail early, before any Ray work
+    if not ray.is_initialized():
+        raise SourceUnavailableError("run_job needs a Ray connection; call ray.init() first")
     if job is None:
         job = job_from_command(command)
     if epochs is not None and epochs <= 0:
         raise BadInputError(f"--epochs must be an integer > 0; found {epochs}")
     types = cluster_node_types()
     agg, root = ensure_aggregator(store_root, sources=sources, sidecar_options=sidecar_options)
+    if run_id is not None and (store_root is None or os.path.realpath(store_root) != root):
+        check_new_run_id(run_id, root)  # a running aggregator keeps its own store
     hints = choose_node_type(node_type, types=types, job=job, store_root=root, inventory=inventory)
     chosen = str(hints["node_type"])
     run_id = run_id or new_run_id(chosen)

@@ -14,7 +14,9 @@ fsynced, then renamed into place, so a reader never sees half a file and a
 crash leaves at most a hidden temporary that the next writer removes. Writers
 serialise on ``.lock``; readers take no lock. A sample's identity is
 (run_id, node, device, timestamp): writing it again is a no-op, writing a
-different value for it is refused.
+different value for it is refused (or, with ``conflicts="keep_stored"``, skipped
+and reported: the stored value wins). A reader that lists a run's files while a
+writer compacts them lists them again (see :meth:`Store.samples`).
 
 New rows are compared only with the files of their run whose time range
 overlaps theirs: a file's range (first and last timestamp) comes from its
@@ -43,6 +45,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Literal
 
 import polars as pl
 
@@ -57,6 +60,10 @@ _PART_RE = re.compile(r"^(part|base)-(\d{12})\.parquet$")
 COMPACT_AFTER = 64
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _US = timedelta(microseconds=1)
+#: How many times a reader lists a run's files again when one vanished (a compaction).
+READ_RETRIES = 5
+_SAMPLE_KEY = ["node", "device", "timestamp"]
+_VALUES = ["power_w", "energy_j"]
 
 
 def default_root() -> Path:
@@ -303,24 +310,37 @@ class Store:
         *,
         file: str | None = None,
         on_run: Callable[[str | None, int], None] | None = None,
+        conflicts: Literal["raise", "keep_stored"] = "raise",
+        on_conflict: Callable[[int, str], None] | None = None,
     ) -> int:
         """Append samples; rows already stored are skipped.
 
-        The batch is all or nothing for conflicts: every run is checked before
-        any is written.
+        With ``conflicts="raise"`` the batch is all or nothing for conflicts:
+        every run is checked before any is written. With ``"keep_stored"`` a
+        row whose key is already stored with other values (power_w, energy_j)
+        is skipped and the stored value kept, and of rows sharing a key inside
+        the batch the first is kept (the aggregator's rule: the first value of
+        a sample wins); the rest of the batch is written. Skipped rows are
+        logged as a warning with the first of them and passed to
+        ``on_conflict``.
 
         Args:
             df: Rows in the ``samples`` schema (missing optional columns allowed).
             file: Where the rows came from, for messages.
             on_run: Called with (run_id, new rows) after each run of the
                 batch is written, e.g. to advance a progress bar.
+            conflicts: ``raise`` (refuse the batch) or ``keep_stored`` (skip
+                the conflicting rows) on a key stored with other values.
+            on_conflict: With ``keep_stored``, called once after the write with
+                (rows skipped, description of the first) when any was skipped.
 
         Returns:
             How many rows were new.
 
         Raises:
-            SchemaError: The rows do not fit the schema, or a row has the key
-                of a stored row but different values.
+            SchemaError: The rows do not fit the schema, or (``conflicts="raise"``)
+                a row has the key of a stored row, or of another row of the
+                batch, but different values.
             StoreError: The store could not be written (for example the disk
                 is full). The message says which runs of the batch were stored
                 before the failure, if any; sending the batch again stores only
@@ -329,6 +349,12 @@ class Store:
                 write merges them.
 
         """
+        if conflicts not in ("raise", "keep_stored"):
+            raise BadInputError(f"conflicts must be 'raise' or 'keep_stored'; found {conflicts!r}")
+        keep_stored = conflicts == "keep_stored"
+        skipped: list[tuple[int, str]] = []  # (rows, description of the first)
+        if keep_stored:
+            df = self._first_of_each_key(df, file, skipped)
         df = conform(df, "samples", file=file).unique(maintain_order=True)
         _check_frame_ids(df)
         if df.height == 0:
@@ -341,7 +367,15 @@ class Store:
             for (rid,), part in groups.items():
                 run_dir = dirs[rid]
                 live, top = self._live_parts(run_dir)
-                new = self._only_new(part, run_dir, live, file)
+                new, clash = self._only_new(part, run_dir, live)
+                if clash.height:
+                    msg = self._clash_message(clash, run_dir.name, file)
+                    if not keep_stored:
+                        raise SchemaError(
+                            f"{msg}. Expected the same values (a sample is stored once): "
+                            "write it under another run id or node"
+                        )
+                    skipped.append((clash.height, msg))
                 if new.height:
                     pending[run_dir] = (new, top, len(live))
             due: list[tuple[int, Path]] = []  # (live files after this write, run directory)
@@ -386,18 +420,82 @@ class Store:
                             run_dir,
                             str(err).replace("; the store is unchanged", ""),
                         )
+        if skipped:
+            n_skipped = sum(n for n, _ in skipped)
+            log.warning(
+                "%d samples not stored: their key is already stored (or earlier in the batch) "
+                "with other values, and the first value is kept; first: %s",
+                n_skipped,
+                skipped[0][1],
+            )
+            if on_conflict is not None:
+                on_conflict(n_skipped, skipped[0][1])
         return sum(new.height for new, _, _ in pending.values())
 
-    def _only_new(
-        self, part: pl.DataFrame, run_dir: Path, live: list[Path], file: str | None
+    @staticmethod
+    def _first_of_each_key(
+        df: pl.DataFrame, file: str | None, skipped: list[tuple[int, str]]
     ) -> pl.DataFrame:
-        """Rows of ``part`` not yet in ``live`` (a run's files); a changed value is refused.
+        """``df`` keeping the first row of each sample key; other values are noted in ``skipped``.
+
+        A frame without the key columns is returned as is (:func:`conform` then
+        says what is missing).
+        """
+        key = ["run_id", *_SAMPLE_KEY]
+        if not set(key) <= set(df.columns) or df.height < 2:
+            return df
+        if not df.select(pl.struct(key).is_duplicated().any()).item():
+            return df
+        idx = df.with_row_index("_row")
+        first = idx.unique(subset=key, keep="first", maintain_order=True)
+        later = idx.join(first.select("_row"), on="_row", how="anti")
+        values = [c for c in _VALUES if c in df.columns]
+        both = later.join(first.select(*key, *values), on=key, how="inner", suffix="_old")
+        differ = pl.lit(False)
+        for c in values:
+            differ = differ | ~pl.col(c).eq_missing(pl.col(f"{c}_old"))
+        clash = both.filter(differ)
+        if clash.height:
+            r = clash.row(0, named=True)
+            old = ", ".join(f"{c}={r[c + '_old']}" for c in values)
+            new = ", ".join(f"{c}={r[c]}" for c in values)
+            skipped.append(
+                (
+                    clash.height,
+                    f"{where(file, label='run ' + repr(r['run_id']))}sample node {r['node']!r} "
+                    f"device {r['device']!r} at {r['timestamp']} comes twice in the batch, "
+                    f"first with {old}, then with {new}",
+                )
+            )
+        return first.drop("_row")
+
+    def _clash_message(self, clash: pl.DataFrame, run: str, file: str | None) -> str:
+        """What the first row of ``clash`` (new values and ``*_old`` stored ones) is."""
+        r = clash.row(0, named=True)
+        return (
+            f"{where(file, label='run ' + repr(run))}sample node {r['node']!r} "
+            f"device {r['device']!r} at {r['timestamp']} is already in the store at "
+            f"{self.root} with power_w={r['power_w_old']}, energy_j={r['energy_j_old']}; "
+            f"the new value is power_w={r['power_w']}, energy_j={r['energy_j']}"
+        )
+
+    def _only_new(
+        self, part: pl.DataFrame, run_dir: Path, live: list[Path]
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Rows of ``part`` not yet in ``live`` (a run's files), and those stored with other values.
 
         Only files whose time range overlaps the rows' are read (a file whose
         range is unknown is read whole).
+
+        Returns:
+            The new rows, and the rows whose key is stored with another
+            power_w or energy_j (with the stored ones as ``*_old`` columns);
+            the latter are not among the new rows.
+
         """
+        none = pl.DataFrame()
         if not live:
-            return part
+            return part, none
         lo, hi = _time_range(part)
         near = []
         for f in live:
@@ -405,24 +503,15 @@ class Store:
             if rng is None or (rng[0] <= hi and lo <= rng[1]):
                 near.append(f)
         if not near:
-            return part
-        key = ["node", "device", "timestamp"]
-        old = read_store_files(near, "samples", [*key, "power_w", "energy_j"])
+            return part, none
+        key = _SAMPLE_KEY
+        old = read_store_files(near, "samples", [*key, *_VALUES])
         both = part.join(old, on=key, how="inner", suffix="_old")
         clash = both.filter(
             ~pl.col("power_w").eq_missing(pl.col("power_w_old"))
             | ~pl.col("energy_j").eq_missing(pl.col("energy_j_old"))
         )
-        if clash.height:
-            r = clash.row(0, named=True)
-            raise SchemaError(
-                f"{where(file, label='run ' + repr(run_dir.name))}sample node {r['node']!r} "
-                f"device {r['device']!r} at {r['timestamp']} is already in the store at "
-                f"{self.root} with power_w={r['power_w_old']}, energy_j={r['energy_j_old']}; "
-                f"the new value is power_w={r['power_w']}, energy_j={r['energy_j']}. Expected "
-                "the same values (a sample is stored once): write it under another run id or node"
-            )
-        return part.join(old.select(key), on=key, how="anti")
+        return part.join(old.select(key), on=key, how="anti"), clash
 
     @staticmethod
     def _identity(path: Path) -> tuple[int, int, int]:
@@ -479,8 +568,13 @@ class Store:
         Returns:
             A frame in the ``samples`` schema.
 
+        Readers take no lock: a file listed just before a writer compacted the
+        run (merged its files into one and removed them) is gone when read. The
+        run's files are then listed again, up to ``READ_RETRIES`` times.
+
         Raises:
-            StoreError: A sample file is corrupt or not of the ``samples`` table.
+            StoreError: A sample file is corrupt or not of the ``samples`` table,
+                or a run's files kept changing while it was read.
 
         """
         base = self.root / "samples"
@@ -495,11 +589,31 @@ class Store:
             )
         else:
             dirs = []
-        files = [p for d in dirs for p in self._live_parts(d)[0]]
-        if not files:
+        frames = [df for d in dirs if (df := self._read_run_dir(d)).height]
+        if not frames:
             return empty("samples")
-        df = read_store_files(files, "samples")
+        df = pl.concat(frames) if len(frames) > 1 else frames[0]
         return df.sort("run_id", "node", "device", "timestamp", nulls_last=True)
+
+    def _read_run_dir(self, run_dir: Path) -> pl.DataFrame:
+        """One run's samples, listing its files again when one vanished (a compaction)."""
+        for attempt in range(1, READ_RETRIES + 1):
+            files = self._live_parts(run_dir)[0]
+            if not files:
+                return empty("samples")
+            try:
+                return read_store_files(files, "samples")
+            except StoreError:
+                # A corrupt file is still there; a compacted one is gone and its rows are in
+                # the new base file.
+                if all(f.exists() for f in files):
+                    raise
+                log.debug("%s: files changed while read (attempt %d); listing again",
+                          run_dir, attempt)  # fmt: skip
+        raise StoreError(
+            f"{run_dir}: expected its sample files to stay in place while read; they changed "
+            f"{READ_RETRIES} times in a row (writers compacting the run). Retry the read"
+        )
 
     # -- runs and epochs (small tables, rewritten whole) -----------------------------------
     def _upsert(self, table: str, df: pl.DataFrame, file: str | None) -> int:

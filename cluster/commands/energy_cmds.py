@@ -75,14 +75,26 @@ def _file_mode(args: argparse.Namespace) -> int:
 
 
 def _run_mode(args: argparse.Namespace) -> int:
+    import polars as pl
+
+    from cluster.aggregator import align
     from estimators.energy import epoch_energy, run_energy
 
     store = open_store(args)
     record = store.run(args.run)
     samples = store.samples(args.run)
-    epochs = store.epochs(args.run)
     if samples.height == 0:
         raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
+    if samples.filter(
+        pl.col("power_w").is_not_null() | pl.col("energy_j").is_not_null()
+    ).is_empty():
+        raise BadInputError(
+            f"run {args.run!r} has {samples.height} samples in the store at {store.root}, none "
+            "with power_w or energy_j; expected at least one measured value to integrate"
+        )
+    # Nodes' clocks differ: shift samples and marks onto the run's home clock by the
+    # offsets the aggregator recorded in its config, as the aggregator does.
+    samples, epochs = align(samples, store.epochs(args.run), record)
     if epochs.height == 0:
         result = run_energy(samples, gap_threshold_s=args.gap_threshold)
         note = "no epoch marks recorded: whole run from first to last sample"
@@ -97,9 +109,10 @@ def _run_mode(args: argparse.Namespace) -> int:
 
 def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None:
     totals = {
-        "energy_j": float(result["energy_j"].sum()),
-        "duration_s": float(result["duration_s"].sum()),
-        "gap_s": float(result["gap_s"].sum()),
+        # sum() of an all-null column is None in some polars versions: count it as 0.
+        "energy_j": float(result["energy_j"].sum() or 0.0),
+        "duration_s": float(result["duration_s"].sum() or 0.0),
+        "gap_s": float(result["gap_s"].sum() or 0.0),
         "n_skipped": int(result["n_skipped"].fill_null(0).max() or 0),  # type: ignore[arg-type]
     }
     if args.json:

@@ -1,0 +1,355 @@
+"""Edge cases of the aggregator and the store found in review: conflicts, reused ids, races.
+
+Each test's docstring names the bug it guards against. No Ray: the aggregator
+is the plain class, the store a directory under ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import threading
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import profiler.store as store_mod
+from cluster.aggregator import Aggregator
+from cluster.cli import main
+from conftest import at
+from estimators.energy import run_energy
+from profiler.errors import BadInputError, SchemaError, StoreError
+from profiler.journal import Journal
+from profiler.schema import UTC_US, schema
+from profiler.store import Store
+
+
+def samples(
+    run_id: str | None,
+    times: list[float],
+    power: list[float | None],
+    *,
+    node: str = "n1",
+    device: str = "0",
+) -> pl.DataFrame:
+    """A batch in the full ``samples`` schema (the sidecar's shape: the aggregator's fast path)."""
+    n = len(times)
+    df = pl.DataFrame(
+        {
+            "run_id": [run_id] * n,
+            "node": [node] * n,
+            "device": [device] * n,
+            "timestamp": [at(t) for t in times],
+            "power_w": power,
+            "energy_j": [None] * n,
+            "source": ["replay"] * n,
+        },
+        schema_overrides={
+            "timestamp": UTC_US,
+            "power_w": pl.Float64,
+            "energy_j": pl.Float64,
+            "run_id": pl.String,
+        },
+    )
+    full = schema("samples")
+    out = df.select(
+        pl.col(c) if c in df.columns else pl.lit(None, dtype).alias(c) for c, dtype in full.items()
+    )
+    assert out.schema == full
+    return out
+
+
+def marks(run_id: str, spans: list[tuple[int, float, float]]) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "run_id": [run_id] * len(spans),
+            "epoch": [e for e, _, _ in spans],
+            "start": [at(s) for _, s, _ in spans],
+            "end": [at(t) for _, _, t in spans],
+        },
+        schema_overrides={"start": UTC_US, "end": UTC_US},
+    )
+
+
+def stored_energy(store: Store, run_id: str) -> float:
+    return float(run_energy(store.samples(run_id))["energy_j"][0])
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "store")
+
+
+# ------------------------------------------------------------- 1: conflicting samples
+
+
+def test_a_resent_sample_with_another_value_keeps_the_first_everywhere(store: Store) -> None:
+    """Regression: one sample resent with another value made the flush drop its whole batch
+    (101 rows acknowledged, counted, then lost): memory said 11,000 J, the store and every
+    restart 1,000 J."""
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "r1", "planned_epochs": 2})
+    agg.ingest_samples(samples("r1", [float(t) for t in range(11)], [100.0] * 11))
+    agg.flush()
+    # t = 10 again, now 150 W; then 100 s more at 100 W.
+    agg.ingest_samples(
+        samples("r1", [10.0] + [float(t) for t in range(11, 111)], [150.0] + [100.0] * 100)
+    )
+    agg.flush()
+    got = store.samples("r1")
+    assert got.height == 111  # only the conflicting row is skipped
+    assert got.filter(pl.col("timestamp") == at(10))["power_w"].to_list() == [100.0]
+    assert agg.stats()["rejected"] == 1
+    # 110 s at 100 W, by hand; memory, store and a restart agree.
+    assert agg.status("r1")["measured_energy_j"] == pytest.approx(11_000.0)
+    assert stored_energy(store, "r1") == pytest.approx(11_000.0)
+    again = Aggregator.rebuild(store)
+    assert again.status("r1")["measured_energy_j"] == pytest.approx(11_000.0)
+
+
+def test_two_queued_batches_with_two_values_of_one_sample_store_the_first(
+    store: Store,
+) -> None:
+    """Regression: batches flushed together were written as one; a conflict between them made
+    the per-batch fallback drop the later batch whole."""
+    agg = Aggregator(store, flush_rows=10**9, flush_interval_s=1e9)
+    agg.start_run({"run_id": "r1"})
+    agg.ingest_samples(samples("r1", [0.0, 1.0, 2.0], [100.0, 100.0, 100.0]))
+    agg.ingest_samples(samples("r1", [2.0, 3.0, 4.0], [400.0, 100.0, 100.0]))
+    assert store.samples("r1").height == 0  # both still queued
+    assert agg.flush() == 5
+    assert store.samples("r1")["power_w"].to_list() == [100.0] * 5
+    assert agg.stats()["rejected"] == 1
+    assert agg.status("r1")["measured_energy_j"] == pytest.approx(400.0)  # 4 s at 100 W
+    assert stored_energy(store, "r1") == pytest.approx(400.0)
+
+
+def test_a_batch_with_two_values_for_one_sample_is_refused_at_ingest(
+    store: Store, tmp_path: Path
+) -> None:
+    """Regression: the fast path (full schema, as sidecars send) skipped the duplicate-key
+    check, took such a batch, and the flush then dropped it whole."""
+    agg = Aggregator(store, wal=tmp_path / "wal", flush_rows=10**9, flush_interval_s=1e9)
+    agg.start_run({"run_id": "r1"})
+    clash = samples("r1", [0.0, 1.0, 1.0, 2.0], [100.0, 100.0, 150.0, 100.0])
+    with pytest.raises(SchemaError, match="two different rows share the key"):
+        agg.ingest_samples(clash)
+    assert agg.stats()["samples"] == 0
+    assert list((tmp_path / "wal").glob("batch-*.parquet")) == []  # nothing journalled
+    # Exact duplicates inside one batch are harmless: taken, counted once.
+    twice = samples("r1", [0.0, 1.0, 1.0, 2.0], [100.0] * 4)
+    assert agg.ingest_samples(twice) == 4
+    assert agg.flush() == 3
+    assert agg.status("r1")["measured_energy_j"] == pytest.approx(200.0)
+
+
+def test_a_journal_batch_that_conflicts_is_stored_without_the_conflicting_row(
+    store: Store, tmp_path: Path
+) -> None:
+    """Regression: at restart a journal batch with one conflicting sample was set aside whole,
+    losing its other (acknowledged) rows."""
+    agg = Aggregator(store, wal=tmp_path / "wal", flush_rows=10**9, flush_interval_s=1e9)
+    agg.start_run({"run_id": "r1"})
+    agg.ingest_samples(samples("r1", [0.0, 1.0, 2.0], [100.0] * 3))
+    agg.flush()
+    agg.ingest_samples(samples("r1", [2.0, 3.0, 4.0], [100.0] * 3))  # acknowledged, journalled
+    del agg  # the process dies before the flush
+    # An older version journalled a resend with another value for t = 2.
+    Journal(tmp_path / "wal").append(samples("r1", [2.0, 5.0], [900.0, 100.0]))
+    again = Aggregator.rebuild(store, wal=tmp_path / "wal")
+    assert list((tmp_path / "wal").glob("*.parquet")) == []  # nothing set aside
+    assert store.samples("r1")["power_w"].to_list() == [100.0] * 6
+    assert again.stats()["rejected"] == 1
+    assert again.status("r1")["measured_energy_j"] == pytest.approx(500.0)
+    assert stored_energy(store, "r1") == pytest.approx(500.0)
+
+
+def test_keep_stored_skips_and_reports_conflicts_and_writes_the_rest(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store's ``keep_stored`` mode: stored values win, the first of a batch wins, and the
+    skipped rows are counted and logged with the first of them."""
+    s = Store(tmp_path)
+    s.write_samples(samples("r1", [0.0, 1.0], [100.0, 100.0]))
+    seen: list[tuple[int, str]] = []
+    batch = samples("r1", [1.0, 2.0, 2.0, 3.0], [5.0, 100.0, 7.0, 100.0])
+    with caplog.at_level(logging.WARNING, logger="profiler.store"):
+        n = s.write_samples(
+            batch, conflicts="keep_stored", on_conflict=lambda k, msg: seen.append((k, msg))
+        )
+    assert n == 2  # t = 2 (first value) and t = 3
+    assert s.samples("r1")["power_w"].to_list() == [100.0] * 4
+    assert [k for k, _ in seen] == [2]
+    assert "comes twice in the batch, first with power_w=100.0" in seen[0][1]
+    assert "2 samples not stored" in caplog.text
+    # The default still refuses, and leaves the store unchanged.
+    with pytest.raises(SchemaError, match="already in the store"):
+        s.write_samples(samples("r1", [3.0, 4.0], [1.0, 100.0]))
+    assert s.samples("r1").height == 4
+
+
+# ------------------------------------------------------------- 2: reused run ids
+
+
+def test_start_run_refuses_the_id_of_an_ended_run(store: Store) -> None:
+    """Regression: a finished run's id was accepted again; its record became ``running`` with
+    the old end and energy (end before start), and every later restart crashed."""
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "old", "planned_epochs": 2})
+    agg.ingest_samples(samples("old", [0.0, 1.0, 2.0], [100.0] * 3))
+    agg.finish_run("old")
+    record = store.run("old")
+    with pytest.raises(BadInputError, match=r"run 'old' already ended.*'finished'.*another id"):
+        agg.start_run({"run_id": "old", "planned_epochs": 3})
+    # A new process on the same store refuses it too; the record is unchanged.
+    with pytest.raises(BadInputError, match="already ended"):
+        Aggregator(store).start_run({"run_id": "old"})
+    assert store.run("old") == record
+    Aggregator.rebuild(store)  # and restarts work
+
+
+def test_rebuild_skips_a_run_it_cannot_rebuild_and_restores_the_others(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: one bad running record (a reused id: end before start) made rebuild raise,
+    so the aggregator actor restarted forever."""
+    t0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
+    store.write_runs(
+        pl.DataFrame(
+            [{"run_id": "bad", "status": "finished", "start": t0, "end": t0 + dt.timedelta(1)}]
+        )
+    )
+    # What reusing the id did: a partial update keeps the old end, so end < start.
+    store.write_runs(
+        pl.DataFrame([{"run_id": "bad", "status": "running", "start": t0 + dt.timedelta(2)}])
+    )
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "good"})
+    agg.ingest_samples(samples("good", [0.0, 1.0, 2.0], [100.0] * 3))
+    agg.flush()
+    with caplog.at_level(logging.ERROR, logger="cluster.aggregator"):
+        again = Aggregator.rebuild(store)
+    assert again.running() == ["good"]
+    assert again.status("good")["measured_energy_j"] == pytest.approx(200.0)
+    assert "run bad could not be rebuilt" in caplog.text
+    assert "not rebuilt after a restart" in again.status("bad")["projection"]["reason"]
+    # Its later samples are still stored, not measured live.
+    again.ingest_samples(samples("bad", [0.0, 1.0], [50.0, 50.0]))
+    again.flush()
+    assert store.samples("bad").height == 2
+
+
+def test_wattwise_run_refuses_an_ended_run_id_with_exit_status_2(
+    store: Store, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ``wattwise run --run-id X`` accepted the id of a finished run.
+
+    Only the connection to a Ray cluster is replaced (the tests start none): the id is
+    checked before the runner uses Ray.
+    """
+    import cluster.runner as runner
+
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "old"})
+    agg.finish_run("old", "failed")
+    monkeypatch.setattr(runner, "connect", lambda address=None: None)
+    argv = ["run", "--node-type", "cpu", "--run-id", "old", "--store", str(store.root)]
+    assert main([*argv, "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "already has this run as 'failed' (ended at" in err
+    assert "Choose another id" in err
+    with pytest.raises(BadInputError, match="'failed'"):
+        runner.run_job(["true"], node_type="cpu", run_id="old", store_root=store.root)
+
+
+# ------------------------------------------------------------- 3: readers and compaction
+
+
+def test_a_reader_during_compactions_never_sees_a_false_corrupt_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a reader that listed a run's files just before a writer compacted them
+    opened a removed file and reported it as corrupt ("move it out of the store")."""
+    monkeypatch.setattr(store_mod, "COMPACT_AFTER", 4)
+    writer, reader = Store(tmp_path), Store(tmp_path)
+    n = 200
+    done = threading.Event()
+    errors: list[BaseException] = []
+    heights: list[int] = []
+
+    def write() -> None:
+        try:
+            for i in range(n):
+                writer.write_samples(samples("r", [float(i)], [100.0]))
+        except BaseException as err:  # pragma: no cover - reported below
+            errors.append(err)
+        finally:
+            done.set()
+
+    t = threading.Thread(target=write)
+    t.start()
+    try:
+        while not done.is_set():
+            try:
+                got = reader.samples("r")
+            except StoreError as err:
+                errors.append(err)
+                continue
+            # Every read is whole: a prefix of the batches, in order, without holes.
+            assert got["timestamp"].to_list() == [at(i) for i in range(got.height)]
+            heights.append(got.height)
+    finally:
+        t.join()
+    assert errors == []
+    assert len(heights) > 10
+    assert heights == sorted(heights)
+    assert reader.samples("r").height == n
+
+
+def test_a_really_corrupt_file_is_still_reported_as_corrupt(tmp_path: Path) -> None:
+    """The retry on a vanished file must not hide a corrupt one."""
+    s = Store(tmp_path)
+    s.write_samples(samples("r", [0.0, 1.0], [100.0, 100.0]))
+    (tmp_path / "samples" / "r" / "part-000000000007.parquet").write_bytes(b"not parquet")
+    with pytest.raises(StoreError, match="unreadable.*Move it out of the store"):
+        s.samples("r")
+
+
+# ------------------------------------------------------------- 4, 6: wattwise energy --run
+
+
+def test_energy_run_applies_the_runs_clock_alignment(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: ``wattwise energy --run`` integrated raw node timestamps, ignoring the
+    clock shifts the aggregator applies (here 4,200 J instead of 3,200 J for epoch 0)."""
+    agg = Aggregator(store)
+    clock = {"home": "a", "marks_node": None, "shift_s": {"b": 5.0}}  # b is 5 s behind
+    agg.start_run({"run_id": "r", "planned_epochs": 2, "config": json.dumps({"clock": clock})})
+    a_t = [float(t) for t in range(5, 46)]
+    b_t = [float(t) for t in range(0, 41)]
+    agg.ingest_samples(samples("r", a_t, [100.0 if t < 25 else 300.0 for t in a_t], node="a"))
+    agg.ingest_samples(samples("r", b_t, [50.0 if t < 20 else 250.0 for t in b_t], node="b"))
+    agg.ingest_epochs(marks("r", [(0, 5.0, 25.0), (1, 25.0, 44.0)]))
+    agg.finish_run("r")
+    assert main(["energy", "--run", "r", "--store", str(store.root), "--json"]) == 0
+    cli = [row["energy_j"] for row in json.loads(capsys.readouterr().out)["rows"]]
+    # Epoch 0 on a's clock, by hand: a 19 s at 100 W + (100+300)/2 J; b (t+5) 19 s at
+    # 50 W + (50+250)/2 J.
+    assert cli[0] == pytest.approx(19 * 100 + 200 + 19 * 50 + 150)
+    assert cli == pytest.approx(agg.epochs("r")["energy_j"].to_list())
+
+
+def test_energy_run_on_samples_without_values_says_so(
+    store: Store, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: a run whose samples have neither power nor counter crashed the command with
+    a TypeError traceback (float(None))."""
+    store.write_samples(samples("r", [0.0, 1.0, 2.0], [None, None, None]))
+    store.write_runs(pl.DataFrame([{"run_id": "r", "status": "finished"}]))
+    for extra in ([], ["--json"]):
+        assert main(["energy", "--run", "r", "--store", str(store.root), *extra]) == 2
+        err = capsys.readouterr().err
+        assert "has 3 samples" in err and "none with power_w or energy_j" in err

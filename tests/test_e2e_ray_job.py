@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -90,6 +91,12 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # Ray >= 2.59 turns token authentication on for local clusters and keeps the token in
+    # a per-user file that other clusters of the session may rewrite: this cluster gets
+    # its own token, given to every process and to the client explicitly.
+    token = secrets.token_urlsafe(24)
+    env["RAY_AUTH_MODE"] = "token"
+    env["RAY_AUTH_TOKEN"] = token
     tags = [temp, f"127.0.0.1:{port}", f"--port={port}"]
     head = [
         RAY, "start", "--head", f"--port={port}", "--node-ip-address=127.0.0.1",
@@ -113,7 +120,7 @@ def ray_head(tmp_path: Path) -> Iterator[dict[str, Any]]:
 
         while True:
             try:
-                client_ = JobSubmissionClient(url)
+                client_ = JobSubmissionClient(url, headers={"Authorization": f"Bearer {token}"})
                 break
             except Exception as err:
                 if time.monotonic() > deadline:

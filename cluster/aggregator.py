@@ -122,9 +122,21 @@ def _new_projector(run: Mapping[str, Any]) -> Any | None:
     return OnlineStep(planned_epochs=int(planned), power_cap_w=cap)
 
 
-def _project(projector: Any, energy_j: float, duration_s: float, between_j: float) -> Any:
-    """Feed one finished epoch (J, s, J before it outside any epoch) and return the projection."""
-    return projector.update(energy_j, duration_s, between_j=between_j)
+def _project(
+    projector: Any, energy_j: float, duration_s: float, between_j: float, gap_s: float = 0.0
+) -> Any:
+    """Feed one finished epoch and return the projection.
+
+    Args:
+        projector: The run's :class:`estimators.step.OnlineStep`.
+        energy_j: The epoch's energy in J.
+        duration_s: Its duration in s.
+        between_j: Energy before it outside any epoch, in J.
+        gap_s: Its time without samples in s: an epoch mostly uncovered is left
+            out of STEP's stable mean (its energy would be low, not measured).
+
+    """
+    return projector.update(energy_j, duration_s, between_j=between_j, gap_s=gap_s)
 
 
 def _projection_dict(proj: Any | None, reason: str = "") -> dict[str, Any]:
@@ -1367,7 +1379,7 @@ class Aggregator:
         )
         st.watermark_us = e if st.watermark_us is None else max(st.watermark_us, e)
         if st.projector is not None and duration > 0:
-            st.projection = _project(st.projector, ej, duration, between)
+            st.projection = _project(st.projector, ej, duration, between, gap)
 
     def _prune(self, view: _View, runs_done: list[int]) -> None:
         """Fold samples older than ``watermark - retain_s`` into stream bases; store windows."""

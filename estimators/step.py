@@ -1116,7 +1116,8 @@ class OnlineStep:
         out = self._left_out
         if not out:
             return ""
-        names = ", ".join(str(e + 1) for e, _, _ in out[:5]) + (" ..." if len(out) > 5 else "")
+        # Numbered from 0 in the order fed, as epoch marks are.
+        names = ", ".join(str(e) for e, _, _ in out[:5]) + (" ..." if len(out) > 5 else "")
         _, gap, dur = max(out, key=lambda r: r[1] / r[2])
         return (
             f"epoch{'s' if len(out) > 1 else ''} {names} left out of the stable mean: more than "

@@ -353,3 +353,24 @@ def test_energy_run_on_samples_without_values_says_so(
         assert main(["energy", "--run", "r", "--store", str(store.root), *extra]) == 2
         err = capsys.readouterr().err
         assert "has 3 samples" in err and "none with power_w or energy_j" in err
+
+
+# ------------------------------------------------------------- live STEP and gaps
+
+
+def test_a_mostly_uncovered_epoch_is_left_out_of_the_live_projection(store: Store) -> None:
+    """Regression: the aggregator fed STEP an epoch whose samples stopped after 4 of its 20 s
+    as if its low energy were measured; now the gap goes with it and STEP leaves it out."""
+    # A hole keeps an epoch open until the run's newest sample is max_lag_s past its end.
+    agg = Aggregator(store, max_lag_s=10.0)
+    agg.start_run({"run_id": "g", "planned_epochs": 10})
+    times = [float(t) for t in range(0, 100) if not (64 <= t < 80)]  # epoch 3: 60-80 s
+    agg.ingest_epochs(marks("g", [(e, 20.0 * e, 20.0 * e + 20.0) for e in range(5)]))
+    agg.ingest_samples(samples("g", times, [100.0] * len(times)))
+    ep = agg.epochs("g")
+    assert ep.filter(pl.col("epoch") == 3)["gap_s"][0] > 10
+    proj = agg.projection("g")
+    assert "epoch 3 left out of the stable mean" in proj["reason"]
+    # The other epochs hold 2,000 J each: the projection does not drag toward the short one.
+    remaining = 10 - ep.height
+    assert proj["energy_j"] == pytest.approx(ep["energy_j"].sum() + remaining * 2000.0, rel=0.02)

@@ -89,7 +89,7 @@ def test_online_step_leaves_a_gappy_epoch_out_of_the_regime() -> None:
         proj = online.update(10_000.0, 100.0, gap_s=60.0 if k == 5 else 0.0)
     assert proj.stable and proj.n_stable == 11
     assert proj.energy_j == pytest.approx(TRUTH_J)
-    assert "epoch 6" in proj.reason
+    assert "epoch 5 left out" in proj.reason  # numbered from 0, like epoch marks
 
 
 # ------------------------------------------------------------------------------ 2: time-mode units

@@ -24,6 +24,7 @@ from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.journal import Journal
 from profiler.schema import UTC_US, schema
 from profiler.store import Store
+from tests.test_aggregator import marks
 
 
 def samples(
@@ -59,18 +60,6 @@ def samples(
     )
     assert out.schema == full
     return out
-
-
-def marks(run_id: str, spans: list[tuple[int, float, float]]) -> pl.DataFrame:
-    return pl.DataFrame(
-        {
-            "run_id": [run_id] * len(spans),
-            "epoch": [e for e, _, _ in spans],
-            "start": [at(s) for _, s, _ in spans],
-            "end": [at(t) for _, _, t in spans],
-        },
-        schema_overrides={"start": UTC_US, "end": UTC_US},
-    )
 
 
 def stored_energy(store: Store, run_id: str) -> float:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import ExitStack
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from unittest import mock
 
@@ -20,18 +20,7 @@ from profiler.sources.base import PowerSample, samples_frame
 from profiler.sources.nvml import NvmlSource
 from profiler.sources.rapl import RaplSource
 from profiler.sources.replay import ReplaySource
-
-T0 = datetime(2024, 1, 1, 12, 0, 0, tzinfo=UTC)
-
-
-class StepClock:
-    """A monotonic clock the test advances by hand (seconds)."""
-
-    def __init__(self) -> None:
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
+from tests.test_sources import T0, StepClock
 
 
 # -- replay: looping a recorded energy counter ----------------------------------------------

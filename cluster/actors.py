@@ -216,6 +216,15 @@ def shard_of(run_id: str, shards: int) -> int:
     return zlib.crc32(run_id.encode("utf-8")) % shards if shards > 1 else 0
 
 
+def split_by_shard(df: pl.DataFrame, shards: int) -> dict[int, pl.DataFrame]:
+    """Rows cut by the shard that owns their run (rows without a run go to shard 0)."""
+    owner = {r: (0 if r is None else shard_of(r, shards)) for r in df["run_id"].unique().to_list()}
+    parts = df.with_columns(
+        pl.col("run_id").replace_strict(owner, default=0, return_dtype=pl.Int64).alias("_s")
+    ).partition_by("_s", as_dict=True, include_key=False)
+    return {int(k[0]): part for k, part in parts.items()}
+
+
 def aggregators(
     store_root: str | os.PathLike[str] | None = None,
     *,
@@ -324,25 +333,18 @@ class ShardView:
         """The run's projection, from its shard."""
         return self._call(shard_of(run_id, self.shards), "projection", run_id)  # type: ignore[no-any-return]
 
-    def _split(self, df: pl.DataFrame) -> dict[int, pl.DataFrame]:
-        owner = {
-            r: (0 if r is None else shard_of(r, self.shards))
-            for r in df["run_id"].unique().to_list()
-        }
-        parts = df.with_columns(
-            pl.col("run_id").replace_strict(owner, default=0, return_dtype=pl.Int64).alias("_s")
-        ).partition_by("_s", as_dict=True, include_key=False)
-        return {int(k[0]): part for k, part in parts.items()}
+    def _ingest(self, method: str, df: pl.DataFrame) -> int:
+        """``method`` on each shard with its part of ``df``; how many rows were new in all."""
+        parts = split_by_shard(df, self.shards)
+        return sum(int(self._call(k, method, part)) for k, part in parts.items())
 
     def ingest_samples(self, df: pl.DataFrame) -> int:
         """Samples cut per shard; returns how many were new over all shards."""
-        return sum(
-            int(self._call(k, "ingest_samples", part)) for k, part in self._split(df).items()
-        )
+        return self._ingest("ingest_samples", df)
 
     def ingest_epochs(self, df: pl.DataFrame) -> int:
         """Epoch marks cut per shard; returns how many were new over all shards."""
-        return sum(int(self._call(k, "ingest_epochs", part)) for k, part in self._split(df).items())
+        return self._ingest("ingest_epochs", df)
 
 
 class Router:
@@ -377,12 +379,7 @@ class Router:
         hs = self.handles()
         if len(hs) == 1:
             return [(hs[0], batch)]
-        ids = batch["run_id"].unique().to_list()
-        owner = {r: (0 if r is None else shard_of(r, len(hs))) for r in ids}
-        parts = batch.with_columns(
-            pl.col("run_id").replace_strict(owner, default=0, return_dtype=pl.Int64).alias("_s")
-        ).partition_by("_s", as_dict=True, include_key=False)
-        return [(hs[int(k[0])], part) for k, part in parts.items()]
+        return [(hs[k], part) for k, part in split_by_shard(batch, len(hs)).items()]
 
     def reset(self) -> None:
         """Look the shards up again next time."""

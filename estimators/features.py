@@ -399,7 +399,12 @@ def same_configuration(
     for side in (image_height, image_width):
         if side is not None and info.image_size is not None and int(side) != info.image_size:
             return False
-    return abs(float(gflops_forward) / info.gflops_forward - 1.0) <= SAME_CONFIG_TOLERANCE
+    return same_flops(float(gflops_forward), info.gflops_forward)
+
+
+def same_flops(gflops: float, reference: float) -> bool:
+    """Whether ``gflops`` is within :data:`SAME_CONFIG_TOLERANCE` of ``reference`` (> 0)."""
+    return reference > 0 and abs(gflops / reference - 1.0) <= SAME_CONFIG_TOLERANCE
 
 
 def _check_positive(job: JobDescription) -> None:

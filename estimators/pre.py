@@ -63,7 +63,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import polars as pl
 
-from estimators.features import FEATURES, SAME_CONFIG_TOLERANCE
+from estimators.features import FEATURES, same_flops
 from profiler.errors import BadInputError, NotFittedError, StoreError
 
 if TYPE_CHECKING:
@@ -191,11 +191,7 @@ def _seen(
         if k not in known:
             continue
         seen_g = flops.get(k)
-        out[i] = (
-            seen_g is None
-            or g is None
-            or any(s > 0 and abs(g / s - 1.0) <= SAME_CONFIG_TOLERANCE for s in seen_g)
-        )
+        out[i] = seen_g is None or g is None or any(same_flops(g, s) for s in seen_g)
     return out
 
 

@@ -504,12 +504,16 @@ class Sidecar:
             r.pending = None
             got += self._collect(r, fut, marks)
         got += marks
+        self._keep(got)
+        self.stats.ticks += 1
+        return len(got)
+
+    def _keep(self, got: list[tuple[PowerSample, str | None]]) -> None:
+        """Buffer samples (with their runs) and count them."""
         with self._lock:
             self._buffer.extend(got)
-        self.stats.ticks += 1
         self.stats.samples += len(got)
         self.stats.marked += sum(1 for s, _ in got if s.note)
-        return len(got)
 
     def _collect(
         self,
@@ -741,12 +745,7 @@ class Sidecar:
                 if fut.done():
                     r.pending = None
                     got += self._collect(r, fut, marks)
-            got += marks
-            if got:
-                with self._lock:
-                    self._buffer.extend(got)
-                self.stats.samples += len(got)
-                self.stats.marked += sum(1 for s, _ in got if s.note)
+            self._keep(got + marks)
 
     def close(self) -> None:
         """Stop (if running) and close every source."""

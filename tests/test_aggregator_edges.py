@@ -22,9 +22,10 @@ from conftest import at
 from estimators.energy import run_energy
 from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.journal import Journal
-from profiler.schema import UTC_US, schema
+from profiler.schema import schema
 from profiler.store import Store
 from tests.test_aggregator import marks
+from tests.test_aggregator import samples as base_samples
 
 
 def samples(
@@ -36,24 +37,7 @@ def samples(
     device: str = "0",
 ) -> pl.DataFrame:
     """A batch in the full ``samples`` schema (the sidecar's shape: the aggregator's fast path)."""
-    n = len(times)
-    df = pl.DataFrame(
-        {
-            "run_id": [run_id] * n,
-            "node": [node] * n,
-            "device": [device] * n,
-            "timestamp": [at(t) for t in times],
-            "power_w": power,
-            "energy_j": [None] * n,
-            "source": ["replay"] * n,
-        },
-        schema_overrides={
-            "timestamp": UTC_US,
-            "power_w": pl.Float64,
-            "energy_j": pl.Float64,
-            "run_id": pl.String,
-        },
-    )
+    df = base_samples(run_id, times, power, node=node, device=device)
     full = schema("samples")
     out = df.select(
         pl.col(c) if c in df.columns else pl.lit(None, dtype).alias(c) for c, dtype in full.items()

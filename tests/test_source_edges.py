@@ -20,7 +20,7 @@ from profiler.sources.base import PowerSample, samples_frame
 from profiler.sources.nvml import NvmlSource
 from profiler.sources.rapl import RaplSource
 from profiler.sources.replay import ReplaySource
-from tests.test_sources import T0, StepClock
+from tests.test_sources import T0, StepClock, write_rapl_zones
 
 
 # -- replay: looping a recorded energy counter ----------------------------------------------
@@ -94,11 +94,7 @@ def make_client_rapl_tree(root: Path) -> Path:
         "intel-rapl:0:2": ("dram", 2_000_000),
         "intel-rapl:1": ("psys", 5_000_000),
     }
-    for d, (name, uj) in zones.items():
-        (root / d).mkdir(parents=True)
-        (root / d / "name").write_text(name + "\n")
-        (root / d / "energy_uj").write_text(f"{uj}\n")
-        (root / d / "max_energy_range_uj").write_text("262143328850\n")
+    write_rapl_zones(root, zones, max_uj=262143328850)
     return root
 
 
@@ -120,10 +116,7 @@ def test_rapl_skips_unknown_top_level_zones(tmp_path: Path) -> None:
     """A top-level zone not named ``package...`` (and its sub-zones) is not a package."""
     root = make_client_rapl_tree(tmp_path / "powercap")
     (root / "intel-rapl:1" / "name").write_text("platform-thing\n")
-    (root / "intel-rapl:1:0").mkdir()
-    (root / "intel-rapl:1:0" / "name").write_text("dram\n")
-    (root / "intel-rapl:1:0" / "energy_uj").write_text("7\n")
-    (root / "intel-rapl:1:0" / "max_energy_range_uj").write_text("262143328850\n")
+    write_rapl_zones(root, {"intel-rapl:1:0": ("dram", 7)}, max_uj=262143328850)
     assert RaplSource(root).devices == ["package-0", "dram-0"]
     (root / "intel-rapl:0" / "name").write_text("psys\n")
     with pytest.raises(SourceUnavailableError, match="psys"):

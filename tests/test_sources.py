@@ -61,13 +61,18 @@ def make_rapl_tree(root: Path, *, pkg_uj: int = 1_000_000, max_uj: int = 10_000_
         "intel-rapl:0:0": ("core", 500),
         "intel-rapl:0:1": ("dram", 2_000_000),
     }
+    write_rapl_zones(root, zones, max_uj=max_uj)
+    (root / "intel-rapl-mmio:0").mkdir()
+    return root
+
+
+def write_rapl_zones(root: Path, zones: dict[str, tuple[str, int]], *, max_uj: int) -> None:
+    """Powercap zone folders: ``{folder: (name, energy_uj)}``, each with its counter range."""
     for d, (name, uj) in zones.items():
         (root / d).mkdir(parents=True)
         (root / d / "name").write_text(name + "\n")
         (root / d / "energy_uj").write_text(f"{uj}\n")
         (root / d / "max_energy_range_uj").write_text(f"{max_uj}\n")
-    (root / "intel-rapl-mmio:0").mkdir()
-    return root
 
 
 def set_uj(root: Path, zone: str, uj: int) -> None:

@@ -185,6 +185,16 @@ def test_the_manager_starts_one_sidecar_per_node_and_replaces_a_dead_one(
     assert mgr.reconcile() == []  # all there: nothing to do
     victim = started[0]
     ray.kill(mgr.handles[victim])
+    # ray.kill returns before the actor is gone: on a loaded machine one more ping can still
+    # be answered. Wait until it is dead, as a crashed sidecar would be.
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.get(mgr.handles[victim].ping.remote(), timeout=5)
+        except Exception:
+            break
+        assert time.monotonic() < deadline, "the killed sidecar still answers"
+        time.sleep(0.2)
     assert mgr.reconcile() == [victim]
     assert mgr.restarts == 1
     assert ray.get(mgr.handles[victim].ping.remote(), timeout=60) == mgr.names[victim]

@@ -26,10 +26,15 @@ exactly at the boundary), evaluated on the window. History is never
 recomputed per batch.
 
 **Exactly once.** Samples are deduplicated by (node, device, timestamp)
-inside the window; a sample older than its stream's window is *late*: it is
-stored (the store drops duplicates) but cannot change finished epochs, so the
-run is flagged and its final totals are recomputed from the store when it
-ends. A sample sent again with other values keeps its first value, in memory
+inside the window. A new sample older than the end of the run's last finished
+epoch was missed by that epoch. If its stream is new (a node whose first batch
+came after the epoch closed), the run's finished epochs and STEP are rebuilt
+from the store at once (``recomputed_runs``; once per such stream). Otherwise
+(a known stream's batch that lagged past the epoch's closing, or a sample older
+than the window) it is *late*: it is stored (the store drops duplicates) but
+does not change finished epochs while the run goes on, so ``late_samples``
+counts it and the run's final totals and epochs are recomputed from the store
+when it ends. A sample sent again with other values keeps its first value, in memory
 and in the store alike (the store skips it and counts it as ``rejected``); one
 batch with two values for one sample is refused. Samples go to the store in
 batches (``flush_rows`` / ``flush_interval_s``); with a write-ahead journal
@@ -292,6 +297,9 @@ class _Run:
     late: int = 0
     skipped: int = 0
     dirty: bool = False
+    # A stream first seen after an epoch closed brought samples of that epoch: the
+    # aggregator rebuilds the run from the store (see Aggregator._recompute_reopened).
+    reopened: bool = False
     sources: set[str] = field(default_factory=set)  # where its samples came from
     home: str | None = None  # node whose clock the run is aligned on (its marks' clock)
     marks_node: str | None = None  # node whose clock its epoch marks use, if not home
@@ -354,7 +362,11 @@ class _View:
         self.pruned = _cat([st.pruned[: len(st.names)] for st in runs], np.int64)
         sids, uss, ps, cs = [], [], [], []
         block_off: list[int] = []
+        fresh_l: list[bool] = []  # per block: a new chunk (True) or the window
         may_be_late = False
+        # Chunks reaching below the end of the run's last finished epoch can hold
+        # samples that epoch never saw.
+        below_wm = False
         for r, st in enumerate(runs):
             for blk in ([st.window] if st.window is not None else []) + st.chunks:
                 if blk.height:
@@ -363,19 +375,23 @@ class _View:
                     ps.append(blk.p)
                     cs.append(blk.c)
                     block_off.append(int(goff[r]))
+                    fresh_l.append(blk is not st.window)
             # Windows hold no sample below their stream's floor: only chunks reaching
             # below the highest floor can hold late samples.
             if st.chunks and st.oldest_new_us is not None and len(st.names):
                 may_be_late |= st.oldest_new_us < int(st.floor_us[: len(st.names)].max())
+                if st.watermark_us is not None:
+                    below_wm |= st.oldest_new_us < st.watermark_us
             st.chunks = []
             st.oldest_new_us = None
         gid = _cat(sids, np.int64)
+        lengths = [len(s) for s in sids]
         if sids:
-            lengths = [len(s) for s in sids]
             gid += np.repeat(np.array(block_off, dtype=np.int64), lengths)
         us = _cat(uss, np.int64)
         p = _cat(ps, np.float64)
         c = _cat(cs, np.float64)
+        fresh = np.repeat(np.array(fresh_l, dtype=bool), lengths) if below_wm else None
         # Samples with neither power nor a counter carry no measurement (as energy.py).
         empty = np.isnan(p) & np.isnan(c)
         if empty.any():
@@ -383,6 +399,7 @@ class _View:
                 runs[r].skipped += k
             keep = ~empty
             gid, us, p, c = gid[keep], us[keep], p[keep], c[keep]
+            fresh = fresh[keep] if fresh is not None else None
         # One stable sort by (stream, time): windows are sorted already and chunks
         # mostly are, so it runs on presorted stretches. Stable: the first arrival of a
         # duplicated (node, device, timestamp) comes first and is the one kept.
@@ -398,10 +415,12 @@ class _View:
                 key = gid * self.span + (inv.astype(np.int64) + 1)
             order = np.argsort(key, kind="stable")
             key, gid, us, p, c = key[order], gid[order], us[order], p[order], c[order]
+            fresh = fresh[order] if fresh is not None else None
             first = np.ones(len(key), dtype=bool)
             np.not_equal(key[1:], key[:-1], out=first[1:])
             if not first.all():
                 key, gid, us, p, c = key[first], gid[first], us[first], p[first], c[first]
+                fresh = fresh[first] if fresh is not None else None
         else:
             self.umin, self.span = 0, 3
             key = np.zeros(0, dtype=np.int64)
@@ -413,6 +432,9 @@ class _View:
                 runs[r].dirty = True
             keep = ~late
             key, gid, us, p, c = key[keep], gid[keep], us[keep], p[keep], c[keep]
+            fresh = fresh[keep] if fresh is not None else None
+        if fresh is not None:
+            self._missed(fresh, gid, us)
         self.key, self.gid, self.us, self.p, self.c = key, gid, us, p, c
         n = len(us)
         brk = np.flatnonzero(gid[1:] != gid[:-1]) + 1
@@ -424,6 +446,32 @@ class _View:
         unset = self.first_us[self.seg_g] == _UNSET
         self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
         self._build()
+
+    def _missed(self, fresh: np.ndarray, gid: np.ndarray, us: np.ndarray) -> None:
+        """Flag runs given new samples (not duplicates) older than their last finished epoch's end.
+
+        Such a sample belongs to a finished epoch that was computed without it.
+        If its stream was first seen now (a node whose first batch came after the
+        epoch closed), the run is marked ``reopened``: the aggregator rebuilds it
+        from the store, once per such stream. Otherwise (a known stream's batch
+        that lagged past the epoch's closing) the sample is counted as late and
+        the run's final totals are recomputed from the store when it ends.
+        """
+        wm = np.array(
+            [_UNSET if st.watermark_us is None else st.watermark_us for st in self.runs],
+            dtype=np.int64,
+        )
+        run_of = np.searchsorted(self.goff, gid, side="right") - 1
+        missed = fresh & (us < wm[run_of])
+        if not missed.any():
+            return
+        new_stream = self.first_us[gid[missed]] == _UNSET
+        for r, _ in self._per_run(gid[missed][new_stream]):
+            self.runs[r].reopened = True
+            self.runs[r].dirty = True
+        for r, k in self._per_run(gid[missed][~new_stream]):
+            self.runs[r].late += k
+            self.runs[r].dirty = True
 
     def _per_run(self, gids: np.ndarray) -> list[tuple[int, int]]:
         r = np.searchsorted(self.goff, gids, side="right") - 1
@@ -779,6 +827,7 @@ class Aggregator:
             "epochs": 0,
             "finished_runs": 0,
             "after_finish": 0,
+            "recomputed_runs": 0,
         }
 
     # -------------------------------------------------------------------------------- runs
@@ -962,6 +1011,8 @@ class Aggregator:
                 self._enqueue(None, seq)  # its journal entry is dropped with the next flush
                 raise
             self._enqueue(batch if write and self.store is not None else None, seq)
+            if write:
+                self._recompute_reopened()
         if write and self.store is not None:
             # Outside the lock: a store write does not hold up queries. By age, an ingest
             # call flushes only rows twice as old as the interval: the periodic
@@ -1084,6 +1135,7 @@ class Aggregator:
                 per_run_sources.setdefault(rid, set()).add(s)
         offs_l = offs.tolist()
         ready: list[_Run] = []
+        below: list[_Run] = []  # runs given samples older than their last finished epoch's end
         for pos, st in enumerate(states):
             a, b = offs_l[pos], offs_l[pos + 1]
             if st is None:
@@ -1101,7 +1153,14 @@ class Aggregator:
             st.newest_us = hi[pos] if st.newest_us is None else max(st.newest_us, hi[pos])
             if st.pending:
                 ready.append(st)
+            if st.watermark_us is not None and lo[pos] < st.watermark_us:
+                below.append(st)
         self._advance_many(ready)
+        # Merge the rest now, so that samples a finished epoch missed are seen at once
+        # (resent duplicates merge away).
+        merge = [st for st in below if st.chunks]
+        if merge:
+            self._view(merge).store()
 
     def ingest_epochs(
         self,
@@ -1184,12 +1243,37 @@ class Aggregator:
                 if st is not None and st.pending:
                     todo.append(st)
             self._advance_many(todo)
+            if write:
+                self._recompute_reopened()
         return marks.height
+
+    def _recompute_reopened(self) -> None:
+        """Rebuild from the store every run a new stream reopened (see :meth:`_View._missed`).
+
+        A node whose first batch arrives after an epoch closed holds samples of
+        that epoch; the run's finished epochs and its STEP projection are
+        recomputed from the store with them (once per such stream: afterwards
+        the stream is known, and its samples that come too late count as late).
+        Without a store the run is only marked for recomputation at its end.
+        """
+        if self.store is None:
+            return
+        for rid in [rid for rid, st in self._runs.items() if st.reopened]:
+            log.info(
+                "run %s: a node's first samples arrived after an epoch closed; recomputing "
+                "its finished epochs from the store",
+                rid,
+            )
+            self._reload(rid)
+            self.counters["recomputed_runs"] += 1
 
     # -------------------------------------------------------------------------------- epochs
     def _view(self, runs: list[_Run]) -> _View:
         """Merge the runs' new chunks into their windows and build their integration streams."""
-        return _View(runs, self.gap_threshold_s)
+        late = sum(st.late for st in runs)
+        view = _View(runs, self.gap_threshold_s)
+        self.counters["late"] += sum(st.late for st in runs) - late
+        return view
 
     def _advance_many(self, runs: list[_Run], *, force: bool = False) -> None:
         """Finish every pending epoch whose samples have arrived (all of them with ``force``).

@@ -327,7 +327,13 @@ class WattwiseCollector:
         out: list[Metric] = []
         for key, stem, doc in (
             ("samples", "samples", "Samples received in batches."),
-            ("late", "late_samples", "Samples older than their stream's window."),
+            ("late", "late_samples", "Samples that came after their epoch had closed."),
+            (
+                "recomputed_runs",
+                "recomputed_runs",
+                "Runs rebuilt from the store because a node's first samples came after "
+                "an epoch had closed.",
+            ),
             ("flushed", "flushed_samples", "Samples new to the store when written."),
             ("rejected", "rejected_samples", "Samples dropped because they conflict."),
             ("epochs", "epochs", "Epoch marks taken."),

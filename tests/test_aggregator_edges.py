@@ -347,3 +347,57 @@ def test_a_mostly_uncovered_epoch_is_left_out_of_the_live_projection(store: Stor
     # The other epochs hold 2,000 J each: the projection does not drag toward the short one.
     remaining = 10 - ep.height
     assert proj["energy_j"] == pytest.approx(ep["energy_j"].sum() + remaining * 2000.0, rel=0.02)
+
+
+# ------------------------------------------------------------- samples for closed epochs
+
+
+def test_a_node_whose_first_batch_comes_after_an_epoch_closed_is_counted_in_it(
+    store: Store,
+) -> None:
+    """Regression: node b's first batch arrived just after node a's had closed epoch 0; b's
+    samples of epoch 0 went into the window but not into the finished epoch, so the live
+    epoch (and STEP) kept node a's 400 J of 600 J and ``late_samples`` stayed 0."""
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "mn", "planned_epochs": 10})
+    agg.ingest_epochs(marks("mn", [(0, 0.0, 4.0), (1, 4.0, 10.0)]))
+    times = [float(t) for t in range(11)]
+    agg.ingest_samples(samples("mn", times, [100.0] * 11, node="a"))
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([400.0, 600.0])
+    agg.ingest_samples(samples("mn", times, [50.0] * 11, node="b"))
+    # Both epochs are recomputed from the store with node b's samples in them.
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([600.0, 900.0])
+    assert agg.stats()["recomputed_runs"] == 1
+    # STEP was fed again: 1,500 J measured, 150 W (it had 1,000 J at 100 W).
+    proj = agg.projection("mn")
+    assert (proj["measured_j"], proj["stable_power_w"]) == pytest.approx((1500.0, 150.0))
+    # Epoch 2 goes on from the recomputed state: both nodes count in it.
+    later = [float(t) for t in range(11, 21)]
+    agg.ingest_samples(samples("mn", later, [100.0] * 10, node="a"))
+    agg.ingest_samples(samples("mn", later, [50.0] * 10, node="b"))
+    agg.ingest_epochs(marks("mn", [(2, 10.0, 16.0)]))
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([600.0, 900.0, 900.0])
+    agg.finish_run("mn")
+    stored = Aggregator(store).epochs("mn")["energy_j"].to_list()
+    assert stored == pytest.approx([600.0, 900.0, 900.0])
+
+
+def test_new_samples_of_a_known_stream_for_a_closed_epoch_count_as_late(store: Store) -> None:
+    """Regression: a sample of a known stream arriving after its epoch closed but inside the
+    retain window was absorbed silently: the live epoch missed it and ``late_samples`` (and
+    the aggregator's ``late`` counter, always 0) did not say so. The final totals are
+    recomputed from the store."""
+    agg = Aggregator(store, max_lag_s=1.0)
+    agg.start_run({"run_id": "lk", "planned_epochs": 2})
+    agg.ingest_epochs(marks("lk", [(0, 0.0, 4.0), (1, 4.0, 10.0)]))
+    times = [float(t) for t in range(11)]
+    power = [100.0] * 11
+    power[2] = 300.0
+    full = samples("lk", times, power)
+    agg.ingest_samples(full.filter(pl.col("timestamp") != at(2)))
+    assert agg.status("lk")["epochs_done"] == 2  # closed over the hole after max_lag_s
+    agg.ingest_samples(full.filter(pl.col("timestamp") == at(2)))
+    assert agg.status("lk")["late_samples"] == 1
+    assert agg.stats()["late"] == 1
+    agg.finish_run("lk")
+    assert Aggregator(store).epochs("lk")["energy_j"].to_list() == pytest.approx([600.0, 600.0])

@@ -755,3 +755,75 @@ def test_seaa2023_conflict_with_stored_sample_writes_nothing(tmp_path: Path) -> 
     with pytest.raises(BadInputError, match=r"run 'local-v2-vgg16-00'.*already in the store"):
         import_seaa2023(store, folder, progress=False)
     assert snapshot(store.root) == before
+
+
+def mig_line(metric: str, value: str, instance: str, profile: str = "3g.40gb") -> str:
+    labels = (
+        f'gpu="0",UUID="GPU-a",device="nvidia0",{H100},GPU_I_PROFILE="{profile}",'
+        f'GPU_I_ID="{instance}",Hostname="n1"'
+    )
+    return dcgm_line(metric, value, labels)
+
+
+def test_dcgm_mig_instances_make_one_sample_of_their_gpu() -> None:
+    """Regression: a GPU in MIG mode, whose instances' lines carry different frame-buffer
+    use, was refused as 'the metric appears twice', so the whole scrape was lost."""
+    text = "\n".join(
+        [
+            mig_line("DCGM_FI_DEV_POWER_USAGE", "212.5", "1"),
+            mig_line("DCGM_FI_DEV_POWER_USAGE", "212.5", "2"),
+            mig_line("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "5000000", "1"),
+            mig_line("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "5000000", "2"),
+            mig_line("DCGM_FI_DEV_FB_USED", "30000", "1"),
+            mig_line("DCGM_FI_DEV_FB_USED", "1200", "2"),
+            mig_line("DCGM_FI_DEV_GPU_TEMP", "50", "1"),
+            mig_line("DCGM_FI_DEV_GPU_TEMP", "NaN", "2"),
+            dcgm_line(
+                "DCGM_FI_DEV_POWER_USAGE", "90", f'gpu="1",UUID="GPU-b",{H100},Hostname="n1"'
+            ),
+        ]
+    )
+    df = parse_dcgm_text(text, timestamp=AT)
+    assert df["device"].to_list() == ["GPU-a", "GPU-b"]
+    a = df.row(0, named=True)
+    assert (a["power_w"], a["energy_j"], a["mem_used_mib"], a["temp_c"]) == (
+        212.5,
+        5000.0,
+        31200.0,
+        50.0,
+    )
+    assert df.row(1, named=True)["power_w"] == 90.0
+
+
+def test_dcgm_whole_gpu_line_wins_over_its_mig_instances() -> None:
+    text = "\n".join(
+        [
+            mig_line("DCGM_FI_DEV_FB_USED", "30000", "1"),
+            dcgm_line("DCGM_FI_DEV_FB_USED", "40000"),
+            mig_line("DCGM_FI_DEV_FB_USED", "1200", "2"),
+        ]
+    )
+    assert parse_dcgm_text(text, timestamp=AT)["mem_used_mib"].to_list() == [40000.0]
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        (
+            [mig_line("DCGM_FI_DEV_POWER_USAGE", "200", "1"),
+             mig_line("DCGM_FI_DEV_POWER_USAGE", "210", "2")],
+            r'line 2 DCGM_FI_DEV_POWER_USAGE\{gpu="0",UUID="GPU-a",GPU_I_ID="2",Hostname="n1"\}: '
+            r"this reading of the whole GPU differs between its MIG instances \(200\.0 at "
+            r'scrape\.txt, line 1 .*GPU_I_ID="1".*, 210\.0 here\); expected one value',
+        ),
+        (
+            [mig_line("DCGM_FI_DEV_FB_USED", "100", "1"),
+             mig_line("DCGM_FI_DEV_FB_USED", "101", "1")],
+            r"line 2 .*appears twice for MIG instance 1 of this device and time, with 100\.0 and "
+            r"101\.0",
+        ),
+    ],
+)  # fmt: skip
+def test_dcgm_mig_disagreements_are_refused_with_the_place(lines: list[str], message: str) -> None:
+    with pytest.raises(BadInputError, match=message):
+        parse_dcgm_text("\n".join(lines), timestamp=AT, file="scrape.txt")

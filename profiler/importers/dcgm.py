@@ -22,6 +22,13 @@ metric                                 unit              samples column
 ``DCGM_FI_DEV_GPU_TEMP``               C (gauge)         ``temp_c``
 =====================================  ================  =====================
 
+**MIG.** With MIG on, dcgm-exporter prints one line per GPU instance (a
+``GPU_I_ID`` label) under the physical GPU's ``UUID`` and ``gpu`` labels. The
+instances' lines make one sample of that GPU: its frame-buffer use is the sum
+over the instances; power, energy, utilisation and temperature are readings of
+the whole GPU, repeated on each instance's line, and must agree. A line without
+``GPU_I_ID`` (the whole GPU) wins over its instances' lines.
+
 The device is the ``UUID`` label, else the ``gpu`` label; the node is the
 ``node`` argument when given (in Kubernetes ``Hostname`` is the exporter pod's
 name, not the node's), else the ``Hostname`` or ``hostname`` label; the model
@@ -131,7 +138,7 @@ def _parse_labels(text: str, label: str) -> dict[str, str]:
 
 
 def _label_set(labels: dict[str, str]) -> str:
-    keep = ("gpu", "UUID", "Hostname", "hostname")
+    keep = ("gpu", "UUID", "GPU_I_ID", "Hostname", "hostname")
     return "{" + ",".join(f'{k}="{labels[k]}"' for k in keep if k in labels) + "}"
 
 
@@ -167,6 +174,27 @@ def _empty() -> pl.DataFrame:
     )
 
 
+def _merge_instances(
+    rec: dict[str, object], columns: dict[str, dict[str, tuple[float | None, str]]]
+) -> None:
+    """Put the MIG instance lines of one GPU and time into its sample ``rec`` (see module doc)."""
+    for column, by_instance in columns.items():
+        if column in rec:
+            continue  # the whole GPU's own line wins
+        values = [v for v, _ in by_instance.values() if v is not None]
+        if column == "mem_used_mib":
+            rec[column] = sum(values) if values else None
+            continue
+        if len(set(values)) > 1:
+            read = [(v, at) for v, at in by_instance.values() if v is not None]
+            (a, at_a), (b, at_b) = min(read), max(read)
+            raise BadInputError(
+                f"{at_b}this reading of the whole GPU differs between its MIG instances "
+                f"({a} at {at_a.rstrip(': ')}, {b} here); expected one value"
+            )
+        rec[column] = values[0] if values else None
+
+
 def parse_dcgm_text(
     text: str,
     *,
@@ -195,11 +223,14 @@ def parse_dcgm_text(
             number, a negative power or energy, a line with neither a
             timestamp nor a ``timestamp`` argument, a line without ``UUID`` or
             ``gpu`` label, no node name, or two different values of one
-            metric for the same device and time.
+            metric for the same device and time (for MIG instances: for the same
+            instance, or two instances' readings of the whole GPU that differ).
 
     """
     default_ts = _utc(timestamp) if timestamp is not None else None
     rows: dict[tuple[str, str, datetime], dict[str, object]] = {}
+    # MIG instance lines: (node, device, time) -> column -> instance id -> (value, where).
+    inst: dict[tuple[str, str, datetime], dict[str, dict[str, tuple[float | None, str]]]] = {}
     for i, raw in enumerate(text.splitlines()):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -256,6 +287,16 @@ def parse_dcgm_text(
         rec["model"] = rec["model"] or labels.get("modelName") or None
         if value is not None:
             value /= metric.divisor
+        gi = labels.get("GPU_I_ID")
+        if gi:
+            seen = inst.setdefault((host, device, ts), {}).setdefault(metric.column, {})
+            if gi in seen and seen[gi][0] != value:
+                raise BadInputError(
+                    f"{at}the metric appears twice for MIG instance {gi} of this device and "
+                    f"time, with {seen[gi][0]} and {value}; expected one value"
+                )
+            seen[gi] = (value, at)
+            continue
         old = rec.get(metric.column)
         if metric.column in rec and old != value:
             raise BadInputError(
@@ -263,6 +304,8 @@ def parse_dcgm_text(
                 "expected one value"
             )
         rec[metric.column] = value
+    for key, columns in inst.items():
+        _merge_instances(rows[key], columns)
     if not rows:
         return _empty()
     df = pl.DataFrame(

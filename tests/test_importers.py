@@ -644,6 +644,8 @@ def test_seaa2023_mapping_and_idempotence(tmp_path: Path) -> None:
     assert cloud["duration_s"] == 2.5  # as reported
     assert (cloud["gpu_count"], cloud["planned_epochs"], cloud["status"]) == (1, None, "finished")
     assert (cloud["batch_size"], cloud["trained_epochs"], cloud["gflops_forward"]) == (32, 40, 15.5)
+    # Not in the dataset: every run trained on 128 x 128 images (the authors' code).
+    assert (cloud["image_height"], cloud["image_width"]) == (128, 128)
     config = json.loads(str(cloud["config"]))
     assert config == {
         "environment": "Cloud",

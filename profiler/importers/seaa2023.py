@@ -15,7 +15,10 @@ Mapping onto the store:
   Durations and energies do not depend on this; wall-clock times are off by
   the machine's UTC offset.
 * ``runs.parquet`` -> ``runs``: ``job_name`` = ``run_id``; ``node_type`` =
-  the environment slug; ``gpu_count`` 1; ``planned_epochs`` null (the runs
+  the environment slug; ``gpu_count`` 1; ``image_height`` and ``image_width``
+  128 (the dataset does not record them; the authors' training code,
+  ``src/models`` of the replication package, trains every architecture on
+  128 x 128 images); ``planned_epochs`` null (the runs
   used early stopping, so the plan is unknown); status ``finished``; start
   and end from the trace (null without one); ``duration_s`` as reported;
   ``energy_j`` the trapezoidal integral of the trace
@@ -62,6 +65,8 @@ _SAME = (
     "trained_epochs",
     "duration_s",
 )
+#: Input size of every SEAA 2023 run (GAISSA-UPC/seaa2023_ect, src/models); not in the data.
+SEAA_IMAGE_SIZE = 128
 _RUNS_NEED = (*_SAME, "environment", "gpu_energy_j")
 _TRACES_NEED = ("run_id", "timestamp", "power_w")
 _TRACE_VALUES = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c")
@@ -187,6 +192,8 @@ def _run_rows(runs: pl.DataFrame, energy: pl.DataFrame, file: str) -> pl.DataFra
         pl.lit(1, pl.Int64).alias("gpu_count"),
         "architecture",
         "batch_size",
+        pl.lit(SEAA_IMAGE_SIZE, pl.Int64).alias("image_height"),
+        pl.lit(SEAA_IMAGE_SIZE, pl.Int64).alias("image_width"),
         "training_size",
         "validation_size",
         pl.col("gflops_forward").cast(pl.Float64),

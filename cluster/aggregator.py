@@ -29,7 +29,9 @@ recomputed per batch.
 inside the window. A new sample older than the end of the run's last finished
 epoch was missed by that epoch. If its stream is new (a node whose first batch
 came after the epoch closed), the run's finished epochs and STEP are rebuilt
-from the store at once (``recomputed_runs``; once per such stream). Otherwise
+from the store at once (``recomputed_runs``; once per such stream; epochs
+finished before stay finished; if the store cannot be read the run keeps its
+live state and the rebuild is tried again 5 s later). Otherwise
 (a known stream's batch that lagged past the epoch's closing, or a sample older
 than the window) it is *late*: it is stored (the store drops duplicates) but
 does not change finished epochs while the run goes on, so ``late_samples``
@@ -238,6 +240,8 @@ class Debounced:
 
 #: "Not set" in the per-stream int64 arrays (floor, first sample time).
 _UNSET = np.iinfo(np.int64).min
+#: After a failed rebuild of a reopened run (the store is down), wait this long (µs).
+_REOPEN_RETRY_US = 5_000_000
 _POWER, _COUNTER, _GAP = 0, 1, 2  # interval kinds, as estimators.energy
 
 
@@ -300,6 +304,10 @@ class _Run:
     # A stream first seen after an epoch closed brought samples of that epoch: the
     # aggregator rebuilds the run from the store (see Aggregator._recompute_reopened).
     reopened: bool = False
+    retry_reopen_us: int = 0  # after a failed rebuild, not before this time
+    # Epochs ending at or before this were finished before a rebuild from the store:
+    # they stay finished (live epochs and projections never go backwards).
+    keep_done_us: int = _UNSET
     sources: set[str] = field(default_factory=set)  # where its samples came from
     home: str | None = None  # node whose clock the run is aligned on (its marks' clock)
     marks_node: str | None = None  # node whose clock its epoch marks use, if not home
@@ -815,6 +823,7 @@ class Aggregator:
         self._queue_lock = threading.Lock()
         self._wal_lock = threading.Lock()
         self._inflight_rows = 0  # of ``_pending_rows``, those a flush is writing now
+        self._reopened: set[str] = set()  # runs a new stream reopened (to rebuild)
         self.node_lag_s: dict[str, float] = {}
         self.offsets = ClockOffsets(clock_window)
         self.counters: dict[str, int] = {
@@ -1154,10 +1163,12 @@ class Aggregator:
             if st.pending:
                 ready.append(st)
             if st.watermark_us is not None and lo[pos] < st.watermark_us:
-                below.append(st)
+                sids = np.unique(row_sid[a:b])
+                if (st.first_us[sids] == _UNSET).any():
+                    below.append(st)
         self._advance_many(ready)
-        # Merge the rest now, so that samples a finished epoch missed are seen at once
-        # (resent duplicates merge away).
+        # A new stream's samples older than the last finished epoch's end: merge them
+        # now, so that the epochs that missed them are recomputed at once.
         merge = [st for st in below if st.chunks]
         if merge:
             self._view(merge).store()
@@ -1169,6 +1180,7 @@ class Aggregator:
         write: bool = True,
         node: str | None = None,
         sent_at: datetime | None = None,
+        replay: bool = False,
     ) -> int:
         """Take epoch marks (``epochs`` schema); returns the marks taken.
 
@@ -1181,6 +1193,7 @@ class Aggregator:
             write: Store them (``False`` when rebuilding from the store).
             node: Node whose clock the marks use (``None``: the run's home node).
             sent_at: The sender's clock when it sent them (for the offset estimate).
+            replay: Marks replayed from the store (a rebuild): not counted as taken.
 
         Raises:
             SchemaError: The marks do not fit the ``epochs`` schema.
@@ -1228,7 +1241,8 @@ class Aggregator:
                     rebuild.add(rid)  # an earlier epoch arrived after later ones finished
                     continue
                 st.pending[int(epoch)] = (int(s), int(e))
-                self.counters["epochs"] += 1
+                if not replay:
+                    self.counters["epochs"] += 1
             for rid in rebuild:
                 if write and self.store is not None:
                     log.warning(
@@ -1256,15 +1270,37 @@ class Aggregator:
         the stream is known, and its samples that come too late count as late).
         Without a store the run is only marked for recomputation at its end.
         """
-        if self.store is None:
+        if self.store is None or not self._reopened:
             return
-        for rid in [rid for rid, st in self._runs.items() if st.reopened]:
+        now = self.clock()
+        for rid in sorted(self._reopened):
+            st = self._runs.get(rid)
+            if st is None or not st.reopened:
+                self._reopened.discard(rid)
+                continue
+            if now < st.retry_reopen_us:
+                continue
             log.info(
                 "run %s: a node's first samples arrived after an epoch closed; recomputing "
                 "its finished epochs from the store",
                 rid,
             )
-            self._reload(rid)
+            try:
+                self._reload(rid)
+            except Exception as err:  # the store is down: keep the run as it is, try later
+                st.retry_reopen_us = now + _REOPEN_RETRY_US
+                log.warning(
+                    "run %s: recomputing it from the store at %s failed (%s: %s); it keeps its "
+                    "live state and is tried again in %.0f s (its totals are recomputed at its "
+                    "end in any case)",
+                    rid,
+                    getattr(self.store, "root", None),
+                    type(err).__name__,
+                    err,
+                    _REOPEN_RETRY_US / 1e6,
+                )
+                continue
+            self._reopened.discard(rid)
             self.counters["recomputed_runs"] += 1
 
     # -------------------------------------------------------------------------------- epochs
@@ -1273,6 +1309,7 @@ class Aggregator:
         late = sum(st.late for st in runs)
         view = _View(runs, self.gap_threshold_s)
         self.counters["late"] += sum(st.late for st in runs) - late
+        self._reopened.update(st.run_id for st in runs if st.reopened)
         return view
 
     def _advance_many(self, runs: list[_Run], *, force: bool = False) -> None:
@@ -1304,6 +1341,8 @@ class Aggregator:
             ready = np.ones(len(ep_run), dtype=bool)
         else:
             ready = self._ready(view, ep_run, ep_s, ep_e)
+            keep = np.array([st.keep_done_us for st, _ in cand], dtype=np.int64)
+            ready |= ep_e <= keep[ep_run]
         # Per run, the pending epochs up to the first that is not ready.
         chosen: list[int] = []
         runs_done: list[int] = []
@@ -1821,25 +1860,48 @@ class Aggregator:
                 "projection": _projection_dict(None, f"not rebuilt after a restart: {reason}"),
             }
 
-    def _load(self, row: dict[str, Any]) -> None:
+    def _load(self, row: dict[str, Any], *, keep_done_us: int = _UNSET, late: int = 0) -> None:
+        """(Re)build a run from the store; its old state stays if reading or replaying fails.
+
+        Args:
+            row: The run's record.
+            keep_done_us: Epochs ending at or before this (µs) finish whether or not
+                every stream covers them (they were finished before the rebuild).
+            late: Late samples counted before the rebuild.
+
+        """
         assert self.store is not None
         run_id = str(row["run_id"])
-        self._runs.pop(run_id, None)
-        self.start_run(row, write=False)
         samples = self.store.samples(run_id)
-        if samples.height:
-            self._absorb(samples, live=False)
         marks = self.store.epochs(run_id)
-        if marks.height:
-            self.ingest_epochs(marks, write=False)
+        old = self._runs.pop(run_id, None)
+        try:
+            self.start_run(row, write=False)
+            st = self._runs[run_id]
+            st.keep_done_us, st.late = keep_done_us, late
+            if samples.height:
+                self._absorb(samples, live=False)
+            if marks.height:
+                self.ingest_epochs(marks, write=False, replay=True)
+        except BaseException:
+            self._runs.pop(run_id, None)
+            if old is not None:
+                self._runs[run_id] = old
+            raise
 
     def _reload(self, run_id: str) -> None:
-        """Rebuild one run from the store (after marks arrived out of order)."""
+        """Rebuild one run from the store (marks out of order, samples an epoch missed).
+
+        Epochs finished before stay finished, and the run's late count is kept.
+        """
         assert self.store is not None
         self.flush()
         st = self._runs.get(run_id)
         row = st.row if st is not None else self.store.run(run_id)
-        self._load(dict(row))
+        keep = _UNSET
+        if st is not None and st.watermark_us is not None:
+            keep = max(st.watermark_us, st.keep_done_us)
+        self._load(dict(row), keep_done_us=keep, late=st.late if st is not None else 0)
 
     # -------------------------------------------------------------------------------- queries
     def _summary(self, st: _Run, *, live: dict[str, Any] | None = None) -> dict[str, Any]:

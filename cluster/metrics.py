@@ -327,7 +327,11 @@ class WattwiseCollector:
         out: list[Metric] = []
         for key, stem, doc in (
             ("samples", "samples", "Samples received in batches."),
-            ("late", "late_samples", "Samples that came after their epoch had closed."),
+            (
+                "late",
+                "late_samples",
+                "Samples that came after their epoch had closed (resent copies included).",
+            ),
             (
                 "recomputed_runs",
                 "recomputed_runs",

@@ -382,6 +382,71 @@ def test_a_node_whose_first_batch_comes_after_an_epoch_closed_is_counted_in_it(
     assert stored == pytest.approx([600.0, 900.0, 900.0])
 
 
+def two_node_run(store: Store, **kwargs: object) -> Aggregator:
+    """Run ``mn`` with epochs 0-4 s and 4-10 s, both finished on node a's 100 W alone."""
+    agg = Aggregator(store, **kwargs)  # type: ignore[arg-type]
+    agg.start_run({"run_id": "mn", "planned_epochs": 10})
+    agg.ingest_epochs(marks("mn", [(0, 0.0, 4.0), (1, 4.0, 10.0)]))
+    agg.ingest_samples(samples("mn", [float(t) for t in range(11)], [100.0] * 11, node="a"))
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([400.0, 600.0])
+    return agg
+
+
+def test_a_node_starting_inside_a_closed_epoch_does_not_unfinish_it(store: Store) -> None:
+    """Found in review: after the rebuild, node b's first sample 2 s into epoch 0 looked like
+    a hole, so both finished epochs went back to pending and the projection disappeared."""
+    agg = two_node_run(store)
+    agg.ingest_samples(samples("mn", [float(t) for t in range(2, 11)], [50.0] * 9, node="b"))
+    # Node b adds 50 W x 4 s to epoch 0: 2-4 s measured, 0-2 s its first power held (up
+    # to the 5 s gap threshold, as estimators.energy does).
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([600.0, 900.0])
+    assert agg.status("mn")["epochs_pending"] == 0
+    assert agg.projection("mn")["energy_j"] is not None
+
+
+def test_a_failed_rebuild_keeps_the_live_state_and_ingest_goes_on(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: a store read failing during the rebuild left the run empty (and its
+    wrong total was stored at the end), and a store outage made every later batch fail."""
+    now = [0]
+    agg = two_node_run(store, clock=lambda: now[0])
+    real = store.samples
+    broken = [True]
+
+    def samples_or_fail(run_id: str) -> pl.DataFrame:
+        if broken[0]:
+            raise StoreError("store unreadable")
+        return real(run_id)
+
+    monkeypatch.setattr(store, "samples", samples_or_fail)
+    times = [float(t) for t in range(11)]
+    agg.ingest_samples(samples("mn", times, [50.0] * 11, node="b"))  # does not raise
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([400.0, 600.0])
+    assert agg.status("mn")["devices"] == 2
+    agg.ingest_samples(samples("other", [100.0], [10.0], node="z"))  # other runs go on too
+    broken[0] = False
+    agg.ingest_samples(samples("other", [101.0], [10.0], node="z"))
+    assert agg.stats()["recomputed_runs"] == 0  # not before the retry time
+    now[0] += 6_000_000
+    agg.ingest_samples(samples("other", [102.0], [10.0], node="z"))
+    assert agg.epochs("mn")["energy_j"].to_list() == pytest.approx([600.0, 900.0])
+    assert agg.stats()["recomputed_runs"] == 1
+
+
+def test_a_rebuild_keeps_the_counters(store: Store) -> None:
+    """Found in review: each rebuild counted the run's epoch marks again, and reset its
+    late samples to 0."""
+    agg = two_node_run(store, max_lag_s=1.0)
+    late = samples("mn", [2.5], [100.0], node="a")
+    agg.ingest_samples(late)
+    assert agg.status("mn")["late_samples"] == 1
+    agg.ingest_samples(samples("mn", [float(t) for t in range(11)], [50.0] * 11, node="b"))
+    assert agg.stats()["recomputed_runs"] == 1
+    assert agg.stats()["epochs"] == 2
+    assert agg.status("mn")["late_samples"] == 1
+
+
 def test_new_samples_of_a_known_stream_for_a_closed_epoch_count_as_late(store: Store) -> None:
     """Regression: a sample of a known stream arriving after its epoch closed but inside the
     retain window was absorbed silently: the live epoch missed it and ``late_samples`` (and

@@ -126,11 +126,15 @@ def ray_options(hints: Mapping[str, Any], *, num_cpus: float = 1.0) -> dict[str,
 
 
 def hints_for(node: NodeType) -> dict[str, Any]:
-    """Hints for one node type: :func:`estimators.recommend.placement` plus Ray options."""
+    """Hints for one node type: :func:`estimators.recommend.placement` plus Ray options.
+
+    A CPU node type (see :func:`_is_cpu`) has no accelerator to select on: its
+    hints are :func:`simple_hints`, the node-type resource alone and no GPUs.
+    """
+    if _is_cpu(node.gpu_model):  # before placement(): 'cpu' is no GPU model it knows
+        return simple_hints(node.name)
     out = placement(node)
-    out["gpu"] = not _is_cpu(node.gpu_model)
-    if not out["gpu"]:  # a CPU node type (the demo's): no accelerator to select on
-        out.update(accelerator_type=None, label_selector={}, k8s_node_selector={}, num_gpus=0)
+    out["gpu"] = True
     out["ray_options"] = ray_options(out)
     return out
 
@@ -180,7 +184,9 @@ def recommend_hints(
         and, with a model, ``recommendation`` (the ranking as JSON).
 
     Raises:
-        BadInputError: An unknown named node type or an empty inventory.
+        BadInputError: An unknown named node type, an empty inventory, or a
+            model and a node type whose ``gpu_model`` is just ``cpu`` (PRE needs
+            its numbers; name it, or describe it as a spec with ``kind: cpu``).
 
     """
     from estimators.recommend import recommend
@@ -200,6 +206,14 @@ def recommend_hints(
             **hints_for(chosen),
             "source": "default node type (no PRE model yet: run 'wattwise retrain')",
         }
+    bare_cpu = [n.name for n in inventory if isinstance(n.gpu_model, str) and _is_cpu(n.gpu_model)]
+    if bare_cpu:
+        raise BadInputError(
+            f"PRE cannot rank node type {bare_cpu[0]!r}: its gpu_model is just 'cpu', without "
+            'the numbers PRE predicts from; describe it as a spec, e.g. {"kind": "cpu", '
+            '"gpu_board_power_w": ..., "gpu_fp32_tflops": ..., ...} (as the demo does), '
+            f"or pick a node type with --node-type (CPU node types: {bare_cpu})"
+        )
     rec = recommend(model, job, inventory, objective=objective)  # type: ignore[arg-type]
     best = rec.table.row(0, named=True)
     return {

@@ -131,3 +131,63 @@ def test_placement_cli_prints_json_hints_from_an_inventory_file(
     assert out["node_type"] == "gpu-t4"
     assert out["ray_resources"] == {"node_type:gpu-t4": 0.001}
     assert out["label_selector"] == {"ray.io/accelerator-type": "T4"}
+
+
+CPU_INVENTORY = [
+    {"name": "cpu-pool", "gpu_model": "cpu", "default": True},
+    {"name": "g", "gpu_model": "RTX 3090"},
+]
+#: What a CPU node type is placed with: its node-type resource, no accelerator to select on.
+CPU_HINTS = {
+    "node_type": "cpu-pool",
+    "ray_resources": {"node_type:cpu-pool": 0.001},
+    "accelerator_type": None,
+    "label_selector": {},
+    "k8s_node_selector": {},
+    "num_gpus": 0,
+    "gpu": False,
+    "ray_options": {"resources": {"node_type:cpu-pool": 0.001}, "num_cpus": 1.0, "num_gpus": 0.0},
+}
+
+
+@pytest.mark.parametrize("model", ["cpu", "CPU", {"name": "modelled CPU", "kind": "cpu"}])
+def test_a_cpu_node_type_gets_hints_without_an_accelerator(model: Any) -> None:
+    assert hints_for(NodeType(name="cpu-pool", gpu_model=model)) == CPU_HINTS
+
+
+@pytest.mark.parametrize("named", [True, False])
+def test_placement_cli_places_on_a_cpu_node_type_named_or_default(
+    named: bool, tmp_path: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from cluster.cli import main
+
+    inv = tmp_path / "inv.json"
+    inv.write_text(json.dumps(CPU_INVENTORY))
+    argv = ["placement", "--arch", "resnet18", "--inventory", str(inv), "--json"]
+    rc = main(argv + (["--node-type", "cpu-pool"] if named else []))
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    out = json.loads(captured.out)
+    source = out.pop("source")
+    assert source == "named" if named else source.startswith("default node type (no PRE model")
+    assert out == CPU_HINTS
+    # the human-readable form says the same
+    assert main(argv[:-1] + (["--node-type", "cpu-pool"] if named else [])) == 0
+    text = capsys.readouterr().out
+    assert "node type: cpu-pool" in text and "k8s nodeSelector: {}" in text
+
+
+def test_pre_refuses_a_cpu_node_type_it_has_no_numbers_for() -> None:
+    from estimators.pre import PREModel
+    from tests.test_pre import SMALL, synthetic
+
+    model = PREModel(**SMALL).fit(synthetic(4, 5, sigma=0.02, seed=5))
+    inv = [NodeType(name="cpu-pool", gpu_model="cpu"), NodeType(name="g", gpu_model="RTX 3090")]
+    with pytest.raises(
+        BadInputError, match=r"node type 'cpu-pool'.*'cpu'.*\"kind\": \"cpu\".*--node-type"
+    ):
+        recommend_hints(JOB, inv, model)
+    # naming it needs no prediction
+    assert recommend_hints(JOB, inv, model, node_type="cpu-pool")["gpu"] is False

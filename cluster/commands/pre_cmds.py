@@ -12,7 +12,7 @@ from cluster.commands.common import add_store_option, console, open_store, read_
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
-    pass
+    from rich.console import Console
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -151,7 +151,10 @@ def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]
         "predicted, 90 % intervals"
     )
     for c in ("rank", "node type", "GPU", "energy kWh", "interval kWh", "time h", "cost", "gCO2e"):
-        t.add_column(c, justify="right" if c not in ("node type", "GPU") else "left")
+        # fold, never cut: a narrow terminal wraps a number or name but keeps all of it
+        t.add_column(
+            c, justify="right" if c not in ("node type", "GPU") else "left", overflow="fold"
+        )
     for r in rec.table.iter_rows(named=True):
         lo, hi = r["total_lower_kwh"], r["total_upper_kwh"]
         t.add_row(
@@ -164,7 +167,7 @@ def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]
             "" if r["cost"] is None else f"{r['cost']:.2f}",
             "" if r["carbon_g"] is None else f"{r['carbon_g']:.0f}",
         )
-    out = console()
+    out = wide_console(t)
     out.print(t)
     out.print(
         f"choose {rec.chosen}: saves {rec.savings_vs_worst_pct:.1f} % vs the worst"
@@ -186,6 +189,21 @@ def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]
             f"(trained on {args.arch} at: {at}): predicted as a new architecture, with the "
             "wider interval"
         )
+
+
+def wide_console(*renderables: Any) -> Console:
+    """The CLI's console, wide enough for ``renderables`` when output is not a terminal.
+
+    Outside a terminal rich falls back to 80 columns (or ``$COLUMNS``) and would
+    cut a wide table's cells with an ellipsis; a file or pipe has no width, so
+    there every table is printed at its natural width, whole.
+    """
+    out = console()
+    if not out.is_terminal and renderables:
+        wide = out.options.update_width(1_000_000)
+        need = max(out.measure(r, options=wide).maximum for r in renderables)
+        out.width = max(out.width, need)
+    return out
 
 
 # ----------------------------------------------------------------------------- bench

@@ -21,7 +21,7 @@ import numpy as np
 import polars as pl
 
 from estimators.step import Detector, OnlineStep, Projection, RunPlan, Step, Trace, run_epochs
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, StoreError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
@@ -66,6 +66,8 @@ def projection_history(
         (J), ``stable``, ``stable_start_s``.
 
     """
+    if not 0.0 < confidence < 1.0:  # OnlineStep takes it as given: refuse it here, as Step does
+        raise BadInputError(f"confidence must be in (0, 1); found {confidence}")
     trace = Trace.from_samples(samples)
     plan = replace(plan, finished=False)  # replay as the run was seen while it ran
     rows: list[dict[str, object]] = []
@@ -203,11 +205,16 @@ def write_report(
     """Write the report as PNG or HTML, chosen by ``out``'s suffix.
 
     The final truth is the measured total of a finished run; for a run still
-    going, the last projection is shown without a truth line.
+    going, the last projection is shown without a truth line. The file is
+    written through a temporary file and a rename, so it is either the whole
+    report or absent (an old one is kept); a missing folder is created, as
+    every ``--out`` of the CLI does.
 
     Raises:
-        BadInputError: ``out`` is neither ``.png`` nor ``.html``, or no history
-            can be made (see :func:`projection_history`).
+        BadInputError: ``out`` is neither ``.png`` nor ``.html``, a bad
+            ``confidence``, or no history can be made (see
+            :func:`projection_history`).
+        StoreError: The file could not be written.
 
     """
     out = Path(out)
@@ -221,7 +228,7 @@ def write_report(
     fig.savefig(buf, format="png", dpi=110)
     png = buf.getvalue()
     if suffix == ".png":
-        out.write_bytes(png)
+        _write(png, out)
         return out
     last = history.row(-1, named=True) if history.height else None
     rows = "".join(
@@ -252,8 +259,25 @@ def write_report(
         "projection) with their band, as they would have been shown after each epoch.</p>"
         f"<table><tr>{head}</tr>{rows}</table></body></html>"
     )
-    out.write_text(doc, encoding="utf-8")
+    _write(doc.encode("utf-8"), out)
     return out
+
+
+def _write(data: bytes, out: Path) -> None:
+    """Write ``data`` to ``out`` atomically, creating its folder.
+
+    Raises:
+        StoreError: The folder or the file could not be written; ``out`` is untouched.
+
+    """
+    from estimators.pre import atomic_write_bytes
+
+    try:
+        atomic_write_bytes(data, out)
+    except StoreError:
+        raise
+    except OSError as err:  # the folder could not be made (a file in the way, no permission)
+        raise StoreError(f"{out}: could not write ({err})") from err
 
 
 def pre_figure(

@@ -124,3 +124,19 @@ def test_the_parser_can_be_built_many_times_in_one_process():
         assert (args.command, args.bench_command) == ("bench", "pre")
         del parser
         gc.collect()
+
+
+@pytest.mark.parametrize("gap", ["nan", "inf", "-inf", "0", "-1"])
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_gap_threshold_must_be_finite_and_positive(tmp_path, capsys, gap, json_flag):
+    """Regression: --gap-threshold nan exited 0 and wrote energy_j NaN (and printed the bare
+    token NaN, not JSON, with --json)."""
+    s, e = write_files(tmp_path)
+    out = tmp_path / "out.parquet"
+    args = ["energy", "--samples", str(s), "--epochs", str(e), "--out", str(out)]
+    assert main([*args, f"--gap-threshold={gap}", *json_flag]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.count("\n") == 1
+    assert "--gap-threshold must be a finite number > 0; found" in captured.err
+    assert not out.exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands.common import add_store_option, console, open_store, read_parquet
@@ -40,8 +41,54 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run)
 
 
+def check_positive(value: float, option: str) -> float:
+    """``value`` if it is a finite number > 0.
+
+    Raises:
+        BadInputError: ``value`` is NaN, infinite, zero or negative.
+
+    """
+    if not (math.isfinite(value) and value > 0):
+        raise BadInputError(f"{option} must be a finite number > 0; found {value}")
+    return value
+
+
+def load_run(args: argparse.Namespace) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
+    """The run record, samples and epoch marks of ``--run`` from the store, on one clock.
+
+    Nodes' clocks differ: samples and marks are shifted onto the run's home
+    clock by the offsets the aggregator recorded in the run's config
+    (:func:`cluster.aggregator.align`), as the aggregator does, so that
+    ``energy``, ``estimate`` and ``report`` integrate the same samples.
+
+    Raises:
+        BadInputError: Unknown run, a run without samples, or one whose samples
+            have neither power_w nor energy_j.
+
+    """
+    import polars as pl
+
+    from cluster.aggregator import align
+
+    store = open_store(args)
+    record = store.run(args.run)
+    samples = store.samples(args.run)
+    if samples.height == 0:
+        raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
+    if samples.filter(
+        pl.col("power_w").is_not_null() | pl.col("energy_j").is_not_null()
+    ).is_empty():
+        raise BadInputError(
+            f"run {args.run!r} has {samples.height} samples in the store at {store.root}, none "
+            "with power_w or energy_j; expected at least one measured value to integrate"
+        )
+    samples, epochs = align(samples, store.epochs(args.run), record)
+    return record, samples, epochs
+
+
 def run(args: argparse.Namespace) -> int:
     """Run ``wattwise energy``."""
+    check_positive(args.gap_threshold, "--gap-threshold")
     file_mode = any((args.samples, args.epochs, args.out))
     if file_mode == bool(args.run) or (file_mode and not (args.samples and args.epochs)):
         raise BadInputError(
@@ -75,26 +122,9 @@ def _file_mode(args: argparse.Namespace) -> int:
 
 
 def _run_mode(args: argparse.Namespace) -> int:
-    import polars as pl
-
-    from cluster.aggregator import align
     from estimators.energy import epoch_energy, run_energy
 
-    store = open_store(args)
-    record = store.run(args.run)
-    samples = store.samples(args.run)
-    if samples.height == 0:
-        raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
-    if samples.filter(
-        pl.col("power_w").is_not_null() | pl.col("energy_j").is_not_null()
-    ).is_empty():
-        raise BadInputError(
-            f"run {args.run!r} has {samples.height} samples in the store at {store.root}, none "
-            "with power_w or energy_j; expected at least one measured value to integrate"
-        )
-    # Nodes' clocks differ: shift samples and marks onto the run's home clock by the
-    # offsets the aggregator recorded in its config, as the aggregator does.
-    samples, epochs = align(samples, store.epochs(args.run), record)
+    record, samples, epochs = load_run(args)
     if epochs.height == 0:
         result = run_energy(samples, gap_threshold_s=args.gap_threshold)
         note = "no epoch marks recorded: whole run from first to last sample"

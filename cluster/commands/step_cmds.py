@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
-from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from cluster.commands.common import add_store_option, console, read_parquet
+from cluster.commands.energy_cmds import load_run
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -101,12 +102,25 @@ def _add_step_options(p: argparse.ArgumentParser, detectors: tuple[str, ...]) ->
 
 
 # ----------------------------------------------------------------------------------- estimate
+def _check_step_options(args: argparse.Namespace) -> None:
+    """Refuse a ``--confidence`` outside (0, 1) and a ``--planned-epochs`` below 1.
+
+    Raises:
+        BadInputError: Either option is out of range (NaN included).
+
+    """
+    if not 0.0 < args.confidence < 1.0:
+        raise BadInputError(f"--confidence must be in (0, 1); found {args.confidence}")
+    if args.planned_epochs is not None and args.planned_epochs < 1:
+        raise BadInputError(f"--planned-epochs must be at least 1; found {args.planned_epochs}")
+
+
 def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame) -> RunPlan:
     from estimators.step import RunPlan
 
-    planned = args.planned_epochs or record.get("planned_epochs") or record.get("trained_epochs")
-    if planned is None and epochs.height == 0:
-        planned = None
+    planned = args.planned_epochs
+    if planned is None:
+        planned = record.get("planned_epochs") or record.get("trained_epochs")
     config: dict[str, Any] = {}
     if record.get("config"):
         try:
@@ -124,27 +138,10 @@ def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame
     )
 
 
-def load_run(args: argparse.Namespace) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
-    """The run record, samples and epoch marks of ``--run`` from the store.
-
-    Raises:
-        BadInputError: Unknown run, or a run without samples.
-
-    """
-    store = open_store(args)
-    record = store.run(args.run)
-    samples = store.samples(args.run)
-    epochs = store.epochs(args.run)
-    if samples.height == 0:
-        raise BadInputError(f"run {args.run!r} has no samples in the store at {store.root}")
-    return record, samples, epochs
-
-
 def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, RunPlan]:
     from estimators.step import Step
 
-    if not 0.0 < args.confidence < 1.0:
-        raise BadInputError(f"--confidence must be in (0, 1); found {args.confidence}")
+    _check_step_options(args)
     record, samples, epochs = load_run(args)
     plan = _plan(record, args, epochs)
     if (
@@ -214,6 +211,7 @@ def run_report(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in (".html", ".png"):
         raise BadInputError(f"--out must end in .html or .png; found {args.out!r}")
+    _check_step_options(args)
     record, samples, epochs = load_run(args)
     plan = _plan(record, args, epochs)
     write_report(

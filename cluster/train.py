@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, WattwiseError
 
 if TYPE_CHECKING:
     from estimators.features import JobDescription
@@ -266,7 +266,16 @@ def main(args: argparse.Namespace) -> int:
     """Run ``wattwise train``: train with epoch hooks; on its own, also record the run.
 
     Under ``wattwise run`` (``$WATTWISE_RUNNER`` set) the runner records the
-    run; here only the epoch marks are written.
+    run; here only the epoch marks are written. On its own it refuses a run id
+    the store has as an ended run, as ``wattwise run`` does, and records the
+    run ``failed`` when epoch marks could not be written.
+
+    Raises:
+        BadInputError: The run id names an ended run of the store, or the
+            store refused epoch marks.
+        StoreError: Epoch marks could not be written (the run is recorded
+            ``failed``).
+
     """
     from profiler.hooks import EpochHooks
     from profiler.store import Store
@@ -279,6 +288,10 @@ def main(args: argparse.Namespace) -> int:
         from cluster.runner import new_run_id
 
         run_id = new_run_id("local")
+    elif standalone:
+        from cluster.runner import check_new_run_id
+
+        check_new_run_id(run_id, store.root)
     hooks = EpochHooks(run_id, store=store)
     if standalone:
         _record(store, run_id, cfg, "running")
@@ -294,11 +307,19 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, hooks, on_epoch=report)
     except BaseException:
-        hooks.close()
+        try:  # the training error goes on; marks that cannot be written are only logged
+            hooks.close()
+        except WattwiseError as err:
+            log.error("%s", err)
         if standalone:
             _record(store, run_id, cfg, "failed", epochs=len(hooks.marks))
         raise
-    hooks.close()
+    try:
+        hooks.close()  # raises when epoch marks could not be written
+    except BaseException:
+        if standalone:
+            _record(store, run_id, cfg, "failed", epochs=result.epochs)
+        raise
     if standalone:
         _record(store, run_id, cfg, "finished", epochs=result.epochs)
     print(f"run {run_id}: trained {result.epochs} epochs on {result.device}", flush=True)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import time
-from datetime import timedelta
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import polars as pl
 import pytest
 
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, StoreError
 from profiler.hooks import EpochHooks, NoOpHooks, lightning_callback, ray_train_hooks
 from profiler.sources.base import utc_now
 from profiler.store import Store
@@ -195,3 +196,176 @@ def test_gpu_check_dry_run_on_cpu(tmp_path: Path) -> None:
     assert samples.height == run["n_samples"] > 0
     assert set(samples["source"].to_list()) == {"modelled"}
     assert store.run(run["run_id"])["energy_source"] == "modelled"
+
+
+# -- one mark per (run, epoch): reports, phases, retries and refusals ----------------------------
+T0 = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def at(*seconds: float) -> Callable[[], datetime]:
+    """A clock returning ``T0`` plus each of ``seconds`` in turn."""
+    times = iter([T0 + timedelta(seconds=s) for s in seconds])
+    return lambda: next(times)
+
+
+def spans(df: pl.DataFrame) -> list[tuple[int, float, float]]:
+    """(epoch, start s, end s) after ``T0`` of each stored mark."""
+    return [
+        (e, (s - T0).total_seconds(), (t - T0).total_seconds())
+        for e, s, t in df.select("epoch", "start", "end").iter_rows()
+    ]
+
+
+def test_ray_train_callback_keeps_an_epochs_start_over_several_reports(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from profiler import hooks as hooks_module
+    from profiler.hooks import RayTrainEpochMarks
+
+    store = Store(tmp_path)
+    monkeypatch.setattr(hooks_module, "utc_now", at(0, 50, 100, 150, 200))
+    hooks = EpochHooks("r-2", store=store)
+    cb = RayTrainEpochMarks(hooks)  # epoch 0 starts at 0 s
+    for epoch in (0, 0, 1, 1):  # mid-epoch and end-of-epoch reports at 50, 100, 150, 200 s
+        cb.after_report(None, [{"epoch": epoch, "loss": 1.0}], None)
+    assert spans(store.epochs("r-2")) == [(0, 0.0, 100.0), (1, 100.0, 200.0)]
+    assert [(m.epoch, m.end) for m in hooks.marks] == [
+        (0, T0 + timedelta(seconds=100)),
+        (1, T0 + timedelta(seconds=200)),
+    ]
+    hooks.close()
+
+
+def test_ray_train_callback_does_not_mark_a_rerun_epoch_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from profiler import hooks as hooks_module
+    from profiler.hooks import RayTrainEpochMarks
+
+    got: list[pl.DataFrame] = []
+    monkeypatch.setattr(hooks_module, "utc_now", at(0, 10, 20, 30, 40))
+    hooks = EpochHooks("r-2", sink=got.append)
+    cb = RayTrainEpochMarks(hooks)
+    for epoch in (0, 1, 0, 2):  # workers restored from an early checkpoint report epoch 0 again
+        cb.after_report(None, [{"epoch": epoch}], None)
+    assert spans(pl.concat(got)) == [(0, 0.0, 10.0), (1, 10.0, 20.0), (2, 30.0, 40.0)]
+    assert [m.epoch for m, _ in hooks.refused] == [0]
+    with pytest.raises(BadInputError, match="refused 1 epoch mark.*epoch 0 was already marked"):
+        hooks.close()
+
+
+def test_a_second_phase_numbers_on_and_a_stored_epoch_is_refused(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    first = EpochHooks("r1", store=store, clock=at(0, 10, 20, 30))
+    for _ in range(2):
+        with first.epoch():
+            pass
+    second = EpochHooks("r1", store=store, clock=at(40, 50, 60, 70))  # a fine-tuning phase
+    for _ in range(2):
+        with second.epoch():
+            pass
+    assert spans(store.epochs("r1")) == [
+        (0, 0.0, 10.0),
+        (1, 20.0, 30.0),
+        (2, 40.0, 50.0),
+        (3, 60.0, 70.0),
+    ]
+    with pytest.raises(BadInputError, match="epoch 3 was already marked by these hooks"):
+        second.epoch_start(3)
+    third = EpochHooks("r1", store=store)
+    with pytest.raises(
+        BadInputError, match=r"already has a mark for epoch 0; .* on from 4 \(epoch_start"
+    ):
+        third.epoch_start(0)
+    assert spans(store.epochs("r1"))[0] == (0, 0.0, 10.0)
+
+
+def test_a_retried_epoch_after_a_passing_write_failure_loses_no_mark(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    down = {"n": 1}
+
+    def sink(df: pl.DataFrame) -> int:
+        if down["n"]:
+            down["n"] -= 1
+            raise StoreError("could not write epochs.parquet: the disk is full")
+        return store.write_epochs(df)
+
+    hooks = EpochHooks("r3", sink=sink, clock=at(*range(0, 100, 10)))
+    hooks.epoch_start(0)
+    hooks.epoch_end()  # not written: pending
+    with pytest.raises(BadInputError, match="epoch 0 was already marked by these hooks"):
+        hooks.epoch_start(0)  # retrying the epoch: keep it open instead
+    for epoch in range(1, 5):
+        with hooks.epoch(epoch):
+            pass
+    hooks.close()
+    assert spans(store.epochs("r3")) == [(e, 20.0 * e, 20.0 * e + 10) for e in range(5)]
+    assert hooks.flush() and not hooks.refused
+
+
+def test_a_mark_refused_for_good_holds_back_no_later_mark(tmp_path: Path) -> None:
+    store = Store(tmp_path)
+    # The node's clock is stepped back 30 s (NTP) during epoch 1: its end precedes its start.
+    hooks = EpochHooks("r4", store=store, clock=at(0, 10, 20, -5, 30, 40, 50, 60))
+    for _ in range(4):
+        with hooks.epoch():
+            pass
+    assert spans(store.epochs("r4")) == [(0, 0.0, 10.0), (2, 30.0, 40.0), (3, 50.0, 60.0)]
+    assert [m.epoch for m, _ in hooks.refused] == [1]
+    with pytest.raises(BadInputError, match=r"refused 1 epoch mark.*epoch 1: .*end >= start"):
+        hooks.close()
+
+
+def test_close_raises_when_marks_stay_unwritten() -> None:
+    def sink(df: pl.DataFrame) -> None:
+        raise StoreError("could not write epochs.parquet: the disk is full")
+
+    hooks = EpochHooks("r5", sink=sink)
+    with hooks.epoch():
+        pass
+    with pytest.raises(StoreError, match=r"1 epoch mark\(s\) \(epochs 0\) could not be written"):
+        hooks.close()
+    assert [m.epoch for m in hooks.marks] == [0]
+
+
+# -- wattwise train on its own ---------------------------------------------------------------------
+TRAIN = ["train", "--arch", "mobilenet_v3_small", "--epochs", "1", "--image-size", "32"]
+TRAIN += ["--train-size", "8", "--batch-size", "8", "--device", "cpu"]
+
+
+@pytest.fixture
+def standalone(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("WATTWISE_RUNNER", "WATTWISE_RUN_ID", "WATTWISE_EPOCHS"):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.usefixtures("standalone")
+def test_train_refuses_the_run_id_of_an_ended_run(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    args = [*TRAIN, "--run-id", "exp1", "--store", str(tmp_path)]
+    assert main(args) == 0
+    store = Store(tmp_path)
+    record, marks = store.run("exp1"), store.epochs("exp1")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--run-id 'exp1': the store at" in err and "as 'finished'" in err
+    assert store.run("exp1") == record and store.epochs("exp1").equals(marks)
+
+
+@pytest.mark.usefixtures("standalone")
+def test_train_records_the_run_failed_when_marks_are_not_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    def disk_full(self: Store, df: pl.DataFrame, *, file: str | None = None) -> int:
+        raise StoreError(f"could not write {self.root / 'epochs.parquet'}: the disk is full")
+
+    monkeypatch.setattr(Store, "write_epochs", disk_full)
+    assert main([*TRAIN, "--run-id", "exp2", "--store", str(tmp_path)]) == 1
+    assert "epochs 0) could not be written" in capsys.readouterr().err
+    assert Store(tmp_path).run("exp2")["status"] == "failed"

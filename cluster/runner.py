@@ -39,6 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import secrets
 import socket
@@ -193,13 +194,17 @@ class _JobActorImpl:
         Output goes to this actor's stdout/stderr, which Ray forwards to the
         driver (the job's log under ``ray job submit``). ``node`` is the
         sidecar's name of this node, sent with the epoch marks (their clock).
+        A command that cannot start (no such program, not executable) gives
+        return code 127 and ``"error"``, the reason, which is also logged.
         """
         relay = MarkRelay(run_id, env[ENV_STORE], node=node)
         try:
             self.proc = subprocess.Popen(command, env={**os.environ, **env})
         except OSError as err:
             self._started.set()
-            return {"returncode": 127, "stopped": False, "marks": 0, "error": str(err)}
+            why = f"could not start the command {command[0]!r}: {err}"
+            log.error("run %s: %s", run_id, why)
+            return {"returncode": 127, "stopped": False, "marks": 0, "error": why}
         self._started.set()
         while True:
             rc = _exited(self.proc)
@@ -341,6 +346,9 @@ class RunResult:
         stopped: Whether the runner stopped it (probe stable, time limit).
         summary: The aggregator's summary of the run (energy in J, epochs, STEP projection).
         placement: The placement hints used (``source`` says why this node type).
+        error: Why the command could not start (``None``: it started).
+        end_error: Why the aggregator did not confirm the run's end (``None``:
+            it did); ``status`` is still the command's outcome.
 
     """
 
@@ -352,6 +360,8 @@ class RunResult:
     stopped: bool
     summary: dict[str, Any] = field(default_factory=dict)
     placement: dict[str, Any] = field(default_factory=dict)
+    error: str | None = None
+    end_error: str | None = None
 
 
 def cluster_node_types() -> dict[str, dict[str, Any]]:
@@ -479,7 +489,9 @@ def choose_node_type(
     if job is None:
         raise BadInputError(
             "--node-type auto needs a job description to predict with: run the built-in "
-            "workload ('-- wattwise train --arch ...') or pass --job JSON"
+            "workload ('-- wattwise train --arch ...'), or name a node type with --node-type "
+            "TYPE ('wattwise placement --arch ARCH --batch-size N ...' recommends one for "
+            "a job described by its options)"
         )
     inv = inventory if inventory is not None else inventory_from_ray(ray.nodes())  # type: ignore[no-untyped-call]
     inv = [n for n in inv if n.name in types and types[n.name]["alive"]]
@@ -498,6 +510,90 @@ def choose_node_type(
         log.warning("--node-type auto: %s; using the default node type", err)
         model = None
     return recommend_hints(job, inv, model)
+
+
+def check_job_numbers(
+    *, epochs: int | None = None, num_cpus: float | None = 1.0, num_gpus: float | None = None
+) -> None:
+    """Refuse planned epochs and resource requests that no run can have.
+
+    Checked before Ray is used: Ray refuses a negative or too fine resource
+    quantity only when the job's actor is created, after the aggregator and
+    sidecars were started.
+
+    Args:
+        epochs: Planned epochs (``None``: not given).
+        num_cpus: CPUs to reserve (``None``: not given).
+        num_gpus: GPUs to reserve (``None``: not given).
+
+    Raises:
+        BadInputError: ``epochs`` is not > 0, or a resource quantity is not a
+            finite number >= 0 in steps of at least 0.0001 (Ray's resolution).
+
+    """
+    if epochs is not None and epochs <= 0:
+        raise BadInputError(f"--epochs must be an integer > 0; found {epochs}")
+    for name, value in (("--num-cpus", num_cpus), ("--num-gpus", num_gpus)):
+        if value is None:
+            continue
+        if not math.isfinite(value) or value < 0:
+            raise BadInputError(f"{name} must be a finite number >= 0; found {value}")
+        if 0 < value < 0.0001:
+            raise BadInputError(f"{name} must be 0 or at least 0.0001 (Ray's step); found {value}")
+
+
+def _record_end(
+    finish: Callable[[float], Any],
+    query: Callable[[float], Any],
+    run_id: str,
+    status: str,
+) -> tuple[dict[str, Any], str | None]:
+    """Record the end of a run whose command has ended; returns (summary, why not confirmed).
+
+    The status is the command's outcome, whatever the aggregator does: a
+    finish call that timed out may still go through, so a slow (or restarted)
+    aggregator never gets the run recorded as ``failed`` here. The end is asked
+    for once more with the same status (an aggregator that took the first call
+    refuses it as not running), then the aggregator's summary of the run is read.
+
+    Args:
+        finish: ``finish(timeout_s)`` records the end with ``status`` and
+            returns the aggregator's summary.
+        query: ``query(timeout_s)`` returns the aggregator's summary of the run.
+        run_id: The run (for the log).
+        status: ``finished`` or ``failed``.
+
+    Returns:
+        The summary (empty when none could be read) and ``None`` when the
+        aggregator has the run ended with ``status``, else the reason it is
+        not known to.
+
+    """
+    errors: list[str] = []
+    for timeout_s in (120.0, 30.0):
+        try:
+            return dict(finish(timeout_s)), None
+        except Exception as err:
+            errors.append(_first_line(err))
+            log.warning("run %s: recording its end as %r failed: %s", run_id, status, err)
+    summary: dict[str, Any] = {}
+    try:
+        summary = dict(query(10.0))
+    except Exception as err:
+        errors.append(_first_line(err))
+    if summary.get("status") == status:
+        return summary, None
+    return summary, (
+        f"the aggregator did not confirm the run's end as {status!r} ({'; '.join(errors)}); "
+        "what was measured stays in the store, but the run's record may say 'running' "
+        "(see 'wattwise aggregator status')"
+    )
+
+
+def _first_line(err: BaseException) -> str:
+    """``Type: first line of the message`` (a Ray error's message carries a whole traceback)."""
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 def check_new_run_id(run_id: str, store_root: str | os.PathLike[str] | None) -> None:
@@ -586,12 +682,15 @@ def run_job(
 
     Returns:
         The result; ``status`` is ``failed`` when the command exits non-zero
-        (unless the runner stopped it).
+        (unless the runner stopped it) or cannot start (``error`` says why).
+        An aggregator that does not confirm the run's end leaves ``status``
+        as the command's outcome and says why in ``end_error``.
 
     Raises:
-        BadInputError: Empty command, unknown node type or none alive, bad run
-            id, or a run id the store has as an ended run (checked before Ray
-            is used).
+        BadInputError: Empty command, ``epochs`` not > 0, a negative or
+            non-finite ``num_cpus``/``num_gpus``, bad run id, or a run id the
+            store has as an ended run (all checked before Ray is used);
+            unknown node type or none alive.
         SourceUnavailableError: Ray is not initialised.
 
     """
@@ -601,6 +700,7 @@ def run_job(
 
     if not command:
         raise BadInputError("expected a command after '--', e.g. -- python train.py")
+    check_job_numbers(epochs=epochs, num_cpus=num_cpus, num_gpus=num_gpus)
     if run_id is not None:
         check_run_id(run_id)
         if store_root is not None:
@@ -609,8 +709,6 @@ def run_job(
         raise SourceUnavailableError("run_job needs a Ray connection; call ray.init() first")
     if job is None:
         job = job_from_command(command)
-    if epochs is not None and epochs <= 0:
-        raise BadInputError(f"--epochs must be an integer > 0; found {epochs}")
     types = cluster_node_types()
     agg, root = ensure_aggregator(store_root, sources=sources, sidecar_options=sidecar_options)
     if run_id is not None and (store_root is None or os.path.realpath(store_root) != root):
@@ -629,6 +727,7 @@ def run_job(
         .remote()
     )
     started = finished = False
+    end_status = "failed"  # what the run is recorded as if this call ends early
     ref = None
     sidecar = None
     try:
@@ -714,8 +813,13 @@ def run_job(
         with contextlib.suppress(Exception):
             ray.get(actor.reap.remote(), timeout=30)
         rc = int(out["returncode"])
-        status = "finished" if rc == 0 or out["stopped"] else "failed"
-        summary = ray.get(agg.finish_run.remote(run_id, status), timeout=120)
+        status = end_status = "finished" if rc == 0 or out["stopped"] else "failed"
+        summary, end_error = _record_end(
+            lambda t: ray.get(agg.finish_run.remote(run_id, status), timeout=t),
+            lambda t: ray.get(agg.status.remote(run_id), timeout=t),
+            run_id,
+            status,
+        )
         finished = True
         return RunResult(
             run_id=run_id,
@@ -724,8 +828,10 @@ def run_job(
             status=status,
             returncode=rc,
             stopped=bool(out["stopped"]),
-            summary=dict(summary),
+            summary=summary,
             placement=hints,
+            error=out.get("error"),
+            end_error=end_error,
         )
     finally:
         if ref is not None and not finished:  # interrupted: do not leave the command running
@@ -740,9 +846,9 @@ def run_job(
                 except Exception as err:
                     log.warning("run %s: could not detach it from the sidecar: %s", run_id, err)
             try:
-                ray.get(agg.finish_run.remote(run_id, "failed"), timeout=120)
+                ray.get(agg.finish_run.remote(run_id, end_status), timeout=120)
             except Exception as err:
-                log.warning("run %s: could not record it as failed: %s", run_id, err)
+                log.warning("run %s: could not record it as %s: %s", run_id, end_status, err)
         ray.kill(actor)
 
 

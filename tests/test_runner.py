@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -53,6 +55,229 @@ def test_the_built_in_workload_command_is_understood_as_a_job() -> None:
 def test_run_ids_are_valid_and_name_the_node_type() -> None:
     rid = new_run_id("gpu a/100")
     assert rid.startswith("gpu-a-100-") and len(rid) == len("gpu-a-100-") + 15 + 1 + 6
+
+
+# ------------------------------------------------------------ bad input, start and end of a run
+
+RID = "cpu-a-20260101-000000-abcdef"
+
+
+def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if the CLI tries to connect to a Ray cluster."""
+
+    def connect(address: str | None = "auto") -> None:
+        raise AssertionError(f"connected to Ray at {address!r} before checking the input")
+
+    monkeypatch.setattr("cluster.runner.connect", connect)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
+        (["--num-gpus", "-0.5"], r"--num-gpus must be a finite number >= 0; found -0.5"),
+        (["--num-cpus", "nan"], r"--num-cpus must be a finite number >= 0; found nan"),
+        (["--num-cpus", "0.00001"], r"--num-cpus must be 0 or at least 0.0001"),
+        (["--epochs", "0"], r"--epochs must be an integer > 0; found 0"),
+    ],
+)
+def test_wattwise_run_refuses_bad_numbers_before_connecting(
+    options: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cluster.cli import main
+
+    _no_ray(monkeypatch)
+    argv = ["run", "--store", str(tmp_path), "--node-type", "cpu-a", *options, "--", "true"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wattwise run: error: ") and "Traceback" not in err
+    assert re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
+        (["--time-limit", "0"], r"--time-limit must be a number of seconds > 0; found 0.0"),
+    ],
+)
+def test_wattwise_probe_refuses_bad_numbers_before_connecting(
+    options: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from cluster.cli import main
+
+    _no_ray(monkeypatch)
+    assert main(["probe", "--store", str(tmp_path), *options, "--", "true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("wattwise probe: error: ") and re.search(message, err), err
+
+
+@pytest.mark.parametrize(
+    "numbers",
+    [{"num_cpus": -1.0}, {"num_gpus": float("inf")}, {"epochs": 0}, {"num_gpus": 1e-6}],
+)
+def test_run_job_refuses_bad_numbers_before_using_ray(numbers: dict[str, Any]) -> None:
+    from cluster.runner import run_job
+
+    # Refused whether or not Ray is connected: before the aggregator or sidecars start.
+    with pytest.raises(BadInputError, match=r"must be"):
+        run_job(["true"], node_type="cpu-a", **numbers)
+
+
+def test_wattwise_run_refuses_an_ended_run_id_before_connecting(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+    from profiler.store import Store
+
+    Store(tmp_path).write_runs(pl.DataFrame({"run_id": [RID], "status": ["finished"]}))
+    _no_ray(monkeypatch)
+    argv = ["run", "--store", str(tmp_path), "--node-type", "cpu-a", "--run-id", RID, "--", "true"]
+    assert main(argv) == 2
+    assert f"--run-id {RID!r}: the store at" in capsys.readouterr().err
+
+
+def test_wattwise_run_takes_no_abbreviated_options() -> None:
+    from cluster.cli import build_parser
+
+    parser = build_parser()
+    # '--job' is no option of its own; it must not become --job-name (and swallow the JSON).
+    with pytest.raises(SystemExit) as exc:
+        parser.parse_args(["run", "--node-type", "auto", "--job", "{}", "--", "python", "x.py"])
+    assert exc.value.code == 2
+    args = parser.parse_args(["run", "--node-type", "a", "--job-name", "j", "--", "p", "--job"])
+    assert (args.job_name, args.argv) == ("j", ["--", "p", "--job"])
+
+
+def test_auto_placement_without_a_job_names_options_that_exist(tmp_path: Path) -> None:
+    from cluster.cli import build_parser
+    from cluster.runner import choose_node_type
+
+    with pytest.raises(BadInputError) as exc:
+        choose_node_type("auto", types={}, job=None, store_root=str(tmp_path))
+    message = str(exc.value)
+    assert "--node-type TYPE" in message and "wattwise placement" in message
+    sub = next(a for a in build_parser()._actions if a.dest == "command")
+    assert isinstance(sub, argparse._SubParsersAction)
+    known = {
+        o for c in ("run", "placement", "train") for o in sub.choices[c]._option_string_actions
+    }
+    named = set(re.findall(r"--[a-z][a-z-]*", message))
+    assert named and named <= known, f"options that do not exist: {named - known}"
+
+
+def test_a_command_that_cannot_start_says_why_and_logs_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from cluster.runner import ENV_STORE, _JobActorImpl
+
+    actor = _JobActorImpl()
+    with caplog.at_level("ERROR", logger="cluster.runner"):
+        out = actor.run(["wattwise-no-such-program", "x"], {ENV_STORE: str(tmp_path)}, RID, 0.1)
+    why = "could not start the command 'wattwise-no-such-program': [Errno 2] No such file"
+    assert out["returncode"] == 127 and out["error"].startswith(why)
+    assert [r.getMessage() for r in caplog.records] == [f"run {RID}: {out['error']}"]
+    assert actor.command_pid(timeout_s=0.1) is None
+
+
+def test_wattwise_run_prints_why_the_command_did_not_start(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import json
+
+    from cluster.commands.run_cmds import _print_result
+    from cluster.runner import RunResult
+
+    why = "could not start the command 'pyhton': [Errno 2] No such file or directory: 'pyhton'"
+    result = RunResult(RID, "cpu-a", "n1", "failed", 127, False, {"epochs_done": 0}, error=why)
+    _print_result(result, as_json=False)
+    out = capsys.readouterr()
+    assert "failed (exit 127)" in out.out
+    assert out.err == f"wattwise run: error: {why}\n"
+    _print_result(result, as_json=True)
+    assert json.loads(capsys.readouterr().out)["error"] == why
+
+
+def _finished_by_hand(tmp_path: Path) -> tuple[Any, Any]:
+    from cluster.aggregator import Aggregator
+    from profiler.store import Store
+
+    store = Store(tmp_path / "store")
+    agg = Aggregator(store)
+    agg.start_run({"run_id": RID, "planned_epochs": 2})
+    return agg, store
+
+
+def test_a_finish_call_that_timed_out_but_went_through_is_not_recorded_as_failed(
+    tmp_path: Path,
+) -> None:
+    from ray.exceptions import GetTimeoutError
+
+    from cluster.runner import _record_end
+
+    agg, store = _finished_by_hand(tmp_path)
+    calls: list[float] = []
+
+    def finish(timeout_s: float) -> dict[str, Any]:
+        calls.append(timeout_s)
+        summary = agg.finish_run(RID, "finished")  # the aggregator takes it ...
+        if len(calls) == 1:  # ... but answers after the runner stopped waiting
+            raise GetTimeoutError("Get timed out: some object(s) not ready.")
+        return dict(summary)
+
+    summary, note = _record_end(finish, lambda t: agg.status(RID), RID, "finished")
+    assert note is None and summary["status"] == "finished"
+    assert calls == [120.0, 30.0]  # asked again with the same status, never 'failed'
+    assert store.run(RID)["status"] == "finished"
+
+
+def test_a_finish_call_that_timed_out_is_asked_again_with_the_commands_status(
+    tmp_path: Path,
+) -> None:
+    from ray.exceptions import GetTimeoutError
+
+    from cluster.runner import _record_end
+
+    agg, store = _finished_by_hand(tmp_path)
+    answers: list[BaseException | None] = [GetTimeoutError("Get timed out"), None]
+
+    def finish(timeout_s: float) -> dict[str, Any]:
+        err = answers.pop(0)
+        if err is not None:  # the aggregator was away (restarting): nothing recorded
+            raise err
+        return dict(agg.finish_run(RID, "finished"))
+
+    summary, note = _record_end(finish, lambda t: agg.status(RID), RID, "finished")
+    assert note is None and summary["status"] == "finished"
+    assert store.run(RID)["status"] == "finished"
+
+
+def test_an_aggregator_that_never_confirms_leaves_the_commands_status_and_says_so(
+    tmp_path: Path,
+) -> None:
+    from ray.exceptions import GetTimeoutError
+
+    from cluster.runner import _record_end
+
+    agg, store = _finished_by_hand(tmp_path)
+
+    def away(timeout_s: float) -> dict[str, Any]:
+        raise GetTimeoutError(f"Get timed out after {timeout_s} s\n  (traceback lines)")
+
+    summary, note = _record_end(away, away, RID, "finished")
+    assert summary == {}
+    assert note is not None
+    assert note.startswith("the aggregator did not confirm the run's end as 'finished' (")
+    assert "GetTimeoutError: Get timed out after 120.0 s;" in note and "traceback" not in note
+    assert store.run(RID)["status"] == "running"  # not 'failed': the command succeeded
 
 
 # ---------------------------------------------------------------------------- on a Ray cluster
@@ -145,3 +370,23 @@ def test_an_unknown_node_type_is_refused_with_the_known_ones(
 
     with pytest.raises(BadInputError, match=r"unknown node type 'gpu-z'.*gpu-a \(1 alive\), gpu-b"):
         run_job(["true"], node_type="gpu-z", store_root=ray_cluster["store"])
+
+
+@pytest.mark.slow
+def test_a_command_that_cannot_start_is_failed_with_the_reason(
+    ray_cluster: dict[str, Any],
+) -> None:
+    from cluster.runner import run_job
+    from profiler.store import Store
+
+    result = run_job(
+        ["wattwise-no-such-program", "train.py"],
+        node_type="gpu-a",
+        store_root=ray_cluster["store"],
+        sidecar_options=SIDECAR,
+    )
+    assert (result.status, result.returncode) == ("failed", 127)
+    assert result.error is not None
+    assert result.error.startswith("could not start the command 'wattwise-no-such-program'")
+    assert result.end_error is None
+    assert Store(ray_cluster["store"]).run(result.run_id)["status"] == "failed"

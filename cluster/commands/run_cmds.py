@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
             "the command's epoch hooks ($WATTWISE_RUN_ID, $WATTWISE_STORE). Works as the "
             "entrypoint of 'ray job submit'. Exits with the command's status."
         ),
+        # Options must be spelt out: an abbreviation would take an option meant for the
+        # command, or a mistyped one (--job for --job-name), silently.
+        allow_abbrev=False,
     )
     run.add_argument(
         "--node-type", required=True, metavar="TYPE|auto", help="node type, or auto (PRE)"
@@ -140,19 +144,28 @@ def _store_root(args: argparse.Namespace) -> str:
 
 
 def run_run(args: argparse.Namespace) -> int:
-    """Run ``wattwise run``."""
-    from cluster.runner import connect, run_job
+    """Run ``wattwise run``.
+
+    The command, numbers, run id and inventory are checked before connecting
+    to Ray, so bad input is refused (exit 2) with or without a cluster.
+    """
+    from cluster.runner import check_job_numbers, check_new_run_id, connect, run_job
 
     cmd = _command(args)
+    check_job_numbers(epochs=args.epochs, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    store_root = _store_root(args)
+    if args.run_id is not None:
+        check_new_run_id(args.run_id, store_root)
+    inventory = _inventory(args.inventory)
     connect(args.address)
     result = run_job(
         cmd,
         node_type=args.node_type,
         run_id=args.run_id,
         epochs=args.epochs,
-        store_root=_store_root(args),
+        store_root=store_root,
         job_name=args.job_name,
-        inventory=_inventory(args.inventory),
+        inventory=inventory,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
     )
@@ -177,6 +190,8 @@ def _print_result(result: Any, as_json: bool) -> None:
                         "stopped": result.stopped,
                         "summary": s,
                         "placement_source": result.placement.get("source"),
+                        "error": result.error,
+                        "end_error": result.end_error,
                     }
                 )
             )
@@ -190,6 +205,10 @@ def _print_result(result: Any, as_json: bool) -> None:
         f"{(s.get('measured_energy_j') or 0):.1f} J over {(s.get('duration_s') or 0):.1f} s"
         + (f"; STEP projected {e:.1f} J" if e is not None else "")
     )
+    if result.error:
+        print(f"wattwise run: error: {result.error}", file=sys.stderr)
+    if result.end_error:
+        print(f"wattwise run: warning: {result.end_error}", file=sys.stderr)
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -260,9 +279,14 @@ def run_placement(args: argparse.Namespace) -> int:
 def run_probe(args: argparse.Namespace) -> int:
     """Run ``wattwise probe``."""
     from cluster.probe import format_probe, probe
-    from cluster.runner import connect
+    from cluster.runner import check_job_numbers, connect
 
     cmd = _command(args)
+    check_job_numbers(epochs=args.epochs, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
+    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise BadInputError(
+            f"--time-limit must be a number of seconds > 0; found {args.time_limit}"
+        )
     connect(args.address)
     types = None if args.node_types == "all" else [t for t in args.node_types.split(",") if t]
     result = probe(

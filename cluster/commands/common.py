@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from profiler.errors import BadInputError
 
@@ -37,6 +37,25 @@ def console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def widen(out: Console, *renderables: Any) -> Console:
+    """Make ``out`` wide enough for ``renderables`` when it is not a terminal; returns it.
+
+    Off a terminal rich falls back to 80 columns (or ``$COLUMNS``) and would cut
+    a wide table's cells with an ellipsis; a file or pipe has no width, so there
+    tables are printed whole, at their natural width.
+    """
+    if not out.is_terminal and renderables:
+        wide = out.options.update_width(1_000_000)
+        need = max(out.measure(r, options=wide).maximum for r in renderables)
+        out.width = max(out.width, need)
+    return out
+
+
+def print_whole(out: Console, *renderables: Any) -> None:
+    """Print ``renderables`` on ``out``, widened first (see :func:`widen`)."""
+    widen(out, *renderables).print(*renderables)
 
 
 def read_parquet(path: str, what: str) -> pl.DataFrame:

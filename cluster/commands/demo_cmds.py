@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, open_store
+from cluster.commands.common import add_store_option, open_store, print_whole
 from cluster.demo import ARCHITECTURES
 from profiler.errors import BadInputError
 
@@ -227,7 +227,7 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
             f"{j['epochs']}/{j['planned_epochs']}", _fmt_kj(m), extra,
             _fmt_kj(p) + ("" if j.get("stable_at_fifth") else " *"), band, err,
         )  # fmt: skip
-    out.print(t)
+    print_whole(out, t)
     out.print(
         "Energy is source "
         + ", ".join(sorted({str(j.get("energy_source")) for j in jobs}))
@@ -250,7 +250,7 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
                     for v in (summary["per_epoch"][r] for r in ids)
                 ],
             )
-        out.print(t)
+        print_whole(out, t)
     model, rec = summary.get("model") or {}, summary.get("recommendation") or {}
     out.rule("PRE: retrained on the store's finished runs, then asked about a new job")
     if model.get("version") is None:
@@ -277,7 +277,7 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
             _fmt_j(r["energy_j"]), f"{_fmt_j(r['lower_j'])} - {_fmt_j(r['upper_j'])}",
             f"{r['time_s']:.1f}",
         )  # fmt: skip
-    out.print(t)
+    print_whole(out, t)
     out.print(
         f"recommended: {rec['node_type']} (saves {rec['savings_vs_worst_pct']:.0f} % against "
         f"the worst); placement: {rec['placement']}"
@@ -335,7 +335,7 @@ def _check_raw_csvs(store: Store, data: Path, out: Console) -> dict[str, float |
             "-" if not reported else f"{reported / 1e3:,.1f}",
             diff,
         )
-    out.print(table)
+    print_whole(out, table)
     out.print(
         "The dataset's figure sums integer-watt samples; wattwise integrates the "
         "centiwatt readings with trapezoids."
@@ -382,7 +382,7 @@ def _savings(store: Store, out: Console) -> dict[str, dict[str, Any]]:
                 f"{saving * 100:.1f} %" if saving > 0 else "-",
             )
         table.add_section()
-    out.print(table)
+    print_whole(out, table)
     out.print("Data: del Rey et al., SEAA 2023 (GAISSA-UPC/seaa2023_ect), CC BY 4.0")
     return best
 
@@ -452,7 +452,7 @@ def _pre(store: Store, out: Console) -> dict[str, Any]:
             f"{r['total_time_h']:.1f}",
         )
     out.print("job: resnet18, batch 64, 224x224, 50,000 images, 30 epochs")
-    out.print(table)
+    print_whole(out, table)
     default = rec.savings_vs_default_pct
     out.print(
         f"recommended: {rec.chosen} (saves {rec.savings_vs_worst_pct:.0f} % against the worst"

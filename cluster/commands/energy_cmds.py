@@ -7,7 +7,7 @@ import json
 import math
 from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from cluster.commands.common import add_store_option, console, open_store, print_whole, read_parquet
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -189,7 +189,7 @@ def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None
         "",
     )
     out = console()
-    out.print(table)
+    print_whole(out, table)
     if totals["gap_s"]:
         out.print(f"[yellow]{totals['gap_s']:.1f} s had no measurement and add no energy.[/]")
     if totals["n_skipped"]:

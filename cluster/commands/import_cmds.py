@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from cluster.commands.common import add_store_option, console, open_store
+from cluster.commands.common import add_store_option, console, open_store, print_whole
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -143,7 +143,7 @@ def _print(summary: ImportSummary, store_root: Path, title: str) -> None:
             _duration(r.duration_s),
         )
     out = console()
-    out.print(table)
+    print_whole(out, table)
     out.print(
         f"{summary.samples_new:,} new samples, {summary.runs_changed} runs added or changed "
         f"in {store_root}"
@@ -260,7 +260,7 @@ def run_seaa2023(args: argparse.Namespace) -> int:
             "-" if g["rel"] is None else f"{g['rel']:.2%}",
         )
     out = console()
-    out.print(table)
+    print_whole(out, table)
     out.print(
         f"{len(summary.runs)} runs, {summary.samples_new:,} new samples of "
         f"{summary.samples_total:,}, {summary.runs_changed} runs added or changed in "

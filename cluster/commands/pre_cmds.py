@@ -8,11 +8,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
-from cluster.commands.common import add_store_option, console, open_store, read_parquet
+from cluster.commands.common import add_store_option, console, open_store, read_parquet, widen
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
-    from rich.console import Console
+    pass
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -167,7 +167,7 @@ def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]
             "" if r["cost"] is None else f"{r['cost']:.2f}",
             "" if r["carbon_g"] is None else f"{r['carbon_g']:.0f}",
         )
-    out = wide_console(t)
+    out = widen(console(), t)
     out.print(t)
     out.print(
         f"choose {rec.chosen}: saves {rec.savings_vs_worst_pct:.1f} % vs the worst"
@@ -189,21 +189,6 @@ def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]
             f"(trained on {args.arch} at: {at}): predicted as a new architecture, with the "
             "wider interval"
         )
-
-
-def wide_console(*renderables: Any) -> Console:
-    """The CLI's console, wide enough for ``renderables`` when output is not a terminal.
-
-    Outside a terminal rich falls back to 80 columns (or ``$COLUMNS``) and would
-    cut a wide table's cells with an ellipsis; a file or pipe has no width, so
-    there every table is printed at its natural width, whole.
-    """
-    out = console()
-    if not out.is_terminal and renderables:
-        wide = out.options.update_width(1_000_000)
-        need = max(out.measure(r, options=wide).maximum for r in renderables)
-        out.width = max(out.width, need)
-    return out
 
 
 # ----------------------------------------------------------------------------- bench

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
-from cluster.commands.common import add_store_option, console, read_parquet
+from cluster.commands.common import add_store_option, console, print_whole, read_parquet
 from cluster.commands.energy_cmds import load_run
 from profiler.errors import BadInputError
 
@@ -197,7 +197,7 @@ def run_estimate(args: argparse.Namespace) -> int:
             t.add_row("time remaining", f"{proj.remaining_s / 60:.1f} min")
     out = console()
     out.print(f"Run {args.run}: {kind}")
-    out.print(t)
+    print_whole(out, t)
     if proj.reason:
         out.print(f"[yellow]{proj.reason}[/]")
     return 0
@@ -268,4 +268,4 @@ def print_summary(summary: pl.DataFrame, *, title: str, out: Console | None = No
             pct(r["median_half_width_pct"]),
             "-" if r["stable_share"] is None else f"{r['stable_share']:.0%}",
         )
-    (out or console()).print(t)
+    print_whole(out or console(), t)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from cluster.commands.common import add_store_option, console, open_store
+from cluster.commands.common import add_store_option, console, open_store, print_whole
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -44,5 +44,5 @@ def run(args: argparse.Namespace) -> int:
             "-" if r["duration_s"] is None else f"{r['duration_s']:.0f}",
             "-" if r["energy_j"] is None else f"{r['energy_j'] / 1e3:.1f} ({r['energy_source']})",
         )
-    console().print(table)
+    print_whole(console(), table)
     return 0

@@ -28,9 +28,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import numbers
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import polars as pl
 
@@ -350,6 +351,14 @@ def complete_job(job: JobDescription) -> JobDescription:
             if got["image_height"] is None and got["image_width"] is None:
                 got["image_height"] = got["image_width"] = info.image_size
     missing = [k for k in ("gflops_forward", "layers") if got[k] is None]
+    if missing and info is not None and got["gflops_forward"] is None and not sized:
+        # The table's FLOPs hold at its image size only: ask for that size, not for the name.
+        anywhere = " (torchvision also builds it at other sizes)" if _torchvision(str(name)) else ""
+        raise BadInputError(
+            f"job {name}: architecture {name!r} is known at image size {info.image_size}x"
+            f"{info.image_size}{anywhere}; found no image size. Give image_height and image_width "
+            f"{info.image_size} (--image-size {info.image_size}) or gflops_forward (--gflops)"
+        )
     if missing:
         raise BadInputError(
             f"job {name or '(unnamed)'}: missing {missing}; give them as numbers, or name a "
@@ -407,18 +416,36 @@ def same_flops(gflops: float, reference: float) -> bool:
     return reference > 0 and abs(gflops / reference - 1.0) <= SAME_CONFIG_TOLERANCE
 
 
+def _is_number(v: object) -> TypeGuard[numbers.Real]:
+    """Whether ``v`` is a finite real number (numpy scalars included; not a bool or a string)."""
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_positive(job: JobDescription) -> None:
+    """Refuse a job whose counts are not numbers in range (the message names the field)."""
+    name = job.architecture
     for k in ("batch_size", "training_size", "gpu_count"):
         v = getattr(job, k)
-        if v is None or not (v > 0):
-            raise BadInputError(f"job {job.architecture}: {k} must be a number > 0; found {v!r}")
-    if job.validation_size is None or job.validation_size < 0:
+        if not (_is_number(v) and float(v) > 0):
+            raise BadInputError(f"job {name}: {k} must be a number > 0; found {v!r}")
+    if not (_is_number(job.validation_size) and float(job.validation_size) >= 0):
         raise BadInputError(
-            f"job {job.architecture}: validation_size must be >= 0; found {job.validation_size!r}"
+            f"job {name}: validation_size must be a number >= 0; found {job.validation_size!r}"
+        )
+    # Optional: a job need not plan its epochs or know its depth, but given ones must make sense
+    # (0 epochs used to be computed as 1, negative ones gave negative energies).
+    epochs = job.planned_epochs
+    if epochs is not None and not (
+        _is_number(epochs) and float(epochs) > 0 and float(epochs).is_integer()
+    ):
+        raise BadInputError(f"job {name}: planned_epochs must be an integer > 0; found {epochs!r}")
+    if job.layers is not None and not (_is_number(job.layers) and float(job.layers) > 0):
+        raise BadInputError(
+            f"job {name}: layers (with parameters) must be a number > 0; found {job.layers!r}"
         )
     if job.precision not in _PRECISION_BITS:
         raise BadInputError(
-            f"job {job.architecture}: precision must be one of {sorted(_PRECISION_BITS)}; "
+            f"job {name}: precision must be one of {sorted(_PRECISION_BITS)}; "
             f"found {job.precision!r}"
         )
 
@@ -433,11 +460,12 @@ def gpu_features(gpu: Any) -> dict[str, float | None]:
 
     Raises:
         BadInputError: Unknown GPU name, or a mapping missing board power or
-            FP32 TFLOPS.
+            FP32 TFLOPS, or with a value that is not a number > 0 (the
+            generation: a name of :data:`GENERATIONS` or its index).
 
     """
     if isinstance(gpu, Mapping):
-        out = {k: (None if gpu.get(k) is None else float(gpu[k])) for k in GPU_COLUMNS}
+        out = user_gpu_columns(gpu)
         missing = [k for k in ("gpu_board_power_w", "gpu_fp32_tflops") if out[k] is None]
         if missing:
             raise BadInputError(
@@ -448,6 +476,41 @@ def gpu_features(gpu: Any) -> dict[str, float | None]:
 
     spec = gpus.lookup(gpu) if isinstance(gpu, str) else gpu
     return _spec_columns(spec)
+
+
+def user_gpu_columns(gpu: Mapping[str, Any]) -> dict[str, float | None]:
+    """The :data:`GPU_COLUMNS` of a user-described GPU, each checked (absent ones are null).
+
+    Args:
+        gpu: A mapping with some keys of :data:`GPU_COLUMNS` (others are ignored).
+
+    Returns:
+        Column -> value (``gpu_generation`` as its index in :data:`GENERATIONS`).
+
+    Raises:
+        BadInputError: A value that is not a number > 0 (a generation: not one of
+            :data:`GENERATIONS` nor an index >= 0); the message names the key.
+
+    """
+    return {k: _user_gpu_value(k, gpu.get(k)) for k in GPU_COLUMNS}
+
+
+def _user_gpu_value(key: str, value: object) -> float | None:
+    """One column of a user-described GPU, checked: a number > 0, or a generation name."""
+    if value is None:
+        return None
+    if key == "gpu_generation":
+        # The GPU table's form ("ampere") or its index in GENERATIONS.
+        gen = _generation_number(value) if isinstance(value, str) else value
+        if not (_is_number(gen) and float(gen) >= 0):
+            raise BadInputError(
+                f"user-described GPU: {key}: expected a generation name (one of "
+                f"{list(GENERATIONS)}) or its index >= 0; found {value!r}"
+            )
+        return float(gen)
+    if not (_is_number(value) and float(value) > 0):
+        raise BadInputError(f"user-described GPU: {key}: expected a number > 0; found {value!r}")
+    return float(value)
 
 
 def _spec_columns(spec: Any) -> dict[str, float | None]:

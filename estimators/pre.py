@@ -955,10 +955,7 @@ class PREModel:
             if not p.is_file():
                 raise BadInputError(f"{p}: expected a PRE {what}; no such file")
         body = path.read_bytes()
-        try:
-            card = json.loads(cpath.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise BadInputError(f"{cpath}: expected a JSON model card; {err}") from err
+        card = read_card(cpath)
         if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
             raise BadInputError(
                 f"{cpath}: expected format {FORMAT!r} version {FORMAT_VERSION}; found "
@@ -1016,6 +1013,25 @@ def _cover(p: np.ndarray, y: np.ndarray, q: tuple[float, float] | None) -> float
     if q is None:
         return None
     return float(np.mean((y >= p * np.exp(q[0])) & (y <= p * np.exp(q[1]))))
+
+
+def read_card(cpath: Path) -> dict[str, Any]:
+    """A model card's fields.
+
+    Raises:
+        BadInputError: The card is not JSON, or is JSON but not an object.
+
+    """
+    try:
+        card = json.loads(cpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BadInputError(f"{cpath}: expected a JSON model card; {err}") from err
+    if not isinstance(card, dict):
+        raise BadInputError(
+            f"{cpath}: expected a JSON object (the model card's fields); found "
+            f"{json.dumps(card)[:80]}. Retrain with 'wattwise retrain'"
+        )
+    return card
 
 
 def card_path(model_path: Path) -> Path:

@@ -13,19 +13,31 @@ Inventory JSON: a list of node types, or ``{"node_types": [...]}``; each::
      "gpu_product": "NVIDIA-A100-SXM4-80GB"}
 
 ``gpu_model`` may instead be an object describing an unknown card by its
-numbers (the keys of :data:`estimators.features.GPU_COLUMNS` and ``name``).
+numbers (the keys of :data:`estimators.features.GPU_COLUMNS` and ``name``;
+``gpu_generation`` as a name such as ``"ampere"`` or its index). Prices and
+carbon intensities are numbers >= 0, ``gpu_count`` an integer > 0, the GPU's
+numbers > 0; anything else is refused with the file, node type and key.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import polars as pl
 
-from estimators.features import JobDescription, complete_job, feature_frame, gpu_key
+from estimators.features import (
+    JobDescription,
+    complete_job,
+    feature_frame,
+    gpu_key,
+    user_gpu_columns,
+)
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -112,7 +124,14 @@ def load_inventory(path: str | Path) -> list[NodeType]:
 
 
 def parse_inventory(raw: Any, *, file: str = "inventory") -> list[NodeType]:
-    """Node types from parsed inventory JSON."""
+    """Node types from parsed inventory JSON.
+
+    Raises:
+        BadInputError: Not a non-empty list of objects with ``name`` and
+            ``gpu_model``, an unknown key, repeated names, or a value of the
+            wrong type or sign (see :func:`check_node_type`).
+
+    """
     items = raw.get("node_types") if isinstance(raw, dict) else raw
     if not isinstance(items, list) or not items:
         raise BadInputError(
@@ -132,11 +151,65 @@ def parse_inventory(raw: Any, *, file: str = "inventory") -> list[NodeType]:
                 f"{file}, node type {it['name']!r}: unknown key(s) {sorted(extra)}; "
                 f"known keys {sorted(allowed)}"
             )
-        out.append(NodeType(**it))
+        node = NodeType(**it)
+        check_node_type(node, file=file, index=i)
+        out.append(node)
     names = [n.name for n in out]
     if len(set(names)) != len(names):
         raise BadInputError(f"{file}: node type names must be unique; found {names}")
     return out
+
+
+def check_node_type(node: NodeType, *, file: str = "inventory", index: int | None = None) -> None:
+    """Refuse a node type whose values have the wrong type or sign.
+
+    Args:
+        node: The node type.
+        file: Where it comes from, for messages.
+        index: Its 1-based place in the inventory, named when the name itself is bad.
+
+    Raises:
+        BadInputError: ``name`` not a non-empty string; ``gpu_model`` neither a
+            non-empty string nor an object (or an object with a GPU number that
+            is not > 0, see :func:`estimators.features.user_gpu_columns`);
+            ``gpu_count`` not an integer > 0; ``price_per_hour`` or
+            ``carbon_g_per_kwh`` not a number >= 0; ``default`` not a bool;
+            ``gpu_product`` not a string. The message names the file, the node
+            type, the key, what was expected and what was found.
+
+    """
+    if not isinstance(node.name, str) or not node.name.strip():
+        at = f"node type {index}" if index is not None else "a node type"
+        raise BadInputError(f"{file}, {at}: name: expected a non-empty string; found {node.name!r}")
+
+    def bad(key: str, expected: str) -> BadInputError:
+        found = getattr(node, key)
+        return BadInputError(
+            f"{file}, node type {node.name!r}: {key}: expected {expected}; found {found!r}"
+        )
+
+    gm = node.gpu_model
+    if isinstance(gm, Mapping):
+        try:
+            user_gpu_columns(gm)
+        except BadInputError as err:
+            raise BadInputError(f"{file}, node type {node.name!r}: gpu_model: {err}") from err
+    elif not isinstance(gm, str) or not gm.strip():
+        raise bad("gpu_model", "a GPU name or an object describing the GPU by its numbers")
+    c = node.gpu_count
+    if not isinstance(c, numbers.Integral) or isinstance(c, bool) or int(c) <= 0:
+        raise bad("gpu_count", "an integer > 0")
+    for key in ("price_per_hour", "carbon_g_per_kwh"):
+        v = getattr(node, key)
+        if v is None:
+            continue
+        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not (ok and float(v) >= 0):
+            raise bad(key, "a number >= 0 (or null)")
+    if not isinstance(node.default, bool):
+        raise bad("default", "true or false")
+    if node.gpu_product is not None and not isinstance(node.gpu_product, str):
+        raise bad("gpu_product", "a string (the k8s nvidia.com/gpu.product label)")
 
 
 def accelerator_type(gpu_name: str) -> str:
@@ -177,10 +250,11 @@ def recommend(
 
     Args:
         model: A fitted PRE model.
-        job: The job (``planned_epochs`` defaults to 1 when not given).
+        job: The job (``planned_epochs`` defaults to 1 when not given; a given
+            one, like ``layers``, must be > 0).
         inventory: Node types.
         objective: ``energy`` (J), ``cost`` (price) or ``carbon`` (g CO2e).
-        deadline_s: Longest acceptable total training time in s, if any.
+        deadline_s: Longest acceptable total training time in s (> 0), if any.
 
     Returns:
         The ranking. Table columns: ``rank``, ``node_type``, ``gpu_model``,
@@ -193,14 +267,25 @@ def recommend(
         the interval is the wider one of a new architecture), ``default``.
 
     Raises:
-        BadInputError: Empty inventory, unknown GPU, a cost/carbon objective
-            with a node type lacking price/intensity, or a bad job.
+        BadInputError: Empty inventory, unknown GPU, a node type with a value
+            of the wrong type or sign, a cost/carbon objective with a node type
+            lacking price/intensity, a deadline <= 0, or a bad job (planned
+            epochs or layers <= 0 included).
 
     """
     if not inventory:
         raise BadInputError("recommendation needs at least one node type; the inventory is empty")
     if objective not in ("energy", "cost", "carbon"):
         raise BadInputError(f"objective must be one of energy, cost, carbon; found {objective!r}")
+    if deadline_s is not None and not (
+        isinstance(deadline_s, numbers.Real)
+        and not isinstance(deadline_s, bool)
+        and float(deadline_s) > 0
+    ):
+        # A deadline <= 0 would mark every node type late and rank by nothing.
+        raise BadInputError(f"deadline_s must be a number > 0 (s); found {deadline_s!r}")
+    for n in inventory:  # node types built in code (Ray's, the HTTP API's) skip parse_inventory
+        check_node_type(n)
     attr = {"cost": "price_per_hour", "carbon": "carbon_g_per_kwh"}.get(objective)
     if attr:
         lacking = [n.name for n in inventory if getattr(n, attr) is None]
@@ -218,7 +303,8 @@ def recommend(
     ]
     rows = feature_frame(jobs)
     pred = model.predict(rows)
-    epochs = float(full.planned_epochs or 1)
+    # complete_job refused planned epochs <= 0: only an unset count falls back to 1.
+    epochs = 1.0 if full.planned_epochs is None else float(full.planned_epochs)
     t = pl.DataFrame(
         {
             "node_type": [n.name for n in inventory],

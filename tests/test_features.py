@@ -142,3 +142,69 @@ def test_runs_features_from_shared_layout(seaa_runs) -> None:
 def test_runs_features_names_the_missing_column(seaa_runs) -> None:
     with pytest.raises(BadInputError, match=r"need column\(s\) \['gflops_forward'\]"):
         runs_features(seaa_runs.drop("gflops_forward"), file="r.parquet")
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "found"),
+    [
+        ("planned_epochs", 0, "found 0"),
+        ("planned_epochs", -5, "found -5"),
+        ("planned_epochs", 2.5, "found 2.5"),
+        ("layers", -50, "found -50"),
+        ("layers", 0, "found 0"),
+        ("gpu_count", "2", "found '2'"),
+        ("batch_size", "32", "found '32'"),
+        ("layers", True, "found True"),
+    ],
+)
+def test_job_numbers_must_be_positive(field: str, value: object, found: str) -> None:
+    """Regression: --epochs -5 gave negative energies, --epochs 0 ran as 1, --layers -50 passed,
+    and a string gpu_count raised TypeError."""
+    given: dict = {"batch_size": 32, "training_size": 1000, "gflops_forward": 1.0, "layers": 3}
+    job = JobDescription("mine", **{**given, field: value})
+    with pytest.raises(BadInputError, match=rf"job mine: {field} .*must be .*> 0; {found}"):
+        complete_job(job)
+
+
+def test_unset_planned_epochs_and_float_layers_are_accepted() -> None:
+    # runs read from parquet carry layers as floats, and a job need not plan its epochs
+    job = complete_job(JobDescription("mine", 32, 1000, gflops_forward=1.0, layers=3.0))
+    assert job.planned_epochs is None and job.layers == 3.0
+
+
+@pytest.mark.parametrize("arch", ["vgg16", "nasnet_mobile"])
+def test_known_architecture_without_image_size_asks_for_its_size(arch: str) -> None:
+    """Regression: the message asked to name one of the table's architectures, already named."""
+    with pytest.raises(
+        BadInputError,
+        match=rf"architecture '{arch}' is known at image size 128x128.*found no image size.*"
+        r"--image-size 128.*--gflops",
+    ):
+        complete_job(JobDescription(arch, 32, 100))
+
+
+def test_user_described_gpu_generation_by_name() -> None:
+    """Regression: "gpu_generation": "ampere" raised ValueError (float('ampere'))."""
+    spec = {"gpu_board_power_w": 200, "gpu_fp32_tflops": 20}
+    by_name = gpu_features({**spec, "gpu_generation": "Ampere"})
+    assert by_name["gpu_generation"] == gpu_features("RTX 3090")["gpu_generation"] == 5.0
+    assert gpu_features({**spec, "gpu_generation": 5})["gpu_generation"] == 5.0
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "expected"),
+    [
+        ("gpu_board_power_w", "300W", "a number > 0"),
+        ("gpu_board_power_w", -200, "a number > 0"),
+        ("gpu_fp32_tflops", 0, "a number > 0"),
+        ("gpu_memory_gb", True, "a number > 0"),
+        ("gpu_bandwidth_gbs", -1.0, "a number > 0"),
+        ("gpu_generation", "martian", r"a generation name \(one of .*ampere"),
+        ("gpu_generation", -1, "a generation name"),
+    ],
+)
+def test_user_described_gpu_values_are_checked(key: str, value: object, expected: str) -> None:
+    """Regression: "300W" raised ValueError and -200 W gave negative energy."""
+    spec = {"gpu_board_power_w": 200, "gpu_fp32_tflops": 20, key: value}
+    with pytest.raises(BadInputError, match=rf"user-described GPU: {key}: expected {expected}"):
+        gpu_features(spec)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import polars as pl
@@ -123,3 +124,101 @@ def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str, max_m
     assert 100 * np.mean(np.abs(p["pred"].to_numpy() - y) / y) < max_mape
     cover = np.mean((y >= pred["lower_j"].to_numpy()) & (y <= pred["upper_j"].to_numpy()))
     assert cover >= 0.8  # the issue's goal for unseen architectures
+
+
+@pytest.mark.parametrize(
+    ("change", "deadline_s", "match"),
+    [
+        ({"planned_epochs": -5}, None, "planned_epochs must be an integer > 0; found -5"),
+        ({"planned_epochs": 0}, None, "planned_epochs must be an integer > 0; found 0"),
+        ({"layers": -50}, None, r"layers \(with parameters\) must be a number > 0; found -50"),
+        ({}, -3600.0, r"deadline_s must be a number > 0 \(s\); found -3600.0"),
+        ({}, 0.0, r"deadline_s must be a number > 0 \(s\); found 0.0"),
+    ],
+)
+def test_job_numbers_are_refused(
+    model: PREModel, change: dict, deadline_s: float | None, match: str
+) -> None:
+    """Regression: --epochs -5 ranked the worst GPU first with negative energies, --epochs 0
+    ran as 1 epoch, --layers -50 passed, and a negative deadline made every node late."""
+    job = JobDescription(**{**{f: getattr(JOB, f) for f in JOB.__dataclass_fields__}, **change})
+    inv = [NodeType("t4", "Tesla T4"), NodeType("gamer", "RTX 3090")]
+    with pytest.raises(BadInputError, match=match):
+        recommend(model, job, inv, deadline_s=deadline_s)
+
+
+_T4 = {"name": "t4", "gpu_model": "Tesla T4"}
+_MINE = {"name": "custom", "gpu_model": {"name": "MyCard", "gpu_fp32_tflops": 20}}
+
+
+@pytest.mark.parametrize(
+    ("node", "match"),
+    [
+        ({**_T4, "price_per_hour": "0.5"}, r"'t4': price_per_hour: expected a number >= 0.*'0.5'"),
+        ({**_T4, "price_per_hour": -3}, r"'t4': price_per_hour: expected a number >= 0.*found -3"),
+        ({**_T4, "carbon_g_per_kwh": -1}, r"'t4': carbon_g_per_kwh: expected a number >= 0"),
+        ({**_T4, "gpu_count": "2"}, r"'t4': gpu_count: expected an integer > 0; found '2'"),
+        ({**_T4, "gpu_count": 0}, r"'t4': gpu_count: expected an integer > 0; found 0"),
+        ({**_T4, "gpu_count": 1.5}, r"'t4': gpu_count: expected an integer > 0; found 1.5"),
+        ({**_T4, "default": "yes"}, r"'t4': default: expected true or false; found 'yes'"),
+        ({**_T4, "gpu_model": 3090}, r"'t4': gpu_model: expected a GPU name or an object"),
+        ({**_T4, "name": ""}, r"1: name: expected a non-empty string; found ''"),
+        (
+            {**_MINE, "gpu_model": {**_MINE["gpu_model"], "gpu_board_power_w": -200}},
+            r"'custom': gpu_model: user-described GPU: gpu_board_power_w: expected a number > 0"
+            r".*found -200",
+        ),
+        (
+            {**_MINE, "gpu_model": {**_MINE["gpu_model"], "gpu_board_power_w": "300W"}},
+            r"'custom': gpu_model: .*gpu_board_power_w: expected a number > 0.*found '300W'",
+        ),
+    ],
+)
+def test_inventory_values_are_checked(tmp_path, node: dict, match: str) -> None:
+    """Regression: string values raised TypeError/ValueError (exit 1); negative power or price
+    gave negative energy or cost and savings over 100 %."""
+    f = tmp_path / "inv.json"
+    f.write_text(json.dumps([node, {"name": "other", "gpu_model": "RTX 3090"}]))
+    with pytest.raises(BadInputError, match=rf"^{re.escape(str(f))}, node type {match}"):
+        load_inventory(f)
+
+
+def test_inventory_gpu_generation_by_name(model: PREModel, tmp_path) -> None:
+    """Regression: "gpu_generation": "ampere" raised ValueError; it is the GPU table's form."""
+    mine = {"name": "MyCard", "gpu_board_power_w": 200, "gpu_fp32_tflops": 20}
+    f = tmp_path / "inv.json"
+    f.write_text(
+        json.dumps([{"name": "custom", "gpu_model": {**mine, "gpu_generation": "ampere"}}])
+    )
+    by_name = recommend(model, JOB, load_inventory(f)).table
+    by_number = recommend(model, JOB, [NodeType("custom", {**mine, "gpu_generation": 5})]).table
+    assert by_name["epoch_energy_j"][0] == pytest.approx(by_number["epoch_energy_j"][0])
+
+
+def test_node_types_built_in_code_are_checked(model: PREModel) -> None:
+    # node types that do not come from a file (Ray's inventory, the HTTP API) are checked too
+    with pytest.raises(BadInputError, match=r"inventory, node type 'x': price_per_hour"):
+        recommend(model, JOB, [NodeType("x", "RTX 3090", price_per_hour=-1.0)])
+
+
+@pytest.mark.parametrize("card", ["[1]", '"pre"', "null"])
+def test_model_card_must_be_an_object(model: PREModel, tmp_path, card: str) -> None:
+    """Regression: a card of valid JSON but not an object raised AttributeError (exit 1)."""
+    path = tmp_path / "pre-v1.json"
+    cpath = model.save(path)
+    cpath.write_text(card)
+    with pytest.raises(BadInputError, match=r"pre-v1.card.json: expected a JSON object.*found"):
+        PREModel.load(path)
+
+
+def test_cli_refuses_bad_job_numbers_with_exit_2(model: PREModel, tmp_path, capsys) -> None:
+    from cluster.cli import main
+
+    path = tmp_path / "pre-v1.json"
+    model.save(path)
+    args = ["recommend", "--arch", "arch0", "--batch-size", "32", "--train-size", "20000"]
+    args += ["--gflops", "5", "--layers", "50", "--model", str(path)]
+    assert main([*args, "--epochs", "-5"]) == 2
+    assert "planned_epochs must be an integer > 0; found -5" in capsys.readouterr().err
+    assert main([*args, "--deadline-h", "-1"]) == 2
+    assert "deadline_s must be a number > 0" in capsys.readouterr().err

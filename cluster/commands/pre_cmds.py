@@ -91,10 +91,12 @@ def run_retrain(args: argparse.Namespace) -> int:
         return retrain_if_new_runs(open_store(args), models_dir(args), console())
     result = retrain(open_store(args), models_dir(args))
     out = console()
+    ex = result.excluded
     out.print(
-        f"training on {result.rows} finished runs; left out {result.excluded['not_finished']} "
-        f"not finished and {result.excluded['without_energy_epochs_or_job']} without energy, "
-        "trained_epochs or job description"
+        f"training on {result.rows} finished runs; left out {ex['not_finished']} not finished, "
+        f"{ex['without_energy_epochs_or_job']} without energy, trained_epochs or job "
+        f"description, {ex.get('without_gpu_model', 0)} without a GPU model and "
+        f"{ex.get('features_failed', 0)} whose GPU or job could not be described"
     )
     out.print(
         f"{'accepted' if result.accepted else 'rejected'} {result.path.name}: {result.decision}"

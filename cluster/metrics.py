@@ -1,9 +1,10 @@
 """Prometheus exposition of the aggregator: a custom collector over its public queries.
 
 :class:`WattwiseCollector` reads an :class:`~cluster.aggregator.Aggregator`
-(or :class:`ActorAggregator`, the same queries over the Ray actor) at every
-scrape; nothing is pushed, so the aggregator needs no hook. Metric families
-(units in the names, ``_total`` on counters; labels ``run_id``, ``job_name``,
+(or :class:`ActorAggregator`, the same queries over the Ray actor, and
+:class:`ShardedAggregator`, those of every shard together) at every scrape;
+nothing is pushed, so the aggregator needs no hook. Metric families (units
+in the names, ``_total`` on counters; labels ``run_id``, ``job_name``,
 ``node_type`` on the per-job ones)::
 
     wattwise_job_info{run_id,job_name,node_type,architecture,gpu_model,status}  1
@@ -46,7 +47,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -610,6 +611,73 @@ class ActorAggregator:
     def stats(self) -> dict[str, Any]:
         """Counters (see :meth:`Aggregator.stats`)."""
         out: dict[str, Any] = self._get(self.handle.stats.remote())
+        return out
+
+
+class ShardedAggregator:
+    """Every aggregator shard's queries answered as one aggregator's (``wattwise metrics --ray``).
+
+    Runs are split among shards by :func:`cluster.actors.shard_of` and each shard
+    holds only its own, so reading shard 0 alone loses the others' jobs. As
+    ``wattwise aggregator status`` and the HTTP API do, this lists every shard's
+    runs, asks a run's epochs of the shard that owns it and sums the counters.
+
+    Args:
+        shards: Each shard's queries (``status()``, ``running()``, ``epochs(run_id)``,
+            ``stats()``), shard 0 first: an :class:`ActorAggregator` per shard actor,
+            or in-process aggregators.
+
+    Raises:
+        BadInputError: No shard given.
+
+    """
+
+    #: Integer stats that number a shard rather than count something: shard 0's are kept.
+    NOT_SUMMED = frozenset({"shard", "shards"})
+
+    def __init__(self, shards: Sequence[Any]) -> None:
+        if not shards:
+            from profiler.errors import BadInputError
+
+            raise BadInputError("ShardedAggregator needs at least one shard; found none")
+        self.shards = list(shards)
+        self.store = getattr(self.shards[0], "store", None)
+
+    def status(self) -> list[dict[str, Any]]:
+        """Every run held by any shard."""
+        out: list[dict[str, Any]] = []
+        for shard in self.shards:
+            out.extend(shard.status())
+        return out
+
+    def running(self) -> list[str]:
+        """Ids of the running runs of every shard."""
+        return sorted(r for shard in self.shards for r in shard.running())
+
+    def epochs(self, run_id: str) -> pl.DataFrame:
+        """Per-epoch energy of the run, from the shard that owns it."""
+        from cluster.actors import shard_of
+
+        return self.shards[shard_of(run_id, len(self.shards))].epochs(run_id)  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        """Shard 0's stats with every integer counter summed over the shards.
+
+        ``node_lag_s`` holds, per node, the largest lag any shard saw (a node
+        sends to each shard that owns one of its runs).
+        """
+        each = [shard.stats() for shard in self.shards]
+        out = dict(each[0])
+        keys = {k for st in each for k in st}
+        for key in keys - self.NOT_SUMMED:
+            values = [st[key] for st in each if key in st]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+                out[key] = sum(values)
+        lag: dict[str, float] = {}
+        for st in each:
+            for node, v in (st.get("node_lag_s") or {}).items():
+                lag[node] = max(float(v), lag.get(node, float("-inf")))
+        out["node_lag_s"] = lag
         return out
 
 

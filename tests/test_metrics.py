@@ -138,6 +138,56 @@ def test_a_finished_run_keeps_its_energy_and_draws_no_power(agg: Aggregator) -> 
     assert ("wattwise_jobs_running", (("node_type", "a100"),)) not in m
 
 
+def test_sharded_aggregator_exports_the_runs_and_counters_of_every_shard(store: Store) -> None:
+    """Bug: ``wattwise metrics --ray --shards 2`` read shard 0's actor only, so the jobs held by
+    the other shard were missing from Prometheus (runs {0: ['run-4'], 1: ['run-0']}: only
+    run-4 exported). Two shards, each holding the runs shard_of gives it, must export what
+    one aggregator holding every run exports, counters summed."""
+    from cluster.actors import shard_of, split_by_shard
+    from cluster.metrics import ShardedAggregator
+
+    ids = [f"run-{i}" for i in range(20)]
+    r0 = next(r for r in ids if shard_of(r, 2) == 0)
+    r1 = next(r for r in ids if shard_of(r, 2) == 1)
+    shards = [Aggregator(store), Aggregator(store)]
+    whole = Aggregator(store)
+    batch = pl.concat(
+        [
+            samples(r0, [float(t) for t in range(11)], [100.0] * 11),
+            samples(r1, [float(t) for t in range(9)], [50.0] * 4 + [250.0] * 5),
+        ]
+    )
+    epochs = pl.concat([marks(r0, [(0, 0.0, 5.0)]), marks(r1, [(0, 0.0, 4.0), (1, 4.0, 8.0)])])
+    for rid, node_type in ((r0, "a100"), (r1, "l4")):
+        run = {"run_id": rid, "job_name": f"job-{rid}", "node_type": node_type}
+        shards[shard_of(rid, 2)].start_run({**run, "planned_epochs": 4})
+        whole.start_run({**run, "planned_epochs": 4})
+    for k, part in split_by_shard(epochs, 2).items():
+        shards[k].ingest_epochs(part)
+    for k, part in split_by_shard(batch, 2).items():
+        shards[k].ingest_samples(part)
+    whole.ingest_epochs(epochs)
+    whole.ingest_samples(batch)
+    assert [s.running() for s in shards] == [[r0], [r1]]
+
+    got = scrape(registry_for(ShardedAggregator(shards)))
+    want = scrape(registry_for(whole))
+    lag = "wattwise_aggregator_node_lag_seconds"
+    jobs = {k: v for k, v in want.items() if k[0].startswith(("wattwise_job", "wattwise_jobs"))}
+    assert {k: got[k] for k in jobs} == pytest.approx(jobs)
+    assert got[("wattwise_job_energy_joules_total", job(r1, f"job-{r1}", "l4"))] == pytest.approx(
+        3 * 50.0 + 150.0 + 4 * 250.0  # 0..3 s at 50 W, the 3..4 s ramp, 4..8 s at 250 W
+    )
+    assert got[("wattwise_job_last_epoch", job(r1, f"job-{r1}", "l4"))] == 1.0  # from shard 1
+    for name in ("samples", "epochs"):
+        key = (f"wattwise_aggregator_{name}_total", ())
+        assert got[key] == want[key]
+    assert got[("wattwise_aggregator_samples_total", ())] == 20.0
+    # A node sends to every shard owning one of its runs: its largest lag is exported.
+    per_shard = [s.stats()["node_lag_s"]["n1"] for s in shards]
+    assert got[(lag, (("node", "n1"),))] == pytest.approx(max(per_shard), abs=1.0)
+
+
 def test_energy_per_sample_by_node_type_and_architecture() -> None:
     runs = pl.DataFrame(
         {

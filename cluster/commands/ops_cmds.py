@@ -27,8 +27,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description=(
             "Serve the aggregator's metrics for Prometheus. Without --ray, an aggregator is "
             "rebuilt from the store (running runs replayed) every --refresh seconds: for a "
-            "single node or tests. With --ray, the cluster's aggregator actor and its sidecar "
-            "actors are queried at each scrape."
+            "single node or tests. With --ray, the cluster's aggregator actors (every shard) "
+            "and its sidecar actors are queried at each scrape."
         ),
     )
     add_store_option(p)
@@ -90,7 +90,13 @@ class _Rebuilding:
 
 def run_metrics(args: argparse.Namespace) -> int:
     """Run ``wattwise metrics``."""
-    from cluster.metrics import ActorAggregator, ray_sidecar_stats, registry_for, serve_metrics
+    from cluster.metrics import (
+        ActorAggregator,
+        ShardedAggregator,
+        ray_sidecar_stats,
+        registry_for,
+        serve_metrics,
+    )
 
     if args.refresh <= 0:
         raise BadInputError(f"--refresh must be > 0 s; found {args.refresh}")
@@ -99,11 +105,13 @@ def run_metrics(args: argparse.Namespace) -> int:
     store = open_store(args)
     kwargs: dict[str, Any] = {"store_root": store.root}
     if args.ray:
-        from cluster.actors import aggregator
+        from cluster.actors import Router, aggregator
         from cluster.commands.cluster_cmds import _connect
 
         _connect(args.ray)
-        source: Any = ActorAggregator(aggregator(create=False))
+        aggregator(create=False)  # a clear message when none runs
+        # Every shard: each holds only the runs it owns (shard_of).
+        source: Any = ShardedAggregator([ActorAggregator(h) for h in Router().handles()])
         kwargs["sidecar_stats"] = ray_sidecar_stats
     else:
         source = _Rebuilding(store, args.refresh)
@@ -123,6 +131,9 @@ def run_metrics(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------ retrain --if-new-runs
 
+#: Least usable finished runs PRE trains on (:meth:`estimators.pre.PREModel.fit` refuses fewer).
+PRE_MIN_RUNS = 10
+
 
 def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     """``wattwise retrain --if-new-runs``: retrain only when a usable finished run is new.
@@ -130,6 +141,8 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     A run is new when it is among the runs a retrain would train on
     (:func:`cluster.retrain.training_rows`) but not in the ``run_ids`` of the
     newest card (accepted or not: a rejected retrain has seen its runs too).
+    With fewer usable finished runs than PRE needs (:data:`PRE_MIN_RUNS`) it
+    does nothing and succeeds, so the nightly job of a new deployment does not fail.
 
     Args:
         store: The run store.
@@ -137,7 +150,8 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
         out: Console to print to.
 
     Returns:
-        0 (nothing new, or a retrain ran, whatever its verdict).
+        0 (nothing new, fewer usable runs than PRE needs to train, or a retrain
+        ran, whatever its verdict).
 
     """
     from cluster.metrics import pre_cards
@@ -155,8 +169,11 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
             f"({len(usable)} usable finished runs, all in its card); nothing to do"
         )
         return 0
-    if not usable:
-        out.print("no usable finished runs in the store yet; nothing to train on")
+    if len(usable) < PRE_MIN_RUNS:
+        # A young store: waiting for runs is not a failure of the nightly job.
+        out.print(
+            f"{len(usable)} usable finished runs; PRE needs at least {PRE_MIN_RUNS}: nothing to do"
+        )
         return 0
     result = retrain(store, folder)
     card = json.loads(result.path.with_name(f"pre-v{result.version}.card.json").read_text())

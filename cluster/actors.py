@@ -12,7 +12,10 @@
   the sidecar spills to its journal and resends later.
 * :class:`SidecarManager` starts one sidecar per alive node and restarts
   missing or dead ones (call :meth:`SidecarManager.reconcile`, or let the
-  aggregator actor do it periodically).
+  aggregator actor do it periodically). GPU sources are opened only on nodes
+  whose Ray resources include GPUs (:func:`sources_for_node`); a node where no
+  requested source applies gets no sidecar. A sidecar that cannot open its
+  sources is reported once and tried again later, not restarted every reconcile.
 
 Ray is imported inside functions so that importing this module stays cheap.
 """
@@ -24,7 +27,8 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +43,9 @@ SIDECAR_PREFIX = "wattwise-sidecar-"
 
 #: A power source to open on the sidecar's node: (registry name, keyword arguments).
 SourceSpec = tuple[str, dict[str, Any]]
+
+#: Sources that read GPUs: opened only on nodes whose Ray resources include ``GPU``.
+GPU_SOURCES = frozenset({"nvml", "dcgm", "dcgm-exporter"})
 
 
 # ------------------------------------------------------------------------------ aggregator
@@ -715,6 +722,62 @@ def sidecar_actor(
     ).remote(node, list(sources), **kwargs)
 
 
+def sources_for_node(
+    resources: Mapping[str, float], requested: Sequence[SourceSpec]
+) -> tuple[list[SourceSpec], list[SourceSpec]]:
+    """Split the requested sources into those that apply on a node and those that do not.
+
+    A GPU source (:data:`GPU_SOURCES`) applies only where the node's Ray
+    resources include at least one ``GPU``; every other source (``rapl``,
+    ``modelled``, ``replay``, ...) applies everywhere.
+
+    Args:
+        resources: The node's Ray resources (``ray.nodes()[i]["Resources"]``).
+        requested: The sources asked for, as (registry name, kwargs).
+
+    Returns:
+        (the sources to open there, the sources left out), each in the given order.
+
+    """
+    has_gpu = float(resources.get("GPU", 0.0) or 0.0) > 0
+    use: list[SourceSpec] = []
+    skipped: list[SourceSpec] = []
+    for spec in requested:
+        (use if has_gpu or spec[0] not in GPU_SOURCES else skipped).append(spec)
+    return use, skipped
+
+
+def init_failure_reason(err: BaseException) -> str | None:
+    """Why a sidecar actor's ``__init__`` raised (its last traceback line), else ``None``.
+
+    ``None`` means the actor died some other way (node lost, killed), which a
+    restart can fix; a failed ``__init__`` (a source that would not open) would
+    fail again at once.
+    """
+    if not getattr(err, "actor_init_failed", False):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[-1] if lines else type(err).__name__
+
+
+@dataclass
+class StartFailure:
+    """A node whose sidecar could not start, and when to try again.
+
+    Attributes:
+        reason: The error that stopped it (the last traceback line).
+        tries: Failed starts in a row.
+        delay_s: Wait before the next try, in s.
+        retry_at: ``time.monotonic()`` of the next try.
+
+    """
+
+    reason: str
+    tries: int
+    delay_s: float
+    retry_at: float
+
+
 class SidecarManager:
     """Keeps one sidecar actor on every alive node.
 
@@ -724,8 +787,15 @@ class SidecarManager:
             GPU nodes, the modelled CPU source elsewhere).
         period_s: Least time between two reconciles driven by :meth:`due`.
         ping_timeout_s: A sidecar that does not answer in this time is replaced.
+        retry_s: Wait before starting again a sidecar whose ``__init__`` failed
+            (a source that would not open), in s; doubled after each failure.
+        max_retry_s: Longest such wait, in s.
         **sidecar_options: Passed to each sidecar (``interval_s``, ...); a
             ``journal_dir`` is a root holding one journal per node.
+
+    Attributes:
+        failed: Node id -> the sidecar that could not start there (reported once).
+        skipped: Node id -> the requested sources left out there (no GPU).
 
     """
 
@@ -735,15 +805,21 @@ class SidecarManager:
         *,
         period_s: float = 10.0,
         ping_timeout_s: float = 10.0,
+        retry_s: float = 60.0,
+        max_retry_s: float = 3600.0,
         **sidecar_options: Any,
     ) -> None:
         self.sources = sources
         self.period_s = period_s
         self.ping_timeout_s = ping_timeout_s
+        self.retry_s = retry_s
+        self.max_retry_s = max_retry_s
         self.options = sidecar_options
         self.handles: dict[str, Any] = {}
         self.names: dict[str, str] = {}
         self.restarts = 0
+        self.failed: dict[str, StartFailure] = {}
+        self.skipped: dict[str, list[str]] = {}
         self._last = 0.0
 
     def due(self) -> bool:
@@ -753,6 +829,63 @@ class SidecarManager:
     def node_names(self) -> dict[str, str]:
         """Node id -> node name of every managed sidecar."""
         return dict(self.names)
+
+    def plan(self, node: Mapping[str, Any], name: str) -> list[SourceSpec]:
+        """The sources to open on ``node`` (a ``ray.nodes()`` entry); logs left-out ones once.
+
+        Args:
+            node: The node's Ray record (``NodeID``, ``Resources``).
+            name: The node's name, for the log.
+
+        Returns:
+            The sources that apply there; empty: no sidecar on that node.
+
+        """
+        requested = self.sources(dict(node)) if callable(self.sources) else self.sources
+        use, skipped = sources_for_node(node.get("Resources") or {}, list(requested))
+        left_out = [spec[0] for spec in skipped]
+        node_id = str(node["NodeID"])
+        if left_out and self.skipped.get(node_id) != left_out:
+            log.info(
+                "sidecar on %s: Ray sees no GPU on this node, so not opening %s there; %s",
+                name,
+                ", ".join(left_out),
+                f"opening {', '.join(s[0] for s in use)}" if use else "no sidecar on this node",
+            )
+        if left_out:
+            self.skipped[node_id] = left_out
+        else:
+            self.skipped.pop(node_id, None)
+        return use
+
+    def note_start_failure(self, node_id: str, name: str, reason: str) -> StartFailure:
+        """Record that the sidecar on ``node_id`` failed in ``__init__``; warn once per reason.
+
+        The next start waits ``retry_s``, doubled after each failure up to
+        ``max_retry_s``, rather than the next reconcile (a source that would not
+        open fails again at once).
+        """
+        prev = self.failed.get(node_id)
+        delay = self.retry_s if prev is None else min(prev.delay_s * 2, self.max_retry_s)
+        failure = StartFailure(
+            reason=reason,
+            tries=1 if prev is None else prev.tries + 1,
+            delay_s=delay,
+            retry_at=time.monotonic() + delay,
+        )
+        self.failed[node_id] = failure
+        if prev is None or prev.reason != reason:
+            log.warning(
+                "sidecar on %s could not start: %s; trying again in %.0f s, then less often "
+                "(up to every %.0f s), without warning again for this reason",
+                name,
+                reason,
+                delay,
+                self.max_retry_s,
+            )
+        else:
+            log.debug("sidecar on %s failed again (%d tries): %s", name, failure.tries, reason)
+        return failure
 
     def reconcile(self) -> list[str]:
         """Start sidecars on alive nodes without a live one; returns the node ids started."""
@@ -778,15 +911,31 @@ class SidecarManager:
             if handle is not None:
                 try:
                     ray.get(handle.ping.remote(), timeout=self.ping_timeout_s)
+                    failure = self.failed.pop(node_id, None)
+                    if failure is not None:
+                        log.info("sidecar on %s started after %d failures", name, failure.tries)
                     continue
                 except Exception as err:
-                    log.warning("sidecar on %s is gone (%s); restarting it", name, err)
-                    self.restarts += 1
+                    reason = init_failure_reason(err)
+                    if reason is not None:  # its sources would not open: not a tight loop
+                        self.note_start_failure(node_id, name, reason)
+                        self.handles.pop(node_id, None)
+                        self.names.pop(node_id, None)
+                    else:
+                        log.warning("sidecar on %s is gone (%s); restarting it", name, err)
+                        self.restarts += 1
                     try:
                         ray.kill(handle)
                     except Exception:  # already dead
                         pass
-            sources = self.sources(n) if callable(self.sources) else self.sources
+            failure = self.failed.get(node_id)
+            if failure is not None and time.monotonic() < failure.retry_at:
+                continue
+            sources = self.plan(n, name)
+            if not sources:  # no requested source applies here (logged once by plan)
+                self.handles.pop(node_id, None)
+                self.names.pop(node_id, None)
+                continue
             opts = dict(self.options)
             if opts.get("journal_dir"):  # one journal per node under the given root
                 opts["journal_dir"] = journal_dir_for(opts["journal_dir"], name)
@@ -805,6 +954,9 @@ class SidecarManager:
         for gone in [k for k in self.handles if k not in live]:
             self.handles.pop(gone)
             self.names.pop(gone, None)
+        for book in (self.failed, self.skipped):
+            for gone in [k for k in book if k not in live]:
+                book.pop(gone)
         return started
 
     def stop_all(self) -> dict[str, dict[str, int]]:

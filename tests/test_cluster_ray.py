@@ -199,3 +199,64 @@ def test_the_manager_starts_one_sidecar_per_node_and_replaces_a_dead_one(
     assert mgr.restarts == 1
     assert ray.get(mgr.handles[victim].ping.remote(), timeout=60) == mgr.names[victim]
     mgr.stop_all()
+
+
+def _wait_no_sidecars(timeout: float = 60.0) -> None:
+    """Until no node has a named sidecar (an earlier test's, killed, may still hold its name)."""
+    from cluster.actors import NAMESPACE, SIDECAR_PREFIX
+
+    deadline = time.monotonic() + timeout
+    for n in ray.nodes():
+        while n["Alive"]:
+            try:
+                ray.get_actor(SIDECAR_PREFIX + n["NodeID"][:16], namespace=NAMESPACE)
+            except ValueError:
+                break
+            assert time.monotonic() < deadline, "an earlier sidecar is still alive"
+            time.sleep(0.2)
+
+
+def test_the_manager_skips_gpu_sources_without_gpus_and_does_not_loop_on_failed_starts(
+    cluster: dict[str, Any], tmp_path: Path
+) -> None:
+    """Regression: ``--sidecars nvml`` on a CPU-only node restarted a dying sidecar every 10 s."""
+    from cluster.actors import SidecarManager
+
+    _wait_no_sidecars()
+    # NVML only where Ray sees a GPU (none here without one); the other nodes get no sidecar,
+    # noted once each, and are not tried again.
+    alive = [n for n in ray.nodes() if n["Alive"]]
+    gpu = sorted(n["NodeID"] for n in alive if n["Resources"].get("GPU", 0) > 0)
+    nvml = SidecarManager([("nvml", {})], journal_dir=str(tmp_path / "nvml"))
+    assert sorted(nvml.reconcile()) == gpu
+    assert nvml.reconcile() == []
+    assert sorted(nvml.skipped) == sorted(n["NodeID"] for n in alive if n["NodeID"] not in gpu)
+    assert sorted(nvml.handles) == gpu and nvml.restarts == 0
+    nvml.stop_all()
+    _wait_no_sidecars()
+    # A source that does not open anywhere (no RAPL tree there): every sidecar's __init__
+    # fails. The next reconcile records why and does not restart them; nor does the one after.
+    bad = SidecarManager(
+        [("rapl", {"root": str(tmp_path / "no-rapl")})],
+        journal_dir=str(tmp_path / "rapl"),
+        retry_s=600.0,
+    )
+    started = bad.reconcile()
+    assert len(started) == 3
+    deadline = time.monotonic() + 60
+    for handle in bad.handles.values():
+        while True:
+            try:
+                ray.get(handle.ping.remote(), timeout=5)
+            except ray.exceptions.RayActorError:
+                break
+            except ray.exceptions.GetTimeoutError:
+                pass  # still starting
+            assert time.monotonic() < deadline, "a sidecar without its source still answers"
+            time.sleep(0.2)
+    assert bad.reconcile() == []
+    assert sorted(bad.failed) == sorted(started)
+    assert all("SourceUnavailableError: RAPL" in f.reason for f in bad.failed.values())
+    assert bad.reconcile() == []
+    assert bad.restarts == 0 and all(f.tries == 1 for f in bad.failed.values())
+    assert bad.handles == {}

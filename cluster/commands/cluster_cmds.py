@@ -33,7 +33,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--sidecars",
         choices=("none", "modelled", "nvml"),
         default="none",
-        help="also start one sidecar per node with this power source (default none)",
+        help="also start one sidecar per node with this power source (default none); nvml "
+        "only on nodes whose Ray resources include a GPU",
     )
     start.add_argument(
         "--shards",

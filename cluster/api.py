@@ -19,7 +19,13 @@ are those of the CLI's job options: ``arch`` (required), ``batch_size`` (32),
 ``image_size`` (224), ``train_size`` (50000), ``validation_size`` (0),
 ``epochs``, ``node_type`` and ``objective`` (energy, cost, carbon).
 
-Timestamps are ISO 8601 strings with an offset (``2024-01-01T00:00:00+00:00``).
+Timestamps are ISO 8601 strings with an offset (``2024-01-01T00:00:00+00:00`` or
+``...Z``); numbers, booleans and times without an offset are refused (400), not read
+as seconds or microseconds since 1970 nor as UTC.
+
+``image_size`` is at most :data:`MAX_IMAGE_SIZE` and ``batch_size`` at most
+:data:`MAX_BATCH_SIZE` here (the aggregator measures a torchvision model at the
+job's image size); ``wattwise placement`` has no such bounds.
 
 Security: bound to a non-loopback address, the server refuses to start
 without a token of at least :data:`MIN_TOKEN_CHARS` characters, and every
@@ -28,8 +34,12 @@ POST needs ``Authorization: Bearer <token>`` (compared in constant time with
 paths and bodies must match :data:`profiler.schema.RUN_ID_RE` in full, so no
 request reaches a path outside the store. Idle connections are dropped after
 :data:`REQUEST_TIMEOUT_S`. Answers are JSON; errors are ``{"error": message}``
-with status 400 (bad input), 401 (token), 404 (unknown run or route), 413
-(body too large) or 503 (no inventory, store refused).
+with status 400 (bad input), 401 (token), 404 (unknown run or route), 408 (the
+body stopped arriving), 413 (body too large), 500 (a failure of the server, logged
+with its traceback) or 503 (no inventory, store refused). A body refused with 401
+or 413 is read and thrown away (up to :data:`MAX_DISCARD` bytes) so that clients
+which send the whole body before reading, such as ``urllib`` and ``requests``, get
+the answer.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from cluster.aggregator import Aggregator, _jsonable, runs_table
-from profiler.errors import BadInputError, SchemaError, WattwiseError
+from profiler.errors import BadInputError, SchemaError, WattwiseError, where
 from profiler.schema import RUN_ID_RE, UTC_US, check_run_id
 
 if TYPE_CHECKING:
@@ -67,6 +77,13 @@ MAX_BODY = 16 * 1024 * 1024
 MIN_TOKEN_CHARS = 16
 #: A connection that sends nothing for this long is closed, in s.
 REQUEST_TIMEOUT_S = 30.0
+#: Most bytes of a refused body (401, 413) read and thrown away before answering, so that
+#: clients which send the whole body before reading the answer get it; a larger body is cut off.
+MAX_DISCARD = 8 * MAX_BODY
+#: Largest ``image_size`` of ``/placement``: the aggregator runs the model at that size on CPU.
+MAX_IMAGE_SIZE = 1024
+#: Largest ``batch_size`` of ``/placement``.
+MAX_BATCH_SIZE = 65_536
 
 #: Node types to place on: a fixed list, a function returning the current one, or
 #: ``None`` (the connected Ray cluster's, see :func:`cluster.placement.inventory_from_ray`).
@@ -84,6 +101,9 @@ PLACEMENT_FIELDS: dict[str, Any] = {
     "objective": "energy",
 }
 _INT_FIELDS = {"batch_size": 1, "image_size": 1, "train_size": 1, "validation_size": 0, "epochs": 1}
+_INT_MOST = {"batch_size": MAX_BATCH_SIZE, "image_size": MAX_IMAGE_SIZE}
+_OFFSET_TIME = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)$"
+_TIME_EXPECTED = "an ISO 8601 time with an offset, as a string such as '2024-01-01T00:00:00+00:00'"
 _OBJECTIVES = ("energy", "cost", "carbon")
 
 
@@ -117,18 +137,67 @@ def check_run_ids(df: pl.DataFrame, what: str) -> None:
             )
 
 
+def _json_type(x: Any) -> str:
+    names = {bool: "boolean", int: "number", float: "number", list: "array", dict: "object"}
+    return names.get(type(x), type(x).__name__)
+
+
+def _check_times(rows: list[dict[str, Any]], what: str, time_cols: tuple[str, ...]) -> None:
+    """Refuse a time that is not a string (null is left to the schema check).
+
+    polars would cast a number to microseconds since 1970 and a boolean to 0 or 1 us.
+
+    Raises:
+        BadInputError: The first such value, with its 1-based row, field and JSON type.
+
+    """
+    for i, row in enumerate(rows, 1):
+        for c in time_cols:
+            x = row.get(c)
+            if x is not None and not isinstance(x, str):
+                raise BadInputError(
+                    f"{where(what, i, repr(c))}expected {_TIME_EXPECTED}; found "
+                    f"{_json_type(x)} {json.dumps(x)[:80]}"
+                )
+
+
+def _check_offsets(df: pl.DataFrame, what: str, time_cols: tuple[str, ...]) -> None:
+    """Refuse a time string without an offset (polars would read it as UTC).
+
+    Raises:
+        BadInputError: The first such value, with its 1-based row and field.
+
+    """
+    for c in time_cols:
+        if c not in df.columns or df.schema[c] != pl.String:
+            continue
+        col = pl.col(c)
+        bad = df.select(
+            ((col.is_not_null() & ~col.str.contains(_OFFSET_TIME)).arg_true().first()).alias("i")
+        )["i"][0]
+        if bad is not None:
+            raise BadInputError(
+                f"{where(what, int(bad) + 1, repr(c))}expected {_TIME_EXPECTED}; found "
+                f"{df[c][int(bad)][:80]!r}"
+            )
+
+
 def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise BadInputError(f"expected {{{what!r}: [objects]}} in the request body")
     if not rows:
         return pl.DataFrame()
+    _check_times(rows, what, time_cols)
     try:
         df = pl.DataFrame(rows, infer_schema_length=None)
+        _check_offsets(df, what, time_cols)
         df = df.with_columns(
             pl.col(c).str.to_datetime(time_unit="us", time_zone="UTC")
             for c in time_cols
             if c in df.columns and df.schema[c] == pl.String
         ).with_columns(pl.col(c).cast(UTC_US) for c in time_cols if c in df.columns)
+    except BadInputError:  # _check_offsets: already says where and why
+        raise
     except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as err:
         # polars raises TypeError/ValueError/OverflowError for a column of mixed JSON types
         # or out-of-range numbers; they are bad input like any other.
@@ -183,6 +252,12 @@ def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, s
             raise BadInputError(
                 f"placement: {name!r} must be an integer >= {least}; found {v[name]!r}"
             )
+        most = _INT_MOST.get(name)
+        if most is not None and x > most:
+            raise BadInputError(
+                f"placement: {name!r} must be an integer from {least} to {most} through the API "
+                f"(the aggregator measures the model at the job's size); found {v[name]!r}"
+            )
         v[name] = x
     if v["objective"] not in _OBJECTIVES:
         raise BadInputError(
@@ -220,6 +295,8 @@ def _query_params(query: str) -> dict[str, str]:
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = REQUEST_TIMEOUT_S
+    #: Whether this request's answer has begun (then a failure can only close the connection).
+    _answered = False
 
     def log_message(self, fmt: str, *args: Any) -> None:
         # The request line only: headers (and so the token) are never logged.
@@ -227,6 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, code: int, body: Any) -> None:
         data = json.dumps(_jsonable(body)).encode()
+        self._answered = True
         self.send_response(code)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
@@ -236,7 +314,51 @@ class _Handler(BaseHTTPRequestHandler):
     def _error(self, code: int, message: str) -> None:
         self._send(code, {"error": message})
 
+    def _failed(self, err: Exception) -> None:
+        """Answer an unexpected exception with 500 (logged with its traceback), not a hang-up."""
+        self.close_connection = True
+        route = f"{self.command} {self.path.partition('?')[0][:200]}"
+        if isinstance(err, ConnectionError):  # the client went away: nobody to answer
+            log.debug("api: %s: the client closed the connection (%s)", route, err)
+            return
+        if not isinstance(err, TimeoutError):
+            log.error("api: %s failed", route, exc_info=err)
+        if self._answered:  # the answer was under way: it cannot be replaced
+            return
+        if isinstance(err, TimeoutError):  # the body stopped arriving
+            return self._error(
+                408, f"{route}: the request stopped arriving for {REQUEST_TIMEOUT_S:g} s"
+            )
+        first = (str(err).splitlines() or [""])[0][:300]
+        self._error(
+            500,
+            f"internal error in {route}: {type(err).__name__}: {first}; the aggregator's log "
+            "has the traceback",
+        )
+
+    def _discard_body(self, length: int) -> None:
+        """Read and drop up to :data:`MAX_DISCARD` bytes of a body about to be refused.
+
+        A client that sends its whole body before reading (urllib, http.client,
+        requests) gets a broken pipe instead of the answer when the server
+        closes with the body unread. A client that sent ``Expect: 100-continue``
+        waits for the answer instead, so nothing is read.
+        """
+        self.close_connection = True
+        if self.headers.get("Expect", "").strip().lower() == "100-continue":
+            return
+        left = min(length, MAX_DISCARD)
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))  # waits at most REQUEST_TIMEOUT_S
+                if not chunk:
+                    return
+                left -= len(chunk)
+        except OSError:  # timeout or reset: answer anyway, the client may still read it
+            return
+
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        self._answered = False
         agg = self.server.agg
         path, _, query = self.path.partition("?")
         parts = [p for p in path.split("/") if p]
@@ -261,6 +383,8 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(code, str(err))
         except WattwiseError as err:
             return self._error(500, str(err))
+        except Exception as err:  # a bug or a resource failure: answer 500, not a dropped line
+            return self._failed(err)
 
     def _placement(self, params: dict[str, Any]) -> None:
         job, node_type, objective = placement_job(params)
@@ -276,20 +400,31 @@ class _Handler(BaseHTTPRequestHandler):
         return self._send(200, hints)
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming
+        self._answered = False
+        try:
+            self._post()
+        except Exception as err:  # a bug or a resource failure: answer 500, not a dropped line
+            self._failed(err)
+
+    def _post(self) -> None:
         agg = self.server.agg
         token = self.server.token
+        try:
+            length: int | None = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = None
         if token is not None:
             given = self.headers.get("Authorization", "")
             # Both sides as UTF-8 bytes: compare_digest refuses non-ASCII str.
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                self._discard_body(length or 0)
                 return self._error(401, "writes need 'Authorization: Bearer <token>'")
-        try:
-            length = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
+        if length is None:
             return self._error(400, "Content-Length must be an integer")
         if length < 0:  # rfile.read(-1) would wait for the client to close the connection
             return self._error(400, f"Content-Length must be >= 0; found {length}")
         if length > MAX_BODY:
+            self._discard_body(length)
             return self._error(413, f"request body of {length} bytes exceeds {MAX_BODY}")
         path = self.path.partition("?")[0]
         try:

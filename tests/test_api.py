@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import urllib.error
 import urllib.parse
@@ -212,3 +213,189 @@ def test_placement_with_the_stores_model_answers_what_the_cli_prints(
     assert {r["node_type"] for r in got["recommendation"]["node_types"]} == {"gpu-3090", "gpu-3070"}
     assert got == _cli(trained_store, inventory_file, capsys=capsys)
     assert again == (200, got)
+
+
+#: A valid power sample as a sidecar would post it.
+SAMPLE = {
+    "run_id": "r1",
+    "node": "n1",
+    "device": "0",
+    "timestamp": "2024-01-01T00:00:00+00:00",
+    "power_w": 100.0,
+    "source": "nvml",
+}
+EPOCH = {"run_id": "r1", "epoch": 0, "start": "2024-01-01T00:00:00Z", "end": "2024-01-01T00:01:00Z"}
+TIME_EXPECTED = "expected an ISO 8601 time with an offset, as a string such as"
+
+
+@pytest.mark.parametrize(
+    ("value", "found"),
+    [
+        (1704067200, "found number 1704067200"),  # Unix seconds: was stored as 1970-01-01 00:28
+        (1704067200.5, "found number 1704067200.5"),
+        (True, "found boolean true"),
+        (-5, "found number -5"),
+        ([1], "found array [1]"),
+        ("2024-01-01T00:00:00", "found '2024-01-01T00:00:00'"),  # no offset: was taken as UTC
+        ("2024-01-01", "found '2024-01-01'"),
+    ],
+)
+def test_a_sample_time_that_is_not_an_iso_string_with_an_offset_is_a_400(
+    api: ApiServer, value: Any, found: str
+) -> None:
+    rows = [SAMPLE, {**SAMPLE, "timestamp": value}]
+    code, got = _post(api.url + "/samples", {"samples": rows})
+    assert code == 400
+    assert got["error"].startswith(f"samples, row 2, 'timestamp': {TIME_EXPECTED}")
+    assert got["error"].endswith(found)
+    code, got = _post(api.url + "/samples", {"samples": [{**SAMPLE, "timestamp": value}] * 2})
+    assert code == 400 and got["error"].startswith("samples, row 1, 'timestamp': ")
+    store = api.server.agg.store
+    assert store is not None
+    api.server.agg.flush()
+    assert store.samples("r1").height == 0  # the batch is refused whole
+
+
+def test_an_epoch_time_that_is_a_number_is_a_400(api: ApiServer) -> None:
+    code, got = _post(api.url + "/epochs", {"epochs": [{**EPOCH, "start": 1, "end": 2}]})
+    assert code == 400
+    assert got["error"] == (
+        f"epochs, row 1, 'start': {TIME_EXPECTED} '2024-01-01T00:00:00+00:00'; found number 1"
+    )
+    code, got = _post(api.url + "/epochs", {"epochs": [EPOCH, {**EPOCH, "epoch": 1, "end": 2}]})
+    assert code == 400 and got["error"].startswith("epochs, row 2, 'end': ")
+    store = api.server.agg.store
+    assert store is not None
+    assert store.epochs("r1").height == 0
+
+
+def test_iso_times_with_an_offset_are_taken(api: ApiServer) -> None:
+    rows = [
+        SAMPLE,
+        {**SAMPLE, "timestamp": "2024-01-01T00:00:01.5Z"},
+        {**SAMPLE, "timestamp": "2024-01-01 05:00:02+05:00"},
+    ]
+    assert _post(api.url + "/samples", {"samples": rows}) == (200, {"accepted": 3})
+    api.server.agg.flush()
+    store = api.server.agg.store
+    assert store is not None
+    utc = dt.UTC
+    assert store.samples("r1")["timestamp"].to_list() == [
+        dt.datetime(2024, 1, 1, 0, 0, 0, tzinfo=utc),
+        dt.datetime(2024, 1, 1, 0, 0, 1, 500_000, tzinfo=utc),
+        dt.datetime(2024, 1, 1, 0, 0, 2, tzinfo=utc),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("image_size", 100_000, "'image_size' must be an integer from 1 to 1024 through the API"),
+        ("image_size", 1025, "'image_size' must be an integer from 1 to 1024"),
+        ("batch_size", 10**9, "'batch_size' must be an integer from 1 to 65536 through the API"),
+    ],
+)
+def test_placement_sizes_beyond_the_apis_bounds_are_400s(
+    api: ApiServer, field: str, value: int, message: str
+) -> None:
+    # With a PRE model, image_size=100000 made the aggregator allocate 240 GB for one GET.
+    job = {"arch": "resnet50", field: value}
+    code, got = _get(api.url + "/placement?" + urllib.parse.urlencode(job))
+    assert code == 400 and message in got["error"] and got["error"].endswith(f"found '{value}'")
+    code, got = _post(api.url + "/placement", job)
+    assert code == 400 and message in got["error"] and got["error"].endswith(f"found {value}")
+
+
+def test_placement_at_the_apis_largest_sizes_is_answered_and_the_cli_has_no_bound(
+    api: ApiServer, inventory_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    job = {"arch": "resnet50", "image_size": 1024, "batch_size": 65536}
+    assert _get(api.url + "/placement?" + urllib.parse.urlencode(job))[0] == 200
+    store = api.server.agg.store
+    assert store is not None
+    # argparse keeps the last --image-size: the CLI places a 2048-pixel job (no model: no run).
+    got = _cli(store.root, inventory_file, "--image-size", "2048", capsys=capsys)
+    assert got["node_type"] == "gpu-3070"
+
+
+def _failing_inventory() -> list[NodeType]:
+    raise RuntimeError("the inventory service is down")
+
+
+def test_an_unexpected_exception_is_a_500_with_the_reason_not_a_dropped_connection(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = serve(Aggregator(Store(tmp_path / "store")), inventory=_failing_inventory)
+    try:
+        with caplog.at_level("ERROR", logger="cluster.api"):
+            code, got = _get(server.url + "/placement?arch=resnet50")
+            posted = _post(server.url + "/placement", {"arch": "resnet50"})
+        assert _get(server.url + "/runs") == (200, [])  # the server still answers
+    finally:
+        server.close()
+    assert code == 500
+    assert got["error"] == (
+        "internal error in GET /placement: RuntimeError: the inventory service is down; "
+        "the aggregator's log has the traceback"
+    )
+    assert posted == (500, {"error": got["error"].replace("GET", "POST")})
+    failures = [r for r in caplog.records if r.getMessage().startswith("api: ")]
+    assert [r.getMessage() for r in failures] == [
+        "api: GET /placement failed",
+        "api: POST /placement failed",
+    ]
+    assert all(r.exc_info and r.exc_info[0] is RuntimeError for r in failures)
+
+
+def _post_raw(url: str, data: bytes, token: str | None = None) -> tuple[int, Any]:
+    req = urllib.request.Request(url, data=data, method="POST")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_urllib_gets_the_413_for_a_body_over_the_limit(api: ApiServer) -> None:
+    from cluster.api import MAX_BODY
+
+    size = MAX_BODY + 2 * 1024 * 1024
+    for _ in range(2):  # was a broken pipe every time
+        code, got = _post_raw(api.url + "/samples", b" " * size)
+        assert (code, got) == (413, {"error": f"request body of {size} bytes exceeds {MAX_BODY}"})
+    assert _post(api.url + "/samples", {"samples": [SAMPLE]}) == (200, {"accepted": 1})
+
+
+def test_urllib_gets_the_401_for_a_large_body_without_the_token(tmp_path: Path) -> None:
+    token = "t" * 32
+    server = serve(Aggregator(Store(tmp_path / "store")), host="0.0.0.0", token=token)
+    url = f"http://127.0.0.1:{server.server.server_address[1]}/samples"
+    body = json.dumps({"samples": [SAMPLE] * 50_000}).encode()  # 6 MB: was a broken pipe
+    try:
+        code, got = _post_raw(url, body)
+        assert (code, got) == (401, {"error": "writes need 'Authorization: Bearer <token>'"})
+        assert _post_raw(url, body, token)[0] == 200
+    finally:
+        server.close()
+
+
+def test_a_client_expecting_100_continue_gets_the_413_before_sending_the_body(
+    api: ApiServer,
+) -> None:
+    import http.client
+
+    from cluster.api import MAX_BODY
+
+    host, port = api.server.server_address[:2]
+    conn = http.client.HTTPConnection(str(host), int(port), timeout=10)
+    try:
+        conn.putrequest("POST", "/samples")
+        conn.putheader("Content-Length", str(MAX_BODY + 1))
+        conn.putheader("Expect", "100-continue")
+        conn.endheaders()  # no body: the server must answer without waiting for it
+        r = conn.getresponse()
+        assert r.status == 413 and "exceeds" in json.loads(r.read())["error"]
+    finally:
+        conn.close()

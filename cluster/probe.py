@@ -42,9 +42,12 @@ def probe(
     Returns:
         ``{"planned_epochs", "node_types": [{node_type, run_id, status,
         stopped_by, epochs_done, measured_energy_j, projected_energy_j,
-        lower_j, upper_j, stable}], "recommendation": {node_type,
+        lower_j, upper_j, stable, reason}], "recommendation": {node_type,
         projected_energy_j, lower_j, upper_j, stable} | None}``; energies in J,
-        projected by STEP.
+        projected by STEP. A probe whose command failed has no projection
+        (``projected_energy_j``, ``lower_j`` and ``upper_j`` are ``None``,
+        ``stable`` is false) and its ``reason`` says why; one that ended on its
+        own is projected at its measured total.
 
     Raises:
         BadInputError: Unknown node types, none alive, or no planned epochs.
@@ -100,11 +103,22 @@ def probe(
             errors[node_type] = err
             return
         s = res.summary
-        if not res.stopped:
+        reason = ""
+        if not res.stopped and res.status == "finished":
             # The command ended on its own: the whole run was measured.
             proj = {"energy_j": s.get("measured_energy_j"), "stable": True}
             proj.update(lower_j=proj["energy_j"], upper_j=proj["energy_j"])
-            stopped_by = "completed" if res.status == "finished" else "failed"
+            stopped_by = "completed"
+        elif not res.stopped:
+            # It crashed: what it measured is part of a run, not the full run's energy.
+            proj = {}
+            stopped_by = "failed"
+            reason = (
+                f"the probe failed (exit status {res.returncode}) after "
+                f"{s.get('epochs_done') or 0} of the {epochs} planned epochs"
+                + (f": {res.error}" if res.error else "")
+                + "; its measured energy is not the full run's, so nothing is projected"
+            )
         else:
             proj = last
             stopped_by = "stable" if last.get("stable") else "time limit"
@@ -120,6 +134,7 @@ def probe(
             "lower_j": proj.get("lower_j"),
             "upper_j": proj.get("upper_j"),
             "stable": bool(proj.get("stable")),
+            "reason": reason,
         }
 
     threads = [threading.Thread(target=one, args=(t,), name=f"probe-{t}") for t in chosen]
@@ -161,10 +176,14 @@ def format_probe(result: dict[str, Any]) -> str:
         e, lo, hi = r.get("projected_energy_j"), r.get("lower_j"), r.get("upper_j")
         band = f" [{lo:.0f}, {hi:.0f}]" if lo is not None and hi is not None else ""
         proj = f"{e:.0f} J{band}" if e is not None else "n/a"
+        if e is None and r.get("reason"):
+            proj += f", not stable: {r['reason']}"
+        elif not r["stable"]:
+            proj += " (not stable)"
         lines.append(
             f"  {r['node_type']}: run {r['run_id']}, {r['epochs_done']} epochs "
             f"({r['stopped_by']}), measured {(r['measured_energy_j'] or 0):.0f} J, "
-            f"projected {proj}{'' if r['stable'] else ' (not stable)'}"
+            f"projected {proj}"
         )
     rec = result.get("recommendation")
     lines.append(

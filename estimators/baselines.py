@@ -98,14 +98,40 @@ class _Baseline(ProjectionPredictor):
     name = "baseline"
 
     def _answer(
-        self, energy_j: float | None, trace: Trace, plan: RunPlan, reason: str = ""
+        self,
+        energy_j: float | None,
+        trace: Trace,
+        plan: RunPlan,
+        reason: str = "",
+        *,
+        epochs_done: int | None = None,
     ) -> None:
+        """Record the projection; one below the energy measured so far is raised to it.
+
+        Like STEP, which projects nothing more once the planned duration or
+        epochs have run, a baseline never projects less than was measured; the
+        reason says so (and whether the run has gone past its plan).
+        """
         if energy_j is not None and not math.isfinite(energy_j):
             energy_j, reason = None, reason or "the estimate is not a finite number"
+        measured = trace.total_j()
+        if energy_j is not None and energy_j < measured:
+            past = []
+            total, planned = plan.total_duration_s, plan.planned_epochs
+            if total and trace.end_s > total:
+                past.append(f"{trace.end_s:.0f} s have run, more than the {total:.0f} s planned")
+            if epochs_done is not None and planned and epochs_done > planned:
+                past.append(f"{epochs_done} epochs have run, more than the {planned} planned")
+            why = f" ({'; '.join(past)}: more epochs ran than planned)" if past else ""
+            clamp = (
+                f"{self.name}'s estimate of {energy_j:.0f} J is below the {measured:.0f} J "
+                f"measured so far{why}; the projection is the measured energy"
+            )
+            energy_j, reason = measured, "; ".join(r for r in (reason, clamp) if r)
         self.projection_ = Projection(
             method=self.name,
             energy_j=energy_j,
-            measured_j=trace.total_j(),
+            measured_j=measured,
             elapsed_s=trace.end_s,
             remaining_s=(
                 max(plan.total_duration_s - trace.end_s, 0.0) if plan.total_duration_s else None
@@ -300,7 +326,8 @@ class Carbontracker(_Baseline):
         if len(first) == 0:
             self._answer(None, trace, plan, f"Carbontracker needs {k} finished epoch(s); found 0")
             return self
-        self._answer(float(np.mean(first)) * planned, trace, plan)
+        done = epochs.height if epochs is not None and epochs.height else None
+        self._answer(float(np.mean(first)) * planned, trace, plan, epochs_done=done)
         return self
 
 
@@ -357,6 +384,13 @@ def bench_step(
     run's first sample, the total duration and ``trained_epochs`` (as planned
     epochs), the GPU model and power limit, but no epoch marks.
 
+    A run this cannot describe is left out the way a method that cannot answer
+    is: its rows have no prediction and a ``reason``. That is a run whose
+    ``trained_epochs`` is null (a store's running or failed run), or whose
+    total duration is unknown (``duration="runs"`` with a null or NaN
+    ``duration_s``, or a trace spanning 0 s without one). Samples without a
+    ``run_id`` or ``timestamp`` are refused, not dropped.
+
     Args:
         runs: One row per run: ``run_id``, ``duration_s``, ``trained_epochs``;
             optional ``gpu_model``, ``power_limit_w``, ``gflops_forward``,
@@ -376,7 +410,8 @@ def bench_step(
         ``reason``.
 
     Raises:
-        BadInputError: Bad fraction, unknown method, or missing columns.
+        BadInputError: Bad fraction, unknown method, missing columns, or null
+            ``run_id`` or ``timestamp`` values.
 
     """
     if not 0.0 < fraction <= 1.0:
@@ -395,6 +430,19 @@ def bench_step(
             f"bench step needs columns {missing}; runs has {runs.columns}, "
             f"traces has {traces.columns}"
         )
+    for frame, name, cols in (
+        (runs, "runs", ("run_id",)),
+        (traces, "traces", ("run_id", "timestamp")),
+    ):
+        for c in cols:
+            nulls = frame.filter(pl.col(c).is_null())
+            if nulls.height:
+                ids = nulls["run_id"].drop_nulls().unique(maintain_order=True).head(5).to_list()
+                raise BadInputError(
+                    f"{name}.{c} has {nulls.height} null(s)"
+                    + (f" (runs {ids})" if ids else "")
+                    + f"; expected a {c} on every row of {name}"
+                )
     info = {r["run_id"]: r for r in runs.iter_rows(named=True)}
     rows: list[dict[str, object]] = []
     traces = traces.sort("run_id", "timestamp")
@@ -404,9 +452,40 @@ def bench_step(
             continue
         full = Trace.from_samples(part)
         truth = full.total_j() if full.n_samples > 1 else None
-        total_s = full.end_s if duration == "trace" else float(r["duration_s"])
+        runs_s = r["duration_s"]
+        if runs_s is not None and math.isnan(runs_s):
+            runs_s = None
+        total_s = full.end_s if duration == "trace" else runs_s
         if not total_s or total_s <= 0:
-            total_s = float(r["duration_s"])
+            total_s = runs_s
+        why = ""
+        if r["trained_epochs"] is None:
+            why = (
+                "runs.trained_epochs is null for this run (a running or failed run?); the bench "
+                "needs it as the planned epochs"
+            )
+        elif total_s is None:
+            why = (
+                f"runs.duration_s is {'null' if r['duration_s'] is None else 'NaN'} for this run"
+                + ("" if duration == "runs" else f" and its trace spans {full.end_s:.0f} s")
+                + "; the bench needs the run's total duration"
+            )
+        if why:
+            rows.extend(
+                {
+                    "run_id": run_id,
+                    "method": name,
+                    "predicted_energy_j": None,
+                    "lower_j": None,
+                    "upper_j": None,
+                    "stable": False if name.startswith("step") else None,
+                    "true_energy_j": truth,
+                    "reason": why,
+                }
+                for name in methods
+            )
+            continue
+        total_s = float(total_s)
         plan = RunPlan(
             total_duration_s=total_s,
             planned_epochs=int(r["trained_epochs"]),

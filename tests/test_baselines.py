@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -15,6 +16,7 @@ from estimators.baselines import (
     Flops,
     GreenAlgorithms,
     Naive,
+    bench_step,
 )
 from estimators.step import RunPlan, Step
 from profiler.errors import BadInputError, NotFittedError
@@ -150,3 +152,101 @@ def test_init_takes_keyword_only_params_and_stores_them_unchanged(cls: type) -> 
     est = cls()
     for p in params:
         assert getattr(est, p.name) == p.default
+
+
+# ---------------------------------------------------------------- never below what was measured
+
+
+def test_a_run_past_its_plan_is_projected_at_what_was_measured() -> None:
+    # 2000 s at 100 W were measured (200 kJ) of a run planned for 1000 s and 10 epochs.
+    for est in (Naive(), Carbontracker(), MLCO2(), GreenAlgorithms()):
+        proj = est.fit(flat(2000, 100), plan=PLAN).predict()
+        assert proj.energy_j is not None and proj.energy_j >= proj.measured_j, est.name
+    for est in (Naive(), Carbontracker()):  # 100 W x 1000 s = 100 kJ < 200 kJ measured
+        proj = est.fit(flat(2000, 100), plan=PLAN).predict()
+        assert proj.energy_j == pytest.approx(200_000), est.name
+        assert proj.measured_j == pytest.approx(200_000)
+        assert "below the 200000 J measured so far" in proj.reason, est.name
+        assert "2000 s have run, more than the 1000 s planned" in proj.reason
+        assert "more epochs ran than planned" in proj.reason
+
+
+def test_carbontracker_with_more_epoch_marks_than_planned_says_so() -> None:
+    samples = flat(60, 100).with_columns(run_id=pl.lit("r"))
+    epochs = pl.DataFrame(
+        {
+            "run_id": ["r"] * 3,
+            "epoch": [1, 2, 3],
+            "start": [at(0), at(20), at(40)],
+            "end": [at(20), at(40), at(60)],
+        }
+    )
+    plan = RunPlan(planned_epochs=2)
+    proj = Carbontracker().fit(samples, epochs, plan=plan).predict()
+    assert proj.energy_j == pytest.approx(6000)  # not 2 x 2000 J
+    assert "3 epochs have run, more than the 2 planned" in proj.reason
+
+
+def test_flops_below_the_measured_energy_is_raised_to_it() -> None:
+    plan = RunPlan(planned_epochs=10, gpu_model="Tesla T4", gflops_forward=1.0, training_size=100)
+    proj = Flops().fit(flat(100, 70), plan=plan).predict()
+    assert proj.energy_j == pytest.approx(7000)
+    assert "flops's estimate of 86 J is below the 7000 J measured so far" in proj.reason
+
+
+# ---------------------------------------------------------------- bench_step input checks
+
+
+@pytest.fixture
+def two_runs(shared_data: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    runs = pl.read_parquet(shared_data / "runs.parquet").filter(pl.col("has_trace")).head(2)
+    traces = (
+        pl.scan_parquet(shared_data / "traces.parquet")
+        .filter(pl.col("run_id").is_in(runs["run_id"].to_list()))
+        .collect()
+    )
+    return runs, traces
+
+
+@pytest.mark.shared_data
+def test_bench_step_leaves_out_a_run_with_null_epochs_or_duration_with_a_reason(
+    two_runs: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    runs, traces = two_runs
+    first, second = runs["run_id"].to_list()
+    # A store holds null trained_epochs for a running or failed run.
+    null_epochs = runs.with_columns(
+        trained_epochs=pl.when(pl.col("run_id") == first).then(None).otherwise("trained_epochs")
+    )
+    pred = bench_step(null_epochs, traces, fraction=0.2, methods=["step", "naive"])
+    assert pred.height == 4  # every (run, method) has a row
+    left_out = pred.filter(pl.col("run_id") == first)
+    assert left_out["predicted_energy_j"].is_null().all()
+    assert left_out["true_energy_j"].is_not_null().all()
+    assert all("runs.trained_epochs is null" in r for r in left_out["reason"])
+    assert pred.filter(pl.col("run_id") == second)["predicted_energy_j"].is_not_null().all()
+
+    null_duration = runs.with_columns(duration_s=pl.lit(None, pl.Float64))
+    by_runs = bench_step(null_duration, traces, fraction=0.2, methods=["naive"], duration="runs")
+    assert by_runs["predicted_energy_j"].is_null().all()
+    assert all("runs.duration_s is null" in r for r in by_runs["reason"])
+    # The trace's span does not need duration_s.
+    by_trace = bench_step(null_duration, traces, fraction=0.2, methods=["naive"])
+    assert by_trace["predicted_energy_j"].is_not_null().all()
+
+
+@pytest.mark.shared_data
+def test_bench_step_refuses_samples_without_a_time_or_run(
+    two_runs: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    runs, traces = two_runs
+    no_time = traces.with_columns(
+        timestamp=pl.when(pl.int_range(pl.len()) == 5).then(None).otherwise("timestamp")
+    )
+    with pytest.raises(BadInputError, match=r"traces.timestamp has 1 null\(s\)"):
+        bench_step(runs, no_time, fraction=0.2, methods=["naive"])
+    no_run = traces.with_columns(
+        run_id=pl.when(pl.int_range(pl.len()) == 5).then(None).otherwise("run_id")
+    )
+    with pytest.raises(BadInputError, match=r"traces.run_id has 1 null\(s\)"):
+        bench_step(runs, no_run, fraction=0.2, methods=["naive"])

@@ -7,19 +7,18 @@ from typing import Any
 import pytest
 from test_runner import SIDECAR, TINY, WATTWISE, ray_cluster  # noqa: F401 - a fixture
 
-from cluster.probe import format_probe
+from cluster.probe import format_probe, probe
 from profiler.errors import BadInputError
 
-pytestmark = pytest.mark.slow
 PLANNED = 40
 
 
+@pytest.mark.slow
 def test_probes_on_two_node_types_stop_early_project_and_recommend(
     ray_cluster: dict[str, Any],  # noqa: F811 - the fixture imported above
 ) -> None:
     import json
 
-    from cluster.probe import probe
     from profiler.store import Store
 
     result = probe(
@@ -48,10 +47,67 @@ def test_probes_on_two_node_types_stop_early_project_and_recommend(
     assert f"recommended: {rec['node_type']}" in format_probe(result)
 
 
+@pytest.mark.slow
 def test_a_probe_needs_the_planned_epochs(ray_cluster: dict[str, Any]) -> None:  # noqa: F811
-    from cluster.probe import probe
-
     with pytest.raises(BadInputError, match="needs the planned epochs; pass --epochs N"):
         probe(["python", "train.py"], store_root=ray_cluster["store"])
     with pytest.raises(BadInputError, match="unknown node type 'gpu-q'"):
         probe(["python", "train.py"], node_types=["gpu-q"], epochs=3)
+
+
+# ------------------------------------------------- probe outcomes, with Ray's part replaced
+
+
+def _ray_node(node_id: str, node_type: str) -> dict[str, Any]:
+    """A ``ray.nodes()`` record of an alive node of ``node_type`` with one T4."""
+    return {
+        "NodeID": node_id,
+        "Alive": True,
+        "Resources": {"CPU": 8.0, "GPU": 1.0, f"node_type:{node_type}": 1.0},
+    }
+
+
+def test_a_crashed_probe_has_no_projection_and_is_not_stable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import cluster.runner as runner
+    from cluster.placement import node_types
+    from cluster.runner import RunResult
+
+    nodes = [_ray_node("a" * 56, "gpu-a"), _ray_node("b" * 56, "gpu-b")]
+    monkeypatch.setattr(runner, "cluster_node_types", lambda: node_types(nodes))
+
+    def run_job(command: list[str], *, node_type: str, **kw: Any) -> RunResult:
+        """Stands in for the Ray actor: gpu-a crashes after 2 of 30 epochs (CUDA OOM)."""
+        if node_type == "gpu-a":
+            summary = {"epochs_done": 2, "measured_energy_j": 8400.0, "duration_s": 125.0}
+            return RunResult("a1", node_type, "a" * 56, "failed", 1, False, summary)
+        kw["stop_when"](
+            {
+                "epochs_done": 5,
+                "projection": {
+                    "energy_j": 126_000.0,
+                    "lower_j": 120_000.0,
+                    "upper_j": 133_000.0,
+                    "stable": True,
+                },
+            }
+        )
+        summary = {"epochs_done": 5, "measured_energy_j": 21_000.0, "duration_s": 300.0}
+        return RunResult("b1", node_type, "b" * 56, "finished", 0, True, summary)
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    result = probe(["python", "train.py"], epochs=30)
+    rows = {r["node_type"]: r for r in result["node_types"]}
+    crashed = rows["gpu-a"]
+    assert crashed["status"] == "failed" and crashed["stopped_by"] == "failed"
+    assert crashed["measured_energy_j"] == 8400.0  # what it measured is still shown
+    assert crashed["projected_energy_j"] is None and crashed["stable"] is False
+    assert crashed["lower_j"] is None and crashed["upper_j"] is None
+    assert "failed (exit status 1) after 2 of the 30 planned epochs" in crashed["reason"]
+    assert rows["gpu-b"]["projected_energy_j"] == 126_000.0 and rows["gpu-b"]["stable"]
+    assert result["recommendation"]["node_type"] == "gpu-b"
+    text = format_probe(result)
+    crashed_line = "gpu-a: run a1, 2 epochs (failed), measured 8400 J, projected n/a, not stable: "
+    assert crashed_line + "the probe failed" in text
+    assert "projected 8400 J" not in text

@@ -89,19 +89,15 @@ def probe(
                 last.update(proj, epochs_done=status.get("epochs_done"))
             return bool(proj.get("stable")) and int(status.get("epochs_done") or 0) >= min_epochs
 
-        try:
-            res = run_job(
-                command,
-                node_type=node_type,
-                epochs=epochs,
-                stop_when=watch,
-                time_limit_s=time_limit_s,
-                extra_config={"probe": True},
-                **run_options,
-            )
-        except BaseException as err:  # reported per node type below
-            errors[node_type] = err
-            return
+        res = run_job(
+            command,
+            node_type=node_type,
+            epochs=epochs,
+            stop_when=watch,
+            time_limit_s=time_limit_s,
+            extra_config={"probe": True},
+            **run_options,
+        )
         s = res.summary
         reason = ""
         if not res.stopped and res.status == "finished":
@@ -137,7 +133,15 @@ def probe(
             "reason": reason,
         }
 
-    threads = [threading.Thread(target=one, args=(t,), name=f"probe-{t}") for t in chosen]
+    def guarded(node_type: str) -> None:
+        # Any failure, in the run or in reading its result, is reported per node type
+        # below (a thread's exception would otherwise drop the node type silently).
+        try:
+            one(node_type)
+        except BaseException as err:
+            errors[node_type] = err
+
+    threads = [threading.Thread(target=guarded, args=(t,), name=f"probe-{t}") for t in chosen]
     for th in threads:
         th.start()
     for th in threads:

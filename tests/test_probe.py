@@ -111,3 +111,29 @@ def test_a_crashed_probe_has_no_projection_and_is_not_stable(
     crashed_line = "gpu-a: run a1, 2 epochs (failed), measured 8400 J, projected n/a, not stable: "
     assert crashed_line + "the probe failed" in text
     assert "projected 8400 J" not in text
+
+
+def test_a_node_type_whose_result_cannot_be_read_is_reported_not_dropped(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Found in review: an exception after run_job returned (here: the aggregator's summary
+    was missing) ended that node type's thread, and the node type vanished from the output."""
+    import cluster.runner as runner
+    from cluster.placement import node_types
+    from cluster.runner import RunResult
+
+    nodes = [_ray_node("a" * 56, "gpu-a"), _ray_node("b" * 56, "gpu-b")]
+    monkeypatch.setattr(runner, "cluster_node_types", lambda: node_types(nodes))
+
+    def run_job(command: list[str], *, node_type: str, **kw: Any) -> RunResult:
+        summary = {"epochs_done": 30, "measured_energy_j": 9000.0, "duration_s": 60.0}
+        if node_type == "gpu-a":
+            summary = None  # type: ignore[assignment]
+        return RunResult(f"{node_type}-run", node_type, "a" * 56, "finished", 0, False, summary)
+
+    monkeypatch.setattr(runner, "run_job", run_job)
+    result = probe(["python", "train.py"], epochs=30)
+    rows = {r["node_type"]: r for r in result["node_types"]}
+    assert set(rows) == {"gpu-a", "gpu-b"}
+    assert rows["gpu-a"]["status"] == "error" and "AttributeError" in rows["gpu-a"]["error"]
+    assert result["recommendation"]["node_type"] == "gpu-b"

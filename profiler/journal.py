@@ -10,15 +10,17 @@ between the two resends a batch, which the store's idempotent writes absorb.
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from pathlib import Path
 
 import polars as pl
 
-from profiler.errors import StoreError
+from profiler.errors import BadInputError, StoreError
 from profiler.store import atomic_write_parquet
 
+log = logging.getLogger(__name__)
 _BATCH_RE = re.compile(r"^batch-(\d{12})\.parquet$")
 
 
@@ -29,6 +31,21 @@ def default_journal_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "wattwise" / "journal"
+
+
+def _row_count(path: Path) -> int:
+    """Rows of a batch file from its parquet footer; 0 (and a warning) when unreadable.
+
+    An unreadable file is counted, not refused, so that the journal opens and
+    :meth:`Journal.read` reports the file to whoever replays it.
+    """
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.read_metadata(path).num_rows)
+    except (Exception, pl.exceptions.PanicException) as err:
+        log.warning("journal batch %s is unreadable (%s); counted as 0 rows", path, err)
+        return 0
 
 
 class Journal:
@@ -49,7 +66,7 @@ class Journal:
         self.max_rows = max_rows
         self._rows: dict[int, int] = {}  # seq -> rows, for files this process knows
         for seq, path in self.pending():
-            self._rows[seq] = pl.scan_parquet(path).select(pl.len()).collect().item()
+            self._rows[seq] = _row_count(path)
         self._next = max(self._rows, default=0) + 1
 
     def pending(self) -> list[tuple[int, Path]]:
@@ -81,7 +98,9 @@ class Journal:
                 next one after every number used so far.
 
         Raises:
-            StoreError: The disk write failed or the journal is full.
+            StoreError: The disk write failed or the journal is full. When only
+                the directory sync after the rename failed, the batch file is
+                in place and counted as waiting (its number is not reused).
 
         """
         if self.max_rows is not None and self.rows + batch.height > self.max_rows:
@@ -96,14 +115,39 @@ class Journal:
                 f"journal {self.directory}: batch number {seq} is already waiting there; "
                 "each batch is spilled once"
             )
-        atomic_write_parquet(batch, self.directory / f"batch-{seq:012d}.parquet")
-        self._next = max(self._next, seq + 1)
-        self._rows[seq] = batch.height
+        path = self.directory / f"batch-{seq:012d}.parquet"
+        try:
+            atomic_write_parquet(batch, path)
+        finally:
+            # Renamed into place even if the directory sync then failed: it waits like any
+            # batch (and is resent at the next start), so its number is not reused.
+            if path.exists():
+                self._next = max(self._next, seq + 1)
+                self._rows[seq] = batch.height
         return seq
 
     def read(self, path: Path) -> pl.DataFrame:
-        """One spilled batch."""
-        return pl.read_parquet(path)
+        """One spilled batch.
+
+        Raises:
+            BadInputError: The file is not a whole parquet file (cut short or
+                corrupt); the message names it.
+
+        """
+        import pyarrow.parquet as pq
+
+        # pyarrow, not polars, decodes it: polars' reader can panic (and abort the process)
+        # on a corrupt page, where pyarrow raises a Python error.
+        try:
+            df = pl.from_arrow(pq.read_table(path))
+        except (Exception, pl.exceptions.PanicException) as err:
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise BadInputError(
+                f"{path}: expected a parquet batch written by the journal; it is unreadable "
+                f"({first[:200]})"
+            ) from err
+        assert isinstance(df, pl.DataFrame)
+        return df
 
     def remove(self, seq: int) -> None:
         """Drop a batch once the receiver accepted it."""

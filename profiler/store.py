@@ -64,6 +64,10 @@ _US = timedelta(microseconds=1)
 READ_RETRIES = 5
 _SAMPLE_KEY = ["node", "device", "timestamp"]
 _VALUES = ["power_w", "energy_j"]
+#: Ends the message of a write that failed before anything was renamed into place.
+UNCHANGED = "the store is unchanged"
+#: In the message of a write whose file was renamed into place but whose directory sync failed.
+NOT_DURABLE = "but may not be durable"
 
 
 def default_root() -> Path:
@@ -107,8 +111,12 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     """Write ``df`` to ``path`` so that readers see either the old file or the whole new one.
 
     Raises:
-        StoreError: The write failed (for example the disk is full); the
-            temporary file is removed and ``path`` is untouched.
+        StoreError: The write failed (for example the disk is full). If it
+            failed before the rename, the temporary file is removed, ``path``
+            is untouched and the message says the store is unchanged; if only
+            the directory sync after the rename failed, ``path`` holds the new
+            file and the message says (``NOT_DURABLE``) it may not survive a
+            crash.
 
     """
     try:
@@ -116,23 +124,31 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
         fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=".parquet", dir=path.parent)
     except OSError as err:
         why = "the disk is full" if err.errno == errno.ENOSPC else str(err)
-        raise StoreError(f"could not write {path}: {why}; the store is unchanged") from err
+        raise StoreError(f"could not write {path}: {why}; {UNCHANGED}") from err
     tmp = Path(tmp_name)
+    replaced = False
     try:
         with os.fdopen(fd, "wb") as fh:
             df.write_parquet(fh, compression="zstd", statistics=True)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+        replaced = True
         _fsync_dir(path.parent)
     except BaseException as err:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
+        if not replaced:
+            with contextlib.suppress(FileNotFoundError):
+                tmp.unlink()
         # polars reports a failed write (ENOSPC included) as ComputeError, not OSError.
         if isinstance(err, OSError | pl.exceptions.PolarsError):
             full = getattr(err, "errno", None) == errno.ENOSPC or "os error 28" in str(err)
             why = "the disk is full" if full else str(err)
-            raise StoreError(f"could not write {path}: {why}; the store is unchanged") from err
+            if replaced:
+                raise StoreError(
+                    f"could not sync the directory of {path} after writing it: {why}; {path} "
+                    f"was replaced {NOT_DURABLE} (a crash could undo the write)"
+                ) from err
+            raise StoreError(f"could not write {path}: {why}; {UNCHANGED}") from err
         raise
 
 
@@ -388,12 +404,14 @@ class Store:
                     try:
                         atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
                     except StoreError as err:
-                        if not stored:
-                            raise
+                        if path.exists():  # renamed into place; only the directory sync failed
+                            stored.append(str(rid))
                         rest = [
                             str(r) for (r,) in groups if dirs[r] in pending and str(r) not in stored
                         ]
-                        msg = str(err).replace("; the store is unchanged", "")
+                        if not stored or not rest:
+                            raise
+                        msg = str(err).replace(f"; {UNCHANGED}", "")
                         raise StoreError(
                             f"{msg}; of this batch, the rows of run(s) {stored} were stored and "
                             f"those of {rest} were not. Sending the batch again stores only the "
@@ -418,7 +436,7 @@ class Store:
                             "samples stored; merging the %d files of %s was postponed: %s",
                             n_live,
                             run_dir,
-                            str(err).replace("; the store is unchanged", ""),
+                            str(err).replace(f"; {UNCHANGED}", ""),
                         )
         if skipped:
             n_skipped = sum(n for n, _ in skipped)
@@ -619,22 +637,24 @@ class Store:
     def _upsert(self, table: str, df: pl.DataFrame, file: str | None) -> int:
         df = conform(df, table, file=file).unique(maintain_order=True)
         _check_frame_ids(df)
-        key = list(KEYS[table])
         with self._locked():
-            path = self.root / f"{table}.parquet"
-            old = read_store_files([path], table) if path.exists() else empty(table)
-            if table == "runs":
-                # A partial update (say, only the status) keeps the fields it leaves null.
-                df = df.join(old, on=key, how="left", suffix="_old").select(
-                    *key,
-                    *(pl.coalesce(c, f"{c}_old").alias(c) for c in df.columns if c not in key),
-                )
-            changed = df.join(old, on=df.columns, how="anti", nulls_equal=True)
-            if changed.height == 0:
-                return 0
-            merged = pl.concat([old.join(changed.select(key), on=key, how="anti"), changed])
-            atomic_write_parquet(merged.sort(key), path)
-            return changed.height
+            return self._upsert_locked(table, df, self._read_small(table))
+
+    def _upsert_locked(self, table: str, df: pl.DataFrame, old: pl.DataFrame) -> int:
+        """Upsert conformed rows ``df`` into ``table``, whose stored rows are ``old`` (locked)."""
+        key = list(KEYS[table])
+        if table == "runs":
+            # A partial update (say, only the status) keeps the fields it leaves null.
+            df = df.join(old, on=key, how="left", suffix="_old").select(
+                *key,
+                *(pl.coalesce(c, f"{c}_old").alias(c) for c in df.columns if c not in key),
+            )
+        changed = df.join(old, on=df.columns, how="anti", nulls_equal=True)
+        if changed.height == 0:
+            return 0
+        merged = pl.concat([old.join(changed.select(key), on=key, how="anti"), changed])
+        atomic_write_parquet(merged.sort(key), self.root / f"{table}.parquet")
+        return changed.height
 
     def write_runs(self, df: pl.DataFrame, *, file: str | None = None) -> int:
         """Insert or update runs by ``run_id``; returns how many rows changed.
@@ -643,6 +663,36 @@ class Store:
         can be written as just ``run_id`` and ``status``.
         """
         return self._upsert("runs", df, file)
+
+    def update_runs(
+        self, rows: Callable[[pl.DataFrame], pl.DataFrame], *, file: str | None = None
+    ) -> int:
+        """Upsert the runs rows that ``rows`` computes, computing and writing them under the lock.
+
+        For rows derived from what is stored (a run's energy from its samples,
+        fields of its current row): no other writer can change the store
+        between the read and the write, so concurrent writers to one run all
+        end with rows computed from every sample stored before them.
+
+        Args:
+            rows: Called once, with the store's lock held, with the ``runs``
+                table as stored; returns the rows to upsert (as for
+                :meth:`write_runs`). It may read the store (:meth:`samples`,
+                which takes no lock) but must not write to it.
+            file: Where the rows came from, for messages.
+
+        Returns:
+            How many rows changed.
+
+        Raises:
+            StoreError: The store could not be read or written.
+
+        """
+        with self._locked():
+            old = self._read_small("runs")
+            df = conform(rows(old), "runs", file=file).unique(maintain_order=True)
+            _check_frame_ids(df)
+            return self._upsert_locked("runs", df, old)
 
     def write_epochs(self, df: pl.DataFrame, *, file: str | None = None) -> int:
         """Insert or update epoch marks by (run_id, epoch); returns how many rows changed."""

@@ -14,7 +14,8 @@ Every reader returns a polars frame in the store's ``samples`` schema and
 raises :class:`profiler.errors.BadInputError` for bad input: the message names
 the file, the 1-based data row (header not counted) or the label set, what was
 expected and what was found. Nothing is written to a store before the whole
-input has been read and checked, so a failed import leaves the store as it was.
+input has been read and checked, so an import refused for bad input leaves the
+store as it was (a store write that fails says what it stored).
 
 This module holds the pieces the importers share: the per-device time-order
 check, the check against samples already in a store, and the import summary.
@@ -28,7 +29,7 @@ from typing import TYPE_CHECKING
 
 import polars as pl
 
-from profiler.errors import BadInputError, where
+from profiler.errors import BadInputError, StoreError, where
 
 if TYPE_CHECKING:
     from profiler.store import Store
@@ -164,41 +165,22 @@ def check_increasing(
     )
 
 
-def import_samples(
-    store: Store, samples: pl.DataFrame, *, file: str | None = None
-) -> ImportSummary:
-    """Write imported samples and a ``finished`` run row for each run they belong to.
+def _run_rows(
+    store: Store,
+    samples: pl.DataFrame,
+    run_ids: list[str],
+    existing: pl.DataFrame,
+    file: str | None,
+) -> pl.DataFrame:
+    """The ``runs`` rows of ``run_ids`` from their stored samples plus ``samples``.
 
-    Each run's row gets ``start``, ``end``, ``duration_s`` and ``energy_j``
-    (``energy_source`` ``measured``) from every sample of the run, those
-    already stored included (:func:`estimators.energy.run_energy`), plus
-    ``gpu_model`` (when the run has none yet) and ``gpu_count`` (distinct
-    node and device pairs); ``job_name`` defaults to the run id. Other columns
-    of an existing run row are kept.
-
-    Args:
-        store: Target run store.
-        samples: Samples in the ``samples`` schema, every row with a run id.
-        file: Where they came from, for messages.
-
-    Returns:
-        What was written, per run.
-
-    Raises:
-        BadInputError: A sample has no run id, conflicts with another sample
-            of the input or with a stored one (the store refuses the whole
-            batch then). Nothing is written then.
-
+    ``existing`` is the ``runs`` table; a run's row there is the base its new
+    row updates.
     """
     from estimators.energy import run_energy
-    from profiler.schema import conform
+    from profiler.schema import conform, schema
 
-    samples = conform(samples, "samples", file=file)
-    if samples["run_id"].null_count():
-        raise BadInputError(f"{where(file)}expected a run id for every sample; found none")
     key = ["run_id", "node", "device", "timestamp"]
-    run_ids = samples["run_id"].unique(maintain_order=True).sort().to_list()
-    existing = store.runs()
     rows = []
     for run_id in run_ids:
         mine = samples.filter(pl.col("run_id") == run_id)
@@ -224,14 +206,76 @@ def import_samples(
         if row.get("gpu_model") is None and models.len():
             row["gpu_model"] = models[0]
         rows.append(row)
-    from profiler.schema import schema
+    return conform(pl.DataFrame(rows, schema=schema("runs")), "runs", file=file)
 
-    run_rows = conform(pl.DataFrame(rows, schema=schema("runs")), "runs", file=file)
+
+def import_samples(
+    store: Store, samples: pl.DataFrame, *, file: str | None = None
+) -> ImportSummary:
+    """Write imported samples and a ``finished`` run row for each run they belong to.
+
+    Each run's row gets ``start``, ``end``, ``duration_s`` and ``energy_j``
+    (``energy_source`` ``measured``) from every sample of the run, those
+    already stored included (:func:`estimators.energy.run_energy`), plus
+    ``gpu_model`` (when the run has none yet) and ``gpu_count`` (distinct
+    node and device pairs); ``job_name`` defaults to the run id. Other columns
+    of an existing run row are kept. The rows are computed and written under
+    the store's lock (:meth:`Store.update_runs`), after the samples, so two
+    imports into one run at once (two nodes' files, say) both end with every
+    sample of the run counted.
+
+    Args:
+        store: Target run store.
+        samples: Samples in the ``samples`` schema, every row with a run id.
+        file: Where they came from, for messages.
+
+    Returns:
+        What was written, per run.
+
+    Raises:
+        BadInputError: A sample has no run id, conflicts with another sample
+            of the input or with a stored one (the store refuses the whole
+            batch then). Nothing is written then.
+        StoreError: The store could not be written. If the samples were
+            stored but the run rows were not, the message says so; running
+            the import again writes the rows.
+
+    """
+    from profiler.schema import conform
+    from profiler.store import NOT_DURABLE, UNCHANGED
+
+    samples = conform(samples, "samples", file=file)
+    if samples["run_id"].null_count():
+        raise BadInputError(f"{where(file)}expected a run id for every sample; found none")
+    run_ids = samples["run_id"].unique(maintain_order=True).sort().to_list()
+    # Computed once before writing anything, so samples the energy integration refuses
+    # leave the store as it was.
+    _run_rows(store, samples, run_ids, store.runs(), file)
     totals = dict(samples.group_by("run_id").len().iter_rows())
     new: dict[str, int] = {}
     # One write for every run: the store checks all of them before writing any.
     store.write_samples(samples, file=file, on_run=lambda rid, n: new.__setitem__(str(rid), n))
-    changed = store.write_runs(run_rows, file=file)
+    computed: list[pl.DataFrame] = []
+
+    def rows(runs: pl.DataFrame) -> pl.DataFrame:
+        # Again under the lock: another import may have stored samples of these runs since.
+        computed.append(_run_rows(store, samples, run_ids, runs, file))
+        return computed[-1]
+
+    try:
+        changed = store.update_runs(rows, file=file)
+    except (StoreError, BadInputError) as err:
+        if NOT_DURABLE in str(err):  # the rows are in place; the message says so
+            raise
+        n = sum(new.values())
+        if len(run_ids) == 1:
+            what = f"run {run_ids[0]!r} were stored but its run record was not"
+        else:
+            what = f"runs {run_ids} were stored but their run records were not"
+        raise type(err)(
+            f"{str(err).replace(f'; {UNCHANGED}', '')}; {n} new samples of {what}; run the "
+            "import again to write " + ("it" if len(run_ids) == 1 else "them")
+        ) from err
     return ImportSummary(
         runs=tuple(
             RunImport(
@@ -242,7 +286,7 @@ def import_samples(
                 duration_s=r["duration_s"],
                 energy_source=r["energy_source"],
             )
-            for r in run_rows.iter_rows(named=True)
+            for r in computed[-1].iter_rows(named=True)
         ),
         runs_changed=changed,
     )

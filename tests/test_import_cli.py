@@ -317,3 +317,205 @@ def test_import_seaa2023_again_changes_nothing(
     out = capsys.readouterr().out
     assert "0 new samples of 600,070, 0 runs added or changed" in out
     assert snapshot(store_dir) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# which node and run a file goes to
+
+SMI_HEADER = "timestamp, index, power.draw [W]"
+
+
+def smi_file(path: Path, rows: list[tuple[str, float]], *, end: str = "\n") -> Path:
+    """An nvidia-smi CSV of GPU 0: (time of day on 2024-01-10, power in W) per row."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = [SMI_HEADER, *(f"2024/01/10 {t}, 0, {p:.2f} W" for t, p in rows)]
+    path.write_text("\n".join(lines) + end)
+    return path
+
+
+def two_hosts(tmp_path: Path) -> tuple[Path, Path]:
+    """n1/nvidia-smi.csv and n2/nvidia-smi.csv: two hosts' GPU 0 over the same 2.5 s."""
+    n1 = smi_file(
+        tmp_path / "n1" / "nvidia-smi.csv",
+        [("08:00:00.000", 100.0), ("08:00:01.000", 200.0), ("08:00:02.000", 300.0)],
+    )
+    n2 = smi_file(
+        tmp_path / "n2" / "nvidia-smi.csv",
+        [("08:00:00.500", 50.0), ("08:00:01.500", 50.0), ("08:00:02.500", 50.0)],
+    )
+    return n1, n2
+
+
+def test_same_file_names_from_two_hosts_are_not_merged(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: n1/nvidia-smi.csv and n2/nvidia-smi.csv both became node 'nvidia-smi',
+    device 0: the two GPUs' samples were interleaved into one stream, energy about halved."""
+    n1, n2 = two_hosts(tmp_path)
+    store_dir = tmp_path / "store"
+    base = ["import", "nvidia-smi", "--run", "job", "--store", str(store_dir)]
+    assert main([*base, str(n1), str(n2)]) == 2
+    err = capsys.readouterr().err
+    assert f"{n1} and {n2} both get node 'nvidia-smi' from their file name" in err
+    assert "import each host's file with its own --node NODE" in err
+    assert not store_dir.exists()
+
+    # one --node for both: the files overlap in time, so they are not one GPU's log
+    assert main([*base, str(n1), str(n2), "--node", "x"]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{n2}, row 1: its sample at 2024-01-10 08:00:00.500000+00:00 lies in the time span of "
+        f"{n1} (rows 1-3, 2024-01-10 08:00:00+00:00 to 2024-01-10 08:00:02+00:00) for run "
+        "'job', node 'x', device '0'"
+    ) in err
+    assert not store_dir.exists()
+
+    # each host with its own node: two GPUs, energies add up (400 J + 2 s x 50 W)
+    assert main([*base, str(n1), "--node", "n1"]) == 0
+    assert main([*base, str(n2), "--node", "n2"]) == 0
+    run = Store(store_dir).run("job")
+    assert (run["gpu_count"], run["energy_j"]) == (2, pytest.approx(500.0))
+
+    # the run now has two nodes: a file whose name gives neither must say where it goes
+    before = snapshot(store_dir)
+    capsys.readouterr()
+    assert main([*base, str(n2)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        "run 'job' is stored with samples of nodes 'n1', 'n2', and the file name gives node "
+        "'nvidia-smi', none of them; pass --node NODE"
+    ) in err
+    assert snapshot(store_dir) == before
+
+
+def test_a_second_gpu_into_a_stored_stream_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Another GPU's trace must not be interleaved with a stored stream, import by import."""
+    n1, n2 = two_hosts(tmp_path)
+    store_dir = tmp_path / "store"
+    base = ["import", "nvidia-smi", "--run", "job", "--node", "x", "--store", str(store_dir)]
+    assert main([*base, str(n1)]) == 0
+    before = snapshot(store_dir)
+    capsys.readouterr()
+    assert main([*base, str(n2)]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"{n2}, row 2: run 'job', node 'x', device '0' has a sample at 2024-01-10 "
+        "08:00:01+00:00 in the store that this file does not hold (between its rows 1 and 2)"
+    ) in err
+    assert snapshot(store_dir) == before
+
+
+def test_files_of_one_gpu_may_follow_one_another_in_any_order(tmp_path: Path) -> None:
+    """A log split in two (rotated) is one stream: its parts, given in any order, join up."""
+    second = smi_file(tmp_path / "b.csv", [("08:00:03.000", 300.0), ("08:00:04.000", 300.0)])
+    first = smi_file(
+        tmp_path / "a.csv",
+        [("08:00:00.000", 100.0), ("08:00:01.000", 200.0), ("08:00:02.000", 300.0)],
+    )
+    store_dir = tmp_path / "store"
+    args = ["import", "nvidia-smi", str(second), str(first), "--run", "r", "--node", "x"]
+    assert main([*args, "--store", str(store_dir)]) == 0
+    run = Store(store_dir).run("r")
+    # 150 + 250 + 300 + 300 J over 0-4 s
+    assert (run["gpu_count"], run["energy_j"]) == (1, pytest.approx(1000.0))
+
+
+def test_reimport_of_a_log_that_was_still_being_written(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: the cut-off last line was stored with power_w=None, and importing the
+    finished file later was refused ('already in the store ... power_w=None')."""
+    full = [("08:00:00.000", 100.0), ("08:00:01.000", 200.0), ("08:00:02.000", 300.0)]
+    csv = smi_file(tmp_path / "grow.csv", full[:2])
+    with csv.open("a") as fh:
+        fh.write("2024/01/10 08:00:02.000, 0, 30")  # nvidia-smi was writing "300.00 W"
+    store_dir = tmp_path / "store"
+    args = ["import", "nvidia-smi", str(csv), "--run", "g", "--store", str(store_dir)]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "2 new samples, 1 runs added or changed" in out
+    assert "1 cut-off last line left out" in out
+    assert (
+        f"{csv}, row 3: left out the last line, which has no newline at its end (nvidia-smi "
+        "was still writing it): '2024/01/10 08:00:02.000, 0, 30'; import the file again once "
+        "it is finished"
+    ) in out
+    assert Store(store_dir).samples("g")["power_w"].to_list() == [100.0, 200.0]
+
+    smi_file(csv, [*full, ("08:00:03.000", 300.0)])  # finished
+    assert main(args) == 0
+    assert "2 new samples" in capsys.readouterr().out
+    store = Store(store_dir)
+    assert store.samples("g")["power_w"].to_list() == [100.0, 200.0, 300.0, 300.0]
+    assert store.run("g")["energy_j"] == pytest.approx(150.0 + 250.0 + 300.0)
+
+
+def test_stored_run_keeps_its_only_node(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Regression: a run stored under node 'cloud' got the same trace again under node
+    'cloud-demo-00' (the file name) on a re-import without --node: 2 GPUs, energy doubled."""
+    csv = tmp_path / "nvidia-smi-cloud-demo-00.csv"
+    shutil.copy(DATA / "nvidia-smi-renamed.csv", csv)
+    store_dir = tmp_path / "store"
+    first = ["import", "nvidia-smi", str(csv), "--node", "cloud", "--store", str(store_dir)]
+    assert main(first) == 0
+    assert main(["import", "nvidia-smi", str(csv), "--store", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "0/3" in out
+    assert (
+        f"{csv}: stored under node 'cloud', the only node of run 'cloud-demo-00' in the store; "
+        "pass --node to store it under another node"
+    ) in out
+    run = Store(store_dir).run("cloud-demo-00")
+    assert (run["gpu_count"], run["energy_j"]) == (1, pytest.approx(400.0))
+
+
+def test_several_files_into_one_run_again_changes_nothing(tmp_path: Path) -> None:
+    """The run has two nodes then; each file's name still gives its own, so no --node needed."""
+    store_dir = tmp_path / "store"
+    files = [str(DATA / "nvidia-smi-renamed.csv"), str(DATA / "nvidia-smi-two-gpus.csv")]
+    args = ["import", "nvidia-smi", *files, "--run", "multi", "--store", str(store_dir)]
+    assert main(args) == 0
+    before = snapshot(store_dir)
+    assert main(args) == 0
+    assert snapshot(store_dir) == before
+
+
+def test_run_and_node_options_rescue_an_unusable_file_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: the file name's run id was checked even with --run and --node given."""
+    csv = tmp_path / "gpu trace (node 1).csv"
+    shutil.copy(DATA / "nvidia-smi-native.csv", csv)
+    store_dir = tmp_path / "store"
+    base = ["import", "nvidia-smi", str(csv), "--store", str(store_dir)]
+    assert main([*base, "--run", "myrun"]) == 2
+    assert (
+        f"{csv}: the file name gives no usable node name: expected letters, digits, '.', '_' "
+        "and '-' as in a run id; found 'gpu trace (node 1)'; pass --node NODE"
+    ) in capsys.readouterr().err
+    assert main([*base, "--node", "n1"]) == 2
+    assert f"{csv}: the file name gives no usable run id" in capsys.readouterr().err
+    assert not store_dir.exists()
+    assert main([*base, "--run", "myrun", "--node", "n1"]) == 0
+    assert set(Store(store_dir).samples("myrun")["node"]) == {"n1"}
+
+
+@needs_shared
+@pytest.mark.shared_data
+def test_readme_csv_import_after_the_dataset_adds_nothing(
+    seaa_store: tuple[Path, float], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: after ``make demo`` (the dataset imported, cloud-vgg16-00 under node
+    'cloud'), importing its raw CSV as the README says doubled its energy."""
+    store_dir = tmp_path / "store"
+    shutil.copytree(seaa_store[0], store_dir)
+    before = Store(store_dir).run("cloud-vgg16-00")
+    csv = SHARED / "nvidia-smi-cloud-vgg16-00.csv"
+    assert main(["import", "nvidia-smi", str(csv), "--store", str(store_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "0 new samples" in out and "1 cut-off last line left out" in out
+    after = Store(store_dir).run("cloud-vgg16-00")
+    assert (after["gpu_count"], after["energy_j"]) == (1, before["energy_j"])
+    assert after["energy_j"] == pytest.approx(1.2297e6, rel=1e-4)

@@ -19,7 +19,7 @@ from profiler.importers.dcgm import (
     parse_dcgm_text,
     read_dcgm_file,
 )
-from profiler.importers.nvidia_smi import read_nvidia_smi_csv
+from profiler.importers.nvidia_smi import read_nvidia_smi_csv, read_nvidia_smi_file
 from profiler.importers.seaa2023 import import_seaa2023
 from profiler.schema import schema
 from profiler.store import Store
@@ -136,39 +136,52 @@ def test_index_identifies_devices_without_uuid(tmp_path: Path) -> None:
     assert df["power_w"].to_list() == [100.0, 200.0, 110.0, 210.0]
 
 
-def test_cut_off_last_line_keeps_its_fields(
+CUT_OFF = "2023/03/09 14:29:10.658, NVIDIA GeForce RTX 3090, 93 %, 40 %, 24268 MiB, 11135 "
+
+
+def test_cut_off_last_line_is_left_out_and_named(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A recorder killed mid-write leaves a short last line, no newline (as in cloud-vgg16-00)."""
-    text = (
-        NATIVE_HEADER
-        + "\n"
-        + smi_row("2023/03/09 14:29:09.657", "335.36 W")
-        + "\n2023/03/09 14:29:10.658, NVIDIA GeForce RTX 3090, 93 %, 40 %, 24268 MiB, 11135 "
-    )
+    """Regression: a last line cut off mid-write (as in cloud-vgg16-00) was kept with
+    power_w=None, so importing the finished file later conflicted with it."""
+    text = NATIVE_HEADER + "\n" + smi_row("2023/03/09 14:29:09.657", "335.36 W") + "\n" + CUT_OFF
+    read = read_nvidia_smi_file(write(tmp_path, text), node="n", run_id="r")
+    assert read.samples["power_w"].to_list() == [335.36]
+    assert read.rows.to_list() == [1]
+    assert (read.cut_off_row, read.cut_off_text) == (2, CUT_OFF)
+    # the plain reader gives the same samples and logs what it left out
     with caplog.at_level(logging.WARNING):
         df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
-    assert df.height == 2
-    last = df.row(1, named=True)
-    assert (last["gpu_util_pct"], last["mem_used_mib"], last["power_w"], last["temp_c"]) == (
-        93.0,
-        11135.0,
-        None,
-        None,
-    )
-    assert "row 2: the last line is cut off (6 of 9 fields" in caplog.text
+    assert df.equals(read.samples)
+    assert "row 2: the last line has no newline at its end" in caplog.text
 
 
-def test_cut_off_number_is_dropped(tmp_path: Path) -> None:
-    # "111" may be the start of "11135": not a value to keep.
-    text = (
-        NATIVE_HEADER
-        + "\n"
-        + smi_row("2023/03/09 14:29:09.657", "335.36 W")
-        + ("\n2023/03/09 14:29:10.658, NVIDIA GeForce RTX 3090, 93 %, 40 %, 24268 MiB, 111")
-    )
-    df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
-    assert df["mem_used_mib"].to_list() == [11051.0, None]
+@pytest.mark.parametrize(
+    "last",
+    [
+        smi_row("2023/03/09 14:29:10.658", "335.36 W", temp="6"),  # "6" of "65": all fields
+        "2023/03/09 14:29:10.658, NVIDIA GeForce RTX 3090, 93 %, 40 %, 24268 MiB, 111",
+        "2023/03/09 14:2",  # even the timestamp is cut short
+    ],
+)
+def test_any_last_line_without_newline_is_left_out(tmp_path: Path, last: str) -> None:
+    """A complete-looking last cell may be cut short too ("6" of "65"): only the newline tells."""
+    text = NATIVE_HEADER + "\n" + smi_row("2023/03/09 14:29:09.657", "335.36 W") + "\n" + last
+    read = read_nvidia_smi_file(write(tmp_path, text), node="n", run_id="r")
+    assert read.samples["temp_c"].to_list() == [60.0]
+    assert read.cut_off_row == 2
+
+
+def test_only_a_cut_off_line_gives_no_samples(tmp_path: Path) -> None:
+    text = NATIVE_HEADER + "\n" + CUT_OFF
+    read = read_nvidia_smi_file(write(tmp_path, text), node="n", run_id="r")
+    assert (read.samples.height, read.cut_off_row) == (0, 1)
+
+
+def test_finished_file_has_no_cut_off_row(tmp_path: Path) -> None:
+    text = NATIVE_HEADER + "\n" + smi_row("2023/03/09 14:29:09.657", "335.36 W") + "\n"
+    read = read_nvidia_smi_file(write(tmp_path, text), node="n", run_id="r")
+    assert (read.samples.height, read.cut_off_row, read.cut_off_text) == (1, None, None)
 
 
 def test_blank_lines_and_repeated_header_are_skipped(tmp_path: Path) -> None:
@@ -182,8 +195,9 @@ def test_blank_lines_and_repeated_header_are_skipped(tmp_path: Path) -> None:
             "",
         ]
     )
-    df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
-    assert df["power_w"].to_list() == [10.0, 20.0]
+    read = read_nvidia_smi_file(write(tmp_path, text), node="n", run_id="r")
+    assert read.samples["power_w"].to_list() == [10.0, 20.0]
+    assert read.rows.to_list() == [1, 4]  # data rows: the blank line and header count
 
 
 BAD_SMI = {
@@ -262,6 +276,26 @@ BAD_SMI = {
         r"row 2, 'timestamp': duplicated timestamps: .* \(row 1\) for device '0'.*if the file "
         r"holds several GPUs, add index or uuid to --query-gpu",
     ),
+    "negative utilisation": (
+        NATIVE_HEADER + "\n" + smi_row("2023/03/09 13:27:53.079", "5 W", util="-5 %") + "\n",
+        r"trace\.csv, row 1, column 'utilization\.gpu \[%\]': expected a utilisation from 0 to "
+        r"100 %; found -5 %",
+    ),
+    "utilisation over 100 %": (
+        NATIVE_HEADER
+        + "\n"
+        + smi_row("2023/03/09 13:27:53.079", "5 W")
+        + "\n"
+        + smi_row("2023/03/09 13:27:54.079", "5 W", util="500 %")
+        + "\n",
+        r"row 2, column 'utilization\.gpu \[%\]': expected a utilisation from 0 to 100 %; "
+        r"found 500 %",
+    ),
+    "memory utilisation over 100 %": (
+        "timestamp,gpu_power_draw,gpu_memory_usage\n2022-12-05 09:55:42.535,5 W,100.5 %\n",
+        r"row 1, column 'gpu_memory_usage': expected a utilisation from 0 to 100 %; "
+        r"found 100\.5 %",
+    ),
     "short row in the middle": (
         NATIVE_HEADER
         + "\n"
@@ -317,14 +351,22 @@ def test_shared_csvs_equal_the_dataset_traces() -> None:
     """The raw CSVs parse to exactly the rows the dataset authors extracted into traces.parquet."""
     traces = pl.read_parquet(SHARED / "traces.parquet")
     cols = ["timestamp", "power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c"]
+    cut_off = {}
     for path in sorted(SHARED.glob("nvidia-smi-*.csv")):
         run_id = path.stem.removeprefix("nvidia-smi-")
-        df = read_nvidia_smi_csv(path, node="cloud", run_id=run_id)
+        read = read_nvidia_smi_file(path, node="cloud", run_id=run_id)
+        df = read.samples
         ref = traces.filter(pl.col("run_id") == run_id).with_columns(
             pl.col("timestamp").dt.replace_time_zone("UTC")
         )
+        if read.cut_off_row is not None:
+            cut_off[run_id] = read.cut_off_row
+            # the dataset kept the cut-off last line as a sample without power
+            assert ref["power_w"][-1] is None
+            ref = ref.head(-1)
         assert df.height == ref.height > 2000
         assert df.select(cols).equals(ref.select(cols)), run_id
+    assert list(cut_off) == ["cloud-vgg16-00"]
 
 
 @needs_shared

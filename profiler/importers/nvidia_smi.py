@@ -17,9 +17,12 @@ Accepted input:
   ``index``, else ``pci.bus_id``, else ``"0"`` for every row. Rows of several
   GPUs may interleave.
 * Blank lines and repeated header lines (``nvidia-smi ... >> file`` restarted)
-  are skipped. A final line cut off mid-write (no newline at the end, fewer
-  fields than the header) is kept with the fields it has; a cut-off last
-  field counts as missing. A warning is logged.
+  are skipped. A final line without its newline was cut off while nvidia-smi
+  was writing it (its last cell may be cut short too, ``5`` of ``54``): it is
+  left out, logged as a warning and reported in
+  :attr:`NvidiaSmiFile.cut_off_row`, so that importing the finished file
+  later adds that sample whole instead of conflicting with a partial one.
+* Utilisations (``utilization.gpu``, ``utilization.memory``) lie in 0-100 %.
 
 Everything else is refused with :class:`profiler.errors.BadInputError`
 naming the file, the 1-based data row (the header is not counted, so data
@@ -31,7 +34,7 @@ from __future__ import annotations
 import logging
 import re
 import zoneinfo
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import polars as pl
@@ -87,6 +90,7 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("temp_c", ("temperature.gpu", "gpu_temperature"), "C", "65"),
 )
 _NUMERIC = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c")
+_PERCENT = ("gpu_util_pct", "mem_util_pct")
 _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 
 
@@ -126,9 +130,49 @@ def _resolve_header(header: list[str], file: str) -> dict[str, int]:
     return found
 
 
+@dataclass(frozen=True, slots=True)
+class NvidiaSmiFile:
+    """One nvidia-smi CSV file read into samples.
+
+    Attributes:
+        samples: The samples, in the ``samples`` schema, in file order.
+        rows: The 1-based data row (header not counted) of each sample, in
+            the same order, for messages.
+        cut_off_row: The data row of the last line, left out because it has no
+            newline at its end (nvidia-smi was still writing it), or ``None``.
+        cut_off_text: That line as found (at most 80 characters), or ``None``.
+
+    """
+
+    samples: pl.DataFrame
+    rows: pl.Series = field(repr=False)
+    cut_off_row: int | None = None
+    cut_off_text: str | None = None
+
+
 def read_nvidia_smi_csv(
     path: str | Path, *, node: str, run_id: str | None, tz: str = "UTC"
 ) -> pl.DataFrame:
+    """Read one nvidia-smi CSV file into samples (:func:`read_nvidia_smi_file`'s samples).
+
+    A last line cut off mid-write is left out with a logged warning; use
+    :func:`read_nvidia_smi_file` to learn about it.
+    """
+    read = read_nvidia_smi_file(path, node=node, run_id=run_id, tz=tz)
+    if read.cut_off_row is not None:
+        log.warning(
+            "%s, row %d: the last line has no newline at its end (nvidia-smi was still writing "
+            "it); left it out: %r",
+            path,
+            read.cut_off_row,
+            read.cut_off_text,
+        )
+    return read.samples
+
+
+def read_nvidia_smi_file(
+    path: str | Path, *, node: str, run_id: str | None, tz: str = "UTC"
+) -> NvidiaSmiFile:
     """Read one nvidia-smi CSV file into samples.
 
     Args:
@@ -139,16 +183,18 @@ def read_nvidia_smi_csv(
             (``"UTC"``, ``"Europe/Madrid"``...).
 
     Returns:
-        A frame in the ``samples`` schema (source ``nvidia-smi``, timestamps
-        UTC), in file order; ``energy_j`` is null (nvidia-smi has no counter).
+        The samples in the ``samples`` schema (source ``nvidia-smi``,
+        timestamps UTC), in file order; ``energy_j`` is null (nvidia-smi has
+        no counter). A last line without its newline is left out (and named).
 
     Raises:
         BadInputError: The file is missing, empty or not UTF-8; the header
             lacks a timestamp or power column; a row has the wrong number of
             fields; a timestamp is missing, unparsable, or does not exist in
             ``tz`` (or is ambiguous there); a power value is non-numeric or
-            negative; a numeric cell holds something else; timestamps of one
-            device are unsorted or duplicated.
+            negative; a utilisation lies outside 0-100 %; a numeric cell holds
+            something else; timestamps of one device are unsorted or
+            duplicated.
 
     """
     file = str(path)
@@ -179,7 +225,6 @@ def read_nvidia_smi_csv(
             "[W]' followed by one row per sample"
         )
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    torn = not text.endswith(("\n", "\r"))
     header_line = lines[0]
     header = header_line.split(",")
     if re.match(r"^\s*\d{4}[-/]\d{2}[-/]\d{2}", header_line):
@@ -190,51 +235,41 @@ def read_nvidia_smi_csv(
     cols = _resolve_header(header, file)
     n_fields = len(header)
 
+    # nvidia-smi ends every line with a newline: a last line without one was cut off while
+    # being written, and any of its cells may be cut short ("5" of "54"). Stored, it would
+    # conflict with the whole sample when the finished file is imported, so it is left out.
+    cut_off_row: int | None = None
+    cut_off_text: str | None = None
+    last = lines[-1]
+    if len(lines) > 1 and last.strip() and last != header_line and len(last.split(",")) <= n_fields:
+        cut_off_row, cut_off_text = len(lines) - 1, last[:80]
+        lines = lines[:-1]
+
     df = pl.DataFrame({"line": lines[1:]}, schema={"line": pl.String}).with_row_index(
         "row", offset=1
     )
-    last_row = len(lines) - 1
     df = df.with_columns(pl.col("row").cast(pl.Int64)).filter(
         (pl.col("line").str.strip_chars() != "") & (pl.col("line") != header_line)
     )
-    if df.height == 0:
+    if df.height == 0 and cut_off_row is None:
         raise BadInputError(
             f"{file}: empty file: the header has no data rows below it; expected one row per sample"
         )
     df = df.with_columns(pl.col("line").str.split(",").alias("f"))
-    df = df.with_columns(pl.col("f").list.len().alias("n")).with_columns(
-        (pl.lit(torn) & (pl.col("row") == last_row) & (pl.col("n") < n_fields)).alias("torn")
-    )
-    bad = df.filter((pl.col("n") != n_fields) & ~pl.col("torn"))
+    df = df.with_columns(pl.col("f").list.len().alias("n"))
+    bad = df.filter(pl.col("n") != n_fields)
     if bad.height:
         r = bad.row(0, named=True)
         raise BadInputError(
             f"{where(file, r['row'])}expected {n_fields} comma-separated fields as in the "
             f"header; found {r['n']}: {r['line'][:80]!r}"
         )
-    if df["torn"].any():
-        r = df.filter("torn").row(0, named=True)
-        log.warning(
-            "%s, row %d: the last line is cut off (%d of %d fields, no newline at the end); "
-            "kept the fields it has",
-            file,
-            r["row"],
-            r["n"],
-            n_fields,
-        )
-        # The last field of a cut-off line may itself be cut off ("11" of "11135 MiB"):
-        # keep it only if the writer got past it (a space or unit follows the number).
-        keep_last = re.match(rf"^\s*{_NUMBER}\s+\S*$|^\s*{_NUMBER}\s*(W|%|MiB|C)$", r["f"][-1])
-        if not keep_last:
-            df = df.with_columns(
-                pl.when("torn").then(pl.col("f").list.head(r["n"] - 1)).otherwise("f").alias("f")
-            )
 
     cells = {
         target: pl.col("f").list.get(i, null_on_oob=True).str.strip_chars().alias(target)
         for target, i in cols.items()
     }
-    df = df.select("row", "torn", *cells.values())
+    df = df.select("row", *cells.values())
     label = {t: repr(header[i].strip()) for t, i in cols.items()}
 
     # Timestamps: both layouts, then local time in tz -> UTC.
@@ -243,7 +278,6 @@ def read_nvidia_smi_csv(
         TIMESTAMP_FORMAT, strict=False, time_unit="us"
     )
     df = df.with_columns(parsed.alias("_ts"))
-    df = df.filter(~(pl.col("torn") & pl.col("_ts").is_null()))  # a cut-off timestamp: drop
     bad = df.filter(pl.col("_ts").is_null()).head(1)
     if bad.height:
         r = bad.row(0, named=True)
@@ -277,7 +311,7 @@ def read_nvidia_smi_csv(
             pl.when(_null_marker(col)).then(None).otherwise(num).alias("_num"),
             (~_null_marker(col) & num.is_null()).alias("_bad"),
         )
-        bad = df.filter(pl.col("_bad") & ~pl.col("torn")).head(1)
+        bad = df.filter(pl.col("_bad")).head(1)
         if bad.height:
             r = bad.row(0, named=True)
             what = "a power in W" if f.target == "power_w" else "a number"
@@ -285,13 +319,7 @@ def read_nvidia_smi_csv(
                 f"{where(file, r['row'], 'column ' + label[f.target])}expected {what} such as "
                 f"{f.example!r} (or [N/A]); found {r[f.target]!r}"
             )
-        df = df.with_columns(
-            pl.when(pl.col("_bad"))
-            .then(None)
-            .otherwise(pl.col("_num"))
-            .cast(pl.Float64)
-            .alias(f.target)
-        ).drop("_num", "_bad")
+        df = df.with_columns(pl.col("_num").cast(pl.Float64).alias(f.target)).drop("_num", "_bad")
     bad = df.filter(pl.col("power_w") < 0).head(1)
     if bad.height:
         r = bad.row(0, named=True)
@@ -299,6 +327,14 @@ def read_nvidia_smi_csv(
             f"{where(file, r['row'], 'column ' + label['power_w'])}expected a power >= 0 W; "
             f"found {r['power_w']} W"
         )
+    for pct in (c for c in _PERCENT if c in cols):
+        bad = df.filter((pl.col(pct) < 0) | (pl.col(pct) > 100)).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise BadInputError(
+                f"{where(file, r['row'], 'column ' + label[pct])}expected a utilisation from 0 "
+                f"to 100 %; found {r[pct]:g} %"
+            )
 
     # Device id: uuid, else index, else PCI bus id, else one device "0".
     dev_col = next((c for c in ("uuid", "index", "pci") if c in cols), None)
@@ -339,4 +375,9 @@ def read_nvidia_smi_csv(
         *[pl.col(c) if c in cols else pl.lit(None, pl.Float64).alias(c) for c in _NUMERIC],
         pl.lit("nvidia-smi").alias("source"),
     )
-    return conform(out, "samples", file=file)
+    return NvidiaSmiFile(
+        samples=conform(out, "samples", file=file),
+        rows=df["row"],
+        cut_off_row=cut_off_row,
+        cut_off_text=cut_off_text,
+    )

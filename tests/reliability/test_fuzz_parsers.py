@@ -149,8 +149,9 @@ def smi_valid(draw: st.DrawFn) -> tuple[str, list[list[str]], int]:
             elif h == "pci.bus_id":
                 cells.append("00000000:01:00.0")
             else:
-                value = draw(st.floats(0, 1e4, allow_nan=False).map(lambda v: f"{v:.2f}"))
                 unit = UNITS.get(h)
+                top = 100.0 if unit == "%" else 1e4  # utilisations lie in 0-100 %
+                value = draw(st.floats(0, top, allow_nan=False).map(lambda v: f"{v:.2f}"))
                 cells.append(
                     draw(
                         st.sampled_from(

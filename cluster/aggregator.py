@@ -125,7 +125,13 @@ def _new_projector(run: Mapping[str, Any]) -> Any | None:
         return None
     from estimators.step import OnlineStep, RunPlan
 
-    cap = RunPlan(gpu_model=run.get("gpu_model"), gpu_count=int(run.get("gpu_count") or 1)).cap_w()
+    spec = _config(run).get("gpu_spec")
+    board = spec.get("gpu_board_power_w") if isinstance(spec, dict) else None
+    cap = RunPlan(
+        gpu_model=run.get("gpu_model"),
+        gpu_count=int(run.get("gpu_count") or 1),
+        power_cap_w=float(board) if isinstance(board, (int, float)) and board > 0 else None,
+    ).cap_w()
     return OnlineStep(planned_epochs=int(planned), power_cap_w=cap)
 
 

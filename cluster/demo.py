@@ -180,6 +180,28 @@ def train_command(arch: str, epochs: int, *, train_size: int = TRAIN_SIZE) -> li
     ]
 
 
+def check_architectures(architectures: Sequence[str]) -> None:
+    """Refuse, before anything starts, architectures the demo's jobs cannot train.
+
+    Raises:
+        BadInputError: No architecture, or one that is not a torchvision
+            classification model (the message names it and lists the known ones).
+
+    """
+    from estimators.features import torchvision_names
+
+    if not architectures:
+        raise BadInputError("the demo needs at least one architecture (--archs A,B)")
+    names = torchvision_names()
+    unknown = [a for a in architectures if a not in names]
+    if unknown:
+        raise BadInputError(
+            f"--archs: unknown architecture{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(a) for a in unknown)}; expected torchvision classification models: "
+            + ", ".join(names)
+        )
+
+
 def fifth(planned: int) -> int:
     """Epochs after which the demo reports STEP's projection: a fifth of the plan, at least 1."""
     return max(1, math.ceil(planned / 5))
@@ -234,6 +256,7 @@ def _run_one(
 
     from cluster.actors import aggregator
     from cluster.runner import run_job
+    from profiler.store import Store
 
     agg = aggregator(store_root)
     watch = _Watch(agg, planned, progress)
@@ -264,11 +287,15 @@ def _run_one(
         watch.done.set()
     summary = result.summary
     chosen = next(nt for nt in NODE_TYPES if nt.name == result.node_type)
+    # The run as the runner started it, before _describe_device renames its device: the
+    # aggregator's projector (and so every band of this run) took its power cap from it.
+    started = Store(store_root).run(result.run_id)
+    cap_w = band_cap_w(started)
     _describe_device(store_root, result.run_id, chosen)
     at = watch.at_fifth
     how = "aggregator"
     if at is None or at.get("energy_j") is None:  # too fast to catch live: replay the same update
-        at = _projection_after(ray.get(agg.epochs.remote(result.run_id)), planned, chosen)
+        at = _projection_after(ray.get(agg.epochs.remote(result.run_id)), planned, started)
         how = "recomputed from the stored epochs"
     return {
         "run_id": result.run_id,
@@ -287,6 +314,7 @@ def _run_one(
         "stable_at_fifth": bool(at.get("stable")),
         "projected_after_epochs": at.get("after_epochs"),
         "projection_from": how,
+        "band_cap_w": cap_w,
     }
 
 
@@ -312,11 +340,33 @@ def _describe_device(store_root: str, run_id: str, node: DemoNodeType) -> None:
     )
 
 
-def _projection_after(epochs: pl.DataFrame, planned: int, node: DemoNodeType) -> dict[str, Any]:
-    """STEP's projection after a fifth of the planned epochs, by the aggregator's own update."""
+def band_cap_w(run: Mapping[str, Any]) -> float | None:
+    """The power cap in W of a run's STEP band: the one the aggregator's projector uses.
+
+    The aggregator builds the projector from the run record given to
+    ``start_run``; ``None`` when that record names no device of known board
+    power (a not-stable band then runs to twice the highest epoch's energy).
+    """
+    from cluster.aggregator import _new_projector
+
+    projector = _new_projector({**run, "planned_epochs": run.get("planned_epochs") or 1})
+    cap = None if projector is None else projector.power_cap_w
+    return None if cap is None else float(cap)
+
+
+def _projection_after(epochs: pl.DataFrame, planned: int, run: Mapping[str, Any]) -> dict[str, Any]:
+    """STEP's projection after a fifth of the planned epochs, by the aggregator's own update.
+
+    Args:
+        epochs: The run's finished epochs (``energy_j``, ``duration_s``).
+        planned: Its planned epochs.
+        run: Its record as given to the aggregator's ``start_run`` (the
+            projector's power cap comes from it, as in the aggregator).
+
+    """
     from estimators.step import OnlineStep
 
-    step = OnlineStep(planned_epochs=planned, power_cap_w=node.board_power_w)
+    step = OnlineStep(planned_epochs=planned, power_cap_w=band_cap_w(run))
     k = fifth(planned)
     out: dict[str, Any] = {"energy_j": None, "after_epochs": 0}
     for i, r in enumerate(epochs.sort("epoch").iter_rows(named=True), start=1):
@@ -358,13 +408,13 @@ def live(
         ``auto_job``, ``reports``, ``elapsed_s``.
 
     Raises:
-        BadInputError: ``epochs`` < 1 or no architecture.
+        BadInputError: ``epochs`` < 1, no architecture or an unknown one (all
+            before the cluster starts).
 
     """
     if epochs < 1:
         raise BadInputError(f"--epochs must be at least 1; found {epochs}")
-    if not architectures:
-        raise BadInputError("the demo needs at least one architecture")
+    check_architectures(architectures)
     import ray
 
     from cluster.actors import aggregator
@@ -438,7 +488,7 @@ def live(
             else {"node_type": None, "predicted_energy_j": None, "reason": "no PRE model"}
         )
         note("recommendation", summary["recommendation"])
-        if auto_job and model is not None:
+        if auto_job and summary["recommendation"]["node_type"] is not None:
             expected = next(
                 nt for nt in NODE_TYPES if nt.name == summary["recommendation"]["node_type"]
             )
@@ -489,6 +539,7 @@ def _retrain(store: Store) -> tuple[dict[str, Any], Any]:
 def _recommend(
     model: Any, arch: str, epochs: int, inventory: list[Any], train_size: int
 ) -> dict[str, Any]:
+    """PRE's recommendation for a new demo job; when PRE cannot answer, ``reason`` says why."""
     from estimators.features import JobDescription
 
     job = JobDescription(
@@ -500,7 +551,10 @@ def _recommend(
         validation_size=0,
         planned_epochs=epochs,
     )
-    return recommendation_summary(model, job, inventory)
+    try:
+        return recommendation_summary(model, job, inventory)
+    except BadInputError as err:  # the summary and reports are still written
+        return {"node_type": None, "predicted_energy_j": None, "reason": str(err)}
 
 
 def recommendation_summary(model: Any, job: Any, inventory: list[Any]) -> dict[str, Any]:
@@ -546,7 +600,6 @@ def write_reports(store: Store, summary: Mapping[str, Any]) -> dict[str, Any]:
     rows = list(summary.get("jobs", []))
     if summary.get("auto_job"):
         rows.append(summary["auto_job"])
-    caps = {nt.name: nt.board_power_w for nt in NODE_TYPES}
     for row in rows:
         run_id = row["run_id"]
         samples, marks = store.samples(run_id), store.epochs(run_id)
@@ -555,7 +608,7 @@ def write_reports(store: Store, summary: Mapping[str, Any]) -> dict[str, Any]:
         plan = RunPlan(
             planned_epochs=int(row.get("planned_epochs") or max(marks.height, 1)),
             finished=True,
-            power_cap_w=row.get("power_cap_w") or caps.get(row["node_type"]),
+            power_cap_w=row.get("band_cap_w"),  # the cap of the summary's (aggregator's) band
             gpu_model=row.get("gpu_model"),
             total_duration_s=row.get("duration_s"),
         )

@@ -20,12 +20,12 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from cluster.demo import Progress, _Watch, local_cluster, write_reports
+from cluster.demo import Progress, _Watch, band_cap_w, local_cluster, write_reports
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -67,10 +67,30 @@ def _load(source: Path) -> tuple[pl.DataFrame, str]:
     )
 
 
-def _pick(runs: pl.DataFrame, wanted: Sequence[str] | None, count: int) -> pl.DataFrame:
-    """The runs to replay: ``wanted``, else per (architecture, GPU) the median-length run."""
+def _pick(
+    runs: pl.DataFrame,
+    wanted: Sequence[str] | None,
+    count: int,
+    has_samples: Callable[[str], bool] | None = None,
+) -> pl.DataFrame:
+    """The runs to replay: ``wanted``, else per (architecture, GPU) the median-length run.
+
+    Args:
+        runs: The recorded runs (:func:`_load`).
+        wanted: Run ids asked for (``--runs``), or ``None`` to pick.
+        count: Runs to pick when ``wanted`` is not given.
+        has_samples: Whether a run has recorded power samples (default: every
+            run has). A run without any cannot be replayed: it is never picked,
+            and asking for one is refused.
+
+    Raises:
+        BadInputError: An unknown run id or one without samples in ``wanted``;
+            ``count`` < 1; no run with samples to pick.
+
+    """
     import polars as pl
 
+    replayable = has_samples or (lambda _run_id: True)
     if wanted:
         known = set(runs["run_id"].to_list())
         missing = [r for r in wanted if r not in known]
@@ -78,6 +98,13 @@ def _pick(runs: pl.DataFrame, wanted: Sequence[str] | None, count: int) -> pl.Da
             raise BadInputError(
                 f"--runs: unknown run ids {missing}; the source has {len(known)} runs, e.g. "
                 f"{sorted(known)[:5]}"
+            )
+        empty = [r for r in wanted if not replayable(r)]
+        if empty:
+            raise BadInputError(
+                f"--runs: expected runs with recorded power samples to replay; {empty} have "
+                "none (runs imported without a power trace, such as the SEAA 2023 GTX 750 Ti "
+                "runs, cannot be replayed)"
             )
         return runs.filter(pl.col("run_id").is_in(list(wanted)))
     if count < 1:
@@ -96,10 +123,52 @@ def _pick(runs: pl.DataFrame, wanted: Sequence[str] | None, count: int) -> pl.Da
             part = runs.filter((pl.col("architecture") == arch) & (pl.col("gpu_model") == gpu))
             if part.height == 0 or len(picked) >= count:
                 continue
-            med = float(part["duration_s"].median())  # type: ignore[arg-type]
-            best = part.with_columns((pl.col("duration_s") - med).abs().alias("_d")).sort("_d")
-            picked.append(str(best["run_id"][0]))
+            med = part["duration_s"].median()
+            if med is not None:
+                part = part.with_columns(
+                    (pl.col("duration_s") - float(med)).abs().alias("_d")  # type: ignore[arg-type]
+                ).sort("_d", nulls_last=True)
+            # The median-length run, else the nearest one to it that has samples.
+            best = next((str(r) for r in part["run_id"] if replayable(str(r))), None)
+            if best is not None:
+                picked.append(best)
+    if not picked:
+        raise BadInputError(
+            f"expected a run with recorded power samples to replay; none of the source's "
+            f"{runs.height} runs has any"
+        )
     return runs.filter(pl.col("run_id").is_in(picked))
+
+
+def _plan(
+    source: Path, wanted: Sequence[str] | None, count: int
+) -> tuple[str, pl.DataFrame, list[dict[str, Any]]]:
+    """Everything a replay needs before Ray starts: the picked runs, their traces and marks.
+
+    Returns:
+        The source's kind, the picked runs, and per picked run a dict with its
+        ``row``, ``trace`` and epoch ``marks`` (and ``marks_from``).
+
+    Raises:
+        BadInputError: No usable source, a bad ``--runs`` id (unknown, or
+            without samples), a run without epoch marks or ``trained_epochs``.
+
+    """
+    recorded, kind = _load(source)
+    traces: dict[str, pl.DataFrame] = {}
+
+    def samples_of(run_id: str) -> pl.DataFrame:
+        if run_id not in traces:
+            traces[run_id] = _trace(source, kind, run_id)
+        return traces[run_id]
+
+    picked = _pick(recorded, wanted, count, has_samples=lambda r: samples_of(r).height > 0)
+    plans = []
+    for row in picked.iter_rows(named=True):
+        trace = samples_of(str(row["run_id"]))
+        marks, marks_from = _marks(source, kind, row, trace)
+        plans.append({"row": row, "trace": trace, "marks": marks, "marks_from": marks_from})
+    return kind, picked, plans
 
 
 def _trace(source: Path, kind: str, run_id: str) -> pl.DataFrame:
@@ -114,10 +183,20 @@ def _trace(source: Path, kind: str, run_id: str) -> pl.DataFrame:
     )
 
 
+def _bounds(trace: pl.DataFrame, run_id: Any) -> tuple[datetime, datetime]:
+    """A trace's first and last sample times; BadInputError for a trace without samples."""
+    t0, t1 = trace["timestamp"].min(), trace["timestamp"].max()
+    if not (isinstance(t0, datetime) and isinstance(t1, datetime)):
+        raise BadInputError(
+            f"run {run_id!r}: expected recorded power samples to replay; found {trace.height} "
+            "samples with a time"
+        )
+    return t0, t1
+
+
 def _span_s(trace: pl.DataFrame) -> float:
     """Seconds from a trace's first sample to its last."""
-    t0, t1 = trace["timestamp"].min(), trace["timestamp"].max()
-    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    t0, t1 = _bounds(trace, None)
     return (t1 - t0).total_seconds()
 
 
@@ -125,9 +204,7 @@ def _marks(
     source: Path, kind: str, row: dict[str, Any], trace: pl.DataFrame
 ) -> tuple[list[tuple[float, float]], str]:
     """Epoch (start, end) offsets in s from the trace's first sample, and where they came from."""
-    t0 = trace["timestamp"].min()
-    t1 = trace["timestamp"].max()
-    assert isinstance(t0, datetime) and isinstance(t1, datetime)
+    t0, t1 = _bounds(trace, row["run_id"])
     if kind == "store":
         from profiler.store import Store
 
@@ -167,8 +244,8 @@ def replay_runs(
         raise BadInputError(f"--speed must be a number > 0 (1 = real time); found {speed}")
     t_start = time.monotonic()
     note = progress or (lambda *_: None)
-    recorded, kind = _load(Path(source))
-    picked = _pick(recorded, runs, count)
+    # Every refusal (no source, bad --runs, a run without samples or marks) before Ray starts.
+    kind, picked, plans = _plan(Path(source), runs, count)
     if kind == "seaa2023":  # PRE learns from the whole dataset, as after `wattwise import`
         from profiler.importers.seaa2023 import import_seaa2023
 
@@ -196,36 +273,33 @@ def replay_runs(
             if n.get("Alive") and any(k.startswith("node_type:") for k in n["Resources"])
         }
         plays = []
-        for row in picked.iter_rows(named=True):
+        for plan in plans:
+            row, trace, marks, marks_from = (
+                plan["row"], plan["trace"], plan["marks"], plan["marks_from"]
+            )  # fmt: skip
             orig = str(row["run_id"])
             nt = _node_type_name(str(row["gpu_model"]))
-            trace = _trace(Path(source), kind, orig)
-            marks, marks_from = _marks(Path(source), kind, row, trace)
             run_id = f"replay-{orig}-{stamp}"[:120]
             recorded_j = row.get("gpu_energy_j") or row.get("energy_j")
-            ray.get(
-                agg.start_run.remote(
-                    {
-                        "run_id": run_id,
-                        "job_name": f"replay of {orig}",
-                        "node_type": nt,
-                        "gpu_model": row.get("gpu_model"),
-                        "gpu_count": 1,
-                        "architecture": row.get("architecture"),
-                        "batch_size": row.get("batch_size"),
-                        "training_size": row.get("training_size"),
-                        "validation_size": row.get("validation_size"),
-                        "gflops_forward": row.get("gflops_forward"),
-                        "planned_epochs": len(marks),
-                        "status": "running",
-                        "start": datetime.now(UTC),
-                        "config": json.dumps(
-                            {"replay_of": orig, "speed": speed, "epoch_marks": marks_from}
-                        ),
-                    }
+            start_row = {
+                "run_id": run_id,
+                "job_name": f"replay of {orig}",
+                "node_type": nt,
+                "gpu_model": row.get("gpu_model"),
+                "gpu_count": 1,
+                "architecture": row.get("architecture"),
+                "batch_size": row.get("batch_size"),
+                "training_size": row.get("training_size"),
+                "validation_size": row.get("validation_size"),
+                "gflops_forward": row.get("gflops_forward"),
+                "planned_epochs": len(marks),
+                "status": "running",
+                "start": datetime.now(UTC),
+                "config": json.dumps(
+                    {"replay_of": orig, "speed": speed, "epoch_marks": marks_from}
                 ),
-                timeout=60,
-            )
+            }
+            ray.get(agg.start_run.remote(start_row), timeout=60)
             node = nodes[nt]
             anchor = datetime.now(UTC)
             side = sidecar_actor(
@@ -253,6 +327,7 @@ def replay_runs(
                     "watch": watch,
                     "recorded_j": recorded_j,
                     "rows": trace.height,
+                    "band_cap_w": band_cap_w(start_row),
                     "span_s": _span_s(trace),
                 }
             )
@@ -286,6 +361,7 @@ def replay_runs(
                     "stable_at_fifth": bool(at.get("stable")),
                     "projected_after_epochs": at.get("after_epochs"),
                     "projection_from": "aggregator",
+                    "band_cap_w": p["band_cap_w"],
                     "samples_sent": p.get("sent"),
                 }
             )
@@ -342,7 +418,14 @@ def _play(agg: Any, p: dict[str, Any], speed: float) -> None:
 
 
 def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
-    """PRE's node-type recommendation for the first replayed job among the replay's GPUs."""
+    """PRE's node-type recommendation for the first replayed job among the replay's GPUs.
+
+    A GPU described by its run's ``config.gpu_spec`` (the live demo's modelled
+    CPUs) is given to PRE by those numbers. When PRE cannot answer (a GPU it
+    does not know, a job it cannot describe), the recommendation is not
+    available and ``reason`` says why: the replay's summary and reports are
+    still written.
+    """
     from cluster.demo import recommendation_summary
     from estimators.features import JobDescription
     from estimators.recommend import NodeType
@@ -350,15 +433,51 @@ def _recommend(model: Any, picked: pl.DataFrame) -> dict[str, Any]:
     if model is None:
         return {"node_type": None, "predicted_energy_j": None, "reason": "no PRE model"}
     first = picked.row(0, named=True)
-    gpus = sorted({str(g) for g in picked["gpu_model"].to_list()})
-    inventory = [NodeType(_node_type_name(g), g) for g in gpus]
-    epochs = int(first.get("trained_epochs") or 1)
-    job = JobDescription(
-        architecture=str(first["architecture"]),
-        batch_size=int(first["batch_size"]),
-        training_size=int(first["training_size"]),
-        validation_size=int(first.get("validation_size") or 0),
-        gflops_forward=float(first["gflops_forward"]),
-        planned_epochs=epochs,
-    )
-    return recommendation_summary(model, job, inventory)
+    try:
+        inventory = [
+            NodeType(_node_type_name(g), _gpu_spec(picked, g) or g)
+            for g in sorted({str(g) for g in picked["gpu_model"].to_list()})
+        ]
+        missing = [
+            k for k in ("architecture", "batch_size", "training_size") if first.get(k) is None
+        ]
+        if missing:
+            raise BadInputError(
+                f"run {first['run_id']!r}: expected {', '.join(missing)} to describe the job to "
+                "PRE; the run does not record them"
+            )
+        gflops = first.get("gflops_forward")
+        height, width = first.get("image_height"), first.get("image_width")
+        job = JobDescription(
+            architecture=str(first["architecture"]),
+            batch_size=int(first["batch_size"]),
+            training_size=int(first["training_size"]),
+            validation_size=int(first.get("validation_size") or 0),
+            image_height=None if height is None else int(height),
+            image_width=None if width is None else int(width),
+            gflops_forward=None if gflops is None else float(gflops),
+            planned_epochs=int(first.get("trained_epochs") or 1),
+        )
+        return recommendation_summary(model, job, inventory)
+    except BadInputError as err:
+        return {
+            "node_type": None,
+            "predicted_energy_j": None,
+            "reason": f"no recommendation for {first['run_id']!r}: {err}",
+        }
+
+
+def _gpu_spec(picked: pl.DataFrame, gpu_model: str) -> dict[str, Any] | None:
+    """The device numbers a run of ``gpu_model`` recorded in ``config.gpu_spec``, if any."""
+    if "config" not in picked.columns:
+        return None
+    for row in picked.iter_rows(named=True):
+        if str(row["gpu_model"]) != gpu_model or not row.get("config"):
+            continue
+        try:
+            spec = json.loads(str(row["config"])).get("gpu_spec")
+        except (ValueError, AttributeError):  # not a JSON object: no spec recorded
+            continue
+        if isinstance(spec, dict):
+            return spec
+    return None

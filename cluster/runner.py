@@ -742,6 +742,15 @@ def run_job(
         gpu_model = hints.get("gpu_model") or (
             hints.get("accelerator_type") if hints.get("gpu") else None
         )
+        # A node type described by its numbers: the run carries them (STEP's power cap, PRE).
+        spec = next(
+            (
+                n.gpu_model
+                for n in inventory or []
+                if n.name == chosen and isinstance(n.gpu_model, dict)
+            ),
+            None,
+        )
         row = run_record(
             run_id,
             node_type=chosen,
@@ -756,6 +765,7 @@ def run_job(
                 "host": where["host"],
                 "placement": hints,
                 **({"clock_home": node_name} if node_name else {}),
+                **({"gpu_spec": dict(spec)} if spec is not None else {}),
                 **dict(extra_config or {}),
             },
         )

@@ -466,3 +466,23 @@ def test_new_samples_of_a_known_stream_for_a_closed_epoch_count_as_late(store: S
     assert agg.stats()["late"] == 1
     agg.finish_run("lk")
     assert Aggregator(store).epochs("lk")["energy_j"].to_list() == pytest.approx([600.0, 600.0])
+
+
+def test_a_gpu_described_by_its_numbers_gives_step_its_power_cap() -> None:
+    """Found in review: a node type described by numbers (the demo's modelled CPUs, an
+    inventory spec) had no power cap, so the not-stable band's top was 2 x the largest
+    epoch instead of board power x time."""
+    from cluster.aggregator import _new_projector
+
+    spec = {"name": "cpu-eco (modelled CPU)", "kind": "cpu", "gpu_board_power_w": 35.0}
+    row = {
+        "run_id": "s",
+        "planned_epochs": 10,
+        "gpu_model": "cpu-eco (modelled CPU)",
+        "gpu_count": 2,
+        "config": json.dumps({"gpu_spec": spec}),
+    }
+    assert _new_projector(row).power_cap_w == pytest.approx(70.0)
+    named = {"run_id": "n", "planned_epochs": 10, "gpu_model": "NVIDIA GeForce RTX 3090"}
+    assert _new_projector(named).power_cap_w == pytest.approx(350.0)
+    assert _new_projector({"run_id": "u", "planned_epochs": 10}).power_cap_w is None

@@ -102,6 +102,7 @@ def run(args: argparse.Namespace) -> int:
         _show_summary(summary, out)
     else:
         archs = [a.strip() for a in args.archs.split(",") if a.strip()]
+        demo.check_architectures(archs)  # before the import and the cluster
         if has_data:
             _import_dataset(store, data, out)
         else:
@@ -231,8 +232,8 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
     out.print(
         "Energy is source "
         + ", ".join(sorted({str(j.get("energy_source")) for j in jobs}))
-        + ". * not stable yet at a fifth: the band then runs from the lowest power seen to "
-        "the power cap; each run's report shows how it narrowed."
+        + ". "
+        + _band_note(jobs)
     )
     if summary.get("per_epoch"):
         out.rule("Per-epoch energy (J)")
@@ -262,6 +263,9 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
         f"{'accepted' if new['accepted'] else 'rejected'} ({new['decision']}); "
         f"in use: v{model['version']} ({model['rows']} runs)"
     )
+    if rec.get("node_type") is None:
+        out.print(f"[yellow]no recommendation: {rec.get('reason')}[/]")
+        return
     job = rec["job"]
     out.print(
         f"new job: {job['architecture']}, {job['train_size']:,} images"
@@ -292,6 +296,35 @@ def _show_summary(summary: dict[str, Any], out: Console) -> None:
             f"({auto['placement']}), measured {_fmt_j(m)} J against {_fmt_j(pred)} J "
             f"predicted{miss}"
         )
+
+
+def _band_note(jobs: list[dict[str, Any]]) -> str:
+    """The footnote on the not-stable bands, saying which cap each one ran to.
+
+    ``band_cap_w`` of a job is the power cap of its band (the aggregator's);
+    ``None`` when none is known, and the band's upper end is then twice the
+    highest epoch energy seen.
+    """
+    if not jobs:
+        return ""
+    capped = sorted({float(j["band_cap_w"]) for j in jobs if j.get("band_cap_w") is not None})
+    uncapped = any(j.get("band_cap_w") is None for j in jobs)
+    ends = []
+    if capped:
+        ends.append(
+            "the power cap x the epoch time (cap " + ", ".join(f"{c:,.0f} W" for c in capped) + ")"
+        )
+    if uncapped:
+        ends.append(
+            "twice the highest epoch energy seen (no power cap known to the aggregator"
+            + (" for some runs)" if capped else ")")
+        )
+    return (
+        "* not stable yet at a fifth: the band is the energy measured so far plus, per "
+        "remaining epoch, from the lowest epoch energy seen up to "
+        + ", or ".join(ends)
+        + "; each run's report shows how it narrowed."
+    )
 
 
 def _import_dataset(store: Store, data: Path, out: Console) -> None:

@@ -101,7 +101,17 @@ PLACEMENT_FIELDS: dict[str, Any] = {
     "objective": "energy",
 }
 _INT_FIELDS = {"batch_size": 1, "image_size": 1, "train_size": 1, "validation_size": 0, "epochs": 1}
-_INT_MOST = {"batch_size": MAX_BATCH_SIZE, "image_size": MAX_IMAGE_SIZE}
+#: Largest ``train_size``/``validation_size`` and ``epochs`` of ``/placement`` (far above any
+#: real job; beyond them the numbers overflow before they mean anything).
+MAX_SET_SIZE = 10**12
+MAX_EPOCHS = 10**6
+_INT_MOST = {
+    "batch_size": MAX_BATCH_SIZE,
+    "image_size": MAX_IMAGE_SIZE,
+    "train_size": MAX_SET_SIZE,
+    "validation_size": MAX_SET_SIZE,
+    "epochs": MAX_EPOCHS,
+}
 _OFFSET_TIME = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)$"
 _TIME_EXPECTED = "an ISO 8601 time with an offset, as a string such as '2024-01-01T00:00:00+00:00'"
 _OBJECTIVES = ("energy", "cost", "carbon")
@@ -254,9 +264,14 @@ def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, s
             )
         most = _INT_MOST.get(name)
         if most is not None and x > most:
+            why = (
+                " (the aggregator measures the model at the job's size)"
+                if name in ("batch_size", "image_size")
+                else ""
+            )
             raise BadInputError(
-                f"placement: {name!r} must be an integer from {least} to {most} through the API "
-                f"(the aggregator measures the model at the job's size); found {v[name]!r}"
+                f"placement: {name!r} must be an integer from {least} to {most} through the "
+                f"API{why}; found {v[name]!r}"
             )
         v[name] = x
     if v["objective"] not in _OBJECTIVES:

@@ -293,6 +293,8 @@ def test_iso_times_with_an_offset_are_taken(api: ApiServer) -> None:
         ("image_size", 100_000, "'image_size' must be an integer from 1 to 1024 through the API"),
         ("image_size", 1025, "'image_size' must be an integer from 1 to 1024"),
         ("batch_size", 10**9, "'batch_size' must be an integer from 1 to 65536 through the API"),
+        ("train_size", 10**400, "'train_size' must be an integer from 1 to 1000000000000"),
+        ("epochs", 10**7, "'epochs' must be an integer from 1 to 1000000 through the API"),
     ],
 )
 def test_placement_sizes_beyond_the_apis_bounds_are_400s(

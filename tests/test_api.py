@@ -40,14 +40,7 @@ def _get(url: str) -> tuple[int, Any]:
 
 
 def _post(url: str, body: Any, token: str | None = None) -> tuple[int, Any]:
-    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    if token:
-        req.add_header("Authorization", f"Bearer {token}")
-    try:
-        with urllib.request.urlopen(req, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+    return _post_raw(url, json.dumps(body).encode(), token)
 
 
 def _cli(store: Path, inventory: Path, *extra: str, capsys: pytest.CaptureFixture[str]) -> Any:

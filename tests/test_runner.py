@@ -72,16 +72,23 @@ def _no_ray(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.parametrize(
-    ("options", "message"),
+    ("command", "options", "message"),
     [
-        (["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
-        (["--num-gpus", "-0.5"], r"--num-gpus must be a finite number >= 0; found -0.5"),
-        (["--num-cpus", "nan"], r"--num-cpus must be a finite number >= 0; found nan"),
-        (["--num-cpus", "0.00001"], r"--num-cpus must be 0 or at least 0.0001"),
-        (["--epochs", "0"], r"--epochs must be an integer > 0; found 0"),
+        ("run", ["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
+        ("run", ["--num-gpus", "-0.5"], r"--num-gpus must be a finite number >= 0; found -0.5"),
+        ("run", ["--num-cpus", "nan"], r"--num-cpus must be a finite number >= 0; found nan"),
+        ("run", ["--num-cpus", "0.00001"], r"--num-cpus must be 0 or at least 0.0001"),
+        ("run", ["--epochs", "0"], r"--epochs must be an integer > 0; found 0"),
+        ("probe", ["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
+        (
+            "probe",
+            ["--time-limit", "0"],
+            r"--time-limit must be a number of seconds > 0; found 0\.0",
+        ),
     ],
 )
-def test_wattwise_run_refuses_bad_numbers_before_connecting(
+def test_run_and_probe_refuse_bad_numbers_before_connecting(
+    command: str,
     options: list[str],
     message: str,
     tmp_path: Path,
@@ -91,33 +98,12 @@ def test_wattwise_run_refuses_bad_numbers_before_connecting(
     from cluster.cli import main
 
     _no_ray(monkeypatch)
-    argv = ["run", "--store", str(tmp_path), "--node-type", "cpu-a", *options, "--", "true"]
+    node_type = ["--node-type", "cpu-a"] if command == "run" else []
+    argv = [command, "--store", str(tmp_path), *node_type, *options, "--", "true"]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith("wattwise run: error: ") and "Traceback" not in err
+    assert err.startswith(f"wattwise {command}: error: ") and "Traceback" not in err
     assert re.search(message, err), err
-
-
-@pytest.mark.parametrize(
-    ("options", "message"),
-    [
-        (["--num-cpus", "-1"], r"--num-cpus must be a finite number >= 0; found -1.0"),
-        (["--time-limit", "0"], r"--time-limit must be a number of seconds > 0; found 0.0"),
-    ],
-)
-def test_wattwise_probe_refuses_bad_numbers_before_connecting(
-    options: list[str],
-    message: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    from cluster.cli import main
-
-    _no_ray(monkeypatch)
-    assert main(["probe", "--store", str(tmp_path), *options, "--", "true"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith("wattwise probe: error: ") and re.search(message, err), err
 
 
 @pytest.mark.parametrize(

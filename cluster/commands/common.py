@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,6 +38,19 @@ def console(stderr: bool = False) -> Console:
     from rich.console import Console
 
     return Console(stderr=stderr, highlight=False)
+
+
+def check_positive(value: float, option: str, what: str = "a finite number") -> float:
+    """``value`` if it is a finite number > 0.
+
+    Raises:
+        BadInputError: ``value`` is NaN, infinite, zero or negative (the message
+            says ``option`` must be ``what`` > 0).
+
+    """
+    if not (math.isfinite(value) and value > 0):
+        raise BadInputError(f"{option} must be {what} > 0; found {value}")
+    return value
 
 
 def widen(out: Console, *renderables: Any) -> Console:

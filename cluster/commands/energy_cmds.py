@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, console, open_store, print_whole, read_parquet
+from cluster.commands.common import (
+    add_store_option,
+    check_positive,
+    console,
+    open_store,
+    print_whole,
+    read_parquet,
+)
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -39,18 +45,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_store_option(p)
     p.set_defaults(func=run)
-
-
-def check_positive(value: float, option: str) -> float:
-    """``value`` if it is a finite number > 0.
-
-    Raises:
-        BadInputError: ``value`` is NaN, infinite, zero or negative.
-
-    """
-    if not (math.isfinite(value) and value > 0):
-        raise BadInputError(f"{option} must be a finite number > 0; found {value}")
-    return value
 
 
 def load_run(args: argparse.Namespace) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, console, open_store
+from cluster.commands.common import add_store_option, check_positive, console, open_store
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -283,10 +282,7 @@ def run_probe(args: argparse.Namespace) -> int:
 
     cmd = _command(args)
     check_job_numbers(epochs=args.epochs, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
-    if not (math.isfinite(args.time_limit) and args.time_limit > 0):
-        raise BadInputError(
-            f"--time-limit must be a number of seconds > 0; found {args.time_limit}"
-        )
+    check_positive(args.time_limit, "--time-limit", "a number of seconds")
     connect(args.address)
     types = None if args.node_types == "all" else [t for t in args.node_types.split(",") if t]
     result = probe(

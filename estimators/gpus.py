@@ -75,8 +75,9 @@ GPUS: tuple[GpuSpec, ...] = (
         125.0,
         "Volta",
         "7.0",
-        aliases=("V100", "V100 SXM2 16GB", "V100 SXM2 32GB"),
+        aliases=("V100", "V100 SXM2 16GB"),
     ),
+    GpuSpec("V100 SXM2 32GB", 300, 32, 900.0, 80, 5120, 15.7, 125.0, "Volta", "7.0"),
     GpuSpec(
         "V100 PCIe",
         250,
@@ -88,8 +89,9 @@ GPUS: tuple[GpuSpec, ...] = (
         112.0,
         "Volta",
         "7.0",
-        aliases=("V100 PCIE 16GB", "V100 PCIE 32GB"),
+        aliases=("V100 PCIE 16GB",),
     ),
+    GpuSpec("V100 PCIe 32GB", 250, 32, 900.0, 80, 5120, 14.0, 112.0, "Volta", "7.0"),
     GpuSpec("A10G", 300, 24, 600.2, 80, 10240, 31.52, 70.0, "Ampere", "8.6"),
     GpuSpec("L4", 72, 24, 300.0, 58, 7424, 30.29, 121.0, "Ada Lovelace", "8.9"),
     GpuSpec("L40S", 350, 48, 864.0, 142, 18176, 91.61, 362.05, "Ada Lovelace", "8.9"),
@@ -104,6 +106,7 @@ GPUS: tuple[GpuSpec, ...] = (
         312.0,
         "Ampere",
         "8.0",
+        # Bare "A100" (Ray's accelerator type) means this, the original 40 GB SXM4 part.
         aliases=("A100 SXM4 40GB", "A100"),
     ),
     GpuSpec(
@@ -130,7 +133,7 @@ GPUS: tuple[GpuSpec, ...] = (
         312.0,
         "Ampere",
         "8.0",
-        aliases=("A100 SXM4 80GB",),
+        aliases=("A100 SXM4 80GB", "A100 SXM 80GB"),
     ),
     GpuSpec(
         "A100 80GB PCIe",
@@ -208,6 +211,32 @@ def _index() -> dict[str, GpuSpec]:
     return table
 
 
+_MEMORY_TYPES = frozenset({"hbm2e", "hbm3", "hbm3e"})
+
+
+def _form_factors(spec: GpuSpec) -> set[str]:
+    """Form-factor words (``pcie``, ``sxm2``, ...) in a spec's name and aliases."""
+    words = {w for key in (spec.name, *spec.aliases) for w in normalise(key).split()}
+    found = {w for w in words if w == "pcie" or re.fullmatch(r"sxm\d?", w)}
+    if any(w.startswith("sxm") for w in found):
+        found.add("sxm")  # a plain "SXM" agrees with any SXM variant of the spec
+    return found
+
+
+def _harmless(word: str, spec: GpuSpec) -> bool:
+    """Whether a word after a known name still describes ``spec`` (not another card).
+
+    Harmless are the spec's own memory size (``80gb`` for an 80 GB spec), a
+    form factor the spec has (``pcie``, ``sxm4``) and a memory type (``hbm3``).
+    Anything else (``ti``, ``nvl``, ``laptop``, ``sxm3``, ``d``) may name a
+    different product.
+    """
+    size = re.fullmatch(r"(\d+(?:\.\d+)?)gb", word)
+    if size is not None:
+        return float(size.group(1)) == spec.memory_gb
+    return word in _MEMORY_TYPES or word in _form_factors(spec)
+
+
 _INDEX = _index()
 
 
@@ -227,8 +256,10 @@ def lookup(model: str | GpuSpec) -> GpuSpec:
         The model's specification.
 
     Raises:
-        BadInputError: The model is unknown; the message lists known models
-            and says how to give a specification of one's own.
+        BadInputError: The model is unknown, or is a known name followed by a
+            word other than that card's memory size, form factor or memory type
+            (``RTX 3090 Ti``, ``H100 NVL``); the message lists known models and
+            says how to give a specification of one's own.
 
     """
     if isinstance(model, GpuSpec):
@@ -240,11 +271,22 @@ def lookup(model: str | GpuSpec) -> GpuSpec:
     key = normalise(model)
     if key in _INDEX:
         return _INDEX[key]
-    # nvidia-smi sometimes appends the memory size or form factor: try the longest known prefix.
+    # nvidia-smi sometimes appends the memory size or form factor: take the longest known
+    # prefix, but only if every word after it still describes that card (a "Ti", "NVL",
+    # "Laptop" or another memory size is a different product with other numbers).
     best = max((k for k in _INDEX if key.startswith(k + " ")), key=len, default=None)
+    note = ""
     if best is not None:
-        return _INDEX[best]
+        spec = _INDEX[best]
+        extra = key[len(best) + 1 :].split()
+        odd = [w for w in extra if not _harmless(w, spec)]
+        if not odd:
+            return spec
+        note = (
+            f" (it starts like {spec.name!r}, but {' '.join(odd)!r} is not that card's "
+            "memory size or form factor, so it may be a different card)"
+        )
     raise BadInputError(
-        f"unknown GPU model {model!r}; known models: {', '.join(known_models())}. "
+        f"unknown GPU model {model!r}{note}; known models: {', '.join(known_models())}. "
         "Pass a GpuSpec (board power, memory, bandwidth, cores, TFLOPS) for other cards"
     )

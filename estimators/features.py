@@ -25,11 +25,14 @@ Units: FLOPs in GFLOPs per sample (one multiply-add = 2 FLOPs), memory in MB
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import functools
 import json
+import logging
 import math
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, TypeGuard
 
@@ -39,6 +42,8 @@ from profiler.errors import BadInputError, where
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 #: Training FLOPs per sample as a multiple of forward FLOPs when not measured
 #: (forward + backward through activations and weights: about 1 + 2).
@@ -131,7 +136,8 @@ class JobDescription:
         precision: ``fp32``, ``fp16``, ``bf16`` or ``amp``.
         gpu_count: GPUs the job uses on one node.
         gflops_forward: Forward GFLOPs per sample (measured when null).
-        gflops_train: Training GFLOPs per sample (3x forward when null).
+        gflops_train: Training GFLOPs per sample (when null: measured, scaled to a given
+            ``gflops_forward`` by the measured train/forward ratio, else 3x forward).
         params: Parameters (measured or looked up when null).
         layers: Layers with parameters (measured or looked up when null).
         activation_mb: Activation memory per sample in MB (may stay null).
@@ -219,9 +225,14 @@ def measure_module(
 ) -> ModelStats:
     """Measure FLOPs, parameters, layers and activation memory of a module on CPU.
 
+    The module comes back as it was: a copy of it is run (a module that cannot
+    be deep-copied is run itself, and its buffers, gradients and training
+    modes are restored afterwards), so a pretrained model keeps its batch norm
+    statistics.
+
     Args:
-        model: The module; it is run once forward and backward in training mode
-            on random input (its gradients are cleared afterwards).
+        model: The module; a copy of it is run once forward and backward in
+            training mode on random input.
         input_shape: Shape of one sample, e.g. ``(3, 224, 224)``.
         batch: Samples in the measuring batch (2, so batch norm works); the
             figures are divided by it.
@@ -233,6 +244,38 @@ def measure_module(
         BadInputError: The module fails on an input of that shape.
 
     """
+    try:
+        scratch = copy.deepcopy(model)
+    except Exception:  # e.g. torch.nn.utils.weight_norm's non-leaf weight
+        log.debug("cannot copy %s to measure it: measuring it in place", type(model).__name__)
+    else:
+        return _measure(scratch, input_shape, batch)
+    with _restored(model):
+        return _measure(model, input_shape, batch)
+
+
+@contextlib.contextmanager
+def _restored(model: torch.nn.Module) -> Iterator[None]:
+    """Restore the buffers, gradients and training modes of ``model`` on exit."""
+    import torch
+
+    modes = [(m, m.training) for m in model.modules()]
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in buffers:
+                b.copy_(value)
+        for p, grad in grads:
+            p.grad = grad
+        for m, training in modes:
+            m.training = training
+
+
+def _measure(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int) -> ModelStats:
+    """:func:`measure_module` on a module it may change (buffers, gradients, modes)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -248,7 +291,6 @@ def measure_module(
             saved[ptr] = max(saved.get(ptr, 0), t.untyped_storage().nbytes())
         return t
 
-    was_training = model.training
     model.train()
     try:
         with FlopCounterMode(display=False) as fwd:
@@ -267,9 +309,6 @@ def measure_module(
             f"model {type(model).__name__} failed on input of shape {(batch, *input_shape)}: "
             f"{err}; pass the shape of one sample (channels, height, width)"
         ) from err
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
     return ModelStats(
         gflops_forward=fwd.get_total_flops() / batch / 1e9,
         gflops_train=full.get_total_flops() / batch / 1e9,
@@ -303,8 +342,8 @@ def measure_torchvision(name: str, image_height: int, image_width: int) -> Model
             f"the known numbers-only table {sorted(KNOWN_ARCHITECTURES)}; torchvision knows "
             f"{', '.join(names)}. Describe other models by numbers (--gflops, --layers)"
         )
-    model = models.get_model(name, weights=None)
-    return measure_module(model, (3, image_height, image_width))
+    model = models.get_model(name, weights=None)  # built here: measured without a copy
+    return _measure(model, (3, image_height, image_width), 2)
 
 
 def complete_job(job: JobDescription) -> JobDescription:
@@ -312,6 +351,8 @@ def complete_job(job: JobDescription) -> JobDescription:
 
     Order: numbers given in the job win; then a torchvision model of that name
     is measured (needs the image size); then :data:`KNOWN_ARCHITECTURES`.
+    Given forward FLOPs keep the measured train/forward ratio; ones that differ
+    from the measured forward FLOPs are logged as a warning.
 
     Raises:
         BadInputError: A required number is missing and cannot be found; the
@@ -335,6 +376,8 @@ def complete_job(job: JobDescription) -> JobDescription:
             got["gflops_forward"] = info.gflops_forward
         elif sized and (got["gflops_forward"] is None or info is None):
             stats = measure_torchvision(name, int(job.image_height or 0), int(job.image_width or 0))
+            if got["gflops_forward"] is not None:
+                got["gflops_train"] = _given_forward_train(job, stats)
             for k in ("gflops_forward", "gflops_train", "params", "layers", "activation_mb"):
                 if got[k] is None:
                     got[k] = getattr(stats, k)
@@ -373,6 +416,37 @@ def complete_job(job: JobDescription) -> JobDescription:
     if got["gflops_train"] is None:
         got["gflops_train"] = TRAIN_FLOPS_FACTOR * float(got["gflops_forward"])
     return JobDescription(**got)
+
+
+def _given_forward_train(job: JobDescription, stats: ModelStats) -> float | None:
+    """Training GFLOPs of a job that gives its forward GFLOPs, its model measured as ``stats``.
+
+    The measured train/forward ratio applied to the given forward FLOPs
+    (:data:`TRAIN_FLOPS_FACTOR` if the counter measured none), or the job's own
+    training FLOPs if it gives them. Warns when the given forward FLOPs are not
+    the measured ones of the same model and image size (often a figure in
+    multiply-adds).
+    """
+    given = float(job.gflops_forward or 0.0)
+    measured = stats.gflops_forward
+    if measured > 0 and not same_flops(given, measured):
+        log.warning(
+            "job %s: gflops_forward %.4g given, but %s at %sx%s measures %.4g GFLOPs per sample "
+            "(more than %.0f%% apart); wattwise counts one multiply-add as 2 FLOPs (ResNet50 at "
+            "224 px is 8.2 GFLOPs, often quoted as 4.1 GMACs). Training FLOPs are scaled from "
+            "the given figure",
+            job.architecture,
+            given,
+            job.architecture,
+            job.image_height,
+            job.image_width,
+            measured,
+            100 * SAME_CONFIG_TOLERANCE,
+        )
+    if job.gflops_train is not None:
+        return job.gflops_train
+    ratio = stats.gflops_train / measured if measured > 0 else TRAIN_FLOPS_FACTOR
+    return ratio * given
 
 
 def _torchvision(name: str) -> bool:

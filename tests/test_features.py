@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+
 import polars as pl
 import pytest
 import torch
@@ -208,3 +210,89 @@ def test_user_described_gpu_values_are_checked(key: str, value: object, expected
     spec = {"gpu_board_power_w": 200, "gpu_fp32_tflops": 20, key: value}
     with pytest.raises(BadInputError, match=rf"user-described GPU: {key}: expected {expected}"):
         gpu_features(spec)
+
+
+def _bn_model() -> torch.nn.Module:
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.Flatten()
+    )
+    bn = model[1]
+    assert isinstance(bn, torch.nn.BatchNorm2d)
+    with torch.no_grad():
+        bn.running_mean.fill_(5.0)  # like a pretrained model's statistics
+        bn.running_var.fill_(9.0)
+    model[0].weight.grad = torch.ones_like(model[0].weight)  # a gradient the user keeps
+    return model
+
+
+@pytest.mark.parametrize("mixed_modes", [False, True])
+def test_measure_module_leaves_the_module_as_it_was(mixed_modes: bool) -> None:
+    """Regression: measuring ran the model in train mode and overwrote batch norm statistics
+    (running_mean 5.0 -> 4.07, num_batches_tracked 0 -> 2) and cleared the user's gradients."""
+    model = _bn_model()
+    model.eval()
+    if mixed_modes:  # a model training with its batch norm frozen
+        model.train()
+        model[1].eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    modes = [m.training for m in model.modules()]
+    stats = measure_module(model, (3, 8, 8))
+    assert stats.gflops_forward > 0 and stats.activation_mb > 0
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+    assert [m.training for m in model.modules()] == modes
+    assert torch.equal(model[0].weight.grad, torch.ones_like(model[0].weight))
+    assert model[0].bias.grad is None
+
+
+def test_given_forward_flops_scale_the_measured_training_flops(caplog) -> None:
+    """Regression: resnet18 given 1.82 GFLOPs (a MAC figure) got the 10.65 training GFLOPs
+    measured for 3.64 forward: a train/forward ratio of 5.85 instead of about 2.9."""
+    measured = measure_torchvision("resnet18", 32, 32)
+    ratio = measured.gflops_train / measured.gflops_forward
+    given = measured.gflops_forward / 2  # the same model quoted in multiply-adds
+    with caplog.at_level("WARNING", logger="estimators.features"):
+        job = complete_job(
+            JobDescription(
+                "resnet18", 32, 1000, image_height=32, image_width=32, gflops_forward=given
+            )
+        )
+    assert job.gflops_forward == given
+    assert job.gflops_train == pytest.approx(ratio * given)
+    assert job.layers == measured.layers and job.params == measured.params
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{given:.4g}" in warning and f"{measured.gflops_forward:.4g}" in warning
+    assert "one multiply-add as 2 FLOPs" in warning
+    # Within SAME_CONFIG_TOLERANCE of the measurement: no warning, still scaled.
+    caplog.clear()
+    close = measured.gflops_forward * 1.02
+    with caplog.at_level("WARNING", logger="estimators.features"):
+        job = complete_job(
+            JobDescription(
+                "resnet18", 32, 1000, image_height=32, image_width=32, gflops_forward=close
+            )
+        )
+    assert job.gflops_train == pytest.approx(ratio * close)
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+
+
+def test_measure_module_restores_a_module_it_cannot_copy() -> None:
+    """A module deepcopy refuses (the old weight_norm's non-leaf weight) is measured in place
+    and its batch norm statistics, gradients and modes restored."""
+    import warnings
+
+    model = _bn_model()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, still used
+        torch.nn.utils.weight_norm(model[0])
+    model.eval()
+    with pytest.raises(RuntimeError, match="deepcopy"):
+        copy.deepcopy(model)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert measure_module(model, (3, 8, 8)).gflops_forward > 0
+    for k, v in before.items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert not any(m.training for m in model.modules())
+    assert model[0].weight_v.grad is None

@@ -47,7 +47,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--train-size", type=int, required=True, help="training samples per epoch")
     p.add_argument("--val-size", type=int, default=0, help="validation samples per epoch")
     p.add_argument("--epochs", type=int, default=1, help="planned epochs")
-    p.add_argument("--gflops", type=float, help="forward GFLOPs per sample (numbers-only job)")
+    p.add_argument(
+        "--gflops",
+        type=float,
+        help="forward GFLOPs per sample, 1 multiply-add = 2 FLOPs (numbers-only job)",
+    )
     p.add_argument("--layers", type=int, help="layers with parameters (numbers-only job)")
     p.add_argument("--precision", default="fp32", help="fp32, fp16, bf16 or amp")
     p.add_argument("--inventory", metavar="FILE.json", help="node types (default: trained GPUs)")

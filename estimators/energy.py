@@ -8,14 +8,24 @@ interval between two consecutive samples is one of:
   measured energy, so such an interval is never a gap, however long.
 * **power**: otherwise, when both samples have ``power_w`` and the interval is
   at most ``gap_threshold_s`` long; the energy is the trapezoid.
-  A counter reset (the counter going backwards) falls back to this rule.
+  A counter reset (the counter going backwards) falls back to this rule and the next.
+* **held**: otherwise, when the interval is at most ``gap_threshold_s`` long and
+  only one of its samples has ``power_w`` while the other has only the counter
+  (power and counter read on different samples, or one reading of each lost):
+  that one power is held across the interval, as at a stream's edges.
 * **gap**: anything else. Its energy is not invented: it counts 0 J and its
   length is reported as ``gap_s``.
 
+Each interval's kind depends on its two samples only, so a live window of the
+samples (``cluster.aggregator``) integrates exactly as the whole stream does.
+In particular a counter delta is used only between two adjacent samples that
+both carry the counter; it is not spread over intervals whose ends lack it.
+
 Within an interval the cumulative energy is known as a function of time
-(quadratic for a trapezoid, linear for a counter), so an epoch boundary that
-falls inside an interval splits it exactly. Before a stream's first sample and
-after its last, power is held at the edge sample's value for up to
+(quadratic for a trapezoid, linear for a counter or a held power), so an epoch
+boundary that falls inside an interval splits it exactly. Before a stream's
+first sample and after its last, power is held at the edge sample's value (or,
+if it has none, the mean power of its counter interval) for up to
 ``gap_threshold_s`` seconds (a 1 Hz sampler rarely hits an epoch mark exactly);
 beyond that the uncovered time is a gap. Devices and nodes of one run add up
 per epoch; ``gap_s`` of a row is the largest over its devices.
@@ -36,7 +46,7 @@ import polars as pl
 from profiler.errors import BadInputError, where
 
 DEFAULT_GAP_THRESHOLD_S = 5.0
-_POWER, _COUNTER, _GAP = 0, 1, 2
+_POWER, _COUNTER, _GAP, _HELD = 0, 1, 2, 3
 
 
 def classify_intervals(
@@ -51,8 +61,8 @@ def classify_intervals(
         thr: Gap threshold in s.
 
     Returns:
-        ``dt`` (s), ``inc`` (J; 0 for gaps), ``kind`` (power, counter or gap) and
-        ``gap`` (bool) per interval.
+        ``dt`` (s), ``inc`` (J; 0 for gaps), ``kind`` (power, counter, held or gap)
+        and ``gap`` (bool) per interval.
 
     """
     # Written to allocate few large temporaries: on big inputs, fresh memory (page
@@ -69,6 +79,17 @@ def classify_intervals(
         kind[counter_ok] = _COUNTER
         inc[counter_ok] = dc[counter_ok]
         gap &= ~counter_ok
+        # Power on one side only, the counter alone on the other: hold that power.
+        ii = np.flatnonzero(gap)
+        ii = ii[dt[ii] <= thr]
+        if len(ii):
+            pa, pb = p[ii], p[ii + 1]
+            known_a, known_b = ~np.isnan(pa), ~np.isnan(pb)
+            held = np.where(known_a, ~np.isnan(c[ii + 1]), ~np.isnan(c[ii])) & (known_a ^ known_b)
+            ii = ii[held]
+            kind[ii] = _HELD
+            inc[ii] = np.where(known_a[held], pa[held], pb[held]) * dt[ii]
+            gap[ii] = False
     inc[gap] = 0.0
     return dt, inc, kind, gap
 
@@ -178,7 +199,7 @@ def inside(st: _Intervals, ii: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, n
     """Cumulative energy (J) and gap (s) at times ``x`` inside intervals ``ii``.
 
     The exact partial integral: quadratic in time for a trapezoid, linear for
-    a counter, flat for a gap (whose time counts as gap).
+    a counter or a held power, flat for a gap (whose time counts as gap).
 
     Args:
         st: The samples' arrays (``t[ii] <= x < t[ii + 1]`` for every query).
@@ -193,9 +214,8 @@ def inside(st: _Intervals, ii: np.ndarray, x: np.ndarray) -> tuple[np.ndarray, n
     with np.errstate(invalid="ignore", divide="ignore"):
         part_power = pa * s + 0.5 * (pb - pa) / dt * s * s
         part_counter = st.inc[ii] * s / dt
-    energy = st.e[ii] + np.where(
-        k == _POWER, part_power, np.where(k == _COUNTER, part_counter, 0.0)
-    )
+    linear = (k == _COUNTER) | (k == _HELD)
+    energy = st.e[ii] + np.where(k == _POWER, part_power, np.where(linear, part_counter, 0.0))
     return energy, st.g[ii] + np.where(k == _GAP, s, 0.0)
 
 
@@ -429,7 +449,7 @@ def _method(streams: list[EnergyStream]) -> str:
     for s in streams:
         if (s.kind == _COUNTER).any():
             kinds.add("counter")
-        if (s.kind == _POWER).any():
+        if ((s.kind == _POWER) | (s.kind == _HELD)).any():
             kinds.add("power")
     return "+".join(sorted(kinds)) if kinds else "none"
 

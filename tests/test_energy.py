@@ -168,3 +168,93 @@ def test_bad_samples_are_refused_with_the_row(frame, match):
 def test_bad_epochs_are_refused(marks, match):
     with pytest.raises(BadInputError, match=match):
         epoch_energy(samples([1, 2, 3]), marks, epochs_file="e.parquet")
+
+
+def test_power_and_counter_on_alternate_samples_are_not_gaps():
+    # 100 W for 10 s; the counter (0, 200, ..., 1000 J) on even seconds, power on odd ones.
+    # No interval has the same reading at both ends: each holds its one power.
+    power = [None if i % 2 == 0 else 100.0 for i in range(11)]
+    counter = [100.0 * i if i % 2 == 0 else None for i in range(11)]
+    s = samples(power, counter=counter)
+    run = run_energy(s)
+    assert run["energy_j"].item() == pytest.approx(1000.0)
+    assert run["gap_s"].item() == 0.0
+    assert run["method"].item() == "power"
+    # A mark inside a held interval splits it linearly; the epochs add up to the run.
+    out = epoch_energy(s, epochs((0, 4.5), (4.5, 10)))
+    assert out["energy_j"].to_list() == pytest.approx([450.0, 550.0])
+    assert out["gap_s"].to_list() == [0.0, 0.0]
+
+
+def test_one_lost_power_next_to_one_lost_counter_holds_the_power_left():
+    # Counter and power on every sample, except: power lost at t=1, counter lost at t=2.
+    # 0-1: counter 100 J; 1-2: only t=2 has power (150 W): held, 150 J;
+    # 2-3: trapezoid (150 + 150) / 2 = 150 J; 3-4: counter 150 J.
+    power = [100.0, None, 150.0, 150.0, 150.0]
+    counter = [0.0, 100.0, None, 400.0, 550.0]
+    out = run_energy(samples(power, counter=counter))
+    assert out["energy_j"].item() == pytest.approx(550.0)
+    assert out["gap_s"].item() == 0.0
+    assert out["method"].item() == "counter+power"
+
+
+def test_a_reset_with_power_on_one_side_holds_it():
+    # 0-1: counter 10 J; 1-2: the counter goes back and t=2 has no power: 100 W held.
+    out = run_energy(samples([100.0, 100.0, None], counter=[1000.0, 1010.0, 0.0]))
+    assert out["energy_j"].item() == pytest.approx(110.0)
+    assert out["gap_s"].item() == 0.0
+
+
+def test_power_is_held_only_up_to_the_gap_threshold():
+    # Power-only at t=0 and a counter-only sample 10 s later: nothing spans those 10 s.
+    s = samples([100.0, None, 100.0], times=[0, 10, 11], counter=[None, 0.0, None])
+    out = run_energy(s, gap_threshold_s=5)
+    assert out["energy_j"].item() == pytest.approx(100.0)  # 10-11 s, held
+    assert out["gap_s"].item() == pytest.approx(10.0)
+
+
+def test_the_aggregator_integrates_mixed_readings_as_epoch_energy():
+    """Live windows (cluster.aggregator) classify intervals as the whole stream does."""
+    from cluster.aggregator import Aggregator
+    from profiler.schema import UTC_US
+
+    rng = np.random.default_rng(5)
+    parts = []
+    truth = 0.0
+    for dev in ("0", "1"):
+        t = np.cumsum(rng.uniform(0.8, 1.2, 90))
+        t[50:] += 7.0  # one gap longer than the 5 s threshold
+        w = rng.uniform(80.0, 250.0, len(t))
+        cum = np.concatenate(([0.0], np.cumsum(0.5 * (w[1:] + w[:-1]) * np.diff(t))))
+        truth += cum[-1] - (cum[50] - cum[49])
+        # Counter on even samples, power on odd ones. Device 1 has both up to sample 40,
+        # with a counter reset at sample 30 whose power was lost.
+        i = np.arange(len(t))
+        counter = np.where(i % 2 == 0, cum, np.nan)
+        power = np.where(i % 2 == 1, w, np.nan)
+        if dev == "1":
+            counter[:40], power[:40] = cum[:40], w[:40]
+            counter[30:] -= cum[30]
+            power[30] = np.nan
+        frame = samples(power.tolist(), times=t.tolist(), counter=counter.tolist(), device=dev)
+        parts.append(frame.with_columns(pl.col("power_w", "energy_j").fill_nan(None)))
+    df = pl.concat(parts).sort("timestamp").with_columns(pl.lit("replay").alias("source"))
+    df = df.with_columns(pl.col("timestamp").cast(UTC_US))
+    spans = [(10.0 * k + 3.3, 10.0 * k + 13.3) for k in range(8)]
+    mk = epochs(*spans).with_columns(pl.col("start", "end").cast(UTC_US))
+    agg = Aggregator(None, retain_s=3.0, max_lag_s=20.0)
+    agg.start_run({"run_id": "r", "planned_epochs": len(spans)})
+    agg.ingest_epochs(mk, write=False)
+    cuts = np.linspace(0, df.height, 9).astype(int).tolist()
+    for a, b in zip(cuts[:-1], cuts[1:], strict=True):
+        agg.ingest_samples(df.slice(a, b - a), write=False)
+    want = epoch_energy(df, mk)
+    got = agg.epochs("r")
+    assert got["epoch"].to_list() == list(range(len(spans)))
+    assert got["energy_j"].to_list() == pytest.approx(want["energy_j"].to_list(), rel=1e-9)
+    assert got["gap_s"].to_list() == pytest.approx(want["gap_s"].to_list(), abs=1e-9)
+    # Held powers stand in for the missing trapezoids: close to the true energy, and
+    # only the 7 s (+ one interval) stretch is a gap.
+    run = run_energy(df)
+    assert run["energy_j"].item() == pytest.approx(truth, rel=0.05)
+    assert 7.8 < run["gap_s"].item() < 8.2

@@ -17,6 +17,7 @@ from estimators.baselines import (
     GreenAlgorithms,
     Naive,
     bench_step,
+    summarise,
 )
 from estimators.step import RunPlan, Step
 from profiler.errors import BadInputError, NotFittedError
@@ -250,3 +251,69 @@ def test_bench_step_refuses_samples_without_a_time_or_run(
     )
     with pytest.raises(BadInputError, match=r"traces.run_id has 1 null\(s\)"):
         bench_step(runs, no_run, fraction=0.2, methods=["naive"])
+
+
+# ---------------------------------------------------------------- summarise
+
+
+def test_summarise_reports_the_stable_bands_apart_from_the_wide_not_stable_ones() -> None:
+    # As at F = 0.1 on the real traces: the stable runs' 90 % bands are narrow and
+    # miss some truths; the not-stable runs' "lowest power seen .. power cap" bands
+    # are wide and hold every truth, which lifts the coverage over all bands.
+    true = 1_000_000.0
+    stable = [True, True, True, True, False, False, False, False, False, False]
+    pred_j = [1.01e6, 0.99e6, 1.05e6, 0.94e6, 1.1e6, 0.9e6, 1.2e6, 0.8e6, 1.0e6, None]
+    half = [0.02, 0.02, 0.02, 0.02, 0.5, 0.5, 0.6, 0.6, 0.55, None]
+    rows = [
+        {
+            "method": "step",
+            "predicted_energy_j": p,
+            "lower_j": None if p is None or h is None else p - h * true,
+            "upper_j": None if p is None or h is None else p + h * true,
+            "stable": s,
+            "true_energy_j": true,
+        }
+        for p, h, s in zip(pred_j, half, stable, strict=True)
+    ]
+    rows.append(
+        {
+            "method": "naive",
+            "predicted_energy_j": 1.1e6,
+            "lower_j": None,
+            "upper_j": None,
+            "stable": None,
+            "true_energy_j": true,
+        }
+    )
+    t = pl.col("true_energy_j")
+    pred = pl.DataFrame(rows).with_columns(
+        ((pl.col("predicted_energy_j") - t).abs() / t * 100).alias("ape_pct"),
+        ((pl.col("lower_j") <= t) & (t <= pl.col("upper_j"))).alias("covered"),
+        ((pl.col("upper_j") - pl.col("lower_j")) / 2 / t * 100).alias("half_width_pct"),
+    )
+    s = {r["method"]: r for r in summarise(pred).iter_rows(named=True)}
+    step = s["step"]
+    # All 9 bands: the 2 missed are stable ones (1.05e6 +/- 2 %, 0.94e6 +/- 2 %).
+    assert step["coverage"] == pytest.approx(7 / 9)
+    assert step["median_half_width_pct"] == pytest.approx(50.0)
+    assert step["stable_runs"] == 4
+    assert step["stable_coverage"] == pytest.approx(2 / 4)
+    assert step["stable_median_half_width_pct"] == pytest.approx(2.0)
+    # A method without a stable flag has no stable figures, not zeros.
+    naive = s["naive"]
+    assert naive["stable_runs"] is None
+    assert naive["stable_coverage"] is None
+    assert naive["stable_median_half_width_pct"] is None
+
+
+@pytest.mark.shared_data
+def test_summarise_stable_figures_match_the_real_runs(
+    two_runs: tuple[pl.DataFrame, pl.DataFrame],
+) -> None:
+    runs, traces = two_runs
+    pred = bench_step(runs, traces, fraction=0.2, methods=["step"])
+    row = summarise(pred).row(0, named=True)
+    stable = pred.filter(pl.col("stable"))
+    assert row["stable_runs"] == stable.height
+    assert row["stable_coverage"] == stable["covered"].mean()
+    assert row["stable_median_half_width_pct"] == stable["half_width_pct"].median()

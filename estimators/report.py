@@ -20,7 +20,16 @@ from typing import TYPE_CHECKING
 import numpy as np
 import polars as pl
 
-from estimators.step import Detector, OnlineStep, Projection, RunPlan, Step, Trace, run_epochs
+from estimators.step import (
+    PLANNED_UNKNOWN,
+    Detector,
+    OnlineStep,
+    Projection,
+    RunPlan,
+    Step,
+    Trace,
+    run_epochs,
+)
 from profiler.errors import BadInputError, StoreError
 
 if TYPE_CHECKING:
@@ -57,8 +66,15 @@ def projection_history(
         samples: The run's samples (``timestamp``, ``power_w``).
         epochs: The run's epoch marks, or ``None``.
         plan: Planned epochs (and total duration without marks), power cap.
+            A finished run's replay without planned epochs takes the epochs
+            it recorded as planned.
         detector: Stable-point detector of the time-mode refits.
         confidence: Band coverage.
+
+    Raises:
+        BadInputError: A bad ``confidence``; epoch marks of a run not finished
+            without planned epochs; no marks without the total duration and
+            planned epochs.
 
     Returns:
         One row per step: ``after_unit`` (1-based), ``t_s`` (s since the
@@ -69,13 +85,19 @@ def projection_history(
     if not 0.0 < confidence < 1.0:  # OnlineStep takes it as given: refuse it here, as Step does
         raise BadInputError(f"confidence must be in (0, 1); found {confidence}")
     trace = Trace.from_samples(samples)
+    finished = plan.finished
     plan = replace(plan, finished=False)  # replay as the run was seen while it ran
     rows: list[dict[str, object]] = []
     if epochs is not None and epochs.height:
+        if plan.planned_epochs is None and not finished:
+            # The epochs recorded so far are not the run's: projecting from them would call
+            # the energy measured so far the total.
+            raise BadInputError(f"run not finished and {PLANNED_UNKNOWN}")
         if trace.n_samples == 0:
             return pl.DataFrame(schema=_HISTORY_SCHEMA)
         per = run_epochs(samples, epochs, trace)
         t0, t1 = per["t0_s"].to_numpy(), per["t1_s"].to_numpy()
+        # A finished run without a plan had the epochs it recorded.
         planned = plan.planned_epochs or per.height
         online = OnlineStep(planned_epochs=planned, confidence=confidence, power_cap_w=plan.cap_w())
         prev_end = 0.0

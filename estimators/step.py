@@ -51,8 +51,15 @@ from profiler.errors import BadInputError, NotFittedError
 Detector = Literal["online", "pelt", "fluss"]
 DETECTORS: tuple[str, ...] = ("online", "pelt", "fluss")
 #: An epoch with more than this share of its time without samples (``gap_s``) is
-#: left out of the stable mean: its energy is not known well enough.
+#: left out of the stable mean: its energy is not known well enough. An epoch with a
+#: smaller gap enters the stable mean scaled to its whole length (its gap counts 0 J
+#: in the measured energy, and would bias the mean low).
 MAX_GAP_SHARE = 0.2
+#: The reason of a running run's projection when its planned epochs are unknown.
+PLANNED_UNKNOWN = (
+    "planned epochs unknown: give --planned-epochs (STEP needs the number of epochs the run "
+    "will have)"
+)
 #: Epoch energies count a stretch without samples as a gap once it is longer than
 #: this many of the stream's median sample intervals (and 5 s).
 GAP_THRESHOLD_INTERVALS = 3.0
@@ -110,7 +117,8 @@ class Projection:
     Attributes:
         method: Estimator that made it (``step``, ``mlco2``, ...).
         energy_j: Projected total energy in J; ``None`` when nothing can be
-            projected (no power at all), never NaN.
+            projected (no power at all, or the planned epochs of a running
+            run unknown), never NaN.
         lower_j: Lower end of the band in J, ``None`` for methods without one.
         upper_j: Upper end of the band in J, ``None`` for methods without one.
         confidence: Nominal coverage of the band (0.9 = 90 %).
@@ -130,8 +138,9 @@ class Projection:
         n_stable: Units in the stable regime.
         finished: The run has ended; ``energy_j`` is the measured total.
         reason: Why the projection is not stable, and which epochs were left
-            out of the stable mean for lack of samples (empty when it is
-            stable and used every epoch).
+            out of the stable mean for lack of samples or scaled to their
+            length for a short gap (empty when it is stable and used every
+            epoch whole).
 
     """
 
@@ -794,7 +803,10 @@ class Step(ProjectionPredictor):
                 optional ``node``, ``device``), or a prepared :class:`Trace`.
             epochs: The run's finished epochs (``epoch``, ``start``, ``end``);
                 ``None`` or empty for time mode.
-            plan: Total duration and/or planned epochs, power cap.
+            plan: Total duration and/or planned epochs, power cap. With
+                epochs, a run that is not finished and has no planned epochs
+                gets no projection (``energy_j`` ``None``, reason
+                :data:`PLANNED_UNKNOWN`): what is measured is not its total.
 
         Returns:
             self
@@ -828,6 +840,19 @@ class Step(ProjectionPredictor):
             if isinstance(samples, Trace):
                 raise BadInputError("epoch mode needs the samples frame, not a Trace")
             units, why = _epoch_units(samples, epochs, trace, plan)
+            if plan.planned_epochs is None:
+                # Not finished and no epoch count: what is measured is not the total.
+                self.units_ = units.values
+                self.stable_start_ = None
+                self.projection_ = Projection(
+                    method=self.name,
+                    energy_j=None,
+                    confidence=self.confidence,
+                    measured_j=units.measured_j,
+                    elapsed_s=units.elapsed_s,
+                    reason=_join(PLANNED_UNKNOWN, why, units.note),
+                )
+                return self
         else:
             units, why = _time_units(trace, plan)
         self.units_ = units.values
@@ -962,13 +987,27 @@ def left_out_note(per: pl.DataFrame, gap_threshold_s: float) -> str:
     )
 
 
+def scaled_note(scaled: Sequence[tuple[object, float]]) -> str:
+    """Which epochs enter the stable mean scaled to their length, from ``(epoch, gap_s)`` pairs.
+
+    An epoch with a gap of at most :data:`MAX_GAP_SHARE` of its time is kept in
+    the stable mean with its energy times ``duration_s / (duration_s - gap_s)``.
+    """
+    parts = [f"epoch {e}: {g:.0f} s without samples, scaled to its length" for e, g in scaled[:5]]
+    if len(scaled) > 5:
+        parts.append(f"{len(scaled) - 5} more epochs scaled alike")
+    return "; ".join(parts)
+
+
 def _epoch_units(
     samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace, plan: RunPlan
 ) -> tuple[_Units, str]:
     """Finished epochs as units, their energy from :func:`run_epochs`.
 
     Epochs mostly without samples count as run (elapsed and measured) but
-    are left out of the units (see :data:`MAX_GAP_SHARE`).
+    are left out of the units (see :data:`MAX_GAP_SHARE`); the value of a kept
+    epoch with a shorter gap is its energy scaled to its whole length (the
+    measured energy is the trace's, not scaled).
     """
     if trace.n_samples == 0:
         n = epochs.height
@@ -982,8 +1021,14 @@ def _epoch_units(
     last_end = float(per["t1_s"].max())  # type: ignore[arg-type]
     planned = plan.planned_epochs if plan.planned_epochs is not None else n
     remaining = float(max(planned - n, 0))
+    kept = per[keep]
+    gap = kept["gap_s"].to_numpy().astype(np.float64)
+    dur = kept["duration_s"].to_numpy().astype(np.float64)
+    scaled = [(e, g) for e, g in zip(kept["epoch"].to_list(), gap.tolist(), strict=True) if g > 0]
     return _Units(
-        values=per["energy_j"].to_numpy()[keep].astype(np.float64),
+        # An epoch's gap counts 0 J: scaled to its whole length, it is not low in the mean.
+        values=kept["energy_j"].to_numpy().astype(np.float64)
+        * np.where(gap > 0, dur / np.maximum(dur - gap, 1e-12), 1.0),
         starts_s=per["t0_s"].to_numpy()[keep],
         measured_j=float(trace.energy_at(last_end)[0]),
         elapsed_s=last_end,
@@ -993,7 +1038,7 @@ def _epoch_units(
         unit_s=per["duration_s"].to_numpy()[keep].astype(np.float64),
         time_mode=False,
         index=keep if len(keep) < n else None,
-        note=left_out_note(per, trace.gap_threshold_s()),
+        note=_join(scaled_note(scaled), left_out_note(per, trace.gap_threshold_s())),
     ), ""
 
 
@@ -1002,7 +1047,11 @@ class OnlineStep:
 
     An epoch with more than :data:`MAX_GAP_SHARE` of its time without samples
     (``gap_s``) counts as run and its energy as measured, but it stays out of
-    the regime and the stable mean, and the projection's reason names it.
+    the regime and the stable mean, and the projection's reason names it. An
+    epoch with a shorter gap enters the regime and the stable mean with its
+    energy scaled to its whole length, ``energy_j * duration_s / (duration_s -
+    gap_s)`` (as :class:`Step` does), and the reason names it too; its
+    measured energy stays ``energy_j``.
 
     Args:
         planned_epochs: Epochs the run is planned for.
@@ -1050,6 +1099,7 @@ class OnlineStep:
         self._durations: list[float] = []
         self._epoch: list[int] = []
         self._left_out: list[tuple[int, float, float]] = []  # (epoch, gap_s, duration_s)
+        self._scaled: list[tuple[int, float]] = []  # (epoch, gap_s) kept, scaled to its length
         # Sums over the current regime, rebuilt only when the regime changes.
         self._start = 0
         self._sum = self._sum2 = self._dsum = 0.0
@@ -1068,7 +1118,8 @@ class OnlineStep:
                 no epoch (J), counted as measured.
             gap_s: Time of the epoch without samples in s; above
                 :data:`MAX_GAP_SHARE` of ``duration_s`` the epoch is left out
-                of the stable mean.
+                of the stable mean, below it the epoch's energy enters the
+                mean scaled to its whole length.
 
         Raises:
             BadInputError: A negative or non-finite energy, duration or gap.
@@ -1092,6 +1143,9 @@ class OnlineStep:
         if gap_s > MAX_GAP_SHARE * duration_s:
             self._left_out.append((self._n - 1, gap_s, duration_s))
             return self._projection()
+        if gap_s > 0:  # its gap counts 0 J: scaled to its whole length, it is not low
+            self._scaled.append((self._n - 1, gap_s))
+            energy_j *= duration_s / (duration_s - gap_s)
         self._values.append(energy_j)
         self._durations.append(duration_s)
         self._epoch.append(self._n - 1)
@@ -1112,16 +1166,17 @@ class OnlineStep:
         return self._projection()
 
     def _note(self) -> str:
-        """Which epochs were left out of the stable mean, and why (empty when none)."""
+        """Which epochs were scaled or left out of the stable mean, and why (empty when none)."""
         out = self._left_out
         if not out:
-            return ""
+            return scaled_note(self._scaled)
         # Numbered from 0 in the order fed, as epoch marks are.
         names = ", ".join(str(e) for e, _, _ in out[:5]) + (" ..." if len(out) > 5 else "")
         _, gap, dur = max(out, key=lambda r: r[1] / r[2])
-        return (
+        return _join(
+            scaled_note(self._scaled),
             f"epoch{'s' if len(out) > 1 else ''} {names} left out of the stable mean: more than "
-            f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {gap:.0f} s of {dur:.0f} s)"
+            f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {gap:.0f} s of {dur:.0f} s)",
         )
 
     def _projection(self) -> Projection:

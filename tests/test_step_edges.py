@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -249,3 +250,126 @@ def test_min_stable_epochs_below_2_is_refused() -> None:
         Step(min_stable_epochs=1).fit(samples, epochs, plan=RunPlan(planned_epochs=PLANNED))
     with pytest.raises(BadInputError, match="min_stable_epochs must be >= 2; found 1"):
         OnlineStep(planned_epochs=PLANNED, min_stable_epochs=1)
+
+
+# ------------------------------------------------------------------------------ 7: short gaps
+
+
+def test_a_short_gap_is_scaled_to_its_epochs_length_not_counted_as_0_j() -> None:
+    # 1 Hz, nothing between 520 s and 535 s: epoch 5 has a 15 s gap (15 %, kept in the mean).
+    samples, epochs = flat_run(1.0, drop=(520.0, 535.0))
+    plan = RunPlan(planned_epochs=PLANNED)
+    proj = Step().fit(samples, epochs, plan=plan).predict()
+    assert proj.stable and proj.n_stable == 12
+    assert proj.energy_per_epoch_j == pytest.approx(10_000.0, rel=1e-9)
+    assert proj.energy_j == pytest.approx(TRUTH_J, rel=1e-9)
+    assert proj.measured_j == pytest.approx(120_000.0, rel=1e-9)  # the trace's, unchanged
+    assert "epoch 5: 15 s without samples, scaled to its length" in proj.reason
+    # The online update (the aggregator's, and the report's replay) scales it alike; its
+    # measured energy stays the epochs' own (the gap counts 0 J there).
+    online = OnlineStep(planned_epochs=PLANNED)
+    for k in range(12):
+        live = online.update(8_500.0 if k == 5 else 10_000.0, 100.0, gap_s=15.0 if k == 5 else 0)
+    assert live.stable and live.energy_per_epoch_j == pytest.approx(10_000.0)
+    assert live.measured_j == pytest.approx(118_500.0)
+    assert live.energy_j == pytest.approx(118_500.0 + 8 * 10_000.0)
+    assert "epoch 5: 15 s without samples, scaled to its length" in live.reason
+    hist = projection_history(samples, epochs, plan)
+    assert hist["energy_j"][-1] - hist["measured_j"][-1] == pytest.approx(8 * 10_000.0)
+
+
+@pytest.mark.shared_data
+def test_short_outages_on_a_real_trace_do_not_bias_the_projection(shared_data: Path) -> None:
+    # cloud-vgg16-00 cut into 30 epochs, 14 seen; 18 % of epochs 11-13 without samples.
+    s = (
+        pl.read_parquet(shared_data / "traces.parquet")
+        .filter(pl.col("run_id") == "cloud-vgg16-00")
+        .sort("timestamp")
+    )
+    truth = Trace.from_samples(s).total_j()
+    t0 = s["timestamp"].min()
+    span = (s["timestamp"].max() - t0) / 30  # type: ignore[operator]
+    k = 14
+    epochs = pl.DataFrame(
+        {
+            "epoch": list(range(k)),
+            "start": [t0 + span * i for i in range(k)],
+            "end": [t0 + span * (i + 1) for i in range(k)],
+        }
+    )
+    seen = s.filter(pl.col("timestamp") <= epochs["end"][-1])
+    for e in (11, 12, 13):
+        a = epochs["start"][e] + span * 0.3
+        seen = seen.filter(~pl.col("timestamp").is_between(a, a + span * 0.18))
+    plan = RunPlan(planned_epochs=30, power_cap_w=350.0)
+    proj = Step().fit(seen, epochs, plan=plan).predict()
+    assert proj.stable
+    assert proj.energy_j == pytest.approx(truth, rel=0.02)
+    assert proj.lower_j <= truth <= proj.upper_j  # type: ignore[operator]
+    assert "epoch 11: 23 s without samples, scaled to its length" in proj.reason
+    hist = projection_history(seen, epochs, plan)
+    assert hist["stable"][-1]
+    assert hist["energy_j"][-1] == pytest.approx(truth, rel=0.02)
+
+
+# ------------------------------------------------------------------------------ 8: no plan
+
+
+NO_PLAN = "planned epochs unknown: give --planned-epochs"
+
+
+def test_without_planned_epochs_a_running_run_is_not_projected() -> None:
+    samples, epochs = flat_run(1.0)
+    proj = Step().fit(samples, epochs, plan=RunPlan(power_cap_w=300.0)).predict()
+    assert proj.energy_j is None and not proj.stable and not proj.finished
+    assert proj.lower_j is None and proj.upper_j is None and proj.remaining_s is None
+    assert proj.reason.startswith(NO_PLAN)
+    assert proj.measured_j == pytest.approx(120_000.0)
+    with pytest.raises(BadInputError, match=NO_PLAN):
+        projection_history(samples, epochs, RunPlan())
+    # A finished run's answer is its measured total, and its replay knows its epochs.
+    done = RunPlan(finished=True)
+    assert Step().fit(samples, epochs, plan=done).predict().energy_j == pytest.approx(120_000.0)
+    hist = projection_history(samples, epochs, done)
+    assert hist.height == 12 and hist["energy_j"][-1] == pytest.approx(120_000.0)
+
+
+def _store_unplanned(root: Path, status: str) -> None:
+    from profiler.store import Store
+
+    samples, epochs = flat_run(1.0)
+    store = Store(root)
+    store.write_samples(
+        samples.with_columns(
+            run_id=pl.lit("r1"), node=pl.lit("n1"), device=pl.lit("0"), source=pl.lit("replay")
+        )
+    )
+    store.write_epochs(epochs.with_columns(run_id=pl.lit("r1")))
+    store.write_runs(pl.DataFrame({"run_id": ["r1"], "status": [status], "start": [at(0)]}))
+
+
+def test_cli_without_planned_epochs_says_so(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from cluster.cli import main
+
+    _store_unplanned(tmp_path / "s", "running")
+    store = ["--run", "r1", "--store", str(tmp_path / "s")]
+    assert main(["estimate", *store, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["energy_j"] is None and row["stable"] is False
+    assert row["reason"].startswith(NO_PLAN)
+    assert main(["estimate", *store]) == 0
+    out = capsys.readouterr().out
+    assert "planned epochs unknown" in out and "stable" in out and "not yet" in out
+    assert main(["estimate", *store, "--planned-epochs", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["energy_j"] == pytest.approx(TRUTH_J)
+    assert main(["report", *store, "--out", str(tmp_path / "r.html")]) == 2
+    assert "planned epochs unknown" in capsys.readouterr().err
+    _store_unplanned(tmp_path / "f", "finished")
+    done = ["--run", "r1", "--store", str(tmp_path / "f")]
+    assert main(["estimate", *done, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["energy_j"] == pytest.approx(120_000.0)
+    assert main(["report", *done, "--out", str(tmp_path / "f.html")]) == 0

@@ -550,7 +550,14 @@ class _SidecarActorImpl:
                 self.sidecar.set_run(self._node_run)
                 if state is None:
                     unverified.append(self._node_run)
-        for rid, job in dict(saved.get("jobs") or {}).items():
+        # Re-attached in the order they held the node (the last one attached holds it now,
+        # the others get it back in turn when it detaches).
+        order = [str(r) for r in saved.get("node_runs") or ()]
+        jobs = sorted(
+            dict(saved.get("jobs") or {}).items(),
+            key=lambda kv: order.index(kv[0]) if kv[0] in order else -1,
+        )
+        for rid, job in jobs:
             pid = job.get("pid")
             if pid is not None and not _pid_alive(int(pid)):
                 continue  # the job's process is gone: nothing of it to measure
@@ -613,7 +620,11 @@ class _SidecarActorImpl:
     def _save(self) -> None:
         import json
 
-        data = {"node_run": self._node_run, "jobs": self._jobs}
+        data = {
+            "node_run": self._node_run,
+            "jobs": self._jobs,
+            "node_runs": self.sidecar.node_runs,  # who holds the node, oldest first
+        }
         tmp = self._state.with_name(self._state.name + ".tmp")
         try:
             self._state.parent.mkdir(parents=True, exist_ok=True)
@@ -642,6 +653,7 @@ class _SidecarActorImpl:
         """See :meth:`profiler.sidecar.Sidecar.attach_job`."""
         with self._state_lock:
             out = self.sidecar.attach_job(run_id, gpus=gpus or (), pid=pid)
+            self._jobs.pop(run_id, None)  # kept in attach order, as the sidecar keeps them
             self._jobs[run_id] = {"gpus": list(gpus or ()), "pid": pid}
             self._save()
         return out

@@ -16,13 +16,20 @@ A source read that raises or does not return within ``read_timeout_s`` is
 reported once per incident; its devices get a marked sample (power and
 counter null, ``note`` set) for that tick, and the other sources carry on.
 
-**Attribution.** Each sample gets its run id when it is taken, in this
-order: a source added for a run (:meth:`Sidecar.add_source`, e.g. the
-modelled CPU power of one job's processes) gives all its samples to that
-run; else a device attached to a run (:meth:`Sidecar.attach`, e.g. the GPUs
-Ray gave a job) belongs to it; else the node-wide run of
-:meth:`Sidecar.set_run` (or none). So several runs can share a node, each
-with its own samples; :meth:`Sidecar.detach` ends everything of one run.
+**Attribution.** Each sample gets the run that held its device at the
+sample's own timestamp, in this order: a source added for a run
+(:meth:`Sidecar.add_source`, e.g. the modelled CPU power of one job's
+processes) gives all its samples to that run; else a device attached to a
+run (:meth:`Sidecar.attach`, e.g. the GPUs Ray gave a job) belongs to it;
+else the node-wide run (none, or the most recent one still attached of
+:meth:`Sidecar.set_run` and :meth:`Sidecar.attach_job` in node mode). Every
+change of hands is stamped with the later of the sidecar's ``clock`` and the
+newest sample already read of the devices concerned, and a sample belongs to
+the holder of the interval ``(start, end]`` that contains its timestamp, so a
+read that returns samples taken before the change (a slow or lagging source)
+gives them to the run that held the device then. So several runs can share a
+node, each with its own samples; :meth:`Sidecar.detach` ends everything of one
+run, reading its devices once more.
 
 **Clock.** Batches are stamped with the sidecar's ``clock`` when they are
 handed to a receiver that has ``send_at(batch, sent_at)`` (the aggregator's),
@@ -41,17 +48,22 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
 
+from profiler.errors import BadInputError
 from profiler.journal import Journal, default_journal_dir
 from profiler.schema import check_run_id
 from profiler.sources.base import PowerSample, PowerSource, SampleGuard, samples_frame, utc_now
 
 log = logging.getLogger(__name__)
+
+_EPOCH = datetime.min.replace(tzinfo=UTC)
+#: Who held something over time: (start, run) sorted by start; each entry holds (start, next].
+_History = list[tuple[datetime, str | None]]
 
 
 class Receiver(Protocol):
@@ -113,6 +125,12 @@ class SidecarStats:
         lost: Rows dropped because neither the receiver nor the journal took them.
         batches_sent: Batches the receiver accepted.
         send_failures: Receiver calls that raised.
+        rejected_batches: Journal batch files that could not be read back (torn or
+            corrupt); each is renamed ``rejected-<name>`` in the journal directory and
+            kept, and delivery goes on with the next batch.
+        rejected_rows: Rows of those files, where their size is known (from the
+            parquet footer, or from the journal that wrote them); files of unknown
+            size add nothing here.
 
     """
 
@@ -126,6 +144,8 @@ class SidecarStats:
     lost: int = 0
     batches_sent: int = 0
     send_failures: int = 0
+    rejected_batches: int = 0
+    rejected_rows: int = 0
 
 
 @dataclass(slots=True)
@@ -139,6 +159,7 @@ class _Runner:
     devices: dict[str, str | None] = field(default_factory=dict)
     run_id: str | None = None  # set: every sample of this source belongs to this run
     key: str = ""
+    last_ts: dict[str, datetime] = field(default_factory=dict)  # newest sample per device
 
 
 @dataclass(slots=True)
@@ -197,7 +218,6 @@ class Sidecar:
         retry_s: float | None = None,
         clock: Callable[[], datetime] = utc_now,
     ) -> None:
-        from profiler.errors import BadInputError
 
         if not 0.1 <= interval_s <= 3600:
             raise BadInputError(
@@ -206,7 +226,10 @@ class Sidecar:
         if not sources:
             raise BadInputError("the sidecar needs at least one power source; none given")
         self.node = node or socket.gethostname()
-        self.run_id = None if run_id is None else check_run_id(run_id)
+        self._base_run = None if run_id is None else check_run_id(run_id)  # set_run's
+        self._node_stack: list[str] = []  # runs given the whole node by attach_job, oldest first
+        self._node_hist: _History = [(_EPOCH, self._base_run)]
+        self._dev_hist: dict[str, _History] = {}  # device -> runs attached to it over time
         self.interval_s = float(interval_s)
         self.batch_interval_s = max(float(batch_interval_s), self.interval_s)
         self.read_timeout_s = (
@@ -225,7 +248,6 @@ class Sidecar:
         self.clock = clock
         self.stats = SidecarStats()
         self._runners = [self._runner(s, None, f"s{i}") for i, s in enumerate(sources)]
-        self._owners: dict[str, str] = {}  # device -> run that owns it
         self._added = 0
         self._tick_lock = threading.Lock()
         self._buffer: list[tuple[PowerSample, str | None]] = []
@@ -235,6 +257,8 @@ class Sidecar:
         self._lock = threading.Lock()
         self._ship_lock = threading.Lock()
         self._outage = False
+        self._spill_failing = False
+        self._skip: set[int] = set()  # journal batches set aside that could not be renamed
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -251,11 +275,95 @@ class Sidecar:
         )
 
     # -- attribution --------------------------------------------------------------------------
-    def _owner(self, r: _Runner, device: str) -> str | None:
-        """The run a sample of ``device`` read from ``r`` belongs to now."""
+    @property
+    def run_id(self) -> str | None:
+        """The node-wide run now: the most recent one attached and not yet detached."""
+        return self._node_hist[-1][1]
+
+    @property
+    def node_runs(self) -> list[str]:
+        """The runs holding the whole node, oldest first (the last one gets the samples)."""
+        return ([self._base_run] if self._base_run is not None else []) + self._node_stack
+
+    def _owner(self, r: _Runner, device: str, ts: datetime) -> str | None:
+        """The run a sample of ``device`` read from ``r`` and stamped ``ts`` belongs to."""
         if r.run_id is not None:
             return r.run_id
-        return self._owners.get(device, self.run_id)
+        if ts.tzinfo is None:
+            ts = ts.replace(tzinfo=UTC)
+        h = self._dev_hist.get(device)
+        run = _held_at(h, ts) if h else None
+        if run is not None:
+            return run
+        node = self._node_hist
+        return _held_at(node, ts) if ts > node[0][0] else node[0][1]
+
+    def _change_at(self, devices: Sequence[str] | None) -> datetime:
+        """When a change of hands takes effect.
+
+        The later of the clock and the newest sample already read of ``devices``
+        (``None``: all), which were given out already; from the start when none
+        was read yet (nothing was given out).
+        """
+        seen = [
+            ts
+            for r in self._runners
+            if r.run_id is None
+            for d, ts in r.last_ts.items()
+            if devices is None or d in devices
+        ]
+        if not seen:
+            return _EPOCH
+        now = self.clock()
+        return max([now if now.tzinfo else now.replace(tzinfo=UTC), *seen])
+
+    @staticmethod
+    def _hand(h: _History, run: str | None, at: datetime) -> None:
+        """Record that ``run`` holds from ``at`` on (no entry if it holds already)."""
+        if h and h[-1][1] == run:
+            return
+        at = max(at, h[-1][0]) if h else at
+        if h and h[-1][0] == at:
+            h.pop()  # the previous holder held nothing: replace it
+            if h and h[-1][1] == run:
+                return
+        h.append((at, run))
+
+    def _node_changed(self) -> None:
+        """Record the node-wide run after a change of ``_base_run``/``_node_stack``."""
+        now = self._node_stack[-1] if self._node_stack else self._base_run
+        if now != self._node_hist[-1][1]:
+            self._hand(self._node_hist, now, self._change_at(None))
+
+    def _seen(self, r: _Runner, samples: Sequence[PowerSample]) -> None:
+        for s in samples:
+            r.devices[s.device] = s.model
+            r.last_ts[s.device] = s.timestamp
+
+    def _prune(self) -> None:
+        """Forget holders no sample can reach any more.
+
+        The guard refuses samples older than the newest one of their device, so
+        no read returns a sample from before every source's newest one.
+        """
+        shared = [r for r in self._runners if r.run_id is None]
+        for d in list(self._dev_hist):
+            h = self._dev_hist[d]
+            seen = [r.last_ts[d] for r in shared if d in r.last_ts]
+            if not seen:
+                continue
+            wm = min(seen)
+            while len(h) > 1 and h[1][0] <= wm:
+                h.pop(0)
+            if len(h) == 1 and h[0][1] is None and h[0][0] <= wm:
+                del self._dev_hist[d]
+        seen = [min(r.last_ts.values()) for r in shared if r.last_ts]
+        if seen:
+            wm, h = min(seen), self._node_hist
+            if len(h) > 1 and h[1][0] <= wm:
+                while len(h) > 1 and h[1][0] <= wm:
+                    h.pop(0)
+                h[0] = (_EPOCH, h[0][1])
 
     def _known_device(self, device: str) -> str:
         """A device id as the sources name it: aliases (e.g. GPU UUIDs) resolved."""
@@ -288,14 +396,19 @@ class Sidecar:
         names = [self._known_device(str(d)) for d in devices]
         with self._tick_lock:
             for d in names:
-                prev = self._owners.get(d)
+                h = self._dev_hist.setdefault(d, [])
+                prev = h[-1][1] if h else None
                 if prev is not None and prev != rid:
                     log.info("sidecar: device %s moves from run %s to run %s", d, prev, rid)
-                self._owners[d] = rid
+                self._hand(h, rid, self._change_at([d]))
         return names
 
     def detach(self, run_id: str, *, final_read: bool = True) -> int:
-        """End all of ``run_id``: its devices, its sources (read once more), its node-wide hold.
+        """End all of ``run_id``: its devices, its sources, its node-wide hold.
+
+        Its sources are read once more and closed; the sources of its devices are
+        read once more (samples stamped up to now are still its). The node goes
+        back to the most recent node-wide run still attached.
 
         Returns:
             Samples taken by the final reads of its sources.
@@ -306,10 +419,25 @@ class Sidecar:
         for r in [r for r in self._runners if r.run_id == rid]:
             n += self.remove_source(r.key, final_read=final_read)
         with self._tick_lock:
-            for d in [d for d, o in self._owners.items() if o == rid]:
-                del self._owners[d]
-            if self.run_id == rid:
-                self.run_id = None
+            mine = [d for d, h in self._dev_hist.items() if h and h[-1][1] == rid]
+            for d in mine:
+                self._hand(self._dev_hist[d], None, self._change_at([d]))
+            if rid in self._node_stack:
+                self._node_stack.remove(rid)
+            if self._base_run == rid:
+                self._base_run = None
+            self._node_changed()
+            if final_read and mine:
+                # Read the sources of its devices once more: what they took up to now is
+                # the run's (by timestamp), and is shipped without waiting for a tick.
+                got: list[tuple[PowerSample, str | None]] = []
+                for r in self._runners:
+                    if r.run_id is None and any(d in r.devices for d in mine):
+                        got += [
+                            (s, self._owner(r, s.device, s.timestamp))
+                            for s in self._read_now(r, final_read=True)
+                        ]
+                self._keep(got)
         return n
 
     def attach_job(
@@ -327,8 +455,10 @@ class Sidecar:
            GPU) and the job's process id is known: a
            :class:`~profiler.sources.process.ProcessCpuSource` for its process
            tree is added for the run, modelled with the same board power.
-        3. Else the run takes the whole node (:meth:`set_run`, as before): runs
-           sharing the node then share its samples.
+        3. Else the run takes the whole node: every sample of the node goes to
+           it until it detaches; then the node goes back to the run that held
+           it before (if still attached), so of runs sharing such a node, the
+           most recently attached gets the samples.
 
         Args:
             run_id: The run.
@@ -375,20 +505,30 @@ class Sidecar:
             else:
                 key = self.add_source(src, run_id=rid)
                 return {"mode": "process", "device": src.device, "key": key}
-        if self.run_id is not None and self.run_id != rid:
-            log.warning(
-                "sidecar on %s: run %s takes the whole node from run %s; runs sharing a node "
-                "whose sources cannot tell them apart share its samples",
-                self.node,
-                rid,
-                self.run_id,
-            )
-        self.set_run(rid)
+        with self._tick_lock:
+            prev = self.run_id
+            if prev is not None and prev != rid:
+                log.warning(
+                    "sidecar on %s: run %s takes the whole node from run %s (its sources cannot "
+                    "tell the runs apart): all the node's samples go to run %s until it "
+                    "detaches, then back to run %s if it still runs",
+                    self.node,
+                    rid,
+                    prev,
+                    rid,
+                    prev,
+                )
+            if rid in self._node_stack:
+                self._node_stack.remove(rid)
+            self._node_stack.append(rid)
+            self._node_changed()
         return {"mode": "node"}
 
     def owners(self) -> dict[str, str | None]:
         """Who owns what now: device -> run, ``source:<key>`` -> run, ``*`` -> node-wide run."""
-        out: dict[str, str | None] = dict(self._owners)
+        out: dict[str, str | None] = {
+            d: h[-1][1] for d, h in self._dev_hist.items() if h and h[-1][1] is not None
+        }
         for r in self._runners:
             if r.run_id is not None:
                 out[f"source:{r.key}"] = r.run_id
@@ -421,22 +561,10 @@ class Sidecar:
             if r is None:
                 return 0
             self._runners = [x for x in self._runners if x is not r]
-            got: list[PowerSample] = []
-            if r.pending is not None and r.pending.done():
-                # A late read that returned since the last tick: keep it.
-                try:
-                    got = r.guard.check(r.pending.result(timeout=0))
-                except Exception as err:
-                    log.warning("sidecar: late read of %s failed: %s", r.source.name, err)
-                r.pending = None
-            if final_read and r.pending is None:
-                try:
-                    got += r.guard.check(r.pool.submit(r.source.read).result(self.read_timeout_s))
-                except Exception as err:
-                    log.warning("sidecar: final read of %s failed: %s", r.source.name, err)
+            got = self._read_now(r, final_read=final_read)
             if got:
                 with self._lock:
-                    self._buffer.extend((s, self._owner(r, s.device)) for s in got)
+                    self._buffer.extend((s, self._owner(r, s.device, s.timestamp)) for s in got)
                 self.stats.samples += len(got)
         r.pool.shutdown(wait=False, cancel_futures=True)
         try:
@@ -444,6 +572,30 @@ class Sidecar:
         except Exception as err:
             log.debug("closing %s failed: %s", r.source.name, err)
         return len(got)
+
+    def _read_now(self, r: _Runner, *, final_read: bool) -> list[PowerSample]:
+        """Keep a late read that returned since the last tick, then read once more.
+
+        A read still out is left to the next tick; a final read that does not
+        return within the read timeout becomes the runner's pending read.
+        """
+        got: list[PowerSample] = []
+        if r.pending is not None and r.pending.done():
+            try:
+                got = r.guard.check(r.pending.result(timeout=0))
+            except Exception as err:
+                log.warning("sidecar: late read of %s failed: %s", r.source.name, err)
+            r.pending = None
+        if final_read and r.pending is None:
+            fut = r.pool.submit(r.source.read)
+            try:
+                got += r.guard.check(fut.result(self.read_timeout_s))
+            except Exception as err:
+                if not fut.done():
+                    r.pending = fut
+                log.warning("sidecar: final read of %s failed: %s", r.source.name, err)
+        self._seen(r, got)
+        return got
 
     def sources(self) -> list[dict[str, Any]]:
         """The sources read now: name, key, owning run (added ones) and devices seen."""
@@ -506,6 +658,7 @@ class Sidecar:
         got += marks
         self._keep(got)
         self.stats.ticks += 1
+        self._prune()
         return len(got)
 
     def _keep(self, got: list[tuple[PowerSample, str | None]]) -> None:
@@ -532,9 +685,8 @@ class Sidecar:
         r.guard.resolve("*", "hang")
         r.guard.resolve("*", "error")
         checked = r.guard.check(res)
-        for s in checked:
-            r.devices[s.device] = s.model
-        return [(s, self._owner(r, s.device)) for s in checked]
+        self._seen(r, checked)
+        return [(s, self._owner(r, s.device, s.timestamp)) for s in checked]
 
     def _mark(self, r: _Runner, kind: str, note: str) -> list[tuple[PowerSample, str | None]]:
         """Null samples saying why ``r``'s devices have no reading now.
@@ -547,7 +699,7 @@ class Sidecar:
         return [
             (
                 PowerSample(dev, model, ts, None, None, source=r.source.name, note=note),
-                self._owner(r, dev),
+                self._owner(r, dev, ts),
             )
             for dev, model in r.devices.items()
         ]
@@ -567,36 +719,74 @@ class Sidecar:
             frame = _frame(buf, self.node)
             self._seq += 1
             batch = _Batch(self._seq, frame)
-            if self._queued_rows + frame.height > self.max_memory_rows or self._outage:
-                self._spill(batch)
-            else:
+            fits = self._queued_rows + frame.height <= self.max_memory_rows
+            # During an outage, or with memory full, batches go to the journal; one the
+            # journal refuses stays in memory while there is room (else it is counted lost).
+            if (fits and not self._outage) or (not self._spill(batch, in_memory=fits) and fits):
                 self._queue.append(batch)
                 self._queued_rows += frame.height
         self._wake.set()
         return frame.height
 
-    def _spill(self, batch: _Batch) -> None:
-        """Move a batch to the journal (caller holds ``_lock``)."""
+    def _spill(self, batch: _Batch, *, in_memory: bool) -> bool:
+        """Move a batch to the journal (caller holds ``_lock``).
+
+        Args:
+            batch: The batch.
+            in_memory: Whether the caller keeps the batch in the memory queue when
+                the journal refuses it; else its rows are counted lost.
+
+        Returns:
+            Whether the journal took it.
+
+        """
         assert batch.frame is not None
         n = batch.frame.height
         try:
             self.journal.append(batch.frame, seq=batch.seq)
-        except Exception as err:  # disk full, journal bound: the rows are lost, say so
+        except Exception as err:  # disk full, journal bound
+            if in_memory:
+                if not self._spill_failing:
+                    log.error(
+                        "sidecar: could not spill %d samples to %s: %s; keeping batches in "
+                        "memory (up to %d rows) until the receiver or the journal takes them",
+                        n,
+                        self.journal.directory,
+                        err,
+                        self.max_memory_rows,
+                    )
+                self._spill_failing = True
+                return False
             self.stats.lost += n
             log.error(
-                "sidecar: could not spill %d samples to %s: %s; they are lost",
+                "sidecar: could not spill %d samples to %s and memory is full (%d rows "
+                "queued, bound %d): %s; they are lost",
                 n,
                 self.journal.directory,
+                self._queued_rows,
+                self.max_memory_rows,
                 err,
             )
-        else:
-            self.stats.spilled += n
+            return False
+        if self._spill_failing:
+            self._spill_failing = False
+            log.warning("sidecar: the journal %s takes batches again", self.journal.directory)
+        self.stats.spilled += n
+        return True
 
     def set_run(self, run_id: str | None) -> None:
-        """Assign samples from now on to ``run_id`` (the buffer is cut first)."""
+        """Make ``run_id`` the node-wide run from now on (the buffer is cut first).
+
+        It replaces the run given at construction or by an earlier call; runs that
+        took the whole node with :meth:`attach_job` keep it until they detach.
+        """
         rid = None if run_id is None else check_run_id(run_id)
         self.cut()
-        self.run_id = rid
+        with self._tick_lock:
+            if rid is not None and rid in self._node_stack:
+                self._node_stack.remove(rid)
+            self._base_run = rid
+            self._node_changed()
 
     def ship(self) -> bool:
         """Deliver queued and spilled batches, oldest first, until one fails.
@@ -611,6 +801,8 @@ class Sidecar:
                     item = self._oldest()
                 if item is None:
                     return True
+                if isinstance(item, BadInputError):
+                    continue  # set aside; go on with the next batch
                 seq, frame, from_memory = item
                 try:
                     send_at = getattr(self.receiver, "send_at", None)
@@ -633,10 +825,14 @@ class Sidecar:
                                 self.retry_s,
                             )
                         self._outage = True
-                        while self._queue:
-                            b = self._queue.popleft()
-                            self._queued_rows -= b.frame.height if b.frame is not None else 0
-                            self._spill(b)
+                        kept: deque[_Batch] = deque()
+                        for b in self._queue:
+                            # Already counted in memory: what the journal refuses stays there.
+                            if self._spill(b, in_memory=True):
+                                self._queued_rows -= b.frame.height if b.frame is not None else 0
+                            else:
+                                kept.append(b)
+                        self._queue = kept
                     return False
                 with self._lock:
                     if from_memory:
@@ -646,19 +842,63 @@ class Sidecar:
                         self.journal.remove(seq)
                     self.stats.sent += frame.height
                     self.stats.batches_sent += 1
-                    if self._outage and not from_memory and len(self.journal) == 0:
+                    if self._outage and len(self.journal) == 0:
+                        # Nothing waits on disk (resent, or the journal took nothing): new
+                        # batches queue in memory again.
                         self._outage = False
-                        log.warning("sidecar: receiver is back; the journal has been resent")
+                        log.warning("sidecar: receiver is back; nothing waits in the journal")
 
-    def _oldest(self) -> tuple[int, pl.DataFrame, bool] | None:
-        pending = self.journal.pending()
+    def _oldest(self) -> tuple[int, pl.DataFrame, bool] | BadInputError | None:
+        """The oldest batch to deliver: (seq, frame, from memory), or ``None``.
+
+        A journal file that cannot be read is set aside (:meth:`_reject`) and its
+        error returned instead, so that the caller goes on with the next one.
+        """
+        pending = [(seq, p) for seq, p in self.journal.pending() if seq not in self._skip]
         j = pending[0] if pending else None
         m = self._queue[0] if self._queue else None
         if j is not None and (m is None or j[0] < m.seq):
-            return j[0], self.journal.read(j[1]), False
+            try:
+                return j[0], self.journal.read(j[1]), False
+            except BadInputError as err:
+                self._reject(j[0], j[1], err)
+                return err
         if m is not None and m.frame is not None:
             return m.seq, m.frame, True
         return None
+
+    def _reject(self, seq: int, path: Path, err: Exception) -> None:
+        """Set an unreadable journal file aside (kept as ``rejected-<name>``), count and log it.
+
+        Caller holds ``_lock``.
+        """
+        import pyarrow.parquet as pq
+
+        before = self.journal.rows
+        rows: int | None
+        try:
+            rows = int(pq.read_metadata(path).num_rows)
+        except (Exception, pl.exceptions.PanicException):
+            rows = None
+        aside = path.with_name(f"rejected-{path.name}")
+        try:
+            path.rename(aside)
+        except OSError as move_err:
+            self._skip.add(seq)  # left in place: skipped by this process, retried at next start
+            where = f"left in place ({move_err}); skipped until the sidecar restarts"
+        else:
+            where = f"kept as {aside}"
+        self.journal.remove(seq)  # the file has moved: this only forgets its count
+        if rows is None and before - self.journal.rows > 0:
+            rows = before - self.journal.rows  # this process spilled it: the journal knew
+        self.stats.rejected_batches += 1
+        self.stats.rejected_rows += rows or 0
+        log.error(
+            "sidecar: a journal batch cannot be delivered: %s; %s samples in it are not sent; %s",
+            err,
+            "its" if rows is None else rows,
+            where,
+        )
 
     # -- threads ------------------------------------------------------------------------------
     def _sample_loop(self) -> None:
@@ -727,7 +967,10 @@ class Sidecar:
         self._threads = []
         self._drain_pending()
         self.cut()
-        self.ship()
+        try:
+            self.ship()
+        except Exception:  # what was not delivered stays queued or in the journal
+            log.exception("sidecar: delivery at stop failed; undelivered batches stay pending")
         return self.stats
 
     def _drain_pending(self) -> None:
@@ -749,7 +992,12 @@ class Sidecar:
 
     def close(self) -> None:
         """Stop (if running) and close every source."""
-        self.stop()
+        try:
+            self.stop()
+        finally:
+            self._close_sources()
+
+    def _close_sources(self) -> None:
         for r in list(self._runners):
             r.pool.shutdown(wait=False, cancel_futures=True)
             try:
@@ -786,3 +1034,11 @@ class Sidecar:
 def _frame(buf: list[tuple[PowerSample, str | None]], node: str) -> pl.DataFrame:
     """Samples with their runs as a ``samples`` frame, sorted by device and time."""
     return samples_frame([s for s, _ in buf], node=node, run_ids=[rid for _, rid in buf])
+
+
+def _held_at(h: _History, ts: datetime) -> str | None:
+    """Who held at ``ts``: the last entry starting before it (``None`` before the first)."""
+    for start, run in reversed(h):
+        if start < ts:
+            return run
+    return None

@@ -153,7 +153,8 @@ def test_full_journal_counts_lost_rows(tmp_path: Path) -> None:
         ticks(side, clock, 3)  # 6 rows a batch
         side.cut()
         side.ship()
-    assert (side.stats.spilled, side.stats.lost) == (6, 12)
+    # The journal took one batch; the two it refused wait in memory (there is room).
+    assert (side.stats.spilled, side.stats.lost, side.pending_rows) == (6, 0, 18)
 
 
 def test_journal_files_are_ordered_and_atomic(tmp_path: Path) -> None:
@@ -344,3 +345,217 @@ def test_realtime_replay_at_100x_into_the_store_keeps_energy(tmp_path: Path) -> 
     assert e_got.height == 3
     for a, b in zip(e_got["energy_j"], e_want["energy_j"], strict=True):
         assert a == pytest.approx(b, rel=1e-3)
+
+
+def test_a_corrupt_journal_batch_is_set_aside_and_the_rest_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    side, clock, recv = stepper(tmp_path)
+    recv.down = True
+    for _ in range(3):  # three batches of 6 rows go to the journal
+        ticks(side, clock, 3)
+        side.cut()
+        side.ship()
+    first = side.journal.pending()[0][1]
+    first.write_bytes(first.read_bytes()[:50])  # torn by a disk error
+    recv.down = False
+    with caplog.at_level(logging.WARNING):
+        assert side.ship()  # the other batches go; nothing raises
+        ticks(side, clock, 2)
+        side.cut()
+        assert side.ship()
+    assert side.stats.sent == 12 + 4 and side.stats.rejected_batches == 1
+    assert side.stats.rejected_rows == 6  # the journal counted them when it spilled them
+    assert side._outage is False and len(side.journal) == 0
+    # The file is kept beside the journal, out of the resend order, and named once in the log.
+    kept = tmp_path / "journal" / f"rejected-{first.name}"
+    assert kept.is_file() and not first.exists()
+    said = [r.getMessage() for r in caplog.records if first.name in r.getMessage()]
+    assert len(said) == 1 and "unreadable" in said[0] and "6 samples" in said[0]
+    assert Journal(tmp_path / "journal").pending() == []
+    side.close()  # does not raise
+
+
+def test_a_corrupt_batch_left_by_a_dead_sidecar_does_not_stop_stop(tmp_path: Path) -> None:
+    side, clock, recv = stepper(tmp_path)
+    recv.down = True
+    ticks(side, clock, 4)
+    side.cut()
+    side.ship()
+    side.stop()
+    path = side.journal.pending()[0][1]
+    path.write_bytes(b"PAR1 not really")
+    recv2 = FlakyStore(tmp_path / "store")
+    side2 = Sidecar(
+        [ReplaySource(trace(), clock=StepClock())],
+        node="n1",
+        receiver=recv2,
+        journal=tmp_path / "journal",
+    )
+    side2.stop()  # no raise: the unreadable batch is set aside, its size unknown
+    assert side2.stats.rejected_batches == 1 and side2.stats.rejected_rows == 0
+    assert (tmp_path / "journal" / f"rejected-{path.name}").is_file()
+
+
+def test_a_send_failure_with_a_journal_that_takes_nothing_does_not_stick(
+    tmp_path: Path,
+) -> None:
+    clock = StepClock()
+    recv = FlakyStore(tmp_path / "store")
+    side = Sidecar(
+        [ReplaySource(trace(), clock=clock)],
+        node="n",
+        receiver=recv,
+        journal=Journal(tmp_path / "j", max_rows=0),  # full disk: the journal takes nothing
+    )
+    ticks(side, clock, 5)
+    side.cut()
+    assert side.ship()
+    recv.down = True  # a short blip: one refused batch
+    ticks(side, clock, 5)
+    side.cut()
+    assert side.ship() is False
+    assert side.stats.lost == 0 and side.pending_rows == 10  # kept in memory, not dropped
+    recv.down = False
+    for _ in range(4):
+        ticks(side, clock, 5)
+        side.cut()
+        assert side.ship()
+    s = side.stats
+    assert (s.samples, s.sent, s.lost, side._outage) == (60, 60, 0, False)
+    firsts = [b["timestamp"].min() for b in recv.accepted]
+    assert firsts == sorted(firsts)
+
+
+def test_when_memory_and_journal_are_both_full_rows_are_counted_lost(tmp_path: Path) -> None:
+    clock = StepClock()
+    recv = FlakyStore(tmp_path / "store")
+    recv.down = True
+    side = Sidecar(
+        [ReplaySource(trace(), clock=clock)],
+        node="n",
+        receiver=recv,
+        journal=Journal(tmp_path / "j", max_rows=0),
+        max_memory_rows=10,
+    )
+    for _ in range(3):
+        ticks(side, clock, 2)  # 4 rows a batch
+        side.cut()
+        side.ship()
+    assert (side.stats.lost, side.pending_rows) == (4, 8)
+    recv.down = False
+    assert side.ship() and side.stats.sent == 8
+
+
+def _seconds(frames: list[pl.DataFrame], anchor: datetime, run: str | None) -> list[int]:
+    df = pl.concat(frames).filter(
+        pl.col("run_id").is_null() if run is None else pl.col("run_id") == run
+    )
+    return sorted(int((t - anchor).total_seconds()) for t in df["timestamp"])
+
+
+def test_samples_go_to_the_run_that_held_the_device_when_they_were_taken(
+    tmp_path: Path,
+) -> None:
+    """Reads every 5 s return 1 Hz samples stamped before the read; attach at 7 s, detach at 17."""
+    clock = StepClock()
+    src = ReplaySource(trace(devices=1), clock=clock, speed=1.0)
+    frames: list[pl.DataFrame] = []
+    side = Sidecar(
+        [src],
+        node="n1",
+        receiver=frames.append,
+        journal=tmp_path / "j",
+        interval_s=5,
+        clock=lambda: src.anchor + timedelta(seconds=clock.t),  # the sources' time line
+    )
+
+    def tick_at(t: float) -> None:
+        clock.t = t
+        side.tick()
+
+    tick_at(0)
+    tick_at(5)
+    clock.t = 7.0
+    side.attach("r-A", ["0"])
+    tick_at(10)
+    tick_at(15)
+    clock.t = 17.0
+    assert side.detach("r-A") == 0  # no source of its own; the device is read once more
+    side.cut()
+    side.ship()
+    # The final read at detach delivered the run's last samples (16, 17) at once.
+    assert _seconds(frames, src.anchor, "r-A") == list(range(8, 18))
+    tick_at(20)
+    tick_at(25)
+    side.cut()
+    side.ship()
+    assert _seconds(frames, src.anchor, "r-A") == list(range(8, 18))  # (7, 17]
+    assert _seconds(frames, src.anchor, None) == [*range(0, 8), *range(18, 26)]
+    assert side.owners() == {"*": None} and side._dev_hist == {}  # history pruned
+
+
+def test_a_node_shared_by_runs_goes_back_to_the_one_still_running(tmp_path: Path) -> None:
+    clock = StepClock()
+    frames: list[pl.DataFrame] = []
+    side = Sidecar(
+        [ReplaySource(trace(devices=1), clock=clock)],
+        node="n1",
+        run_id="base",
+        receiver=frames.append,
+        journal=tmp_path / "j",
+    )
+    ticks(side, clock, 2)
+    assert side.attach_job("r-A") == {"mode": "node"}
+    ticks(side, clock, 2)
+    assert side.attach_job("r-B") == {"mode": "node"}
+    ticks(side, clock, 2)
+    side.detach("r-B")  # B ends; A still runs on the node
+    assert side.run_id == "r-A" and side.node_runs == ["base", "r-A", "r-B"][:2]
+    ticks(side, clock, 2)
+    side.detach("r-A")
+    ticks(side, clock, 2)
+    side.cut()
+    side.ship()
+    got = pl.concat(frames).sort("timestamp")["run_id"].to_list()
+    assert got == ["base"] * 2 + ["r-A"] * 2 + ["r-B"] * 2 + ["r-A"] * 2 + ["base"] * 2
+    assert side.owners() == {"*": "base"} and side.node_runs == ["base"]
+
+
+def test_a_restarted_sidecar_actor_keeps_the_order_of_runs_sharing_its_node(
+    tmp_path: Path,
+) -> None:
+    """No Ray: the actor's class runs here, with the aggregator's answers given."""
+    from cluster.actors import _SidecarActorImpl
+
+    class Actor(_SidecarActorImpl):
+        @staticmethod
+        def _still_running(run_id: str) -> bool | None:
+            return True  # the aggregator says every run still runs
+
+    got: list[pl.DataFrame] = []
+
+    def actor() -> _SidecarActorImpl:
+        a = Actor(
+            "n1",
+            [("replay", {"trace": trace(devices=1)})],  # sources that cannot tell runs apart
+            batch_interval_s=60.0,
+            journal_dir=str(tmp_path / "journal"),
+        )
+        a.sidecar.receiver = got.append  # type: ignore[assignment]  # no aggregator here
+        return a
+
+    first = actor()
+    try:
+        for rid in ("r-A", "r-B", "r-A"):  # A attached again (a retried call): A holds it
+            assert first.attach_job(rid) == {"mode": "node"}
+        assert first.owners()["*"] == "r-A"
+    finally:
+        first.stop()
+    second = actor()  # the actor restarted: the same runs, in the same order
+    try:
+        assert second.sidecar.node_runs == ["r-B", "r-A"] and second.owners()["*"] == "r-A"
+        second.detach("r-A")
+        assert second.owners()["*"] == "r-B"  # B still runs: the node goes back to it
+    finally:
+        second.stop()

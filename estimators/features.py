@@ -490,7 +490,7 @@ def same_flops(gflops: float, reference: float) -> bool:
     return reference > 0 and abs(gflops / reference - 1.0) <= SAME_CONFIG_TOLERANCE
 
 
-def _is_number(v: object) -> TypeGuard[numbers.Real]:
+def is_number(v: object) -> TypeGuard[numbers.Real]:
     """Whether ``v`` is a finite real number (numpy scalars included; not a bool or a string)."""
     return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -500,9 +500,9 @@ def _check_positive(job: JobDescription) -> None:
     name = job.architecture
     for k in ("batch_size", "training_size", "gpu_count"):
         v = getattr(job, k)
-        if not (_is_number(v) and float(v) > 0):
+        if not (is_number(v) and float(v) > 0):
             raise BadInputError(f"job {name}: {k} must be a number > 0; found {v!r}")
-    if not (_is_number(job.validation_size) and float(job.validation_size) >= 0):
+    if not (is_number(job.validation_size) and float(job.validation_size) >= 0):
         raise BadInputError(
             f"job {name}: validation_size must be a number >= 0; found {job.validation_size!r}"
         )
@@ -510,10 +510,10 @@ def _check_positive(job: JobDescription) -> None:
     # (0 epochs used to be computed as 1, negative ones gave negative energies).
     epochs = job.planned_epochs
     if epochs is not None and not (
-        _is_number(epochs) and float(epochs) > 0 and float(epochs).is_integer()
+        is_number(epochs) and float(epochs) > 0 and float(epochs).is_integer()
     ):
         raise BadInputError(f"job {name}: planned_epochs must be an integer > 0; found {epochs!r}")
-    if job.layers is not None and not (_is_number(job.layers) and float(job.layers) > 0):
+    if job.layers is not None and not (is_number(job.layers) and float(job.layers) > 0):
         raise BadInputError(
             f"job {name}: layers (with parameters) must be a number > 0; found {job.layers!r}"
         )
@@ -576,13 +576,13 @@ def _user_gpu_value(key: str, value: object) -> float | None:
     if key == "gpu_generation":
         # The GPU table's form ("ampere") or its index in GENERATIONS.
         gen = _generation_number(value) if isinstance(value, str) else value
-        if not (_is_number(gen) and float(gen) >= 0):
+        if not (is_number(gen) and float(gen) >= 0):
             raise BadInputError(
                 f"user-described GPU: {key}: expected a generation name (one of "
                 f"{list(GENERATIONS)}) or its index >= 0; found {value!r}"
             )
         return float(gen)
-    if not (_is_number(value) and float(value) > 0):
+    if not (is_number(value) and float(value) > 0):
         raise BadInputError(f"user-described GPU: {key}: expected a number > 0; found {value!r}")
     return float(value)
 

@@ -22,7 +22,6 @@ numbers > 0; anything else is refused with the file, node type and key.
 from __future__ import annotations
 
 import json
-import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -36,6 +35,7 @@ from estimators.features import (
     complete_job,
     feature_frame,
     gpu_key,
+    is_number,
     user_gpu_columns,
 )
 from profiler.errors import BadInputError
@@ -203,8 +203,7 @@ def check_node_type(node: NodeType, *, file: str = "inventory", index: int | Non
         v = getattr(node, key)
         if v is None:
             continue
-        ok = isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
-        if not (ok and float(v) >= 0):
+        if not (is_number(v) and float(v) >= 0):
             raise bad(key, "a number >= 0 (or null)")
     if not isinstance(node.default, bool):
         raise bad("default", "true or false")

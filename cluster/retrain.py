@@ -360,7 +360,7 @@ def _held_out_seen(rows: pl.DataFrame, held: np.ndarray, new: PREModel) -> np.nd
     """
     import numpy as np
 
-    from estimators.pre import _arrays, _matrix, random_folds
+    from estimators.pre import _arrays, random_folds
 
     cv = new.cv_["energy"]
     depth = int(cv["max_depth"])
@@ -372,7 +372,7 @@ def _held_out_seen(rows: pl.DataFrame, held: np.ndarray, new: PREModel) -> np.nd
     ]
     y = rows["epoch_energy_j"].to_numpy().astype(float)
     choice = (float(cv["efficiency"]), float(cv["overlap"]))
-    oof = new._oof(_arrays(rows), _matrix(rows), y, True, (depth,), folds, choice)
+    oof = new._oof(_arrays(rows), new._x(rows), y, True, (depth,), folds, choice)
     return np.asarray(oof[depth][idx], dtype=float)
 
 

@@ -176,6 +176,7 @@ JOB_COLUMNS: tuple[str, ...] = (
     "precision_bits",
     "batches_per_epoch",
     "tflop_per_epoch",
+    "epochs",
 )
 GPU_COLUMNS: tuple[str, ...] = (
     "gpu_board_power_w",
@@ -656,6 +657,9 @@ def job_row(job: JobDescription) -> dict[str, Any]:
         "batches_per_epoch": float(math.ceil(train / bs) + math.ceil(val / bs)),
         # Training samples pass forward and backward, validation samples forward only.
         "tflop_per_epoch": (job.gflops_train * train + job.gflops_forward * val) / 1e3,
+        # The run's length: per-epoch energy is an average over the run, and schedules
+        # (frozen-base epochs first, warm-up, one-off start-up costs) make it depend on it.
+        "epochs": None if job.planned_epochs is None else float(job.planned_epochs),
     }
 
 
@@ -719,7 +723,9 @@ def runs_features(
     Image size, precision and GPU count come from the columns when present,
     else from the store's ``config`` JSON, else stay null / fp32 / 1. Board
     power is the spec's (a configured power limit in the runs is ignored: it
-    made leave-one-architecture-out worse on the shared runs).
+    made leave-one-architecture-out worse on the shared runs). The ``epochs``
+    feature is ``trained_epochs`` (the run's length, which the per-epoch truth
+    averages over), else ``planned_epochs``, else null.
 
     Args:
         runs: The runs.
@@ -761,6 +767,13 @@ def runs_features(
                     f"{where(file, i, repr(k))}run {r.get('run_id')!r}: expected a value; "
                     "found null"
                 )
+        # The run's length as a feature: the epochs it trained (what the per-epoch truth
+        # averages over), else the epochs it planned.
+        ep_feature = r.get("trained_epochs")
+        if ep_feature is None:
+            ep_feature = pick("planned_epochs")
+        if not (is_number(ep_feature) and float(ep_feature) > 0 and float(ep_feature).is_integer()):
+            ep_feature = None
         job = JobDescription(
             architecture=r["architecture"],
             batch_size=int(r["batch_size"]),
@@ -775,6 +788,7 @@ def runs_features(
             params=pick("params"),
             layers=pick("layers"),
             activation_mb=pick("activation_mb"),
+            planned_epochs=None if ep_feature is None else int(float(ep_feature)),
         )
         try:
             row = job_row(complete_job(job))

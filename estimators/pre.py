@@ -71,8 +71,9 @@ if TYPE_CHECKING:
 
 FORMAT = "wattwise-pre"
 #: 3: the SEAA architectures are described as trained (features changed meaning) and
-#: the model records the FLOPs it saw per architecture.
-FORMAT_VERSION = 3
+#: the model records the FLOPs it saw per architecture. 4: the run's length (``epochs``)
+#: is a feature, and the model records its reference length.
+FORMAT_VERSION = 4
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
@@ -476,12 +477,26 @@ def _log_fit(
 # ----------------------------------------------------------------------------- one target
 
 
-def _matrix(frame: pl.DataFrame) -> np.ndarray:
-    return (
+def _matrix(frame: pl.DataFrame, epochs: float | None = None) -> np.ndarray:
+    """The correction's input matrix (:data:`FEATURES` in order).
+
+    Args:
+        frame: Feature rows.
+        epochs: Fills a null ``epochs`` (the run's length). ``None`` leaves it
+            missing; ``nan`` blanks the whole column (the feature switched off).
+
+    """
+    x = np.array(  # a writable copy
         frame.select([pl.col(c).cast(pl.Float64) for c in FEATURES])
         .fill_null(float("nan"))
-        .to_numpy()
+        .to_numpy(),
+        dtype=float,
     )
+    if epochs is not None:
+        j = FEATURES.index("epochs")
+        col = x[:, j]
+        x[:, j] = np.where(np.isnan(col) | math.isnan(epochs), epochs, col)
+    return x
 
 
 def _quantiles(r: np.ndarray, coverage: float) -> tuple[float, float]:
@@ -503,10 +518,9 @@ class _Fitted:
     seen_q: tuple[float, float]
     unseen_q: tuple[float, float] | None
 
-    def point(self, frame: pl.DataFrame, x: np.ndarray | None = None) -> np.ndarray:
+    def point(self, frame: pl.DataFrame, x: np.ndarray) -> np.ndarray:
         import xgboost as xgb
 
-        x = _matrix(frame) if x is None else x
         corr = np.exp(self.booster.predict(xgb.DMatrix(x)))
         return np.asarray(self.prior.predict(frame) * corr, dtype=float)
 
@@ -561,6 +575,7 @@ class PREModel:
         seed: int = 0,
         efficiency: float = 0.8,
         overlap: float = OVERLAP,
+        epochs_feature: bool = True,
     ) -> None:
         self.coverage = coverage
         self.n_estimators = n_estimators
@@ -571,6 +586,18 @@ class PREModel:
         self.seed = seed
         self.efficiency = efficiency
         self.overlap = overlap
+        self.epochs_feature = epochs_feature
+        self.reference_epochs_: float | None = None
+
+    def _x(self, frame: pl.DataFrame) -> np.ndarray:
+        """The correction's inputs of ``frame``: a null ``epochs`` is the reference length.
+
+        With ``epochs_feature=False`` the column is blank (missing) in every
+        row, so no tree splits on it.
+        """
+        if not self.epochs_feature:
+            return _matrix(frame, float("nan"))
+        return _matrix(frame, self.reference_epochs_)
 
     # -- fit
 
@@ -769,7 +796,9 @@ class PREModel:
                 )
         import xgboost as xgb
 
-        x = _matrix(frame)
+        known = frame.filter(pl.col("epochs") > 0)["epochs"].to_numpy()
+        self.reference_epochs_ = float(np.median(known)) if len(known) else None
+        x = self._x(frame)
         a = _arrays(frame)
         keys = arch_keys(frame)
         n_arch = len(set(keys))
@@ -851,7 +880,7 @@ class PREModel:
                 raise BadInputError(
                     f"PRE prediction rows: column {c!r} has nulls; expected numbers"
                 )
-        x = _matrix(frame)
+        x = self._x(frame)
         seen = _seen(
             arch_keys(frame),
             frame["gflops_forward"].to_list(),
@@ -894,6 +923,8 @@ class PREModel:
             "architecture_gflops": self.architecture_gflops_,
             "gpus": self.gpus_,
             "n_rows": self.n_rows_,
+            "epochs_feature": self.epochs_feature,
+            "reference_epochs": self.reference_epochs_,
             "cv": self.cv_,
             "targets": {
                 t: {
@@ -977,7 +1008,9 @@ class PREModel:
                     f"{d.get('features')}; this wattwise expects version {FORMAT_VERSION} with "
                     f"{list(FEATURES)}. Retrain with 'wattwise retrain'"
                 )
-            m = cls(coverage=float(d["coverage"]))
+            m = cls(coverage=float(d["coverage"]), epochs_feature=bool(d["epochs_feature"]))
+            ref = d["reference_epochs"]
+            m.reference_epochs_ = None if ref is None else float(ref)
             m.fitted_ = {}
             for t, td in d["targets"].items():
                 booster = xgb.Booster()

@@ -93,13 +93,16 @@ def test_new_runs_of_known_architectures_are_scored_alike(seaa_runs, tmp_path, c
     store.write_runs(seaa_runs.filter(pl.col("run_id").is_in(later)))
     assert main(["retrain", "--store", str(store.root), "--if-new-runs"]) == 0
     out = capsys.readouterr().out
-    assert "v2 accepted" in out
+    assert "v2 " in out
     card = _card(store.root, 2)
-    assert card["accepted"] is True
     assert "held-out energy MAPE on 8 runs new since v1" in card["decision"]
     assert "8 of architectures v1 had seen" in card["decision"]
-    # The new model, refitted without each of the 8 runs, beats v1 on them.
-    assert card["score_mape_pct"] < card["previous_score_mape_pct"]
+    # Like with like: the new model, refitted without each of the 8 runs, scores about as
+    # v1 does on them (4.05 % and 4.04 % here); scored as new architectures it got 7.28 %.
+    new, old = card["score_mape_pct"], card["previous_score_mape_pct"]
+    assert new < 6.0 and old < 6.0
+    assert abs(new - old) < 1.0
+    assert card["accepted"] is (new <= old * 1.0001)
 
 
 def test_few_new_runs_compare_cross_validation_of_the_same_kind(seaa_runs, tmp_path):
@@ -119,7 +122,11 @@ def test_few_new_runs_compare_cross_validation_of_the_same_kind(seaa_runs, tmp_p
     assert v2["score_mape_pct"] == pytest.approx(v2["cv"]["energy"]["random_mape_pct"])
     assert "cross-validated energy MAPE (random folds)" in result.decision
     assert "grouped" not in result.decision
-    assert result.accepted
+    # Random folds both: close figures (4.29 % and 4.11 % here), not 39.59 % against 9.52 %.
+    new, old = v2["score_mape_pct"], v2["previous_score_mape_pct"]
+    assert new < 6.0 and old < 6.0
+    assert abs(new - old) < 1.0
+    assert result.accepted is (new <= old * 1.0001)
 
 
 def test_runs_with_an_unknown_or_missing_gpu_are_left_out_not_fatal(seaa_runs, tmp_path, capsys):

@@ -46,7 +46,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--image-size", type=int, help="square input size in pixels")
     p.add_argument("--train-size", type=int, required=True, help="training samples per epoch")
     p.add_argument("--val-size", type=int, default=0, help="validation samples per epoch")
-    p.add_argument("--epochs", type=int, default=1, help="planned epochs")
+    p.add_argument(
+        "--epochs",
+        type=int,
+        help="planned epochs: totals are per-epoch figures times this, and the run's length "
+        "is a PRE feature (default: totals for 1 epoch of a run of the model's median length)",
+    )
     p.add_argument(
         "--gflops",
         type=float,
@@ -145,15 +150,23 @@ def run_recommend(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(rec.to_json(), indent=2, default=str))
         return 0
-    _print_table(rec, args, model.architecture_gflops_.get(args.arch, []))
+    _print_table(rec, args, model.architecture_gflops_.get(args.arch, []), model.reference_epochs_)
     return 0
 
 
-def _print_table(rec: Any, args: argparse.Namespace, trained_gflops: list[float]) -> None:
+def _print_table(
+    rec: Any, args: argparse.Namespace, trained_gflops: list[float], reference: float | None
+) -> None:
     from rich.table import Table
 
+    if args.epochs is not None:
+        length = f"{args.epochs} epochs"
+    elif reference is not None:
+        length = f"1 epoch of a {reference:g}-epoch run; give --epochs"
+    else:
+        length = "1 epoch; give --epochs"
     t = Table(
-        title=f"PRE recommendation for {args.arch} ({args.epochs} epochs, by {rec.objective}); "
+        title=f"PRE recommendation for {args.arch} ({length}, by {rec.objective}); "
         "predicted, 90 % intervals"
     )
     for c in ("rank", "node type", "GPU", "energy kWh", "interval kWh", "time h", "cost", "gCO2e"):

@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from conftest import SHARED_DATA
 from estimators.features import JobDescription, runs_features
 from estimators.pre import PREModel
 from estimators.recommend import (
@@ -106,17 +107,28 @@ def test_bad_inventory_and_objective(model: PREModel, tmp_path) -> None:
     assert not rec.table.filter(pl.col("node_type") == "mine")["seen_gpu"][0]
 
 
+@pytest.fixture(scope="module")
+def loao() -> dict[str, tuple[pl.DataFrame, pl.DataFrame]]:
+    """Per architecture: its runs and PRE's predictions by a model fitted without it."""
+    if not (SHARED_DATA / "runs.parquet").is_file():
+        pytest.skip(f"real traces not found at {SHARED_DATA} (../shared/data/seaa2023)")
+    df = runs_features(pl.read_parquet(SHARED_DATA / "runs.parquet"))
+    out = {}
+    for arch in sorted(set(df["architecture"].to_list())):
+        m = PREModel().fit(df.filter(pl.col("architecture") != arch))
+        held = df.filter(pl.col("architecture") == arch)
+        out[arch] = (held, m.predict(held))
+    return out
+
+
 @pytest.mark.parametrize(
     ("arch", "max_mape"),
-    # measured with the defaults (2-core x86): 14.1 %, 10.9 %, 11.5 %
-    [("mobilenet_v2", 15.0), ("nasnet_mobile", 12.0), ("vgg16", 12.5)],
+    # measured with the defaults (2-core x86): 13.4 %, 10.7 %, 10.2 %
+    [("mobilenet_v2", 14.0), ("nasnet_mobile", 11.5), ("vgg16", 11.0)],
 )
-def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str, max_mape: float) -> None:
+def test_real_runs_loao_picks_the_lower_energy_gpu(loao, arch: str, max_mape: float) -> None:
     """Regression (vgg16): the additive prior picked the RTX 3070, 3 % worse than the 3090."""
-    df = runs_features(pl.read_parquet(shared_data / "runs.parquet"))
-    m = PREModel().fit(df.filter(pl.col("architecture") != arch))
-    held = df.filter(pl.col("architecture") == arch)
-    pred = m.predict(held)
+    held, pred = loao[arch]
     p = held.with_columns(pred["predicted_epoch_energy_j"].alias("pred"))
     cells = p.group_by("gpu_model").agg(pl.col("epoch_energy_j").mean(), pl.col("pred").mean())
     assert cells.sort("pred")["gpu_model"][0] == cells.sort("epoch_energy_j")["gpu_model"][0]
@@ -124,6 +136,15 @@ def test_real_runs_loao_picks_the_lower_energy_gpu(shared_data, arch: str, max_m
     assert 100 * np.mean(np.abs(p["pred"].to_numpy() - y) / y) < max_mape
     cover = np.mean((y >= pred["lower_j"].to_numpy()) & (y <= pred["upper_j"].to_numpy()))
     assert cover >= 0.8  # the issue's goal for unseen architectures
+
+
+def test_real_runs_loao_pooled_meets_the_goal(loao) -> None:
+    """The issue's goal: every run predicted by a model that never saw its architecture,
+    MAPE at most 12 % (measured 11.62 %; 12.06 % without the run-length feature)."""
+    y = np.concatenate([h["epoch_energy_j"].to_numpy() for h, _ in loao.values()])
+    p = np.concatenate([q["predicted_epoch_energy_j"].to_numpy() for _, q in loao.values()])
+    assert len(y) == 249
+    assert 100 * np.mean(np.abs(p - y) / y) <= 12.0
 
 
 @pytest.mark.parametrize(

@@ -36,10 +36,17 @@ request reaches a path outside the store. Idle connections are dropped after
 :data:`REQUEST_TIMEOUT_S`. Answers are JSON; errors are ``{"error": message}``
 with status 400 (bad input), 401 (token), 404 (unknown run or route), 408 (the
 body stopped arriving), 413 (body too large), 500 (a failure of the server, logged
-with its traceback) or 503 (no inventory, store refused). A body refused with 401
-or 413 is read and thrown away (up to :data:`MAX_DISCARD` bytes) so that clients
-which send the whole body before reading, such as ``urllib`` and ``requests``, get
-the answer.
+with its traceback), 501 (a ``Transfer-Encoding`` other than ``chunked``) or 503 (no
+inventory, store refused). A body refused with 401 or 413 is read and thrown away (up
+to :data:`MAX_DISCARD` bytes) so that clients which send the whole body before reading,
+such as ``urllib`` and ``requests``, get the answer.
+
+A POST body has a ``Content-Length`` or is sent with ``Transfer-Encoding: chunked``
+(as ``requests`` does for a generator and ``curl`` with that header); a chunked body
+is decoded, at most :data:`MAX_BODY` bytes of it (413 beyond), and bad framing (a
+chunk size that is not hexadecimal, a missing CRLF, a body cut short) is a 400. Both
+headers at once is a 400, any other transfer coding (``gzip``...) a 501: never an
+empty body.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import re
 import socket
 import sys
 import threading
@@ -55,6 +63,7 @@ import urllib.parse
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from io import BufferedIOBase
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -80,6 +89,10 @@ REQUEST_TIMEOUT_S = 30.0
 #: Most bytes of a refused body (401, 413) read and thrown away before answering, so that
 #: clients which send the whole body before reading the answer get it; a larger body is cut off.
 MAX_DISCARD = 8 * MAX_BODY
+#: Longest chunk-size line or trailer line of a chunked body, in bytes.
+MAX_CHUNK_LINE = 8192
+#: Most trailer lines after a chunked body's last chunk.
+MAX_TRAILERS = 64
 #: Largest ``image_size`` of ``/placement``: the aggregator runs the model at that size on CPU.
 MAX_IMAGE_SIZE = 1024
 #: Largest ``batch_size`` of ``/placement``.
@@ -307,6 +320,150 @@ def _query_params(query: str) -> dict[str, str]:
     return out
 
 
+#: A chunk size: 1 to 16 hexadecimal digits (``int(x, 16)`` would also take ``0x``, ``+``, ``_``).
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+
+
+class _BodyError(Exception):
+    """A request body refused for its framing: the HTTP status to answer and the message."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _chunk_line(rfile: BufferedIOBase, ended: str) -> bytes:
+    """One line of a chunked body's framing, without its CRLF (or bare LF).
+
+    Args:
+        rfile: The connection.
+        ended: What was expected next, for the message when the body ends first.
+
+    Raises:
+        _BodyError: 400: the body ended before the line's end, or the line is too long.
+
+    """
+    line = rfile.readline(MAX_CHUNK_LINE + 1)
+    if not line.endswith(b"\n"):
+        if len(line) > MAX_CHUNK_LINE:
+            raise _BodyError(
+                400,
+                f"chunked request body: expected chunk-size and trailer lines of at most "
+                f"{MAX_CHUNK_LINE} bytes; found a longer one",
+            )
+        raise _BodyError(400, f"chunked request body: the body ended before {ended}")
+    return line[:-1].removesuffix(b"\r")
+
+
+def _chunk_size(line: bytes) -> int:
+    """The size of a chunk from its size line (``;`` extensions are ignored).
+
+    Raises:
+        _BodyError: 400: not 1 to 16 hexadecimal digits.
+
+    """
+    text = line.split(b";", 1)[0].rstrip(b" \t")
+    if not _CHUNK_SIZE.fullmatch(text):
+        raise _BodyError(
+            400,
+            "chunked request body: expected a chunk size in hexadecimal (1 to 16 digits, then "
+            f"optional ';' extensions); found {text[:40].decode('latin-1')!r}",
+        )
+    return int(text, 16)
+
+
+def _skip_trailers(rfile: BufferedIOBase) -> None:
+    """Read the trailer lines after the last chunk, up to the empty line, and drop them.
+
+    Raises:
+        _BodyError: 400: more than :data:`MAX_TRAILERS` lines, or the body ended first.
+
+    """
+    for _ in range(MAX_TRAILERS + 1):
+        if not _chunk_line(rfile, "the empty line after its trailers"):
+            return
+    raise _BodyError(
+        400, f"chunked request body: expected at most {MAX_TRAILERS} trailer lines; found more"
+    )
+
+
+def _read_chunked(rfile: BufferedIOBase, limit: int) -> bytes:
+    """Decode a ``Transfer-Encoding: chunked`` body (RFC 9112, section 7.1).
+
+    Sizes are hexadecimal; chunk extensions and trailers are read and dropped; the body
+    ends at the 0-size chunk. The limit is checked against each chunk's declared size
+    before its data is read.
+
+    Args:
+        rfile: The connection, just after the request's headers.
+        limit: Most bytes of body accepted.
+
+    Returns:
+        The body.
+
+    Raises:
+        _BodyError: 413 beyond ``limit`` (after the rest is read and dropped, see
+            :func:`_drain_chunked`); 400 for bad framing or a body cut short.
+
+    """
+    body = bytearray()
+    while (size := _chunk_size(_chunk_line(rfile, "its last (0-size) chunk"))) > 0:
+        if len(body) + size > limit:
+            found = len(body) + size
+            _drain_chunked(rfile, size)
+            raise _BodyError(
+                413, f"chunked request body exceeds {limit} bytes; found at least {found}"
+            )
+        data = rfile.read(size)  # waits at most REQUEST_TIMEOUT_S for each piece
+        if len(data) < size:
+            raise _BodyError(
+                400,
+                f"chunked request body: the body ended inside a chunk: expected {size} bytes, "
+                f"found {len(data)}",
+            )
+        body += data
+        end = _chunk_line(rfile, f"the CRLF after a chunk of {size} bytes")
+        if end:
+            raise _BodyError(
+                400,
+                f"chunked request body: expected CRLF after a chunk of {size} bytes; found "
+                f"{end[:40].decode('latin-1')!r}",
+            )
+    _skip_trailers(rfile)
+    return bytes(body)
+
+
+def _drain_chunked(rfile: BufferedIOBase, size: int | None = None) -> None:
+    """Read and drop the rest of a chunked body about to be refused, up to :data:`MAX_DISCARD`.
+
+    Stops quietly at the body's end, at bad framing, at the end of the connection or
+    at a timeout: the refusal is answered either way.
+
+    Args:
+        rfile: The connection.
+        size: Bytes of the current chunk still unread, or ``None`` before a size line.
+
+    """
+    left = MAX_DISCARD
+    try:
+        while True:
+            if size is None:
+                size = _chunk_size(_chunk_line(rfile, "its last (0-size) chunk"))
+                if size == 0:
+                    return _skip_trailers(rfile)
+            while size > 0:
+                got = rfile.read(min(size, left, 1 << 16)) if left > 0 else b""
+                if not got:
+                    return
+                size -= len(got)
+                left -= len(got)
+            if _chunk_line(rfile, "the CRLF after a chunk"):
+                return
+            size = None
+    except (OSError, _BodyError):
+        return
+
+
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
     timeout = REQUEST_TIMEOUT_S
@@ -351,17 +508,23 @@ class _Handler(BaseHTTPRequestHandler):
             "has the traceback",
         )
 
-    def _discard_body(self, length: int) -> None:
+    def _discard_body(self, length: int | None) -> None:
         """Read and drop up to :data:`MAX_DISCARD` bytes of a body about to be refused.
 
         A client that sends its whole body before reading (urllib, http.client,
         requests) gets a broken pipe instead of the answer when the server
         closes with the body unread. A client that sent ``Expect: 100-continue``
         waits for the answer instead, so nothing is read.
+
+        Args:
+            length: The body's Content-Length, or ``None`` for a chunked body.
+
         """
         self.close_connection = True
         if self.headers.get("Expect", "").strip().lower() == "100-continue":
             return
+        if length is None:
+            return _drain_chunked(self.rfile)
         left = min(length, MAX_DISCARD)
         try:
             while left > 0:
@@ -421,29 +584,69 @@ class _Handler(BaseHTTPRequestHandler):
         except Exception as err:  # a bug or a resource failure: answer 500, not a dropped line
             self._failed(err)
 
+    def _body_length(self) -> int | None:
+        """The body's length from ``Content-Length``, or ``None`` for a chunked body.
+
+        Raises:
+            _BodyError: 501 for a transfer coding other than ``chunked`` alone; 400 for
+                both headers at once or a Content-Length that is not an integer >= 0.
+
+        """
+        codings = [
+            c.strip() for h in self.headers.get_all("Transfer-Encoding", []) for c in h.split(",")
+        ]
+        if codings:
+            if [c.lower() for c in codings] != ["chunked"]:
+                raise _BodyError(
+                    501,
+                    f"Transfer-Encoding {', '.join(codings)[:100]!r} is not supported; expected "
+                    "'chunked' alone or a Content-Length",
+                )
+            if self.headers.get("Content-Length") is not None:
+                raise _BodyError(
+                    400,
+                    "expected either Content-Length or Transfer-Encoding: chunked; found both "
+                    "(the body's length is ambiguous)",
+                )
+            return None
+        given = self.headers.get("Content-Length") or "0"
+        try:
+            length = int(given)
+        except ValueError:
+            raise _BodyError(
+                400, f"Content-Length must be an integer; found {given[:40]!r}"
+            ) from None
+        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
+            raise _BodyError(400, f"Content-Length must be >= 0; found {length}")
+        return length
+
     def _post(self) -> None:
         agg = self.server.agg
         token = self.server.token
+        refused: _BodyError | None = None
         try:
-            length: int | None = int(self.headers.get("Content-Length") or 0)
-        except ValueError:
-            length = None
+            length = self._body_length()
+        except _BodyError as err:
+            length, refused = 0, err
         if token is not None:
             given = self.headers.get("Authorization", "")
             # Both sides as UTF-8 bytes: compare_digest refuses non-ASCII str.
             if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                self._discard_body(length or 0)
+                self._discard_body(length)
                 return self._error(401, "writes need 'Authorization: Bearer <token>'")
-        if length is None:
-            return self._error(400, "Content-Length must be an integer")
-        if length < 0:  # rfile.read(-1) would wait for the client to close the connection
-            return self._error(400, f"Content-Length must be >= 0; found {length}")
-        if length > MAX_BODY:
+        if refused is not None:  # the body's end is unknown: the connection cannot be reused
+            self.close_connection = True
+            return self._error(refused.code, str(refused))
+        if length is not None and length > MAX_BODY:
             self._discard_body(length)
             return self._error(413, f"request body of {length} bytes exceeds {MAX_BODY}")
         path = self.path.partition("?")[0]
         try:
-            raw = self.rfile.read(length) or b"{}"
+            if length is None:
+                raw = _read_chunked(self.rfile, MAX_BODY)
+            else:
+                raw = self.rfile.read(length)
+            raw = raw or b"{}"
             try:
                 body = json.loads(raw)
             except (UnicodeDecodeError, RecursionError) as err:
@@ -471,6 +674,9 @@ class _Handler(BaseHTTPRequestHandler):
             return self._error(
                 404, f"no route POST {path[:200]!r}; use /samples, /epochs or /placement"
             )
+        except _BodyError as err:  # the chunked body's end is unknown: close the connection
+            self.close_connection = True
+            return self._error(err.code, str(err))
         except json.JSONDecodeError as err:
             return self._error(400, f"expected a JSON body; {err}")
         except BadInputError as err:

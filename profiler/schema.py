@@ -14,6 +14,7 @@ watts, durations in seconds, memory in MiB, temperatures in degrees Celsius.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -103,6 +104,11 @@ RUNS: tuple[Column, ...] = (
     Column("config", pl.String(), False, "further configuration as a JSON object"),
 )
 
+#: The columns that hold a sample's measurement. A sample with both null (an nvidia-smi
+#: ``[N/A]`` cell, a cut-off last line, a source that failed at that tick) is a
+#: *placeholder*: a copy of it with a value fills it, and it is no conflict.
+SAMPLE_VALUES: tuple[str, ...] = ("power_w", "energy_j")
+
 TABLES: dict[str, tuple[Column, ...]] = {"runs": RUNS, "samples": SAMPLES, "epochs": EPOCHS}
 KEYS: dict[str, tuple[str, ...]] = {
     "runs": ("run_id",),
@@ -127,6 +133,57 @@ def schema(table: str) -> pl.Schema:
 def empty(table: str) -> pl.DataFrame:
     """An empty frame with a table's schema."""
     return pl.DataFrame(schema=schema(table))
+
+
+def is_placeholder(columns: Sequence[str]) -> pl.Expr:
+    """True for sample rows without a measurement: every one of ``SAMPLE_VALUES`` is null.
+
+    Args:
+        columns: The frame's columns; a value column it lacks counts as null.
+
+    """
+    expr = pl.lit(True)
+    for c in SAMPLE_VALUES:
+        if c in columns:
+            expr = expr & pl.col(c).is_null()
+    return expr
+
+
+def drop_filled_placeholders(
+    df: pl.DataFrame, key: Sequence[str] = KEYS["samples"]
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """``df`` without the placeholder rows whose key also has a row with a measurement.
+
+    A placeholder (see :data:`SAMPLE_VALUES`) is no conflict with a valued copy
+    of the same sample: the valued copy fills it, whichever comes first. Other
+    rows (placeholders alone, identical or conflicting valued copies) are kept.
+
+    Args:
+        df: Sample rows (conformed or not). A frame lacking a key column is
+            returned as is (:func:`conform` then says what is missing).
+        key: The sample key.
+
+    Returns:
+        The rows kept, in order, and the keys (one row each) whose first row
+        was a placeholder that a later valued row filled; a placeholder after
+        a valued row is a plain duplicate and not among them.
+
+    """
+    key = list(key)
+    none = df.select(key).clear() if set(key) <= set(df.columns) else pl.DataFrame()
+    if not set(key) <= set(df.columns) or df.height < 2:
+        return df, none
+    empty_ = is_placeholder(df.columns)
+    flags = df.select(
+        empty_.alias("_empty"),
+        (~empty_).any().over(key).alias("_valued"),
+        empty_.first().over(key).alias("_first_empty"),
+    )
+    drop = flags["_empty"] & flags["_valued"]
+    if not drop.any():
+        return df, none
+    filled = df.filter(drop & flags["_first_empty"]).select(key).unique(maintain_order=True)
+    return df.filter(~drop), filled
 
 
 def _castable(found: pl.DataType, want: pl.DataType) -> bool:
@@ -162,7 +219,11 @@ def conform(df: pl.DataFrame, table: str, *, file: str | None = None) -> pl.Data
     """Check a frame against a table's schema and return it in storage form.
 
     Missing optional columns are added as nulls; numeric columns are widened
-    (int to float, int32 to int64); time zones are converted to UTC.
+    (int to float, int32 to int64); time zones are converted to UTC. Rows
+    sharing a key must be identical, except that a sample without a
+    measurement (a placeholder, see :data:`SAMPLE_VALUES`) may share its key
+    with a valued copy; such rows are returned as they are (the store keeps
+    the valued copy, see :func:`drop_filled_placeholders`).
 
     Args:
         df: Rows to be written.
@@ -175,7 +236,8 @@ def conform(df: pl.DataFrame, table: str, *, file: str | None = None) -> pl.Data
     Raises:
         SchemaError: Unknown or missing columns, wrong dtypes, nulls in
             required columns, bad run ids, statuses or sources, negative or
-            non-finite power or energy, epochs ending before they start.
+            non-finite power or energy, epochs ending before they start, two
+            different rows with one key.
 
     """
     cols = TABLES[table]
@@ -276,6 +338,10 @@ def _check_values(df: pl.DataFrame, table: str, file: str | None) -> None:
                 f"found start {bad[1]['start']} and end {bad[1]['end']}"
             )
     key = KEYS[table]
+    if table == "samples":
+        # A placeholder (no power, no counter) and a valued copy of it are no conflict:
+        # the value fills it (the store keeps the valued copy).
+        df = drop_filled_placeholders(df, key)[0]
     dup = df.filter(pl.struct(key).is_duplicated())
     if dup.height:
         # Identical duplicates are harmless (stored once); conflicting ones are not.

@@ -8,7 +8,12 @@ checks readings with :class:`~profiler.sources.base.SampleGuard`, and every
 *shipper* hands batches to the receiver oldest first. When the receiver
 raises, the batch and every queued one go to the spill :class:`Journal` on
 local disk, and the shipper retries the oldest journal batch every
-``retry_s``; once it is accepted the journal is drained in order. Memory is
+``retry_s``; once it is accepted the journal is drained in order. A batch
+the receiver refuses as bad input (:class:`~profiler.errors.BadInputError`,
+e.g. a schema error or a conflict with a stored sample) is no outage: it is
+set aside as ``rejected-batch-<seq>.parquet`` in the journal directory (a
+``-<n>`` suffix where that name is taken), the reason is logged, and later
+batches are delivered. Memory is
 bounded: when queued batches exceed ``max_memory_rows`` the sampler spills
 new batches straight to the journal.
 
@@ -54,10 +59,11 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, StoreError
 from profiler.journal import Journal, default_journal_dir
 from profiler.schema import check_run_id
 from profiler.sources.base import PowerSample, PowerSource, SampleGuard, samples_frame, utc_now
+from profiler.store import atomic_write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +131,16 @@ class SidecarStats:
         lost: Rows dropped because neither the receiver nor the journal took them.
         batches_sent: Batches the receiver accepted.
         send_failures: Receiver calls that raised.
-        rejected_batches: Journal batch files that could not be read back (torn or
-            corrupt); each is renamed ``rejected-<name>`` in the journal directory and
-            kept, and delivery goes on with the next batch.
-        rejected_rows: Rows of those files, where their size is known (from the
-            parquet footer, or from the journal that wrote them); files of unknown
-            size add nothing here.
+        rejected_batches: Batches set aside: journal batch files that could not be
+            read back (torn or corrupt), and batches the receiver refused as bad input
+            (:class:`~profiler.errors.BadInputError`, a schema error or a conflict with
+            a stored sample: resending cannot change the answer). Each is kept as
+            ``rejected-batch-<seq>.parquet`` in the journal directory (``-<n>`` added
+            where an earlier one has that name), the reason is logged as an error, and
+            delivery goes on with the next batch.
+        rejected_rows: Rows of those batches, where their size is known (from the
+            batch, the parquet footer, or the journal that wrote them); files of
+            unknown size add nothing here.
 
     """
 
@@ -791,6 +801,10 @@ class Sidecar:
     def ship(self) -> bool:
         """Deliver queued and spilled batches, oldest first, until one fails.
 
+        A batch refused as bad input (:class:`~profiler.errors.BadInputError`)
+        is set aside (see :attr:`SidecarStats.rejected_batches`) and delivery
+        goes on with the next one.
+
         Returns:
             True when nothing is left to deliver.
 
@@ -812,6 +826,16 @@ class Sidecar:
                         self.receiver.send(frame)
                 except Exception as err:
                     self.stats.send_failures += 1
+                    if isinstance(err, BadInputError):
+                        # Refused for what it holds, not for an outage: sending it again
+                        # gets the same answer, so it is set aside and later batches go on.
+                        with self._lock:
+                            if from_memory:
+                                self._queue.popleft()
+                                self._queued_rows -= frame.height
+                            path = None if from_memory else self._journal_path(seq)
+                            self._reject(seq, path, err, frame=frame, refused=True)
+                        continue
                     with self._lock:
                         if not self._outage:
                             log.warning(
@@ -867,38 +891,98 @@ class Sidecar:
             return m.seq, m.frame, True
         return None
 
-    def _reject(self, seq: int, path: Path, err: Exception) -> None:
-        """Set an unreadable journal file aside (kept as ``rejected-<name>``), count and log it.
+    def _journal_path(self, seq: int) -> Path:
+        """The journal file of batch ``seq`` (as :meth:`_oldest` found it)."""
+        for s, p in self.journal.pending():
+            if s == seq:
+                return p
+        return self.journal.directory / f"batch-{seq:012d}.parquet"
 
+    def _reject(
+        self,
+        seq: int,
+        path: Path | None,
+        err: Exception,
+        *,
+        frame: pl.DataFrame | None = None,
+        refused: bool = False,
+    ) -> None:
+        """Set a batch aside (kept as ``rejected-<name>`` in the journal directory), count, log it.
+
+        For a journal file that cannot be read, and for a batch the receiver
+        refused as bad input (``refused``), which sending again cannot change.
         Caller holds ``_lock``.
+
+        Args:
+            seq: The batch number.
+            path: Its journal file; ``None`` for a batch held in memory
+                (``frame``), which is written to the rejected name instead.
+            err: Why it cannot be delivered.
+            frame: The batch's rows, where they were read.
+            refused: Whether the receiver refused it (else the file is unreadable).
+
         """
         import pyarrow.parquet as pq
 
-        before = self.journal.rows
-        rows: int | None
-        try:
-            rows = int(pq.read_metadata(path).num_rows)
-        except (Exception, pl.exceptions.PanicException):
-            rows = None
-        aside = path.with_name(f"rejected-{path.name}")
-        try:
-            path.rename(aside)
-        except OSError as move_err:
-            self._skip.add(seq)  # left in place: skipped by this process, retried at next start
-            where = f"left in place ({move_err}); skipped until the sidecar restarts"
-        else:
+        rows: int | None = None if frame is None else frame.height
+        aside = _aside(self.journal.directory, f"batch-{seq:012d}.parquet")
+        if path is None:
+            assert frame is not None
+            try:
+                atomic_write_parquet(frame, aside)
+            except StoreError as write_err:
+                self.stats.lost += frame.height
+                log.error(
+                    "sidecar: receiver %s refused batch %d as bad input (%s: %s), and setting "
+                    "it aside failed (%s); its %d samples are lost",
+                    type(self.receiver).__name__,
+                    seq,
+                    type(err).__name__,
+                    err,
+                    write_err,
+                    frame.height,
+                )
+                return
             where = f"kept as {aside}"
-        self.journal.remove(seq)  # the file has moved: this only forgets its count
-        if rows is None and before - self.journal.rows > 0:
-            rows = before - self.journal.rows  # this process spilled it: the journal knew
+        else:
+            before = self.journal.rows
+            if rows is None:
+                try:
+                    rows = int(pq.read_metadata(path).num_rows)
+                except (Exception, pl.exceptions.PanicException):
+                    rows = None
+            aside = _aside(path.parent, path.name)
+            try:
+                path.rename(aside)
+            except OSError as move_err:
+                self._skip.add(seq)  # left in place: skipped by this process, retried at next start
+                where = f"left in place ({move_err}); skipped until the sidecar restarts"
+            else:
+                where = f"kept as {aside}"
+            self.journal.remove(seq)  # the file has moved: this only forgets its count
+            if rows is None and before - self.journal.rows > 0:
+                rows = before - self.journal.rows  # this process spilled it: the journal knew
         self.stats.rejected_batches += 1
         self.stats.rejected_rows += rows or 0
-        log.error(
-            "sidecar: a journal batch cannot be delivered: %s; %s samples in it are not sent; %s",
-            err,
-            "its" if rows is None else rows,
-            where,
-        )
+        if refused:
+            log.error(
+                "sidecar: receiver %s refused batch %d as bad input (%s: %s); sending it again "
+                "cannot change that, so its %s samples are not sent; %s; later batches go on",
+                type(self.receiver).__name__,
+                seq,
+                type(err).__name__,
+                err,
+                "" if rows is None else rows,
+                where,
+            )
+        else:
+            log.error(
+                "sidecar: a journal batch cannot be delivered: %s; %s samples in it are not "
+                "sent; %s",
+                err,
+                "its" if rows is None else rows,
+                where,
+            )
 
     # -- threads ------------------------------------------------------------------------------
     def _sample_loop(self) -> None:
@@ -1029,6 +1113,20 @@ class Sidecar:
         """Rows taken but not yet accepted by the receiver (buffer, memory queue, journal)."""
         with self._lock:
             return len(self._buffer) + self._queued_rows + self.journal.rows
+
+
+def _aside(directory: Path, name: str) -> Path:
+    """``directory/rejected-<name>``, or with ``-<n>`` before the suffix if that is taken.
+
+    Batch numbers start again after a restart with an empty journal, so a name
+    can repeat; a batch set aside earlier is never overwritten.
+    """
+    aside = directory / f"rejected-{name}"
+    n = 1
+    while aside.exists():
+        aside = directory / f"rejected-{Path(name).stem}-{n}{Path(name).suffix}"
+        n += 1
+    return aside
 
 
 def _frame(buf: list[tuple[PowerSample, str | None]], node: str) -> pl.DataFrame:

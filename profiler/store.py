@@ -15,8 +15,13 @@ crash leaves at most a hidden temporary that the next writer removes. Writers
 serialise on ``.lock``; readers take no lock. A sample's identity is
 (run_id, node, device, timestamp): writing it again is a no-op, writing a
 different value for it is refused (or, with ``conflicts="keep_stored"``, skipped
-and reported: the stored value wins). A reader that lists a run's files while a
-writer compacts them lists them again (see :meth:`Store.samples`).
+and reported: the stored value wins). A sample without a measurement (power_w
+and energy_j null: a placeholder, such as an nvidia-smi ``[N/A]`` cell) is no
+conflict: a copy with a value fills it, and a placeholder copy of a valued
+sample is a plain duplicate. Filling stored rows writes the run's files anew as
+one base file in one rename, as a compaction does; fills are logged. A reader
+that lists a run's files while a writer compacts them lists them again (see
+:meth:`Store.samples`).
 
 New rows are compared only with the files of their run whose time range
 overlaps theirs: a file's range (first and last timestamp) comes from its
@@ -50,7 +55,18 @@ from typing import Literal
 import polars as pl
 
 from profiler.errors import BadInputError, SchemaError, StoreError, where
-from profiler.schema import KEYS, RUN_ID_RE, check_run_id, conform, empty, schema
+from profiler.schema import (
+    KEYS,
+    RUN_ID_RE,
+    SAMPLE_VALUES,
+    UTC_US,
+    check_run_id,
+    conform,
+    drop_filled_placeholders,
+    empty,
+    is_placeholder,
+    schema,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +79,7 @@ _US = timedelta(microseconds=1)
 #: How many times a reader lists a run's files again when one vanished (a compaction).
 READ_RETRIES = 5
 _SAMPLE_KEY = ["node", "device", "timestamp"]
-_VALUES = ["power_w", "energy_j"]
+_VALUES = list(SAMPLE_VALUES)
 #: Ends the message of a write that failed before anything was renamed into place.
 UNCHANGED = "the store is unchanged"
 #: In the message of a write whose file was renamed into place but whose directory sync failed.
@@ -201,6 +217,26 @@ def read_store_files(
     return pl.concat(frames) if frames else pl.DataFrame(schema=want)
 
 
+def _conformed_keys(frames: list[pl.DataFrame]) -> pl.DataFrame:
+    """Sample keys (run_id, node, device, timestamp) of ``frames`` in storage types, once each.
+
+    For keys taken from a frame before :func:`conform` accepted it (so their
+    columns are of types it can convert).
+    """
+    key = ["run_id", *_SAMPLE_KEY]
+    out = []
+    for f in frames:
+        if f.height == 0 or not set(key) <= set(f.columns):
+            continue
+        ts = pl.col("timestamp")
+        if isinstance(f.schema["timestamp"], pl.Datetime):
+            ts = ts.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+        out.append(f.select(*(pl.col(c).cast(pl.String) for c in key[:-1]), ts.cast(UTC_US)))
+    if not out:
+        return pl.DataFrame(schema={c: schema("samples")[c] for c in key})
+    return pl.concat(out).unique()
+
+
 def _time_range(df: pl.DataFrame) -> tuple[int, int]:
     """First and last ``timestamp`` of a non-empty samples frame, in µs since the epoch."""
     us = df.get_column("timestamp").to_physical()  # µs: conform() casts to UTC_US
@@ -328,6 +364,7 @@ class Store:
         on_run: Callable[[str | None, int], None] | None = None,
         conflicts: Literal["raise", "keep_stored"] = "raise",
         on_conflict: Callable[[int, str], None] | None = None,
+        on_fill: Callable[[int, str], None] | None = None,
     ) -> int:
         """Append samples; rows already stored are skipped.
 
@@ -340,23 +377,37 @@ class Store:
         logged as a warning with the first of them and passed to
         ``on_conflict``.
 
+        A sample without a measurement (power_w and energy_j null: a
+        placeholder, such as an nvidia-smi ``[N/A]`` cell) is no conflict, in
+        either mode: a valued copy *fills* it, whether it is stored or earlier
+        or later in the batch, and a placeholder copy of a valued sample is a
+        plain duplicate (not written). Filling stored rows writes the run's
+        files anew as one base file, with this batch's new rows, in one rename
+        (as a compaction does), so a crash leaves either the old files or the
+        new one live. Fills are logged as a warning naming each run and passed
+        to ``on_fill``.
+
         Args:
             df: Rows in the ``samples`` schema (missing optional columns allowed).
             file: Where the rows came from, for messages.
             on_run: Called with (run_id, new rows) after each run of the
-                batch is written, e.g. to advance a progress bar.
+                batch is written, e.g. to advance a progress bar; filled rows
+                are not new rows.
             conflicts: ``raise`` (refuse the batch) or ``keep_stored`` (skip
                 the conflicting rows) on a key stored with other values.
             on_conflict: With ``keep_stored``, called once after the write with
                 (rows skipped, description of the first) when any was skipped.
+            on_fill: Called once after the write with (samples filled,
+                description of the first) when a valued row filled a
+                placeholder, stored or in the batch.
 
         Returns:
-            How many rows were new.
+            How many rows were new (filled placeholders not counted).
 
         Raises:
             SchemaError: The rows do not fit the schema, or (``conflicts="raise"``)
                 a row has the key of a stored row, or of another row of the
-                batch, but different values.
+                batch, but different values (neither without a measurement).
             StoreError: The store could not be written (for example the disk
                 is full). The message says which runs of the batch were stored
                 before the failure, if any; sending the batch again stores only
@@ -369,21 +420,31 @@ class Store:
             raise BadInputError(f"conflicts must be 'raise' or 'keep_stored'; found {conflicts!r}")
         keep_stored = conflicts == "keep_stored"
         skipped: list[tuple[int, str]] = []  # (rows, description of the first)
+        # Keys whose placeholder a later row of the batch fills (before and after conform,
+        # which may merge timestamps by truncating them to µs).
+        in_batch: list[pl.DataFrame] = []
         if keep_stored:
+            df, filled = drop_filled_placeholders(df)
+            in_batch.append(filled)
             df = self._first_of_each_key(df, file, skipped)
         df = conform(df, "samples", file=file).unique(maintain_order=True)
         _check_frame_ids(df)
+        df, filled = drop_filled_placeholders(df)
+        in_batch.append(filled)
         if df.height == 0:
             return 0
+        batch_filled = _conformed_keys(in_batch)
         groups = df.partition_by("run_id", as_dict=True, maintain_order=True)
         dirs = {rid: self._run_dir(None if rid is None else str(rid)) for (rid,) in groups}
+        fills: list[tuple[str, int, str]] = []  # (run, samples filled, description of the first)
         with self._locked():
             # Check every run before writing any, so a conflict leaves the store unchanged.
-            pending: dict[Path, tuple[pl.DataFrame, int, int]] = {}
+            # run directory -> (new rows, rows filling stored placeholders, top seq, live files)
+            pending: dict[Path, tuple[pl.DataFrame, pl.DataFrame, int, int]] = {}
             for (rid,), part in groups.items():
                 run_dir = dirs[rid]
                 live, top = self._live_parts(run_dir)
-                new, clash = self._only_new(part, run_dir, live)
+                new, clash, fill = self._only_new(part, run_dir, live)
                 if clash.height:
                     msg = self._clash_message(clash, run_dir.name, file)
                     if not keep_stored:
@@ -392,17 +453,26 @@ class Store:
                             "write it under another run id or node"
                         )
                     skipped.append((clash.height, msg))
-                if new.height:
-                    pending[run_dir] = (new, top, len(live))
+                if new.height or fill.height:
+                    pending[run_dir] = (new, fill, top, len(live))
+                n_fill, first = self._fill_count(new, fill, batch_filled, run_dir.name, file)
+                if n_fill:
+                    fills.append((run_dir.name, n_fill, first))
             due: list[tuple[int, Path]] = []  # (live files after this write, run directory)
             stored: list[str] = []
             for (rid,) in groups:
                 run_dir = dirs[rid]
-                fresh, top, n_live = pending.get(run_dir, (None, 0, 0))
-                if fresh is not None:
-                    path = run_dir / f"part-{top + 1:012d}.parquet"
+                fresh, filling, top, n_live = pending.get(run_dir, (None, None, 0, 0))
+                if fresh is not None and filling is not None:
                     try:
-                        atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
+                        if filling.height:
+                            path = run_dir / f"base-{top + 1:012d}.parquet"
+                            self._write_filled(run_dir, fresh, filling, path)
+                            n_live = 0  # the new base supersedes every file of the run
+                        else:
+                            path = run_dir / f"part-{top + 1:012d}.parquet"
+                            atomic_write_parquet(fresh.sort("node", "device", "timestamp"), path)
+                            self._remember_range(path, _time_range(fresh))
                     except StoreError as err:
                         if path.exists():  # renamed into place; only the directory sync failed
                             stored.append(str(rid))
@@ -418,7 +488,6 @@ class Store:
                             "missing rows"
                         ) from err
                     stored.append(str(rid))
-                    self._remember_range(path, _time_range(fresh))
                     if n_live + 1 >= COMPACT_AFTER:
                         due.append((n_live + 1, run_dir))
                 if on_run is not None:
@@ -448,7 +517,73 @@ class Store:
             )
             if on_conflict is not None:
                 on_conflict(n_skipped, skipped[0][1])
-        return sum(new.height for new, _, _ in pending.values())
+        if fills:
+            n_filled = sum(n for _, n, _ in fills)
+            log.warning(
+                "%d samples filled: stored (or earlier in the batch) without a measurement "
+                "(power_w and energy_j null), they now hold the value sent; %s; first: %s",
+                n_filled,
+                ", ".join(f"run {run!r}: {n}" for run, n, _ in fills),
+                fills[0][2],
+            )
+            if on_fill is not None:
+                on_fill(n_filled, fills[0][2])
+        return sum(new.height for new, _, _, _ in pending.values())
+
+    def _fill_count(
+        self,
+        new: pl.DataFrame,
+        fill: pl.DataFrame,
+        batch_filled: pl.DataFrame,
+        run: str,
+        file: str | None,
+    ) -> tuple[int, str]:
+        """Samples of one run that a valued row fills, and a description of the first.
+
+        ``fill`` fills stored placeholders; a new row (not stored yet) fills a
+        placeholder of the batch when its key is in ``batch_filled``.
+        """
+        label = where(file, label="run " + repr(run))
+        if fill.height:
+            r = fill.row(0, named=True)
+            first = (
+                f"{label}sample node {r['node']!r} device {r['device']!r} at {r['timestamp']} "
+                f"was stored in {self.root} without a measurement; it now holds "
+                f"power_w={r['power_w']}, energy_j={r['energy_j']}"
+            )
+        else:
+            first = ""
+        if not batch_filled.height or not new.height:
+            return fill.height, first
+        hit = new.join(batch_filled, on=["run_id", *_SAMPLE_KEY], how="semi", nulls_equal=True)
+        if hit.height and not first:
+            r = hit.row(0, named=True)
+            first = (
+                f"{label}sample node {r['node']!r} device {r['device']!r} at {r['timestamp']} "
+                "comes twice in the batch, first without a measurement, then with "
+                f"power_w={r['power_w']}, energy_j={r['energy_j']}"
+            )
+        return fill.height + hit.height, first
+
+    def _write_filled(
+        self, run_dir: Path, new: pl.DataFrame, fill: pl.DataFrame, path: Path
+    ) -> None:
+        """Write a run's live files, with ``fill`` over their placeholders and ``new``, as ``path``.
+
+        ``path`` is a base file numbered above every file of the run, so the one
+        rename that puts it in place supersedes them all (we hold the lock); they
+        are removed after, and a crash before that leaves them dead, not doubled.
+        """
+        live, _ = self._live_parts(run_dir)
+        old = read_store_files(live, "samples")
+        merged = pl.concat(
+            [old.join(fill.select(_SAMPLE_KEY), on=_SAMPLE_KEY, how="anti"), fill, new]
+        ).sort("node", "device", "timestamp")
+        atomic_write_parquet(merged, path)
+        self._remember_range(path, _time_range(merged))
+        for p in live:  # superseded by the new base; harmless if a crash leaves them
+            p.unlink(missing_ok=True)
+            self._ranges.pop(str(p), None)
 
     @staticmethod
     def _first_of_each_key(
@@ -456,8 +591,10 @@ class Store:
     ) -> pl.DataFrame:
         """``df`` keeping the first row of each sample key; other values are noted in ``skipped``.
 
-        A frame without the key columns is returned as is (:func:`conform` then
-        says what is missing).
+        Call it after :func:`drop_filled_placeholders`: a placeholder left then
+        has no valued copy, and a later copy without a measurement is a plain
+        duplicate, not another value. A frame without the key columns is
+        returned as is (:func:`conform` then says what is missing).
         """
         key = ["run_id", *_SAMPLE_KEY]
         if not set(key) <= set(df.columns) or df.height < 2:
@@ -499,21 +636,24 @@ class Store:
 
     def _only_new(
         self, part: pl.DataFrame, run_dir: Path, live: list[Path]
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Rows of ``part`` not yet in ``live`` (a run's files), and those stored with other values.
+    ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+        """Rows of ``part`` not yet in ``live`` (a run's files), conflicts, and fills.
 
         Only files whose time range overlaps the rows' are read (a file whose
-        range is unknown is read whole).
+        range is unknown is read whole). A stored placeholder (power_w and
+        energy_j null) is filled by a row with a value; a row without a
+        measurement whose key is stored is a duplicate, whatever is stored.
 
         Returns:
-            The new rows, and the rows whose key is stored with another
-            power_w or energy_j (with the stored ones as ``*_old`` columns);
-            the latter are not among the new rows.
+            The new rows; the rows whose key is stored with another power_w
+            or energy_j, both with a measurement (with the stored ones as
+            ``*_old`` columns); and the rows with a measurement whose key is
+            stored as a placeholder. Neither of the latter is among the new rows.
 
         """
-        none = pl.DataFrame()
+        none = part.clear()
         if not live:
-            return part, none
+            return part, pl.DataFrame(), none
         lo, hi = _time_range(part)
         near = []
         for f in live:
@@ -521,15 +661,18 @@ class Store:
             if rng is None or (rng[0] <= hi and lo <= rng[1]):
                 near.append(f)
         if not near:
-            return part, none
+            return part, pl.DataFrame(), none
         key = _SAMPLE_KEY
         old = read_store_files(near, "samples", [*key, *_VALUES])
         both = part.join(old, on=key, how="inner", suffix="_old")
-        clash = both.filter(
-            ~pl.col("power_w").eq_missing(pl.col("power_w_old"))
-            | ~pl.col("energy_j").eq_missing(pl.col("energy_j_old"))
-        )
-        return part.join(old.select(key), on=key, how="anti"), clash
+        old_empty = pl.col("power_w_old").is_null() & pl.col("energy_j_old").is_null()
+        new_empty = is_placeholder(_VALUES)
+        differ = ~pl.col("power_w").eq_missing(pl.col("power_w_old")) | ~pl.col(
+            "energy_j"
+        ).eq_missing(pl.col("energy_j_old"))
+        clash = both.filter(differ & ~old_empty & ~new_empty)
+        fill = part.join(both.filter(old_empty & ~new_empty).select(key), on=key, how="semi")
+        return part.join(old.select(key), on=key, how="anti"), clash, fill
 
     @staticmethod
     def _identity(path: Path) -> tuple[int, int, int]:

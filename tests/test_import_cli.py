@@ -519,3 +519,33 @@ def test_readme_csv_import_after_the_dataset_adds_nothing(
     after = Store(store_dir).run("cloud-vgg16-00")
     assert (after["gpu_count"], after["energy_j"]) == (1, before["energy_j"])
     assert after["energy_j"] == pytest.approx(1.2297e6, rel=1e-4)
+
+
+def test_reimport_with_a_value_for_an_na_cell_fills_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression: a sample stored with power_w=None (an ``[N/A]`` cell) refused the corrected
+    file ('already in the store ... power_w=None'), exit 2, so its value could never be
+    stored."""
+    rows = [("08:00:00.000", 100.0), ("08:00:01.000", 500.0), ("08:00:02.000", 300.0)]
+    csv = smi_file(tmp_path / "na.csv", rows)
+    csv.write_text(csv.read_text().replace("500.00 W", "[N/A]"))
+    store_dir = tmp_path / "store"
+    args = ["import", "nvidia-smi", str(csv), "--run", "na", "--node", "n1"]
+    assert main([*args, "--store", str(store_dir)]) == 0
+    assert Store(store_dir).samples("na")["power_w"].to_list() == [100.0, None, 300.0]
+    # Integrated across the gap: 100 W to 300 W over 2 s.
+    assert Store(store_dir).run("na")["energy_j"] == pytest.approx(400.0)
+
+    smi_file(csv, rows)  # corrected: the cell holds its value
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="profiler.store"):
+        assert main([*args, "--store", str(store_dir)]) == 0
+    assert "1 samples filled" in caplog.text and "run 'na': 1" in caplog.text
+    store = Store(store_dir)
+    assert store.samples("na")["power_w"].to_list() == [100.0, 500.0, 300.0]
+    assert store.run("na")["energy_j"] == pytest.approx(300.0 + 400.0)  # with the 500 W sample
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="profiler.store"):
+        assert main([*args, "--store", str(store_dir)]) == 0  # again: nothing to fill
+    assert "filled" not in caplog.text

@@ -559,3 +559,98 @@ def test_a_restarted_sidecar_actor_keeps_the_order_of_runs_sharing_its_node(
         assert second.owners()["*"] == "r-B"  # B still runs: the node goes back to it
     finally:
         second.stop()
+
+
+class ClosedRuns(FlakyStore):
+    """A store receiver that refuses batches of closed runs as bad input (a permanent no)."""
+
+    def __init__(self, root: Path, closed: set[str]) -> None:
+        super().__init__(root)
+        self.closed = closed
+
+    def send(self, batch: pl.DataFrame) -> None:
+        runs = set(batch["run_id"].drop_nulls().to_list())
+        if not self.down and runs & self.closed:
+            raise BadInputError(
+                f"samples of run(s) {sorted(runs & self.closed)}, which are closed; expected "
+                "samples of open runs"
+            )
+        super().send(batch)
+
+
+@pytest.mark.parametrize("refusal", ["conflict", "closed run"])
+@pytest.mark.parametrize("spilled", [False, True])
+def test_a_batch_the_receiver_refuses_as_bad_input_is_set_aside_and_the_rest_delivered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, refusal: str, spilled: bool
+) -> None:
+    """Regression: a SchemaError (a conflict with a stored sample) was taken for an outage
+    and the batch retried for ever, holding back every later batch."""
+    clock = StepClock()
+    recv = (
+        FlakyStore(tmp_path / "store")
+        if refusal == "conflict"
+        else ClosedRuns(tmp_path / "store", {"r-1"})
+    )
+    side = Sidecar(
+        [ReplaySource(trace(), clock=clock, speed=1.0)],
+        node="n1",
+        run_id="r-1",
+        receiver=recv,
+        journal=tmp_path / "journal",
+    )
+    recv.down = spilled
+    ticks(side, clock, 3)
+    assert side.cut() == 6
+    first = side._queue[0].frame if side._queue else side.journal.read(side.journal.pending()[0][1])
+    assert first is not None
+    if refusal == "conflict":  # another writer stored another value of its first sample
+        Store(tmp_path / "store").write_samples(first.head(1).with_columns(power_w=pl.lit(1.0)))
+    assert side.ship() is not spilled  # spilled: the receiver is down, the batch waits on disk
+    assert len(side.journal) == int(spilled)
+    recv.down = False
+    side.set_run("r-2")
+    ticks(side, clock, 2)
+    side.cut()
+    with caplog.at_level(logging.WARNING):
+        assert side.ship()  # batch 1 set aside, batch 2 delivered
+    st = side.stats
+    assert (st.sent, st.batches_sent, st.rejected_batches, st.rejected_rows) == (4, 1, 1, 6)
+    assert st.lost == 0 and len(side.journal) == 0 and side._outage is False
+    kept = tmp_path / "journal" / "rejected-batch-000000000001.parquet"
+    assert pl.read_parquet(kept).equals(first)
+    said = [
+        r.getMessage() for r in caplog.records if "refused batch 1 as bad input" in r.getMessage()
+    ]
+    reason = "is already in the store" if refusal == "conflict" else "which are closed"
+    assert len(said) == 1 and reason in said[0] and str(kept) in said[0] and "6 samples" in said[0]
+    stored = Store(tmp_path / "store").samples()
+    assert stored.filter(pl.col("run_id") == "r-2").height == 4
+    assert stored.filter(pl.col("run_id") == "r-1").height == int(refusal == "conflict")
+    assert Journal(tmp_path / "journal").pending() == []
+
+
+def test_a_batch_set_aside_after_a_restart_keeps_the_earlier_one(tmp_path: Path) -> None:
+    """Batch numbers start again at 1 after a restart with an empty journal: the second
+    refused batch 1 must not overwrite the first one set aside."""
+    kept: list[pl.DataFrame | None] = []
+    for _ in range(2):
+        clock = StepClock()
+        side = Sidecar(
+            [ReplaySource(trace(), clock=clock, speed=1.0)],
+            node="n1",
+            run_id="r-1",
+            receiver=ClosedRuns(tmp_path / "store", {"r-1"}),
+            journal=tmp_path / "journal",
+        )
+        ticks(side, clock, 2)
+        side.cut()
+        kept.append(side._queue[0].frame)
+        assert side.ship() and side.stats.rejected_batches == 1
+        side.close()
+    journal = tmp_path / "journal"
+    assert sorted(p.name for p in journal.glob("rejected-*")) == [
+        "rejected-batch-000000000001-1.parquet",
+        "rejected-batch-000000000001.parquet",
+    ]
+    assert pl.read_parquet(journal / "rejected-batch-000000000001.parquet").equals(kept[0])
+    assert pl.read_parquet(journal / "rejected-batch-000000000001-1.parquet").equals(kept[1])

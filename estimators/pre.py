@@ -72,8 +72,9 @@ if TYPE_CHECKING:
 FORMAT = "wattwise-pre"
 #: 3: the SEAA architectures are described as trained (features changed meaning) and
 #: the model records the FLOPs it saw per architecture. 4: the run's length (``epochs``)
-#: is a feature, and the model records its reference length.
-FORMAT_VERSION = 4
+#: is a feature, and the model records its reference length. 5: a second model without
+#: the length predicts jobs that do not say how long they run.
+FORMAT_VERSION = 5
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
@@ -525,6 +526,45 @@ class _Fitted:
         return np.asarray(self.prior.predict(frame) * corr, dtype=float)
 
 
+def _lengths(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """The ``epochs`` column (nan where null) and where it is not a finite number > 0."""
+    col = frame["epochs"].cast(pl.Float64)
+    bad = (col.is_not_null() & ~(col.is_finite() & (col > 0))).to_numpy()
+    return col.fill_null(float("nan")).fill_nan(float("nan")).to_numpy(), bad
+
+
+def _fitted_json(f: _Fitted) -> dict[str, Any]:
+    return {
+        "prior": f.prior.to_json(),
+        "seen_q": list(f.seen_q),
+        "unseen_q": None if f.unseen_q is None else list(f.unseen_q),
+        "booster": json.loads(bytes(f.booster.save_raw("json")).decode()),
+    }
+
+
+def _fitted_from_json(td: dict[str, Any]) -> _Fitted:
+    import xgboost as xgb
+
+    booster = xgb.Booster()
+    booster.load_model(bytearray(json.dumps(td["booster"]).encode()))
+    return _Fitted(
+        Prior.from_json(td["prior"]),
+        booster,
+        (float(td["seen_q"][0]), float(td["seen_q"][1])),
+        None if td["unseen_q"] is None else (float(td["unseen_q"][0]), float(td["unseen_q"][1])),
+    )
+
+
+def _bounds(fit: _Fitted, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the interval's factors: random-fold bounds if seen, else grouped (or nan)."""
+    lo_s, hi_s = np.exp(fit.seen_q[0]), np.exp(fit.seen_q[1])
+    if fit.unseen_q is None:
+        lo_u, hi_u = np.nan, np.nan
+    else:
+        lo_u, hi_u = np.exp(fit.unseen_q[0]), np.exp(fit.unseen_q[1])
+    return np.where(seen, lo_s, lo_u), np.where(seen, hi_s, hi_u)
+
+
 class PREModel:
     """Per-epoch energy and time predictor (see the module docstring).
 
@@ -588,16 +628,16 @@ class PREModel:
         self.overlap = overlap
         self.epochs_feature = epochs_feature
         self.reference_epochs_: float | None = None
+        self.fitted_free_: dict[str, _Fitted] = {}
+
+    @property
+    def uses_length(self) -> bool:
+        """Whether jobs with a known length are predicted by a model that uses it."""
+        return any(self.fitted_[t] is not self.fitted_free_[t] for t in self.fitted_)
 
     def _x(self, frame: pl.DataFrame) -> np.ndarray:
-        """The correction's inputs of ``frame``: a null ``epochs`` is the reference length.
-
-        With ``epochs_feature=False`` the column is blank (missing) in every
-        row, so no tree splits on it.
-        """
-        if not self.epochs_feature:
-            return _matrix(frame, float("nan"))
-        return _matrix(frame, self.reference_epochs_)
+        """The inputs of :attr:`fitted_` for ``frame`` (the length column blank when unused)."""
+        return _matrix(frame) if self.uses_length else _matrix(frame, float("nan"))
 
     # -- fit
 
@@ -794,53 +834,95 @@ class PREModel:
                     f"PRE training rows: column {c!r} must be > 0 in every row; "
                     f"{bad.height} row(s) are not (first: {bad.row(0, named=True).get('run_id')})"
                 )
-        import xgboost as xgb
-
-        known = frame.filter(pl.col("epochs") > 0)["epochs"].to_numpy()
+        ep, bad_ep = _lengths(frame)
+        if bad_ep.any():
+            i = int(np.flatnonzero(bad_ep)[0])
+            raise BadInputError(
+                f"PRE training rows: column 'epochs' (the run's length) must be a finite "
+                f"number > 0 or null; {int(bad_ep.sum())} row(s) are not (first: "
+                f"{frame.row(i, named=True).get('run_id')}, {ep[i]!r})"
+            )
+        known = ep[~np.isnan(ep)]
         self.reference_epochs_ = float(np.median(known)) if len(known) else None
-        x = self._x(frame)
         a = _arrays(frame)
         keys = arch_keys(frame)
         n_arch = len(set(keys))
         gfolds = grouped_folds(keys, self.cv_folds, seed=self.seed) if n_arch >= 2 else None
         rfolds = random_folds(frame.height, self.cv_folds, seed=self.seed)
+        x_free = _matrix(frame, float("nan"))
+        # With the length (when it is a feature and some run has one), and without it for
+        # jobs that do not say how long they run: each with its own intervals.
+        with_length = self.epochs_feature and len(known) > 0
         self.fitted_: dict[str, _Fitted] = {}
+        self.fitted_free_ = {}
         self.cv_: dict[str, dict[str, Any]] = {}
         self.oof_: dict[str, np.ndarray] = {}
         for name, col in TARGETS.items():
             energy = name == "energy"
             y = frame[col].to_numpy().astype(float)
-            eta, ov, eta_how, eta_scores = self._choose_efficiency(a, y, energy, gfolds)
-            depth, goof = self.max_depths[0], None
-            if gfolds is not None:
-                oofs = self._oof(a, x, y, energy, self.max_depths, gfolds, (eta, ov))
-                depth = min(self.max_depths, key=lambda d: _mape(oofs[d], y))
-                goof = oofs[depth]
-            roof = self._oof(a, x, y, energy, (depth,), rfolds, (eta, ov))[depth]
-            seen_q = _quantiles(np.log(y / roof), self.coverage)
-            unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
-            self.oof_[name] = goof if goof is not None else roof
-            prior = self._prior(a, y, energy, eta, ov)
-            resid = np.log(y / prior._predict(a))
-            booster = self._train(depth, xgb.DMatrix(x, label=resid, nthread=self.nthread))
-            self.fitted_[name] = _Fitted(prior, booster, seen_q, unseen_q)
-            self.cv_[name] = {
-                "max_depth": depth,
-                "efficiency": prior.efficiency,
-                "overlap": prior.overlap,
-                "efficiency_source": eta_how,
-                "efficiency_cv_log_error_pct": eta_scores,
-                "random_mape_pct": _mape(roof, y),
-                "random_coverage": _cover(roof, y, seen_q),
-                "grouped_mape_pct": None if goof is None else _mape(goof, y),
-                "grouped_coverage": None if goof is None else _cover(goof, y, unseen_q),
-                "grouped_folds": 0 if gfolds is None else len(gfolds),
-            }
+            choice = self._choose_efficiency(a, y, energy, gfolds)
+            free, cv_free, oof_free = self._fit_target(a, x_free, y, energy, gfolds, rfolds, choice)
+            self.fitted_free_[name] = free
+            if with_length:
+                x = _matrix(frame)
+                full, cv, oof = self._fit_target(a, x, y, energy, gfolds, rfolds, choice)
+                cv["without_length"] = cv_free
+            else:
+                full, cv, oof = free, cv_free, oof_free
+            self.fitted_[name] = full
+            self.cv_[name] = cv
+            self.oof_[name] = oof
         self.architectures_ = sorted(set(keys))
         self.architecture_gflops_ = arch_flops(frame)
         self.gpus_ = sorted(set(frame["gpu_model"].to_list()))
         self.n_rows_ = frame.height
         return self
+
+    def _fit_target(
+        self,
+        a: dict[str, np.ndarray],
+        x: np.ndarray,
+        y: np.ndarray,
+        energy: bool,
+        gfolds: list[tuple[np.ndarray, np.ndarray]] | None,
+        rfolds: list[tuple[np.ndarray, np.ndarray]],
+        choice: tuple[float, float, str, dict[str, float | None]],
+    ) -> tuple[_Fitted, dict[str, Any], np.ndarray]:
+        """One target on inputs ``x``: depth by grouped CV, conformal bounds, final fit.
+
+        Returns:
+            The fitted model, its CV scores (for the card) and its out-of-fold
+            predictions (architecture-grouped, else random folds).
+
+        """
+        import xgboost as xgb
+
+        eta, ov, eta_how, eta_scores = choice
+        depth, goof = self.max_depths[0], None
+        if gfolds is not None:
+            oofs = self._oof(a, x, y, energy, self.max_depths, gfolds, (eta, ov))
+            depth = min(self.max_depths, key=lambda d: _mape(oofs[d], y))
+            goof = oofs[depth]
+        roof = self._oof(a, x, y, energy, (depth,), rfolds, (eta, ov))[depth]
+        seen_q = _quantiles(np.log(y / roof), self.coverage)
+        unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
+        prior = self._prior(a, y, energy, eta, ov)
+        resid = np.log(y / prior._predict(a))
+        booster = self._train(depth, xgb.DMatrix(x, label=resid, nthread=self.nthread))
+        cv = {
+            "max_depth": depth,
+            "efficiency": prior.efficiency,
+            "overlap": prior.overlap,
+            "efficiency_source": eta_how,
+            "efficiency_cv_log_error_pct": eta_scores,
+            "random_mape_pct": _mape(roof, y),
+            "random_coverage": _cover(roof, y, seen_q),
+            "grouped_mape_pct": None if goof is None else _mape(goof, y),
+            "grouped_coverage": None if goof is None else _cover(goof, y, unseen_q),
+            "grouped_folds": 0 if gfolds is None else len(gfolds),
+        }
+        oof = goof if goof is not None else roof
+        return _Fitted(prior, booster, seen_q, unseen_q), cv, oof
 
     # -- predict
 
@@ -880,7 +962,16 @@ class PREModel:
                 raise BadInputError(
                     f"PRE prediction rows: column {c!r} has nulls; expected numbers"
                 )
-        x = self._x(frame)
+        ep, bad_ep = _lengths(frame)
+        if bad_ep.any():
+            i = int(np.flatnonzero(bad_ep)[0])
+            raise BadInputError(
+                f"PRE prediction rows: column 'epochs' (the run's length) must be a finite "
+                f"number > 0 or null; row {i + 1} has {ep[i]!r}"
+            )
+        has_length = ~np.isnan(ep)
+        x = _matrix(frame)
+        x_free = _matrix(frame, float("nan"))
         seen = _seen(
             arch_keys(frame),
             frame["gflops_forward"].to_list(),
@@ -893,16 +984,21 @@ class PREModel:
             "time": ("predicted_epoch_time_s", "time_lower_s", "time_upper_s"),
         }
         for t, fit in self.fitted_.items():
-            p = fit.point(frame, x)
-            lo_s, hi_s = np.exp(fit.seen_q[0]), np.exp(fit.seen_q[1])
-            if fit.unseen_q is None:
-                lo_u, hi_u = np.nan, np.nan
+            free = self.fitted_free_[t]
+            # A job that says how long it runs gets the model that uses the length; one
+            # that does not, the model trained without it (and that model's intervals).
+            p_len, q_len = fit.point(frame, x), _bounds(fit, seen)
+            if free is fit:
+                p, (lo_f, hi_f) = p_len, q_len
             else:
-                lo_u, hi_u = np.exp(fit.unseen_q[0]), np.exp(fit.unseen_q[1])
+                p_free, q_free = free.point(frame, x_free), _bounds(free, seen)
+                p = np.where(has_length, p_len, p_free)
+                lo_f = np.where(has_length, q_len[0], q_free[0])
+                hi_f = np.where(has_length, q_len[1], q_free[1])
             col, lo, hi = names[t]
             out[col] = p
-            out[lo] = p * np.where(seen, lo_s, lo_u)
-            out[hi] = p * np.where(seen, hi_s, hi_u)
+            out[lo] = p * lo_f
+            out[hi] = p * hi_f
         res = pl.DataFrame(out).fill_nan(None)
         return res.with_columns(
             pl.Series("seen_architecture", seen),
@@ -926,15 +1022,11 @@ class PREModel:
             "epochs_feature": self.epochs_feature,
             "reference_epochs": self.reference_epochs_,
             "cv": self.cv_,
-            "targets": {
-                t: {
-                    "prior": f.prior.to_json(),
-                    "seen_q": list(f.seen_q),
-                    "unseen_q": None if f.unseen_q is None else list(f.unseen_q),
-                    "booster": json.loads(bytes(f.booster.save_raw("json")).decode()),
-                }
-                for t, f in self.fitted_.items()
-            },
+            "targets": {t: _fitted_json(f) for t, f in self.fitted_.items()},
+            # Jobs without a length; null: the same model as "targets" (length not used).
+            "targets_without_length": None
+            if not self.uses_length
+            else {t: _fitted_json(f) for t, f in self.fitted_free_.items()},
         }
 
     def save(self, path: str | Path, *, card: dict[str, Any] | None = None) -> Path:
@@ -1011,18 +1103,15 @@ class PREModel:
             m = cls(coverage=float(d["coverage"]), epochs_feature=bool(d["epochs_feature"]))
             ref = d["reference_epochs"]
             m.reference_epochs_ = None if ref is None else float(ref)
-            m.fitted_ = {}
-            for t, td in d["targets"].items():
-                booster = xgb.Booster()
-                booster.load_model(bytearray(json.dumps(td["booster"]).encode()))
-                m.fitted_[t] = _Fitted(
-                    Prior.from_json(td["prior"]),
-                    booster,
-                    (float(td["seen_q"][0]), float(td["seen_q"][1])),
-                    None
-                    if td["unseen_q"] is None
-                    else (float(td["unseen_q"][0]), float(td["unseen_q"][1])),
-                )
+            m.fitted_ = {t: _fitted_from_json(td) for t, td in d["targets"].items()}
+            free = d["targets_without_length"]
+            m.fitted_free_ = (
+                dict(m.fitted_)
+                if free is None
+                else {t: _fitted_from_json(td) for t, td in free.items()}
+            )
+            if set(m.fitted_free_) != set(m.fitted_):
+                raise ValueError("targets_without_length does not have the targets' keys")
             m.cv_ = d["cv"]
             m.architectures_ = list(d["architectures"])
             flops = d["architecture_gflops"]

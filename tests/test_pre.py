@@ -247,13 +247,16 @@ def test_run_length_is_a_feature_and_a_missing_one_is_the_reference(tmp_path) ->
     assert mape(with_len) < 0.6 * mape(without)
     assert with_len.reference_epochs_ == pytest.approx(float(np.median(train["epochs"])))
 
-    # A job that does not say its length is predicted at the reference length.
+    # A job that does not say its length is predicted by the model trained without it,
+    # with that model's (wider) interval: the same figures as a model without the feature.
     row = test.head(1)
     blank = with_len.predict(row.with_columns(pl.lit(None, pl.Float64).alias("epochs")))
-    at_ref = with_len.predict(row.with_columns(pl.lit(with_len.reference_epochs_).alias("epochs")))
-    assert blank["predicted_epoch_energy_j"][0] == pytest.approx(
-        at_ref["predicted_epoch_energy_j"][0]
-    )
+    alone = without.predict(row)
+    for c in ("predicted_epoch_energy_j", "lower_j", "upper_j", "predicted_epoch_time_s"):
+        assert blank[c][0] == pytest.approx(alone[c][0], rel=1e-9)
+    known = with_len.predict(row)
+    assert blank["upper_j"][0] / blank["lower_j"][0] > known["upper_j"][0] / known["lower_j"][0]
+    assert with_len.uses_length and not without.uses_length
     # Shorter runs cost less per epoch (truth: 0.67 / 0.94 = 0.71; measured mean 0.80).
     short = with_len.predict(test.with_columns(pl.lit(20.0).alias("epochs")))
     long = with_len.predict(test.with_columns(pl.lit(120.0).alias("epochs")))
@@ -263,6 +266,13 @@ def test_run_length_is_a_feature_and_a_missing_one_is_the_reference(tmp_path) ->
     a = without.predict(row.with_columns(pl.lit(20.0).alias("epochs")))
     b = without.predict(row.with_columns(pl.lit(120.0).alias("epochs")))
     assert a["predicted_epoch_energy_j"][0] == b["predicted_epoch_energy_j"][0]
+
+    # A length that is not a finite number > 0 is refused, in training and prediction rows.
+    for bad in (0.0, -5.0, float("inf"), float("nan")):
+        with pytest.raises(BadInputError, match="'epochs' .*must be a finite number > 0"):
+            with_len.predict(row.with_columns(pl.lit(bad).alias("epochs")))
+        with pytest.raises(BadInputError, match="'epochs' .*must be a finite number > 0"):
+            PREModel(**SMALL).fit(train.with_columns(pl.lit(bad).alias("epochs")))
 
     # Both survive saving.
     for m, name in ((with_len, "a.json"), (without, "b.json")):

@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--epochs",
         type=int,
         help="planned epochs: totals are per-epoch figures times this, and the run's length "
-        "is a PRE feature (default: totals for 1 epoch of a run of the model's median length)",
+        "is a PRE feature (default: totals for 1 epoch, predicted without a length)",
     )
     p.add_argument(
         "--gflops",
@@ -162,7 +162,7 @@ def _print_table(
     if args.epochs is not None:
         length = f"{args.epochs} epochs"
     elif reference is not None:
-        length = f"1 epoch of a {reference:g}-epoch run; give --epochs"
+        length = f"1 epoch, length unknown (trained runs: median {reference:g}); give --epochs"
     else:
         length = "1 epoch; give --epochs"
     t = Table(

@@ -181,7 +181,11 @@ def recommend_hints(
 
     Returns:
         The hints (see :func:`hints_for`) plus ``source`` (why this node type)
-        and, with a model, ``recommendation`` (the ranking as JSON).
+        and, with a model, ``recommendation`` (the ranking as JSON),
+        ``predicted_energy_j`` (the chosen node type's per-epoch energy times
+        the planned epochs, else one epoch), ``epochs`` (the planned epochs,
+        ``None`` if not given) and ``reference_epochs`` (without them, the
+        median length of the runs PRE was trained on; see :func:`length_note`).
 
     Raises:
         BadInputError: An unknown named node type, an empty inventory, or a
@@ -220,5 +224,22 @@ def recommend_hints(
         **hints_for(by_name[rec.chosen]),
         "source": "predicted (PRE)",
         "predicted_energy_j": float(best["epoch_energy_j"]) * float(job.planned_epochs or 1),
+        "epochs": rec.epochs,
+        "reference_epochs": rec.reference_epochs,
         "recommendation": rec.to_json(),
     }
+
+
+def length_note(hints: Mapping[str, Any]) -> str:
+    """The run length ``predicted_energy_j`` of :func:`recommend_hints` is for, in words.
+
+    ``120 epochs`` with planned epochs; else ``1 epoch, length unknown (trained runs:
+    median 45); give --epochs`` (PRE's model without the length answered, for runs
+    like those it was trained on) or ``1 epoch; give --epochs``.
+    """
+    epochs, reference = hints.get("epochs"), hints.get("reference_epochs")
+    if epochs is not None:
+        return f"{epochs} epoch{'' if epochs == 1 else 's'}"
+    if reference is not None:
+        return f"1 epoch, length unknown (trained runs: median {float(reference):g}); give --epochs"
+    return "1 epoch; give --epochs"

@@ -47,7 +47,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -660,8 +660,9 @@ def run_job(
         command: The program and its arguments.
         node_type: A node type of the cluster, or ``auto`` (PRE recommendation).
         run_id: Run id (default: a new one).
-        epochs: Planned epochs (for STEP); default from the built-in workload's
-            ``--epochs`` or ``job``.
+        epochs: Planned epochs (for STEP, and the length ``auto`` places and
+            predicts for, overriding ``job``'s); default from the built-in
+            workload's ``--epochs`` or ``job``.
         store_root: Store for a new aggregator (a running one keeps its own).
         job: Job description (default: parsed from a ``wattwise train`` command).
         job_name: Human name of the job.
@@ -709,6 +710,9 @@ def run_job(
         raise SourceUnavailableError("run_job needs a Ray connection; call ray.init() first")
     if job is None:
         job = job_from_command(command)
+    if job is not None and epochs is not None:
+        # Placed, predicted and recorded for the run's length, not the job's own default.
+        job = replace(job, planned_epochs=epochs)
     types = cluster_node_types()
     agg, root = ensure_aggregator(store_root, sources=sources, sidecar_options=sidecar_options)
     if run_id is not None and (store_root is None or os.path.realpath(store_root) != root):

@@ -725,7 +725,9 @@ def runs_features(
     power is the spec's (a configured power limit in the runs is ignored: it
     made leave-one-architecture-out worse on the shared runs). The ``epochs``
     feature is ``trained_epochs`` (the run's length, which the per-epoch truth
-    averages over), else ``planned_epochs``, else null.
+    averages over), else ``planned_epochs`` (column, else ``config`` JSON),
+    else null; the one used must be a whole number > 0 (``42.0`` is taken as
+    42; a fraction, 0, a negative, NaN, inf or a string is refused).
 
     Args:
         runs: The runs.
@@ -738,7 +740,10 @@ def runs_features(
 
     Raises:
         BadInputError: A needed column is missing, a value is null or not
-            positive, an architecture lacks layers, or a GPU is unknown.
+            positive, the run length used (``trained_epochs``, else
+            ``planned_epochs``) is not a whole number > 0, an architecture
+            lacks layers, or a GPU is unknown. The message names the file, row,
+            column and value.
 
     """
     need = list(RUN_NEEDS)
@@ -768,12 +773,19 @@ def runs_features(
                     "found null"
                 )
         # The run's length as a feature: the epochs it trained (what the per-epoch truth
-        # averages over), else the epochs it planned.
+        # averages over), else the epochs it planned, else unknown (null). A count that is
+        # not a whole number > 0 is refused, not taken as unknown.
         ep_feature = r.get("trained_epochs")
+        ep_label = "'trained_epochs'"
         if ep_feature is None:
             ep_feature = pick("planned_epochs")
-        if not (is_number(ep_feature) and float(ep_feature) > 0 and float(ep_feature).is_integer()):
-            ep_feature = None
+            in_column = r.get("planned_epochs") is not None
+            ep_label = "'planned_epochs'" if in_column else "config 'planned_epochs'"
+        if ep_feature is not None and not _epoch_count(ep_feature):
+            raise BadInputError(
+                f"{where(file, i, ep_label)}run {r['run_id']!r}: expected a whole number of "
+                f"epochs > 0 (or null: unknown); found {ep_feature!r}"
+            )
         job = JobDescription(
             architecture=r["architecture"],
             batch_size=int(r["batch_size"]),
@@ -817,6 +829,11 @@ def runs_features(
         extra["epoch_energy_j"] = pl.Series([r["epoch_energy_j"] for r in rows], dtype=pl.Float64)
         extra["epoch_time_s"] = pl.Series([r["epoch_time_s"] for r in rows], dtype=pl.Float64)
     return df.with_columns(**extra).select("run_id", *df.columns, *list(extra)[1:])
+
+
+def _epoch_count(v: object) -> bool:
+    """Whether ``v`` is a number of epochs: a finite whole number > 0 (``42`` or ``42.0``)."""
+    return is_number(v) and float(v) > 0 and float(v).is_integer()
 
 
 def _config(raw: object) -> dict[str, Any]:

@@ -82,6 +82,12 @@ class Recommendation:
         savings_vs_default_pct: Saving against the default node type, in %
             (null without a default).
         placement: Scheduler hints for the chosen node type.
+        epochs: The planned epochs the totals are for; ``None`` when the job
+            gave none (totals are then for one epoch).
+        reference_epochs: Without ``epochs``, the median length of the runs PRE
+            was trained on (its model without the length then answers, for runs
+            like those; ``None`` when its runs had none); ``None`` when
+            ``epochs`` is given.
 
     """
 
@@ -91,9 +97,11 @@ class Recommendation:
     savings_vs_worst_pct: float
     savings_vs_default_pct: float | None
     placement: dict[str, Any] = field(default_factory=dict)
+    epochs: int | None = None
+    reference_epochs: float | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """Plain JSON (the table as a list of rows)."""
+        """Plain JSON (the table as a list of rows, and the run length the figures assume)."""
         return {
             "chosen": self.chosen,
             "objective": self.objective,
@@ -102,6 +110,8 @@ class Recommendation:
             "placement": self.placement,
             "node_types": self.table.to_dicts(),
             "source": "predicted (PRE, conformal interval)",
+            "epochs": self.epochs,
+            "reference_epochs": self.reference_epochs,
         }
 
 
@@ -256,7 +266,8 @@ def recommend(
         deadline_s: Longest acceptable total training time in s (> 0), if any.
 
     Returns:
-        The ranking. Table columns: ``rank``, ``node_type``, ``gpu_model``,
+        The ranking, with the run length its figures assume (``epochs``, else
+        ``reference_epochs``). Table columns: ``rank``, ``node_type``, ``gpu_model``,
         ``gpu_count``, ``epoch_energy_j``, ``lower_j``, ``upper_j``,
         ``epoch_time_s``, ``total_energy_kwh`` (with ``total_lower_kwh`` and
         ``total_upper_kwh``), ``total_time_h``, ``cost``, ``carbon_g``,
@@ -352,6 +363,9 @@ def recommend(
         savings_vs_worst_pct=_saving(worst, float(best[key])),
         savings_vs_default_pct=vs_default,
         placement=placement(chosen),
+        epochs=None if full.planned_epochs is None else int(full.planned_epochs),
+        # Without a length PRE predicts one epoch of a run of its reference length.
+        reference_epochs=model.reference_epochs_ if full.planned_epochs is None else None,
     )
 
 

@@ -146,6 +146,67 @@ def test_runs_features_names_the_missing_column(seaa_runs) -> None:
         runs_features(seaa_runs.drop("gflops_forward"), file="r.parquet")
 
 
+#: A real run's job (vgg16 on the SEAA RTX 3090 runs) in the shared runs layout.
+RUN = {
+    "gpu_model": "NVIDIA GeForce RTX 3090",
+    "architecture": "vgg16",
+    "batch_size": 32,
+    "training_size": 23807,
+    "validation_size": 0,
+    "gflops_forward": 10.03,
+    "image_height": 128,
+    "image_width": 128,
+}
+
+
+def _runs(column: str, value: object, **extra: object) -> pl.DataFrame:
+    """Two runs: 42 (null beside a string), then ``value``, in ``column`` typed as parquet does."""
+    dtype = {str: pl.String, float: pl.Float64}.get(type(value), pl.Int64)
+    return pl.DataFrame(
+        [
+            {**RUN, "run_id": "a", column: None if isinstance(value, str) else 42, **extra},
+            {**RUN, "run_id": "b", column: value, **extra},
+        ],
+        schema_overrides={column: dtype},
+    )
+
+
+@pytest.mark.parametrize("column", ["trained_epochs", "planned_epochs"])
+@pytest.mark.parametrize("value", [-5, 0, 45.5, "45", float("nan"), float("inf")])
+def test_a_run_length_that_is_not_a_whole_number_above_0_is_refused(
+    column: str, value: object
+) -> None:
+    """Bug: such a ``trained_epochs`` or ``planned_epochs`` silently became a null (unknown)
+    ``epochs`` feature, while ``recommend --epochs 0`` is refused. A fractional
+    ``trained_epochs`` (the denominator of the per-epoch truth) is refused too."""
+    with pytest.raises(BadInputError) as err:
+        runs_features(_runs(column, value), file="runs.parquet", with_truth=False)
+    assert str(err.value) == (
+        f"runs.parquet, row 2, {column!r}: run 'b': expected a whole number of epochs > 0 "
+        f"(or null: unknown); found {value!r}"
+    )
+
+
+def test_a_bad_planned_length_in_the_config_json_is_refused() -> None:
+    # the store's runs table: a run without planned_epochs in its column keeps it in config
+    runs = pl.DataFrame([{**RUN, "run_id": "a", "config": '{"planned_epochs": 0}'}])
+    with pytest.raises(
+        BadInputError, match=r"^r, row 1, config 'planned_epochs': run 'a'.*found 0$"
+    ):
+        runs_features(runs, file="r", with_truth=False)
+
+
+def test_an_unknown_or_whole_float_run_length_is_accepted() -> None:
+    got = runs_features(_runs("planned_epochs", None), with_truth=False)["epochs"].to_list()
+    assert got == [42.0, None]  # null: the run's length is unknown
+    got = runs_features(_runs("planned_epochs", 98.0), with_truth=False)["epochs"].to_list()
+    assert got == [42.0, 98.0]
+    truth = _runs("trained_epochs", 98.0, gpu_energy_j=9800.0, duration_s=980.0)
+    rows = runs_features(truth)
+    assert rows["epochs"].to_list() == [42.0, 98.0]
+    assert rows["epoch_energy_j"].to_list() == pytest.approx([9800 / 42, 100.0])
+
+
 @pytest.mark.parametrize(
     ("field", "value", "found"),
     [

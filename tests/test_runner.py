@@ -160,6 +160,55 @@ def test_auto_placement_without_a_job_names_options_that_exist(tmp_path: Path) -
     assert named and named <= known, f"options that do not exist: {named - known}"
 
 
+class _Placed(Exception):
+    """Stops run_job once it has placed the job (the rest needs a Ray cluster)."""
+
+
+def test_auto_places_and_predicts_for_the_epochs_asked_not_the_jobs_default(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bug: ``wattwise run --node-type auto --epochs 120 -- wattwise train ...`` ranked the
+    node types and stored ``predicted_energy_j`` for the job's own 3 epochs (``train``'s
+    default), while the run was recorded and told to train 120."""
+    import ray
+
+    import cluster.runner as runner
+    from estimators.pre import PREModel
+    from estimators.recommend import NodeType
+    from tests.test_pre import SMALL, synthetic
+
+    root = tmp_path / "store"
+    PREModel(**SMALL).fit(synthetic(4, 5, sigma=0.02, seed=5)).save(
+        root / "models" / "pre-v1.json", card={"version": 1, "accepted": True}
+    )
+    inventory = [NodeType("gpu-t4", "T4", default=True), NodeType("gpu-3090", "RTX 3090")]
+    types = {n.name: {"alive": ["n1"], "dead": [], "gpu_model": n.gpu_model} for n in inventory}
+    placed: list[dict[str, Any]] = []
+
+    def choose(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        placed.append(real_choose(*args, **kwargs))  # the real placement, on the real model
+        raise _Placed
+
+    real_choose = runner.choose_node_type
+    # Only what needs a live Ray cluster is replaced: its connection, node types, aggregator.
+    monkeypatch.setattr(ray, "is_initialized", lambda: True)
+    monkeypatch.setattr(runner, "cluster_node_types", lambda: types)
+    monkeypatch.setattr(runner, "ensure_aggregator", lambda *a, **k: (None, str(root)))
+    monkeypatch.setattr(runner, "choose_node_type", choose)
+    command = [WATTWISE, "train", *TINY]  # the job's own planned epochs: train's default
+    job = job_from_command(command)
+    assert job is not None and job.planned_epochs != 120
+    with pytest.raises(_Placed):
+        runner.run_job(command, node_type="auto", epochs=120, inventory=inventory)
+    hints = placed[0]
+    per_epoch = hints["recommendation"]["node_types"][0]["epoch_energy_j"]
+    assert hints["source"] == "predicted (PRE)"
+    assert hints["predicted_energy_j"] == pytest.approx(per_epoch * 120)
+    assert hints["recommendation"]["node_types"][0]["total_energy_kwh"] == pytest.approx(
+        per_epoch * 120 / 3.6e6
+    )
+
+
 def test_a_command_that_cannot_start_says_why_and_logs_it(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -141,6 +141,9 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     A run is new when it is among the runs a retrain would train on
     (:func:`cluster.retrain.training_rows`) but not in the ``run_ids`` of the
     newest card (accepted or not: a rejected retrain has seen its runs too).
+    Without new runs it also retrains when the current model cannot be loaded
+    (:func:`cluster.retrain.latest_model` refuses it, e.g. an older format
+    version), and says why; the retrain replaces it.
     With fewer usable finished runs than PRE needs (:data:`PRE_MIN_RUNS`) it
     does nothing and succeeds, so the nightly job of a new deployment does not fail.
 
@@ -150,12 +153,12 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
         out: Console to print to.
 
     Returns:
-        0 (nothing new, fewer usable runs than PRE needs to train, or a retrain
-        ran, whatever its verdict).
+        0 (nothing new and the current model loads, fewer usable runs than PRE
+        needs to train, or a retrain ran, whatever its verdict).
 
     """
     from cluster.metrics import pre_cards
-    from cluster.retrain import retrain, training_rows
+    from cluster.retrain import latest_model, retrain, training_rows
 
     cards = pre_cards(folder)
     newest = cards[-1] if cards else None
@@ -164,11 +167,22 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     known = set(newest.get("run_ids") or []) if newest else set()
     added = [r for r in usable if r not in known]
     if newest is not None and not added:
-        out.print(
-            f"no new finished runs since v{newest['version']} "
-            f"({len(usable)} usable finished runs, all in its card); nothing to do"
-        )
-        return 0
+        try:
+            latest_model(folder)
+        except BadInputError as err:
+            # An unloadable model (say, of an older format) leaves placement on the default
+            # node type and recommend failing: replace it rather than wait for a new run.
+            out.print(
+                f"no new finished runs since v{newest['version']}, but the current model "
+                f"cannot be loaded ({err}); retraining",
+                soft_wrap=True,
+            )
+        else:
+            out.print(
+                f"no new finished runs since v{newest['version']} "
+                f"({len(usable)} usable finished runs, all in its card); nothing to do"
+            )
+            return 0
     if len(usable) < PRE_MIN_RUNS:
         # A young store: waiting for runs is not a failure of the nightly job.
         out.print(
@@ -188,7 +202,9 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     shown = ", ".join(added[:5]) + (f", ... ({len(added) - 5} more)" if len(added) > 5 else "")
     out.print(f"v{result.version} {verdict}{was}: {mape}; {result.decision}", soft_wrap=True)
     out.print(
-        f"runs added: {len(added)} ({shown}); trained on {result.rows} finished runs",
+        f"runs added: {len(added)}"
+        + (f" ({shown})" if added else "")
+        + f"; trained on {result.rows} finished runs",
         soft_wrap=True,
     )
     dropped = sorted(known - set(usable))

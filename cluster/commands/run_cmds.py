@@ -235,7 +235,7 @@ def run_placement(args: argparse.Namespace) -> int:
     """Run ``wattwise placement``."""
     from pathlib import Path
 
-    from cluster.placement import inventory_from_ray, recommend_hints
+    from cluster.placement import inventory_from_ray, length_note, recommend_hints
     from cluster.retrain import latest_model
 
     inventory = _inventory(args.inventory)
@@ -266,12 +266,14 @@ def run_placement(args: argparse.Namespace) -> int:
         print(json.dumps(_jsonable(hints)))
         return 0
     out = console()
-    out.print(f"node type: {hints['node_type']} ({hints['source']})")
-    out.print(f"  Ray resources:   {json.dumps(hints['ray_resources'])}")
-    out.print(f"  label selector:  {json.dumps(hints['label_selector'])}")
-    out.print(f"  k8s nodeSelector: {json.dumps(hints['k8s_node_selector'])}")
+    # A pipe or file gets whole lines (rich would break them at 80 columns).
+    out.print(f"node type: {hints['node_type']} ({hints['source']})", soft_wrap=True)
+    out.print(f"  Ray resources:   {json.dumps(hints['ray_resources'])}", soft_wrap=True)
+    out.print(f"  label selector:  {json.dumps(hints['label_selector'])}", soft_wrap=True)
+    out.print(f"  k8s nodeSelector: {json.dumps(hints['k8s_node_selector'])}", soft_wrap=True)
     if "predicted_energy_j" in hints:
-        out.print(f"  predicted energy (PRE): {hints['predicted_energy_j']:.0f} J")
+        energy = f"{hints['predicted_energy_j']:.0f} J ({length_note(hints)})"
+        out.print(f"  predicted energy (PRE): {energy}", soft_wrap=True)
     return 0
 
 

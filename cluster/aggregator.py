@@ -1545,7 +1545,13 @@ class Aggregator:
         """End a run: finish its epochs, store the measured totals, drop it from memory.
 
         A failed run keeps everything measured until then and is stored as
-        ``failed`` (PRE trains on finished runs only).
+        ``failed`` (PRE trains on finished runs only). With a store, its stored
+        ``energy_j`` (and STEP's final figure) is the run's total as ``wattwise
+        energy --run`` gives it (:func:`estimators.energy.run_total_j`: its
+        epochs and the time outside them, the edges held up to the marks);
+        without one, the energy from its first sample to its last. The
+        summary's ``measured_energy_j`` (the Prometheus energy counter) never
+        goes below what was reported while the run ran.
 
         Args:
             run_id: The run.
@@ -1576,6 +1582,10 @@ class Aggregator:
                 self.flush()
                 totals, done = self._recompute(st)
                 st.done = done
+            span_j = float(totals["energy_j"])  # first sample to last, as reported while running
+            if self.store is not None:
+                self.flush()
+                totals = totals | {"energy_j": self._stored_total(st)}
             end = totals["end"] or _us_to_dt(self.clock())
             row = {
                 "run_id": run_id,
@@ -1596,7 +1606,11 @@ class Aggregator:
             if self.store is not None:
                 self.flush()
                 self.store.write_runs(pl.DataFrame([row], schema_overrides={"end": UTC_US}))
-            summary = self._summary(st, live=totals)
+            # The summary's measured_energy_j is the Prometheus energy counter, which must
+            # not go down: samples outside every epoch, counted while the run ran, stay in it.
+            summary = self._summary(
+                st, live=totals | {"energy_j": max(span_j, float(totals["energy_j"]))}
+            )
             del self._runs[run_id]
             self._finished[run_id] = summary
             while len(self._finished) > _FINISHED_CACHE:
@@ -1617,8 +1631,25 @@ class Aggregator:
         view.store()
         return [view.totals(r) for r in range(len(runs))]
 
+    def _stored_total(self, st: _Run) -> float:
+        """A run's measured energy from the store, as ``wattwise energy --run`` totals it.
+
+        :func:`estimators.energy.run_total_j`: its epochs and the time outside
+        them, edges held for at most the gap threshold, gaps 0 J, counters
+        where present.
+        """
+        from estimators.energy import run_total_j
+
+        assert self.store is not None
+        samples, marks = align(self.store.samples(st.run_id), self.store.epochs(st.run_id), st.row)
+        return run_total_j(samples, marks, gap_threshold_s=self.gap_threshold_s)
+
     def _recompute(self, st: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """Totals and epochs of a run from the store (after late samples)."""
+        """Totals and epochs of a run from the store (after late samples).
+
+        The totals span the samples (first to last); the stored run total is
+        :meth:`_stored_total`.
+        """
         from estimators.energy import epoch_energy, run_energy
 
         assert self.store is not None

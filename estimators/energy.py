@@ -36,6 +36,7 @@ and are skipped; their number is reported as ``n_skipped``.
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -618,3 +619,112 @@ def run_energy(
         "devices",
         "method",
     ).sort("run_id")
+
+
+def span_energies(
+    samples: pl.DataFrame,
+    bounds: list[dt.datetime],
+    *,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
+) -> np.ndarray:
+    """Energy (J, all devices) of one run in each interval ``[bounds[i], bounds[i + 1]]``.
+
+    The integration of :func:`epoch_energy` (power held for at most
+    ``gap_threshold_s`` past a device's first and last sample, gaps 0 J and
+    never bridged, counter deltas where present), over intervals that tile the
+    run: their sum is the energy from ``bounds[0]`` to ``bounds[-1]``.
+
+    Args:
+        samples: One run's samples (as for :func:`epoch_energy`; ``run_id``
+            optional).
+        bounds: Increasing UTC times, at least two.
+        gap_threshold_s: As for :func:`epoch_energy`.
+
+    Raises:
+        BadInputError: See :func:`epoch_energy`.
+
+    """
+    if len(bounds) < 2:
+        return np.zeros(0)
+    s = samples if "run_id" in samples.columns else samples.with_columns(run_id=pl.lit("run"))
+    if s.height == 0:
+        return np.zeros(len(bounds) - 1)
+    rid = str(s["run_id"][0])
+    s = s.with_columns(run_id=pl.lit(rid))
+    marks = pl.DataFrame(
+        {
+            "run_id": [rid] * (len(bounds) - 1),
+            "epoch": list(range(len(bounds) - 1)),
+            "start": bounds[:-1],
+            "end": bounds[1:],
+        },
+        schema={
+            "run_id": pl.String,
+            "epoch": pl.Int64,
+            "start": pl.Datetime("us", "UTC"),
+            "end": pl.Datetime("us", "UTC"),
+        },
+    )
+    per = epoch_energy(s, marks, gap_threshold_s=gap_threshold_s).sort("epoch")
+    return per["energy_j"].fill_null(0.0).to_numpy().astype(float)
+
+
+def run_span(
+    samples: pl.DataFrame, epochs: pl.DataFrame | None = None
+) -> tuple[dt.datetime, dt.datetime] | None:
+    """A run's extent, or ``None`` without samples or marks.
+
+    From the earlier of its first sample and first mark's start to the later of
+    its last sample and last mark's end.
+    """
+    ts: list[dt.datetime] = []
+    if samples.height:
+        col = samples["timestamp"]
+        ts += [col.min(), col.max()]  # type: ignore[list-item]
+    if epochs is not None and epochs.height:
+        ts += [epochs["start"].min(), epochs["end"].max()]  # type: ignore[list-item]
+    ts = [_utc(t) for t in ts if t is not None]
+    return (min(ts), max(ts)) if ts else None
+
+
+def _utc(t: dt.datetime) -> dt.datetime:
+    """``t`` in UTC; a naive time is taken as UTC (as :func:`epoch_energy` takes marks)."""
+    return t.replace(tzinfo=dt.UTC) if t.tzinfo is None else t.astimezone(dt.UTC)
+
+
+def run_total_j(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame | None = None,
+    *,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
+    until: dt.datetime | None = None,
+) -> float:
+    """A run's measured energy in J: all of it, its epochs and the time outside them.
+
+    From the start of :func:`run_span` to its end (or ``until``), with the
+    integration of :func:`epoch_energy`: so it is the sum of the epochs'
+    energies plus the energy before the first, between and after the last
+    epoch (model loading, evaluation, saving). ``wattwise energy --run`` prints
+    it as the run's total, ``wattwise estimate`` and ``wattwise report`` take it
+    as the measured energy, and the aggregator stores it for a finished run.
+
+    Args:
+        samples: One run's samples (as for :func:`epoch_energy`).
+        epochs: Its epoch marks, or ``None``.
+        gap_threshold_s: As for :func:`epoch_energy`.
+        until: End of the span instead (the end of the last finished epoch, for
+            a run still going).
+
+    Raises:
+        BadInputError: See :func:`epoch_energy`.
+
+    """
+    span = run_span(samples, epochs)
+    if span is None or samples.height == 0:
+        return 0.0
+    start, end = span
+    if until is not None:
+        end = _utc(until)
+    if end <= start:
+        return 0.0
+    return float(span_energies(samples, [start, end], gap_threshold_s=gap_threshold_s).sum())

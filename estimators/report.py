@@ -28,6 +28,8 @@ from estimators.step import (
     RunPlan,
     Step,
     Trace,
+    measured_energy_j,
+    measured_epochs,
     run_epochs,
 )
 from profiler.errors import BadInputError, StoreError
@@ -60,7 +62,11 @@ def projection_history(
     With epoch marks the replay uses :class:`~estimators.step.OnlineStep`, the
     same O(1) update the aggregator runs live; without marks it refits
     :class:`~estimators.step.Step` in time mode on each prefix (this needs the
-    plan's total duration and planned epochs).
+    plan's total duration and planned epochs). With marks, the measured energy
+    after epoch k is what the run measured from its start to that epoch's end,
+    as ``wattwise energy`` integrates it (:func:`~estimators.step.measured_epochs`:
+    gaps 0 J, never bridged; the time between epochs counted), so after the last
+    epoch of a run that ended then it is that command's run total.
 
     Args:
         samples: The run's samples (``timestamp``, ``power_w``).
@@ -96,25 +102,22 @@ def projection_history(
         if trace.n_samples == 0:
             return pl.DataFrame(schema=_HISTORY_SCHEMA)
         per = run_epochs(samples, epochs, trace)
+        thr = trace.gap_threshold_s()
+        # Measured energy since the previous epoch's end (the first: since the run's start).
+        measured = measured_epochs(samples, epochs, gap_threshold_s=thr)
         t0, t1 = per["t0_s"].to_numpy(), per["t1_s"].to_numpy()
         # A finished run without a plan had the epochs it recorded.
         planned = plan.planned_epochs or per.height
         online = OnlineStep(planned_epochs=planned, confidence=confidence, power_cap_w=plan.cap_w())
-        prev_end = 0.0
         for k in range(per.height):
-            between = float(trace.energy_at(t0[k])[0] - trace.energy_at(prev_end)[0])
-            energy = float(per["energy_j"][k])
-            if not per["covered"][k]:
-                # Mostly without samples: measured as the trace has it (straight through the
-                # gap, as STEP's measured energy), and kept out of the stable mean.
-                energy = float(np.diff(trace.energy_at(np.array([t0[k], t1[k]])))[0])
+            # An epoch mostly without samples stays out of the stable mean (by its gap_s);
+            # what it adds to the measured energy is its energy as `wattwise energy` has it.
             proj = online.update(
-                energy,
+                float(per["energy_j"][k]),
                 float(per["duration_s"][k]),
-                between_j=max(between, 0.0),
                 gap_s=float(per["gap_s"][k]),
+                measured_j=float(measured[k]),
             )
-            prev_end = float(t1[k])
             start_s = float(t0[proj.stable_unit]) if proj.stable_unit is not None else None
             rows.append(_row(k + 1, float(t1[k]), proj, start_s))
         return pl.DataFrame(rows, schema=_HISTORY_SCHEMA)
@@ -226,8 +229,10 @@ def write_report(
 ) -> Path:
     """Write the report as PNG or HTML, chosen by ``out``'s suffix.
 
-    The final truth is the measured total of a finished run; for a run still
-    going, the last projection is shown without a truth line. The file is
+    The final truth is the measured total of a finished run
+    (:func:`~estimators.step.measured_energy_j`, what ``wattwise energy --run``
+    totals); for a run still going, the last projection is shown without a
+    truth line. The file is
     written through a temporary file and a rename, so it is either the whole
     report or absent (an old one is kept); a missing folder is created, as
     every ``--out`` of the CLI does.
@@ -244,7 +249,7 @@ def write_report(
     if suffix not in (".png", ".html"):
         raise BadInputError(f"report output must end in .png or .html; found {str(out)!r}")
     history = projection_history(samples, epochs, plan, detector=detector, confidence=confidence)
-    truth = Trace.from_samples(samples).total_j() if plan.finished else None
+    truth = measured_energy_j(samples, epochs) if plan.finished else None
     fig = figure(samples, epochs, history, truth_j=truth, title=title)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)

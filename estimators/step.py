@@ -36,6 +36,7 @@ of ``band_floor`` of the remaining energy for slow drift.
 
 from __future__ import annotations
 
+import datetime as dt
 import math
 from bisect import insort
 from collections.abc import Sequence
@@ -808,6 +809,11 @@ class Step(ProjectionPredictor):
                 gets no projection (``energy_j`` ``None``, reason
                 :data:`PLANNED_UNKNOWN`): what is measured is not its total.
 
+        The measured energy (``measured_j``; a finished run's total) is
+        :func:`measured_energy_j` of the samples frame, the figure ``wattwise
+        energy --run`` totals. A prepared :class:`Trace` carries power only: with
+        one, it is the trapezoid from its first sample to its last.
+
         Returns:
             self
 
@@ -818,8 +824,21 @@ class Step(ProjectionPredictor):
         """
         self._check_params()
         trace = samples if isinstance(samples, Trace) else Trace.from_samples(samples)
+        has_epochs = epochs is not None and epochs.height > 0
+        if isinstance(samples, Trace):
+            measured = trace.total_j()
+        else:
+            # Running with marks: what was measured up to the end of the last finished
+            # epoch (the epoch under way is part of what remains).
+            until = None if plan.finished or not has_epochs else epochs["end"].max()  # type: ignore[index]
+            measured = measured_energy_j(
+                samples,
+                epochs if has_epochs else None,
+                gap_threshold_s=trace.gap_threshold_s(),
+                until=until,  # type: ignore[arg-type]
+            )
         if plan.finished:
-            total = trace.total_j()
+            total = measured
             self.units_ = np.zeros(0)
             self.stable_start_ = None
             self.projection_ = Projection(
@@ -836,10 +855,10 @@ class Step(ProjectionPredictor):
                 finished=True,
             )
             return self
-        if epochs is not None and epochs.height > 0 and samples is not None:
+        if epochs is not None and has_epochs and samples is not None:
             if isinstance(samples, Trace):
                 raise BadInputError("epoch mode needs the samples frame, not a Trace")
-            units, why = _epoch_units(samples, epochs, trace, plan)
+            units, why = _epoch_units(samples, epochs, trace, plan, measured)
             if plan.planned_epochs is None:
                 # Not finished and no epoch count: what is measured is not the total.
                 self.units_ = units.values
@@ -854,7 +873,7 @@ class Step(ProjectionPredictor):
                 )
                 return self
         else:
-            units, why = _time_units(trace, plan)
+            units, why = _time_units(trace, plan, measured)
         self.units_ = units.values
         start = self._detect(units, trace)
         self.stable_start_ = start
@@ -887,12 +906,13 @@ class Step(ProjectionPredictor):
         return int(after[0]) if len(after) else len(v)
 
 
-def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
+def _time_units(trace: Trace, plan: RunPlan, measured_j: float) -> tuple[_Units, str]:
     """Blocks of one mean epoch (``total_duration_s / planned_epochs``) as units.
 
     A block counts as finished once the last sample is within one sample
     interval of its end (a trace cut at a block's end rarely has a sample right
     on it); its value is the mean power over the part the samples cover.
+    ``measured_j`` is the energy measured so far (J), the projection's start.
     """
     total, epochs = plan.total_duration_s, plan.planned_epochs
     if total is None or not epochs or total <= 0 or epochs <= 0:
@@ -918,7 +938,7 @@ def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
     units = _Units(
         values=values,
         starts_s=edges[:-1],
-        measured_j=trace.total_j(),
+        measured_j=measured_j,
         elapsed_s=end,
         remaining=max(float(total) - end, 0.0),
         remaining_units=max(float(total) - end, 0.0) / unit,
@@ -927,6 +947,103 @@ def _time_units(trace: Trace, plan: RunPlan) -> tuple[_Units, str]:
         time_mode=True,
     )
     return units, why
+
+
+def _for_energy(
+    samples: pl.DataFrame, epochs: pl.DataFrame | None
+) -> tuple[pl.DataFrame, pl.DataFrame | None]:
+    """Samples and epoch marks as :mod:`estimators.energy` takes them.
+
+    Samples without ``run_id`` get one; epoch marks without ``run_id``, or when
+    the samples hold one run, belong to the samples' run. NaN power (and NaN
+    counter) becomes null, which :func:`~estimators.energy.epoch_energy` skips
+    and counts: filtering rows out instead would shift the row numbers its
+    messages give.
+    """
+    s = samples if "run_id" in samples.columns else samples.with_columns(run_id=pl.lit("run"))
+    if (
+        epochs is not None
+        and s.height
+        and ("run_id" not in epochs.columns or s["run_id"].n_unique() == 1)
+    ):
+        epochs = epochs.with_columns(run_id=pl.lit(s["run_id"][0]))
+    fix = [pl.col("power_w").cast(pl.Float64).fill_nan(None)]
+    if "energy_j" in s.columns and s.schema["energy_j"].is_float():
+        fix.append(pl.col("energy_j").fill_nan(None))
+    return s.with_columns(fix), epochs
+
+
+def measured_energy_j(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame | None = None,
+    *,
+    gap_threshold_s: float | None = None,
+    until: dt.datetime | None = None,
+) -> float:
+    """The energy measured in a run's samples in J, as ``wattwise energy --run`` totals it.
+
+    :func:`estimators.energy.run_total_j`: the run's epochs and the time outside
+    them (counter deltas where present, power held for at most
+    ``gap_threshold_s`` past a device's first and last sample, gaps counted
+    0 J and never bridged), up to ``until`` when given. This is STEP's
+    ``measured_j`` and a finished run's total. The gap threshold is the one
+    STEP's epoch units use (:meth:`Trace.gap_threshold_s`): ``wattwise energy``'s
+    default of 5 s for any sampler at least one sample every 5/3 s, longer for
+    slower ones (whose every interval would otherwise be a gap).
+
+    Args:
+        samples: The run's samples (``timestamp``, ``power_w``; optional
+            ``energy_j`` counter, ``run_id``, ``node``, ``device``).
+        epochs: The run's finished epochs (``epoch``, ``start``, ``end``), or ``None``.
+        gap_threshold_s: As ``wattwise energy --gap-threshold``; ``None``:
+            :meth:`Trace.gap_threshold_s` of the samples.
+        until: End of the span measured (UTC), or ``None``: the run's end.
+
+    Raises:
+        BadInputError: See :func:`estimators.energy.epoch_energy`.
+
+    """
+    from estimators.energy import run_total_j
+
+    if samples.height == 0:
+        return 0.0
+    if gap_threshold_s is None:
+        gap_threshold_s = Trace.from_samples(samples).gap_threshold_s()
+    s, ep = _for_energy(samples, epochs)
+    return run_total_j(s, ep, gap_threshold_s=gap_threshold_s, until=until)
+
+
+def measured_epochs(
+    samples: pl.DataFrame,
+    epochs: pl.DataFrame,
+    *,
+    gap_threshold_s: float | None = None,
+) -> np.ndarray:
+    """Per epoch in time order, the energy measured since the previous epoch's end (J).
+
+    The first epoch's figure starts at the run's start (its first sample or
+    first mark), so the running sum after epoch k is what the run measured up
+    to that epoch's end, and after the last epoch (for a run that ended then)
+    :func:`measured_energy_j`. The integration is ``wattwise energy``'s
+    (:func:`estimators.energy.span_energies`, the counter included, unlike
+    :func:`run_epochs`, STEP's units), with ``gap_threshold_s`` (``None``:
+    :meth:`Trace.gap_threshold_s` of the samples).
+
+    Raises:
+        BadInputError: See :func:`estimators.energy.epoch_energy`.
+
+    """
+    from estimators.energy import run_span, span_energies
+
+    if gap_threshold_s is None:
+        gap_threshold_s = Trace.from_samples(samples).gap_threshold_s()
+    s, ep = _for_energy(samples, epochs)
+    assert ep is not None
+    span = run_span(s, ep)
+    if span is None or not ep.height:
+        return np.zeros(0)
+    ends = ep.sort("start")["end"].to_list()
+    return span_energies(s, [span[0], *ends], gap_threshold_s=gap_threshold_s)
 
 
 def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.DataFrame:
@@ -952,15 +1069,9 @@ def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.
     """
     from estimators.energy import epoch_energy
 
-    s = samples if "run_id" in samples.columns else samples.with_columns(run_id=pl.lit("run"))
-    if "run_id" not in epochs.columns or s["run_id"].n_unique() == 1:
-        epochs = epochs.with_columns(run_id=pl.lit(s["run_id"][0]))
-    # NaN power becomes null, which epoch_energy skips and counts: filtering rows out
-    # instead would shift the row numbers its messages give.
-    s = s.select([c for c in s.columns if c != "energy_j"]).with_columns(
-        pl.col("power_w").cast(pl.Float64).fill_nan(None)
-    )
-    per = epoch_energy(s, epochs, gap_threshold_s=trace.gap_threshold_s()).sort("start")
+    s, ep = _for_energy(samples.select([c for c in samples.columns if c != "energy_j"]), epochs)
+    assert ep is not None
+    per = epoch_energy(s, ep, gap_threshold_s=trace.gap_threshold_s()).sort("start")
 
     def seconds(col: str) -> pl.Expr:
         return (pl.col(col).dt.epoch("us") - trace.origin_us) / 1e6
@@ -1000,20 +1111,20 @@ def scaled_note(scaled: Sequence[tuple[object, float]]) -> str:
 
 
 def _epoch_units(
-    samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace, plan: RunPlan
+    samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace, plan: RunPlan, measured_j: float
 ) -> tuple[_Units, str]:
     """Finished epochs as units, their energy from :func:`run_epochs`.
 
-    Epochs mostly without samples count as run (elapsed and measured) but
-    are left out of the units (see :data:`MAX_GAP_SHARE`); the value of a kept
-    epoch with a shorter gap is its energy scaled to its whole length (the
-    measured energy is the trace's, not scaled).
+    Epochs mostly without samples count as run (elapsed) but are left out of
+    the units (see :data:`MAX_GAP_SHARE`); the value of a kept epoch with a
+    shorter gap is its energy scaled to its whole length. ``measured_j`` is the
+    energy measured so far (J, :func:`measured_energy_j`, never scaled).
     """
     if trace.n_samples == 0:
         n = epochs.height
         remaining = float(max((plan.planned_epochs or n) - n, 0))
         empty = np.zeros(0)
-        units = _Units(empty, empty, 0.0, 0.0, remaining, remaining, float(n), empty, False)
+        units = _Units(empty, empty, measured_j, 0.0, remaining, remaining, float(n), empty, False)
         return units, "no power samples (all null or none)"
     per = run_epochs(samples, epochs, trace)
     n = per.height
@@ -1030,7 +1141,7 @@ def _epoch_units(
         values=kept["energy_j"].to_numpy().astype(np.float64)
         * np.where(gap > 0, dur / np.maximum(dur - gap, 1e-12), 1.0),
         starts_s=per["t0_s"].to_numpy()[keep],
-        measured_j=float(trace.energy_at(last_end)[0]),
+        measured_j=measured_j,
         elapsed_s=last_end,
         remaining=remaining,
         remaining_units=remaining,
@@ -1107,7 +1218,13 @@ class OnlineStep:
         self._hi = 0.0
 
     def update(
-        self, energy_j: float, duration_s: float, *, between_j: float = 0.0, gap_s: float = 0.0
+        self,
+        energy_j: float,
+        duration_s: float,
+        *,
+        between_j: float = 0.0,
+        gap_s: float = 0.0,
+        measured_j: float | None = None,
     ) -> Projection:
         """Add one finished epoch and return the new projection.
 
@@ -1120,25 +1237,34 @@ class OnlineStep:
                 :data:`MAX_GAP_SHARE` of ``duration_s`` the epoch is left out
                 of the stable mean, below it the epoch's energy enters the
                 mean scaled to its whole length.
+            measured_j: The epoch's energy as measured (J), where it differs
+                from the value STEP's regime takes (``energy_j``): a report
+                replaying a stored run adds the figure ``wattwise energy``
+                gives (counter deltas, gaps 0 J) to the measured energy, while
+                the regime keeps the units :class:`Step` uses. Default ``energy_j``.
 
         Raises:
             BadInputError: A negative or non-finite energy, duration or gap.
 
         """
+        measured = energy_j if measured_j is None else measured_j
         if not (
             math.isfinite(energy_j)
             and energy_j >= 0
+            and math.isfinite(measured)
+            and measured >= 0
             and math.isfinite(duration_s)
             and duration_s > 0
             and math.isfinite(gap_s)
             and gap_s >= 0
         ):
             raise BadInputError(
-                f"epoch {self._n + 1}: expected energy_j >= 0 J, duration_s > 0 s and gap_s >= 0 "
-                f"s; found {energy_j} J over {duration_s} s with {gap_s} s of gap"
+                f"epoch {self._n + 1}: expected energy_j >= 0 J, duration_s > 0 s, gap_s >= 0 s "
+                f"and measured_j >= 0 J; found {energy_j} J over {duration_s} s with {gap_s} s of "
+                f"gap, measured {measured} J"
             )
         self._n += 1
-        self._measured += energy_j + between_j
+        self._measured += measured + between_j
         self._elapsed += duration_s
         if gap_s > MAX_GAP_SHARE * duration_s:
             self._left_out.append((self._n - 1, gap_s, duration_s))

@@ -69,12 +69,16 @@ def test_an_epoch_mostly_without_samples_is_left_out_of_the_stable_mean() -> Non
     assert per["gap_s"][5] == pytest.approx(60.0)  # the gap is real at the default threshold
     proj = Step().fit(samples, epochs, plan=plan).predict()
     assert proj.stable
-    assert proj.energy_j == pytest.approx(TRUTH_J, rel=1e-9)
+    # The 60 s gap counts 0 J in the measured energy, as in `wattwise energy` (never
+    # bridged): 114 kJ measured, plus the stable 10 kJ for each of the 8 epochs to come.
+    assert proj.measured_j == pytest.approx(TRUTH_J * 12 / 20 - 6_000.0, rel=1e-9)
+    assert proj.energy_j == pytest.approx(TRUTH_J - 6_000.0, rel=1e-9)
     assert proj.n_stable == 11
     assert "epoch 5 left out" in proj.reason
     hist = projection_history(samples, epochs, plan)
-    assert hist["energy_j"][-1] == pytest.approx(TRUTH_J, rel=1e-9)
-    assert hist["measured_j"][-1] == pytest.approx(120_000.0, rel=1e-9)
+    assert hist["energy_j"][-1] == pytest.approx(TRUTH_J - 6_000.0, rel=1e-9)
+    assert hist["measured_j"][-1] == pytest.approx(114_000.0, rel=1e-9)
+    assert hist["measured_j"][-1] == pytest.approx(per["energy_j"].sum(), rel=1e-12)
 
 
 def test_carbontracker_gives_no_answer_when_its_first_epoch_is_mostly_gap() -> None:
@@ -262,11 +266,12 @@ def test_a_short_gap_is_scaled_to_its_epochs_length_not_counted_as_0_j() -> None
     proj = Step().fit(samples, epochs, plan=plan).predict()
     assert proj.stable and proj.n_stable == 12
     assert proj.energy_per_epoch_j == pytest.approx(10_000.0, rel=1e-9)
-    assert proj.energy_j == pytest.approx(TRUTH_J, rel=1e-9)
-    assert proj.measured_j == pytest.approx(120_000.0, rel=1e-9)  # the trace's, unchanged
+    # Measured as `wattwise energy` measures it: the 15 s gap counts 0 J, never scaled.
+    assert proj.measured_j == pytest.approx(118_500.0, rel=1e-9)
+    assert proj.energy_j == pytest.approx(118_500.0 + 8 * 10_000.0, rel=1e-9)
     assert "epoch 5: 15 s without samples, scaled to its length" in proj.reason
-    # The online update (the aggregator's, and the report's replay) scales it alike; its
-    # measured energy stays the epochs' own (the gap counts 0 J there).
+    # The online update (the aggregator's, and the report's replay) scales it alike, and
+    # its measured energy is the same (the gap counts 0 J there too).
     online = OnlineStep(planned_epochs=PLANNED)
     for k in range(12):
         live = online.update(8_500.0 if k == 5 else 10_000.0, 100.0, gap_s=15.0 if k == 5 else 0)
@@ -304,12 +309,18 @@ def test_short_outages_on_a_real_trace_do_not_bias_the_projection(shared_data: P
     plan = RunPlan(planned_epochs=30, power_cap_w=350.0)
     proj = Step().fit(seen, epochs, plan=plan).predict()
     assert proj.stable
-    assert proj.energy_j == pytest.approx(truth, rel=0.02)
-    assert proj.lower_j <= truth <= proj.upper_j  # type: ignore[operator]
+    # The outages were never measured (0 J, as in `wattwise energy`); what STEP projects
+    # beyond the measured energy is the rest of the run, unbiased by them.
+    end_s = (epochs["end"][-1] - t0).total_seconds()  # type: ignore[operator]
+    rest = truth - float(Trace.from_samples(s).energy_at(end_s)[0])
+    assert proj.measured_j < truth - rest - 15_000.0  # three outages of 23 s at ~350 W
+    assert proj.energy_j - proj.measured_j == pytest.approx(rest, rel=0.02)  # type: ignore[operator]
+    assert proj.lower_j <= proj.measured_j + rest <= proj.upper_j  # type: ignore[operator]
     assert "epoch 11: 23 s without samples, scaled to its length" in proj.reason
     hist = projection_history(seen, epochs, plan)
     assert hist["stable"][-1]
-    assert hist["energy_j"][-1] == pytest.approx(truth, rel=0.02)
+    assert hist["measured_j"][-1] == pytest.approx(proj.measured_j, rel=1e-12)
+    assert hist["energy_j"][-1] - hist["measured_j"][-1] == pytest.approx(rest, rel=0.02)
 
 
 # ------------------------------------------------------------------------------ 8: no plan

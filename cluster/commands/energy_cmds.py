@@ -116,22 +116,27 @@ def _file_mode(args: argparse.Namespace) -> int:
 
 
 def _run_mode(args: argparse.Namespace) -> int:
-    from estimators.energy import epoch_energy, run_energy
+    from estimators.energy import epoch_energy, run_energy, run_total_j
 
     record, samples, epochs = load_run(args)
+    run_j = None
     if epochs.height == 0:
         result = run_energy(samples, gap_threshold_s=args.gap_threshold)
         note = "no epoch marks recorded: whole run from first to last sample"
     else:
         result = epoch_energy(samples, epochs, gap_threshold_s=args.gap_threshold)
         note = f"{epochs.height} epochs"
+        # The whole run: its epochs and the time outside them (loading, saving...).
+        run_j = run_total_j(samples, epochs, gap_threshold_s=args.gap_threshold)
     where = f"{record.get('node_type') or '?'} ({record.get('gpu_model') or '?'})"
     title = f"Run {args.run} on {where}: {note}"
-    _show(result, args, title=title)
+    _show(result, args, title=title, run_j=run_j)
     return 0
 
 
-def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None:
+def _show(
+    result: pl.DataFrame, args: argparse.Namespace, *, title: str, run_j: float | None = None
+) -> None:
     totals = {
         # sum() of an all-null column is None in some polars versions: count it as 0.
         "energy_j": float(result["energy_j"].sum() or 0.0),
@@ -139,6 +144,9 @@ def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None
         "gap_s": float(result["gap_s"].sum() or 0.0),
         "n_skipped": int(result["n_skipped"].fill_null(0).max() or 0),  # type: ignore[arg-type]
     }
+    # The run's whole measured energy: with epochs, theirs plus the time outside them.
+    totals["run_energy_j"] = totals["energy_j"] if run_j is None else run_j
+    totals["outside_epochs_j"] = totals["run_energy_j"] - totals["energy_j"]
     if args.json:
         rows: list[dict[str, Any]] = result.with_columns(
             *(result[c].dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") for c in ("start", "end"))
@@ -184,6 +192,13 @@ def _show(result: pl.DataFrame, args: argparse.Namespace, *, title: str) -> None
     )
     out = console()
     print_whole(out, table)
+    if run_j is not None:
+        out.print(
+            f"run total {run_j / 1e3:.3f} kJ: the epochs' {totals['energy_j'] / 1e3:.3f} kJ plus "
+            f"{totals['outside_epochs_j'] / 1e3:.3f} kJ outside them (before the first, between, "
+            "after the last)",
+            soft_wrap=True,
+        )
     if totals["gap_s"]:
         out.print(f"[yellow]{totals['gap_s']:.1f} s had no measurement and add no energy.[/]")
     if totals["n_skipped"]:

@@ -1,0 +1,177 @@
+"""One measured energy per stored run: `energy`, `estimate`, `report` and the aggregator agree.
+
+The run's measured total is what ``wattwise energy --run`` totals: its epochs
+and the time outside them (each device's power held for at most the gap
+threshold past its last sample, longer holes counted 0 J and never bridged,
+counters where present); a run still going has measured that up to the end of
+its last finished epoch. Regression: STEP's trace integrator stopped at the last sample (the
+held tail was lost), bridged gaps and ignored the counter; the report bridged
+gaps; the aggregator stored the first-to-last-sample energy as the run's total.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from cluster.aggregator import Aggregator, align
+from cluster.cli import main
+from conftest import at
+from estimators.report import projection_history
+from estimators.step import RunPlan
+from profiler.store import Store
+
+PLANNED = 20
+EPOCHS = 10
+EPOCH_S = 24  # the last mark ends at 240 s
+WATTS = 200.0
+
+
+def samples(
+    *, gap: bool = False, counter: bool = False, first_s: int = 0, last_s: int = 237
+) -> pl.DataFrame:
+    """One GPU at 1 Hz and 200 W from ``first_s`` to ``last_s``; none in (100, 120) s with ``gap``.
+
+    With ``counter`` the samples also carry NVML's cumulative energy counter,
+    which counts 210 J a second (spikes the 200 W readings miss).
+    """
+    times = [t for t in range(first_s, last_s + 1) if not (gap and 100 < t < 120)]
+    df = pl.DataFrame(
+        {
+            "run_id": "r",
+            "node": "n",
+            "device": "0",
+            "timestamp": [at(t) for t in times],
+            "power_w": [WATTS] * len(times),
+            "source": "replay",
+        }
+    )
+    if counter:
+        df = df.with_columns(energy_j=pl.Series([1e6 + 210.0 * t for t in times]))
+    return df
+
+
+def marks() -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "run_id": "r",
+            "epoch": list(range(EPOCHS)),
+            "start": [at(EPOCH_S * k) for k in range(EPOCHS)],
+            "end": [at(EPOCH_S * (k + 1)) for k in range(EPOCHS)],
+        }
+    )
+
+
+def stored(root: Path, smp: pl.DataFrame, status: str = "running") -> Store:
+    store = Store(root)
+    store.write_samples(smp)
+    store.write_epochs(marks())
+    store.write_runs(
+        pl.DataFrame(
+            {"run_id": ["r"], "status": [status], "planned_epochs": [PLANNED], "start": [at(0)]}
+        )
+    )
+    return store
+
+
+def cli_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, object]:
+    assert main(list(args)) == 0
+    out: dict[str, object] = json.loads(capsys.readouterr().out)
+    return out
+
+
+def energy_total(capsys: pytest.CaptureFixture[str], store: Store) -> tuple[float, float]:
+    """``wattwise energy --run``'s epochs total and run total."""
+    out = cli_json(capsys, "energy", "--run", "r", "--store", str(store.root), "--json")
+    total = out["total"]
+    return float(total["energy_j"]), float(total["run_energy_j"])  # type: ignore[index]
+
+
+_COUNTER = 210.0 * 237 + WATTS * 3
+CASES = {
+    # (samples, the epochs' sum, measured to the last mark's end, the run's total)
+    # last sample at 237 s, the last mark ends at 240 s: 3 s of held tail
+    "tail": (dict(), 48_000.0, 48_000.0, 48_000.0),
+    # and nothing between 100 s and 120 s: a 20 s gap of 0 J, not bridged
+    "gap": (dict(gap=True), 44_000.0, 44_000.0, 44_000.0),
+    # the counter's 210 J/s, where both samples have it; 200 W held over the 3 s tail
+    "counter": (dict(counter=True), _COUNTER, _COUNTER, _COUNTER),
+    # samples from -30 s (before the first mark) to 260 s (after the last) count too
+    "outside": (dict(first_s=-30, last_s=260), 48_000.0, WATTS * 270, WATTS * 290),
+}
+
+
+@pytest.mark.parametrize("status", ["running", "finished"])
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_estimate_measures_what_energy_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str, status: str
+) -> None:
+    kwargs, epochs_j, to_last_end, run_j = CASES[case]
+    store = stored(tmp_path / "st", samples(**kwargs), status)
+    assert energy_total(capsys, store) == pytest.approx((epochs_j, run_j), rel=1e-12)
+    est = cli_json(capsys, "estimate", "--run", "r", "--store", str(store.root), "--json")
+    if status == "finished":
+        assert est["measured_j"] == pytest.approx(run_j, rel=1e-12)
+        assert est["energy_j"] == pytest.approx(run_j, rel=1e-12)
+    else:
+        # Measured up to the last finished epoch's end; STEP's projection starts from
+        # there: 10 more epochs of 4,800 J (24 s at 200 W).
+        assert est["measured_j"] == pytest.approx(to_last_end, rel=1e-12)
+        assert est["energy_j"] == pytest.approx(to_last_end + 10 * 4_800.0, rel=1e-9)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_reports_replay_ends_on_what_energy_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    kwargs, _, to_last_end, _ = CASES[case]
+    store = stored(tmp_path / "st", samples(**kwargs))
+    smp, ep = align(store.samples("r"), store.epochs("r"), store.run("r"))
+    hist = projection_history(smp, ep, RunPlan(planned_epochs=PLANNED))
+    assert hist.height == EPOCHS
+    assert hist["measured_j"][-1] == pytest.approx(to_last_end, rel=1e-12)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_the_aggregators_stored_total_is_what_energy_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], case: str
+) -> None:
+    kwargs, epochs_j, _, run_j = CASES[case]
+    store = Store(tmp_path / "agg")
+    agg = Aggregator(store)  # the plain class, no Ray
+    agg.start_run({"run_id": "r", "planned_epochs": PLANNED})
+    agg.ingest_epochs(marks())
+    agg.ingest_samples(samples(**kwargs))
+    summary = agg.finish_run("r")
+    assert energy_total(capsys, store) == pytest.approx((epochs_j, run_j), rel=1e-12)
+    assert store.run("r")["energy_j"] == pytest.approx(run_j, rel=1e-12)
+    assert summary["measured_energy_j"] == pytest.approx(run_j, rel=1e-12)
+    assert summary["projection"]["energy_j"] == pytest.approx(run_j, rel=1e-12)
+    assert agg.epochs("r")["energy_j"].sum() == pytest.approx(epochs_j, rel=1e-12)
+
+
+@pytest.mark.parametrize("status", ["running", "finished"])
+def test_without_epoch_marks_estimate_measures_what_energy_totals(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], status: str
+) -> None:
+    """Time mode (no marks, the run's duration known): first to last sample, the gap 0 J."""
+    store = Store(tmp_path / "st")
+    store.write_samples(samples(gap=True))
+    store.write_runs(
+        pl.DataFrame(
+            {
+                "run_id": ["r"],
+                "status": [status],
+                "planned_epochs": [PLANNED],
+                "duration_s": [480.0],
+                "start": [at(0)],
+            }
+        )
+    )
+    total, run_j = energy_total(capsys, store)
+    assert total == run_j == pytest.approx(WATTS * (237 - 20), rel=1e-12)
+    est = cli_json(capsys, "estimate", "--run", "r", "--store", str(store.root), "--json")
+    assert est["measured_j"] == pytest.approx(total, rel=1e-12)

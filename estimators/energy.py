@@ -719,8 +719,14 @@ def run_total_j(
         BadInputError: See :func:`epoch_energy`.
 
     """
+    if samples.height == 0:
+        return 0.0
+    # Checked first, so that bad types get epoch_energy's messages.
+    samples = _as_utc(samples, "timestamp", None)
+    if epochs is not None and epochs.height:
+        epochs = prepare_epochs(epochs)
     span = run_span(samples, epochs)
-    if span is None or samples.height == 0:
+    if span is None:
         return 0.0
     start, end = span
     if until is not None:

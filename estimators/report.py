@@ -130,8 +130,12 @@ def projection_history(
     unit = plan.total_duration_s / plan.planned_epochs
     n = int(math.floor(trace.end_s / unit + 1e-9))
     step = Step(detector=detector, confidence=confidence)
+    # Each prefix as a samples frame (not a Trace): its measured energy is then
+    # `wattwise energy`'s (gaps 0 J, counters), as `estimate` had it at that time.
+    us = samples["timestamp"].dt.epoch("us")
     for k in range(1, n + 1):
-        proj = step.fit(trace.until(k * unit), plan=plan).predict()
+        prefix = samples.filter(us <= trace.origin_us + round(k * unit * 1e6))
+        proj = step.fit(prefix, plan=plan).predict()
         rows.append(_row(k, k * unit, proj, proj.stable_start_s))
     return pl.DataFrame(rows, schema=_HISTORY_SCHEMA)
 

@@ -175,3 +175,37 @@ def test_without_epoch_marks_estimate_measures_what_energy_totals(
     assert total == run_j == pytest.approx(WATTS * (237 - 20), rel=1e-12)
     est = cli_json(capsys, "estimate", "--run", "r", "--store", str(store.root), "--json")
     assert est["measured_j"] == pytest.approx(total, rel=1e-12)
+
+
+def test_the_reports_replay_without_marks_does_not_bridge_a_gap() -> None:
+    """Regression: in time mode the replay refitted on Trace prefixes, so its measured
+    energy bridged the 20 s hole (43,200 J at 216 s) while `estimate` had 39,200 J."""
+    smp = samples(gap=True)
+    plan = RunPlan(planned_epochs=PLANNED, total_duration_s=480.0)
+    hist = projection_history(smp, None, plan)
+    assert hist["t_s"][-1] == pytest.approx(216.0)
+    assert hist["measured_j"][-1] == pytest.approx(WATTS * (216 - 20), rel=1e-12)
+
+
+def test_energy_file_mode_does_not_claim_a_run_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Regression: file mode printed run_energy_j = the epochs' sum and outside_epochs_j = 0
+    for samples outside the epochs; it sees epochs only, so it claims no run total."""
+    s, e = tmp_path / "s.parquet", tmp_path / "e.parquet"
+    samples(first_s=-30, last_s=260).write_parquet(s)
+    marks().write_parquet(e)
+    out = cli_json(capsys, "energy", "--samples", str(s), "--epochs", str(e), "--json")
+    total = out["total"]
+    assert total["energy_j"] == pytest.approx(48_000.0)  # type: ignore[index]
+    assert "run_energy_j" not in total and "outside_epochs_j" not in total  # type: ignore[operator]
+
+
+def test_marks_with_string_times_get_a_clear_error() -> None:
+    """Regression: the measured total ran before the marks were checked (AttributeError)."""
+    from estimators.step import Step
+    from profiler.errors import BadInputError
+
+    bad = marks().with_columns(pl.col("start").cast(pl.String), pl.col("end").cast(pl.String))
+    with pytest.raises(BadInputError, match="'start': expected a datetime column"):
+        Step().fit(samples(), bad, plan=RunPlan(planned_epochs=PLANNED))

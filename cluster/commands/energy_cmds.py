@@ -144,9 +144,11 @@ def _show(
         "gap_s": float(result["gap_s"].sum() or 0.0),
         "n_skipped": int(result["n_skipped"].fill_null(0).max() or 0),  # type: ignore[arg-type]
     }
-    # The run's whole measured energy: with epochs, theirs plus the time outside them.
-    totals["run_energy_j"] = totals["energy_j"] if run_j is None else run_j
-    totals["outside_epochs_j"] = totals["run_energy_j"] - totals["energy_j"]
+    # The run's whole measured energy (run mode): with epochs, theirs plus the time outside
+    # them; without, the whole run already. File mode has epochs only.
+    if run_j is not None or "epoch" not in result.columns:
+        totals["run_energy_j"] = totals["energy_j"] if run_j is None else run_j
+        totals["outside_epochs_j"] = totals["run_energy_j"] - totals["energy_j"]
     if args.json:
         rows: list[dict[str, Any]] = result.with_columns(
             *(result[c].dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") for c in ("start", "end"))

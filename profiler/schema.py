@@ -183,6 +183,14 @@ def drop_filled_placeholders(
     if not drop.any():
         return df, none
     filled = df.filter(drop & flags["_first_empty"]).select(key).unique(maintain_order=True)
+    # The valued copy keeps what the placeholder knew that it does not (model, utilisation,
+    # temperature...): its missing columns are taken from the other rows of its sample.
+    others = [c for c in df.columns if c not in key and c not in SAMPLE_VALUES]
+    if others:
+        df = df.with_columns(
+            pl.col(c).fill_null(strategy="forward").fill_null(strategy="backward").over(key)
+            for c in others
+        )
     return df.filter(~drop), filled
 
 

@@ -576,6 +576,17 @@ class Store:
         """
         live, _ = self._live_parts(run_dir)
         old = read_store_files(live, "samples")
+        # The filled sample keeps what its placeholder knew that the valued copy does not
+        # (model, utilisation, temperature...): only missing columns are taken from it.
+        others = [c for c in fill.columns if c not in (*_SAMPLE_KEY, *_VALUES) and c in old.columns]
+        if others:
+            ph = old.join(fill.select(_SAMPLE_KEY), on=_SAMPLE_KEY, how="semi")
+            known = ph.select(*_SAMPLE_KEY, *others)
+            fill = (
+                fill.join(known, on=_SAMPLE_KEY, how="left", suffix="__ph")
+                .with_columns(pl.coalesce(pl.col(c), pl.col(f"{c}__ph")).alias(c) for c in others)
+                .select(fill.columns)
+            )
         merged = pl.concat(
             [old.join(fill.select(_SAMPLE_KEY), on=_SAMPLE_KEY, how="anti"), fill, new]
         ).sort("node", "device", "timestamp")

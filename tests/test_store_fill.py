@@ -209,3 +209,41 @@ def test_fills_of_several_runs_are_counted_per_run(
     assert [n for n, _ in rep.fills] == [3]
     assert "run 'a': 2, run 'b': 1" in caplog.text
     assert s.samples()["power_w"].to_list() == [1.0, 2.0, 3.0]
+
+
+def _nvsmi(power: float | None) -> pl.DataFrame:
+    """One nvidia-smi sample: power (or its `[N/A]`) with model, utilisation and temperature."""
+    return pl.DataFrame(
+        {
+            "run_id": "r1",
+            "node": "n",
+            "device": "0",
+            "timestamp": [at(0)],
+            "model": "NVIDIA A100",
+            "power_w": pl.Series([power], dtype=pl.Float64),
+            "gpu_util_pct": [97.0],
+            "temp_c": [71.0],
+            "source": "nvidia-smi",
+        }
+    )
+
+
+COLS = ("model", "power_w", "gpu_util_pct", "temp_c")
+
+
+@pytest.mark.parametrize("same_batch", [False, True])
+def test_a_fill_keeps_what_the_placeholder_knew(tmp_path: Path, same_batch: bool) -> None:
+    """Regression: a power-only copy filling an `[N/A]` sample replaced the whole row, so
+    the model, utilisation and temperature the placeholder carried were lost."""
+    store = Store(tmp_path / "s")
+    valued = pl.DataFrame(
+        {"run_id": "r1", "node": "n", "device": "0", "timestamp": [at(0)], "power_w": [250.0]}
+    ).with_columns(source=pl.lit("nvidia-smi"))
+    if same_batch:
+        store.write_samples(pl.concat([_nvsmi(None), valued], how="diagonal_relaxed"))
+    else:
+        store.write_samples(_nvsmi(None))
+        store.write_samples(valued)
+    got = store.samples("r1")
+    assert got.height == 1
+    assert got.select(COLS).row(0) == ("NVIDIA A100", 250.0, 97.0, 71.0)

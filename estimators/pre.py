@@ -526,11 +526,26 @@ class _Fitted:
         return np.asarray(self.prior.predict(frame) * corr, dtype=float)
 
 
-def _lengths(frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-    """The ``epochs`` column (nan where null) and where it is not a finite number > 0."""
+def _lengths(frame: pl.DataFrame, what: str) -> np.ndarray:
+    """The ``epochs`` column (the run's length; nan where null).
+
+    Raises:
+        BadInputError: A length that is not a finite number > 0 (``what``:
+            ``training`` or ``prediction``, for the message).
+
+    """
     col = frame["epochs"].cast(pl.Float64)
     bad = (col.is_not_null() & ~(col.is_finite() & (col > 0))).to_numpy()
-    return col.fill_null(float("nan")).fill_nan(float("nan")).to_numpy(), bad
+    ep = col.fill_null(float("nan")).to_numpy()
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        run = frame.row(i, named=True).get("run_id")
+        raise BadInputError(
+            f"PRE {what} rows: column 'epochs' (the run's length) must be a finite number > 0 "
+            f"or null; {int(bad.sum())} row(s) are not (first: row {i + 1}"
+            f"{'' if run is None else f', run {run!r}'}, {ep[i]!r})"
+        )
+    return ep
 
 
 def _fitted_json(f: _Fitted) -> dict[str, Any]:
@@ -834,14 +849,7 @@ class PREModel:
                     f"PRE training rows: column {c!r} must be > 0 in every row; "
                     f"{bad.height} row(s) are not (first: {bad.row(0, named=True).get('run_id')})"
                 )
-        ep, bad_ep = _lengths(frame)
-        if bad_ep.any():
-            i = int(np.flatnonzero(bad_ep)[0])
-            raise BadInputError(
-                f"PRE training rows: column 'epochs' (the run's length) must be a finite "
-                f"number > 0 or null; {int(bad_ep.sum())} row(s) are not (first: "
-                f"{frame.row(i, named=True).get('run_id')}, {ep[i]!r})"
-            )
+        ep = _lengths(frame, "training")
         known = ep[~np.isnan(ep)]
         self.reference_epochs_ = float(np.median(known)) if len(known) else None
         a = _arrays(frame)
@@ -962,13 +970,7 @@ class PREModel:
                 raise BadInputError(
                     f"PRE prediction rows: column {c!r} has nulls; expected numbers"
                 )
-        ep, bad_ep = _lengths(frame)
-        if bad_ep.any():
-            i = int(np.flatnonzero(bad_ep)[0])
-            raise BadInputError(
-                f"PRE prediction rows: column 'epochs' (the run's length) must be a finite "
-                f"number > 0 or null; row {i + 1} has {ep[i]!r}"
-            )
+        ep = _lengths(frame, "prediction")
         has_length = ~np.isnan(ep)
         x = _matrix(frame)
         x_free = _matrix(frame, float("nan"))

@@ -21,6 +21,19 @@ def at(seconds: float) -> dt.datetime:
     return T0 + dt.timedelta(seconds=seconds)
 
 
+#: A real run's job (vgg16 on the SEAA RTX 3090 runs) in the shared runs layout.
+RUN = {
+    "gpu_model": "NVIDIA GeForce RTX 3090",
+    "architecture": "vgg16",
+    "batch_size": 32,
+    "training_size": 23807,
+    "validation_size": 0,
+    "gflops_forward": 10.03,
+    "image_height": 128,
+    "image_width": 128,
+}
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Every test gets its own store and no inherited cluster or GPU settings."""

@@ -6,6 +6,7 @@ import polars as pl
 import pytest
 import torch
 
+from conftest import RUN
 from estimators.features import (
     FEATURES,
     KNOWN_ARCHITECTURES,
@@ -144,19 +145,6 @@ def test_runs_features_from_shared_layout(seaa_runs) -> None:
 def test_runs_features_names_the_missing_column(seaa_runs) -> None:
     with pytest.raises(BadInputError, match=r"need column\(s\) \['gflops_forward'\]"):
         runs_features(seaa_runs.drop("gflops_forward"), file="r.parquet")
-
-
-#: A real run's job (vgg16 on the SEAA RTX 3090 runs) in the shared runs layout.
-RUN = {
-    "gpu_model": "NVIDIA GeForce RTX 3090",
-    "architecture": "vgg16",
-    "batch_size": 32,
-    "training_size": 23807,
-    "validation_size": 0,
-    "gflops_forward": 10.03,
-    "image_height": 128,
-    "image_width": 128,
-}
 
 
 def _runs(column: str, value: object, **extra: object) -> pl.DataFrame:

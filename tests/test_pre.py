@@ -7,6 +7,7 @@ import numpy as np
 import polars as pl
 import pytest
 
+from conftest import RUN
 from estimators.features import JobDescription, feature_frame, runs_features
 from estimators.pre import PREModel, Prior, grouped_folds, random_folds
 from profiler.errors import BadInputError, NotFittedError
@@ -288,16 +289,7 @@ def test_run_length_is_a_feature_and_a_missing_one_is_the_reference(tmp_path) ->
 
 
 def test_runs_features_take_the_run_length_from_trained_then_planned_epochs() -> None:
-    base = {
-        "gpu_model": "NVIDIA GeForce RTX 3090",
-        "architecture": "vgg16",
-        "batch_size": 32,
-        "training_size": 23807,
-        "validation_size": 0,
-        "gflops_forward": 10.03,
-        "image_height": 128,
-        "image_width": 128,
-    }
+    base = RUN
     runs = pl.DataFrame(
         [
             {**base, "run_id": "a", "trained_epochs": 42, "planned_epochs": 90},

@@ -478,13 +478,13 @@ def _log_fit(
 # ----------------------------------------------------------------------------- one target
 
 
-def _matrix(frame: pl.DataFrame, epochs: float | None = None) -> np.ndarray:
+def _matrix(frame: pl.DataFrame, *, without_length: bool = False) -> np.ndarray:
     """The correction's input matrix (:data:`FEATURES` in order).
 
     Args:
         frame: Feature rows.
-        epochs: Fills a null ``epochs`` (the run's length). ``None`` leaves it
-            missing; ``nan`` blanks the whole column (the feature switched off).
+        without_length: Blank the run's length (``epochs``) in every row, for
+            the model trained without it (no tree can split on a blank column).
 
     """
     x = np.array(  # a writable copy
@@ -493,10 +493,8 @@ def _matrix(frame: pl.DataFrame, epochs: float | None = None) -> np.ndarray:
         .to_numpy(),
         dtype=float,
     )
-    if epochs is not None:
-        j = FEATURES.index("epochs")
-        col = x[:, j]
-        x[:, j] = np.where(np.isnan(col) | math.isnan(epochs), epochs, col)
+    if without_length:
+        x[:, FEATURES.index("epochs")] = np.nan
     return x
 
 
@@ -652,7 +650,7 @@ class PREModel:
 
     def _x(self, frame: pl.DataFrame) -> np.ndarray:
         """The inputs of :attr:`fitted_` for ``frame`` (the length column blank when unused)."""
-        return _matrix(frame) if self.uses_length else _matrix(frame, float("nan"))
+        return _matrix(frame, without_length=not self.uses_length)
 
     # -- fit
 
@@ -857,7 +855,7 @@ class PREModel:
         n_arch = len(set(keys))
         gfolds = grouped_folds(keys, self.cv_folds, seed=self.seed) if n_arch >= 2 else None
         rfolds = random_folds(frame.height, self.cv_folds, seed=self.seed)
-        x_free = _matrix(frame, float("nan"))
+        x_free = _matrix(frame, without_length=True)
         # With the length (when it is a feature and some run has one), and without it for
         # jobs that do not say how long they run: each with its own intervals.
         with_length = self.epochs_feature and len(known) > 0
@@ -973,7 +971,7 @@ class PREModel:
         ep = _lengths(frame, "prediction")
         has_length = ~np.isnan(ep)
         x = _matrix(frame)
-        x_free = _matrix(frame, float("nan"))
+        x_free = _matrix(frame, without_length=True)
         seen = _seen(
             arch_keys(frame),
             frame["gflops_forward"].to_list(),

@@ -91,7 +91,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import polars as pl
 
-from estimators.energy import DEFAULT_GAP_THRESHOLD_S, classify_intervals, inside, outside
+from estimators.energy import (
+    DEFAULT_GAP_THRESHOLD_S,
+    RHYTHM_INTERVALS,
+    classify_intervals,
+    inside,
+    outside,
+    stream_threshold,
+)
 from profiler.errors import BadInputError, SchemaError, StoreError
 from profiler.schema import RUN_STATUSES, SOURCES, UTC_US, check_run_id, conform, schema
 
@@ -297,6 +304,9 @@ class _Run:
     floor_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     first_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pruned: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    # Gap threshold of each stream in s once its sampler's rhythm is known (NaN: not yet;
+    # see estimators.energy.stream_threshold).
+    thr_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)  # epoch -> (start, end) µs
     done: list[dict[str, Any]] = field(default_factory=list)
     watermark_us: int | None = None  # end of the last finished epoch
@@ -336,6 +346,7 @@ class _Run:
             self.floor_us = np.concatenate((self.floor_us, np.full(grow, _UNSET, np.int64)))
             self.first_us = np.concatenate((self.first_us, np.full(grow, _UNSET, np.int64)))
             self.pruned = np.concatenate((self.pruned, np.zeros(grow, np.int64)))
+            self.thr_s = np.concatenate((self.thr_s, np.full(grow, np.nan)))
         return sid
 
     @property
@@ -360,7 +371,7 @@ class _View:
         "runs", "goff", "gid", "us", "t", "p", "c", "key", "span", "umin", "ranks",
         "seg_a", "seg_b", "seg_g", "seg_run", "run_seg", "dt", "inc", "kind", "e", "g",
         "edge_first", "edge_last", "base_e", "base_g", "floor_us", "first_us", "pruned",
-        "thr",
+        "thr", "thr_g", "seg_thr",
     )  # fmt: skip
 
     def __init__(self, runs: list[_Run], thr: float) -> None:
@@ -374,6 +385,7 @@ class _View:
         self.floor_us = _cat([st.floor_us[: len(st.names)] for st in runs], np.int64)
         self.first_us = _cat([st.first_us[: len(st.names)] for st in runs], np.int64)
         self.pruned = _cat([st.pruned[: len(st.names)] for st in runs], np.int64)
+        self.thr_g = _cat([st.thr_s[: len(st.names)] for st in runs], np.float64)
         sids, uss, ps, cs = [], [], [], []
         block_off: list[int] = []
         fresh_l: list[bool] = []  # per block: a new chunk (True) or the window
@@ -459,7 +471,34 @@ class _View:
         self.run_seg = np.searchsorted(self.seg_run, np.arange(len(runs) + 1), side="left")
         unset = self.first_us[self.seg_g] == _UNSET
         self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
+        self._thresholds()
         self._build()
+
+    def _thresholds(self) -> None:
+        """Each segment's gap threshold: its stream's, as ``energy.stream_threshold`` gives it.
+
+        A stream's threshold comes from its first intervals; it is kept
+        (``thr_g``) once the window holds enough of them, or once they are
+        folded away, and until then recomputed from those the window holds
+        (the floor until there are 3). Epochs that finished before a slow
+        sampler's threshold was kept may have counted its intervals as gaps:
+        the run is marked to be recomputed from the store when it finishes,
+        as ``wattwise energy`` would compute it.
+        """
+        self.seg_thr = np.full(len(self.seg_a), self.thr)
+        need = RHYTHM_INTERVALS + 1
+        for k in range(len(self.seg_a)):
+            g = int(self.seg_g[k])
+            if not np.isnan(self.thr_g[g]):
+                self.seg_thr[k] = self.thr_g[g]
+                continue
+            a, b = int(self.seg_a[k]), int(self.seg_b[k])
+            self.seg_thr[k] = stream_threshold(self.us[a : min(b, a + need)] / 1e6, self.thr)
+            if b - a >= need or self.pruned[g] > 0:
+                self.thr_g[g] = self.seg_thr[k]
+                run = self.runs[int(self.seg_run[k])]
+                if self.seg_thr[k] > self.thr and run.watermark_us is not None:
+                    run.dirty = True
 
     def _missed(self, fresh: np.ndarray, gid: np.ndarray, us: np.ndarray) -> None:
         """Flag runs given new samples (not duplicates) older than their last finished epoch's end.
@@ -494,8 +533,9 @@ class _View:
 
     def _build(self) -> None:
         """Exact integration streams of every segment (as :meth:`EnergyStream.build`)."""
-        us, p, c, thr = self.us, self.p, self.c, self.thr
+        us, p, c = self.us, self.p, self.c
         n = len(us)
+        thr = np.repeat(self.seg_thr, self.seg_b - self.seg_a)[:-1] if n else self.thr
         self.t = t = us / 1e6
         dt, inc, kind, gap = classify_intervals(t, p, c, thr)
         between = self.seg_b[:-1] - 1  # intervals joining two segments
@@ -565,7 +605,12 @@ class _View:
             anchor_e = np.zeros(len(r)) if sign < 0 else self.e[r]
             anchor_g = np.zeros(len(r)) if sign < 0 else self.g[r]
             energy[mask], gap[mask] = outside(
-                np.abs(x[mask] - t[r]), w_all[seg[mask]], self.thr, anchor_e, anchor_g, sign
+                np.abs(x[mask] - t[r]),
+                w_all[seg[mask]],
+                self.seg_thr[seg[mask]],
+                anchor_e,
+                anchor_g,
+                sign,
             )
         return energy, gap
 
@@ -590,6 +635,7 @@ class _View:
             st.floor_us[:m] = self.floor_us[g0:g1]
             st.first_us[:m] = self.first_us[g0:g1]
             st.pruned[:m] = self.pruned[g0:g1]
+            st.thr_s[:m] = self.thr_g[g0:g1]
 
     def totals(self, r: int) -> dict[str, Any]:
         """Run ``r``'s measured totals so far (all streams, folded history included)."""

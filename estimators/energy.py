@@ -30,6 +30,12 @@ if it has none, the mean power of its counter interval) for up to
 beyond that the uncovered time is a gap. Devices and nodes of one run add up
 per epoch; ``gap_s`` of a row is the largest over its devices.
 
+Each stream's threshold is ``max(gap_threshold_s, 3 x its sampler's interval)``
+(:func:`stream_threshold`: the median of its first 8 intervals), so a sampler
+slower than one sample every ``gap_threshold_s / 3`` seconds is integrated, not
+counted as one long gap, while a stretch without samples much longer than the
+sampler's own rhythm still is a gap.
+
 Samples whose ``power_w`` and ``energy_j`` are both null carry no measurement
 and are skipped; their number is reported as ``n_skipped``.
 """
@@ -47,11 +53,39 @@ import polars as pl
 from profiler.errors import BadInputError, where
 
 DEFAULT_GAP_THRESHOLD_S = 5.0
+#: A stream's gap threshold is at least this many of its own sample intervals, so a
+#: sampler slower than one sample every ``DEFAULT_GAP_THRESHOLD_S / 3`` s is not a run of
+#: gaps (CodeCarbon, for one, samples every 15 s by default).
+GAP_INTERVALS = 3.0
+#: The sampler's interval is the median of a stream's first this many intervals (it must
+#: have at least :data:`MIN_RHYTHM_INTERVALS`), so a later outage does not change it and a
+#: live window (``cluster.aggregator``) knows it as soon as a batch would.
+RHYTHM_INTERVALS = 8
+MIN_RHYTHM_INTERVALS = 3
 _POWER, _COUNTER, _GAP, _HELD = 0, 1, 2, 3
 
 
+def stream_threshold(t: np.ndarray, floor: float) -> float:
+    """Gap threshold of one stream in s: ``max(floor, 3 x its sampler's interval)``.
+
+    The sampler's interval is the median of the stream's first
+    :data:`RHYTHM_INTERVALS` intervals; with fewer than
+    :data:`MIN_RHYTHM_INTERVALS` of them the rhythm is unknown and ``floor`` is
+    used.
+
+    Args:
+        t: The stream's sample times in s, increasing (only the first few are read).
+        floor: The configured threshold (``--gap-threshold``), a lower bound.
+
+    """
+    d = np.diff(np.asarray(t[: RHYTHM_INTERVALS + 1], dtype=np.float64))
+    if len(d) < MIN_RHYTHM_INTERVALS:
+        return float(floor)
+    return max(float(floor), GAP_INTERVALS * float(np.median(d)))
+
+
 def classify_intervals(
-    t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float
+    t: np.ndarray, p: np.ndarray, c: np.ndarray | None, thr: float | np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Kind and energy of every interval between consecutive samples (see the module doc).
 
@@ -59,7 +93,7 @@ def classify_intervals(
         t: Sample times in s, increasing.
         p: Power in W at each sample (NaN where unknown).
         c: Cumulative energy counter in J at each sample (NaN where missing), or ``None``.
-        thr: Gap threshold in s.
+        thr: Gap threshold in s, or one per interval.
 
     Returns:
         ``dt`` (s), ``inc`` (J; 0 for gaps), ``kind`` (power, counter, held or gap)
@@ -82,7 +116,7 @@ def classify_intervals(
         gap &= ~counter_ok
         # Power on one side only, the counter alone on the other: hold that power.
         ii = np.flatnonzero(gap)
-        ii = ii[dt[ii] <= thr]
+        ii = ii[dt[ii] <= (thr if np.ndim(thr) == 0 else np.asarray(thr)[ii])]
         if len(ii):
             pa, pb = p[ii], p[ii + 1]
             known_a, known_b = ~np.isnan(pa), ~np.isnan(pb)
@@ -344,7 +378,8 @@ def _prepare_streams(
             _unsorted(part, int(back[0]) + 1, ident, file)
         if c is not None and np.isnan(c).all():
             c = None
-        streams[ident] = EnergyStream.build(us / 1e6, p, c, thr, n_skipped)
+        t = us / 1e6
+        streams[ident] = EnergyStream.build(t, p, c, stream_threshold(t, thr), n_skipped)
     return streams
 
 
@@ -470,7 +505,8 @@ def epoch_energy(
             (W); optional ``energy_j`` (cumulative J), ``node``, ``device``.
         epochs: Epoch marks with ``run_id``, ``epoch``, ``start``, ``end``.
         gap_threshold_s: Longest interval between two samples, in s, that is
-            integrated from power; longer ones are gaps.
+            integrated from power; longer ones are gaps. A stream whose sampler
+            is slower uses 3 x its own interval (:func:`stream_threshold`).
         samples_file: Where the samples came from, for messages.
         epochs_file: Where the epoch marks came from, for messages.
 

@@ -258,3 +258,18 @@ def test_the_aggregator_integrates_mixed_readings_as_epoch_energy():
     run = run_energy(df)
     assert run["energy_j"].item() == pytest.approx(truth, rel=0.05)
     assert 7.8 < run["gap_s"].item() < 8.2
+
+
+def test_a_streams_threshold_follows_its_own_sampler() -> None:
+    """max(floor, 3 x the median of the first 8 intervals); the floor below 3 intervals."""
+    from estimators.energy import stream_threshold
+
+    assert stream_threshold(np.arange(0.0, 100.0, 1.0), 5.0) == 5.0  # 1 Hz: the floor
+    assert stream_threshold(np.arange(0.0, 300.0, 15.0), 5.0) == 45.0  # every 15 s
+    # An outage among the first intervals does not move the median, nor one later.
+    t = np.concatenate(([0.0, 1.0, 2.0, 60.0], np.arange(61.0, 100.0), [500.0]))
+    assert stream_threshold(t, 5.0) == 5.0
+    # Two intervals say nothing of a rhythm: a 60 s hole stays a gap.
+    assert stream_threshold(np.array([0.0, 60.0, 120.0]), 5.0) == 5.0
+    # An explicit threshold is a floor.
+    assert stream_threshold(np.arange(0.0, 300.0, 15.0), 100.0) == 100.0

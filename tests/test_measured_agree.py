@@ -31,14 +31,23 @@ WATTS = 200.0
 
 
 def samples(
-    *, gap: bool = False, counter: bool = False, first_s: int = 0, last_s: int = 237
+    *,
+    gap: bool = False,
+    counter: bool = False,
+    first_s: int = 0,
+    last_s: int = 237,
+    every_s: int = 1,
+    outage_s: int = 20,
 ) -> pl.DataFrame:
-    """One GPU at 1 Hz and 200 W from ``first_s`` to ``last_s``; none in (100, 120) s with ``gap``.
+    """One GPU at 200 W every ``every_s`` s from ``first_s`` to ``last_s``.
 
-    With ``counter`` the samples also carry NVML's cumulative energy counter,
-    which counts 210 J a second (spikes the 200 W readings miss).
+    With ``gap``, none in (100, 100 + ``outage_s``) s. With ``counter`` the
+    samples also carry NVML's cumulative energy counter, which counts 210 J a
+    second (spikes the 200 W readings miss).
     """
-    times = [t for t in range(first_s, last_s + 1) if not (gap and 100 < t < 120)]
+    times = [
+        t for t in range(first_s, last_s + 1, every_s) if not (gap and 100 < t < 100 + outage_s)
+    ]
     df = pl.DataFrame(
         {
             "run_id": "r",
@@ -101,6 +110,12 @@ CASES = {
     "counter": (dict(counter=True), _COUNTER, _COUNTER, _COUNTER),
     # samples from -30 s (before the first mark) to 260 s (after the last) count too
     "outside": (dict(first_s=-30, last_s=260), 48_000.0, WATTS * 270, WATTS * 290),
+    # a sampler every 15 s (CodeCarbon's default) is integrated, not a run of gaps: its
+    # threshold is 3 intervals (45 s), so the last sample at 225 s is held to 240 s
+    "slow": (dict(every_s=15, last_s=237), 48_000.0, 48_000.0, 48_000.0),
+    # and a hole in it (no samples from 105 s to 150 s: 75 s from 90 s to 165 s, 5
+    # intervals) is still a gap of 0 J
+    "slow gap": (dict(every_s=15, gap=True, outage_s=60), 33_000.0, 33_000.0, 33_000.0),
 }
 
 
@@ -209,3 +224,42 @@ def test_marks_with_string_times_get_a_clear_error() -> None:
     bad = marks().with_columns(pl.col("start").cast(pl.String), pl.col("end").cast(pl.String))
     with pytest.raises(BadInputError, match="'start': expected a datetime column"):
         Step().fit(samples(), bad, plan=RunPlan(planned_epochs=PLANNED))
+
+
+def test_a_slow_sampler_streamed_to_the_aggregator_is_integrated(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 15 s sampler's samples arriving with the epochs are integrated live, not counted as gaps.
+
+    The aggregator learns a stream's rhythm from its first intervals (3 at
+    least): the first epoch (24 s, two intervals in) is counted before that, so
+    the run is recomputed from the store when it finishes, and its stored
+    epochs and total are ``wattwise energy``'s. Regression: with a fixed 5 s
+    threshold every 15 s interval was a gap (1,000 J of held edges for 48,000 J).
+    """
+    smp = samples(every_s=15)
+    mk = marks()
+    store = Store(tmp_path / "agg")
+    agg = Aggregator(store, retain_s=30.0)  # a short window: early samples are folded away
+    agg.start_run({"run_id": "r", "planned_epochs": PLANNED})
+    t_s = (smp["timestamp"] - smp["timestamp"][0]).dt.total_seconds().to_numpy()
+    cut = -1.0
+    for k in range(EPOCHS):  # each epoch's mark comes with the samples up to 15 s past it
+        batch = (t_s > cut) & (t_s <= EPOCH_S * (k + 1) + 15)
+        cut = EPOCH_S * (k + 1) + 15
+        agg.ingest_samples(smp.filter(pl.Series(batch)))
+        agg.ingest_epochs(mk[k : k + 1])
+    live = agg.epochs("r")
+    # The last epoch ends after the last sample: it finishes with the run.
+    assert live.height == EPOCHS - 1
+    # The first epoch finished before the rhythm was known: a gap, and said so (gap_s).
+    assert (live["energy_j"][0], live["gap_s"][0]) == (0.0, 24.0)
+    # Once the rhythm is known, every epoch is 24 s at 200 W.
+    assert live["energy_j"][2:].to_list() == pytest.approx([4_800.0] * (EPOCHS - 3), rel=1e-12)
+    assert live["gap_s"][2:].to_list() == [0.0] * (EPOCHS - 3)
+    summary = agg.finish_run("r")
+    assert energy_total(capsys, store) == pytest.approx((48_000.0, 48_000.0), rel=1e-12)
+    assert store.run("r")["energy_j"] == pytest.approx(48_000.0, rel=1e-12)
+    assert summary["measured_energy_j"] == pytest.approx(48_000.0, rel=1e-12)
+    # Finished, the run is recomputed from the store: the first epoch too.
+    assert agg.epochs("r")["energy_j"].to_list() == pytest.approx([4_800.0] * EPOCHS, rel=1e-12)

@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         type=float,
         default=5.0,
         metavar="S",
-        help="longest sample interval in s integrated from power (default 5)",
+        help="longest sample interval in s integrated from power (default 5; a device "
+        "sampled more slowly uses 3 x its own interval)",
     )
     add_store_option(p)
     p.set_defaults(func=run)

@@ -36,9 +36,10 @@ times a learned correction:
 * **Intervals** (split conformal on out-of-fold log residuals): for a job
   whose architecture was in the training runs, from random K-fold residuals;
   for a new architecture, from folds grouped by architecture (each
-  architecture predicted by a model that never saw it). The lower and upper
-  quantiles are kept separately, so a biased extrapolation gets a lopsided
-  interval.
+  architecture predicted by a model that never saw it); for a GPU model not in
+  the training runs, from folds grouped by GPU model; for both new, the two
+  half-widths added. The bounds are symmetric in log space (see
+  :func:`_quantiles`).
 
 A fitted model saves as one JSON file (the two boosters in XGBoost's own JSON
 format, the priors and the conformal quantiles) plus a card (features, rows,
@@ -73,8 +74,9 @@ FORMAT = "wattwise-pre"
 #: 3: the SEAA architectures are described as trained (features changed meaning) and
 #: the model records the FLOPs it saw per architecture. 4: the run's length (``epochs``)
 #: is a feature, and the model records its reference length. 5: a second model without
-#: the length predicts jobs that do not say how long they run.
-FORMAT_VERSION = 5
+#: the length predicts jobs that do not say how long they run. 6: intervals for a GPU the
+#: model has not seen, from folds grouped by GPU.
+FORMAT_VERSION = 6
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0
@@ -516,6 +518,8 @@ class _Fitted:
     booster: xgb.Booster
     seen_q: tuple[float, float]
     unseen_q: tuple[float, float] | None
+    #: From folds grouped by GPU model (None with a single GPU model in training).
+    gpu_q: tuple[float, float] | None = None
 
     def point(self, frame: pl.DataFrame, x: np.ndarray) -> np.ndarray:
         import xgboost as xgb
@@ -551,6 +555,7 @@ def _fitted_json(f: _Fitted) -> dict[str, Any]:
         "prior": f.prior.to_json(),
         "seen_q": list(f.seen_q),
         "unseen_q": None if f.unseen_q is None else list(f.unseen_q),
+        "gpu_q": None if f.gpu_q is None else list(f.gpu_q),
         "booster": json.loads(bytes(f.booster.save_raw("json")).decode()),
     }
 
@@ -565,17 +570,27 @@ def _fitted_from_json(td: dict[str, Any]) -> _Fitted:
         booster,
         (float(td["seen_q"][0]), float(td["seen_q"][1])),
         None if td["unseen_q"] is None else (float(td["unseen_q"][0]), float(td["unseen_q"][1])),
+        None if td["gpu_q"] is None else (float(td["gpu_q"][0]), float(td["gpu_q"][1])),
     )
 
 
-def _bounds(fit: _Fitted, seen: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the interval's factors: random-fold bounds if seen, else grouped (or nan)."""
-    lo_s, hi_s = np.exp(fit.seen_q[0]), np.exp(fit.seen_q[1])
-    if fit.unseen_q is None:
-        lo_u, hi_u = np.nan, np.nan
-    else:
-        lo_u, hi_u = np.exp(fit.unseen_q[0]), np.exp(fit.unseen_q[1])
-    return np.where(seen, lo_s, lo_u), np.where(seen, hi_s, hi_u)
+def _bounds(fit: _Fitted, seen: np.ndarray, seen_gpu: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the interval's factors (log-space bounds ``q``, exponentiated).
+
+    Architecture and GPU seen: random-fold bounds. A new architecture on a
+    seen GPU: architecture-grouped bounds; a seen architecture on a new GPU:
+    GPU-grouped bounds; both new: the two added (their errors compound). NaN
+    where training cannot say (one architecture, or one GPU model).
+    """
+    nan = (np.nan, np.nan)
+    arch = np.asarray(fit.unseen_q if fit.unseen_q is not None else nan)
+    gpu = np.asarray(fit.gpu_q if fit.gpu_q is not None else nan)
+    q = np.where(
+        (seen & seen_gpu)[:, None],
+        np.asarray(fit.seen_q),
+        np.where(seen[:, None], gpu, np.where(seen_gpu[:, None], arch, arch + gpu)),
+    )
+    return np.exp(q[:, 0]), np.exp(q[:, 1])
 
 
 class PREModel:
@@ -855,6 +870,12 @@ class PREModel:
         n_arch = len(set(keys))
         gfolds = grouped_folds(keys, self.cv_folds, seed=self.seed) if n_arch >= 2 else None
         rfolds = random_folds(frame.height, self.cv_folds, seed=self.seed)
+        gpu_names = frame["gpu_model"].cast(pl.String).to_list()
+        ufolds = (
+            grouped_folds(gpu_names, self.cv_folds, seed=self.seed)
+            if len(set(gpu_names)) >= 2
+            else None
+        )
         x_free = _matrix(frame, without_length=True)
         # With the length (when it is a feature and some run has one), and without it for
         # jobs that do not say how long they run: each with its own intervals.
@@ -867,11 +888,13 @@ class PREModel:
             energy = name == "energy"
             y = frame[col].to_numpy().astype(float)
             choice = self._choose_efficiency(a, y, energy, gfolds)
-            free, cv_free, oof_free = self._fit_target(a, x_free, y, energy, gfolds, rfolds, choice)
+            free, cv_free, oof_free = self._fit_target(
+                a, x_free, y, energy, gfolds, rfolds, ufolds, choice
+            )
             self.fitted_free_[name] = free
             if with_length:
                 x = _matrix(frame)
-                full, cv, oof = self._fit_target(a, x, y, energy, gfolds, rfolds, choice)
+                full, cv, oof = self._fit_target(a, x, y, energy, gfolds, rfolds, ufolds, choice)
                 cv["without_length"] = cv_free
             else:
                 full, cv, oof = free, cv_free, oof_free
@@ -892,9 +915,13 @@ class PREModel:
         energy: bool,
         gfolds: list[tuple[np.ndarray, np.ndarray]] | None,
         rfolds: list[tuple[np.ndarray, np.ndarray]],
+        ufolds: list[tuple[np.ndarray, np.ndarray]] | None,
         choice: tuple[float, float, str, dict[str, float | None]],
     ) -> tuple[_Fitted, dict[str, Any], np.ndarray]:
         """One target on inputs ``x``: depth by grouped CV, conformal bounds, final fit.
+
+        Bounds: random folds for seen jobs, architecture-grouped folds for a
+        new architecture, GPU-grouped folds (``ufolds``) for a new GPU model.
 
         Returns:
             The fitted model, its CV scores (for the card) and its out-of-fold
@@ -912,6 +939,10 @@ class PREModel:
         roof = self._oof(a, x, y, energy, (depth,), rfolds, (eta, ov))[depth]
         seen_q = _quantiles(np.log(y / roof), self.coverage)
         unseen_q = _quantiles(np.log(y / goof), self.coverage) if goof is not None else None
+        uoof = None
+        if ufolds is not None:
+            uoof = self._oof(a, x, y, energy, (depth,), ufolds, (eta, ov))[depth]
+        gpu_q = _quantiles(np.log(y / uoof), self.coverage) if uoof is not None else None
         prior = self._prior(a, y, energy, eta, ov)
         resid = np.log(y / prior._predict(a))
         booster = self._train(depth, xgb.DMatrix(x, label=resid, nthread=self.nthread))
@@ -926,9 +957,11 @@ class PREModel:
             "grouped_mape_pct": None if goof is None else _mape(goof, y),
             "grouped_coverage": None if goof is None else _cover(goof, y, unseen_q),
             "grouped_folds": 0 if gfolds is None else len(gfolds),
+            "gpu_grouped_mape_pct": None if uoof is None else _mape(uoof, y),
+            "gpu_grouped_coverage": None if uoof is None else _cover(uoof, y, gpu_q),
         }
         oof = goof if goof is not None else roof
-        return _Fitted(prior, booster, seen_q, unseen_q), cv, oof
+        return _Fitted(prior, booster, seen_q, unseen_q, gpu_q), cv, oof
 
     # -- predict
 
@@ -949,7 +982,8 @@ class PREModel:
             Per row: ``predicted_epoch_energy_j``, ``lower_j``, ``upper_j``,
             ``predicted_epoch_time_s``, ``time_lower_s``, ``time_upper_s``,
             ``seen_architecture`` and ``seen_gpu`` (bools). Intervals of a new
-            architecture are null when training had a single architecture.
+            architecture are null when training had a single architecture, and
+            of a new GPU model when training had a single GPU model.
 
         Raises:
             NotFittedError: Before ``fit``.
@@ -978,6 +1012,8 @@ class PREModel:
             set(self.architectures_),
             self.architecture_gflops_,
         )
+        gpus = set(self.gpus_)
+        seen_gpu = np.array([g in gpus for g in frame["gpu_model"].to_list()], dtype=bool)
         out: dict[str, Any] = {}
         names = {
             "energy": ("predicted_epoch_energy_j", "lower_j", "upper_j"),
@@ -987,11 +1023,11 @@ class PREModel:
             free = self.fitted_free_[t]
             # A job that says how long it runs gets the model that uses the length; one
             # that does not, the model trained without it (and that model's intervals).
-            p_len, q_len = fit.point(frame, x), _bounds(fit, seen)
+            p_len, q_len = fit.point(frame, x), _bounds(fit, seen, seen_gpu)
             if free is fit:
                 p, (lo_f, hi_f) = p_len, q_len
             else:
-                p_free, q_free = free.point(frame, x_free), _bounds(free, seen)
+                p_free, q_free = free.point(frame, x_free), _bounds(free, seen, seen_gpu)
                 p = np.where(has_length, p_len, p_free)
                 lo_f = np.where(has_length, q_len[0], q_free[0])
                 hi_f = np.where(has_length, q_len[1], q_free[1])
@@ -1002,7 +1038,7 @@ class PREModel:
         res = pl.DataFrame(out).fill_nan(None)
         return res.with_columns(
             pl.Series("seen_architecture", seen),
-            pl.Series("seen_gpu", [g in set(self.gpus_) for g in frame["gpu_model"].to_list()]),
+            pl.Series("seen_gpu", seen_gpu),
         )
 
     # -- persistence
@@ -1030,7 +1066,7 @@ class PREModel:
         }
 
     def save(self, path: str | Path, *, card: dict[str, Any] | None = None) -> Path:
-        """Write the model file and its card (``<stem>.card.json``) atomically.
+        """Write the card (``<stem>.card.json``), then the model file, each atomically.
 
         Args:
             path: Model file, e.g. ``models/pre-v3.json``.
@@ -1056,9 +1092,17 @@ class PREModel:
             "cv": self.cv_,
             **(card or {}),
         }
-        atomic_write_bytes(body, path)
+        # The card first: a model file is what makes a version exist, so a failure
+        # between the two leaves an orphan card (ignored, overwritten by the next save),
+        # never a model without its card.
         cpath = card_path(path)
         atomic_write_bytes(json.dumps(full_card, indent=2).encode(), cpath)
+        try:
+            atomic_write_bytes(body, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                cpath.unlink()
+            raise
         return cpath
 
     @classmethod

@@ -105,6 +105,40 @@ def test_new_architecture_gets_the_grouped_interval_and_extrapolates() -> None:
     assert width_new > (seen["upper_j"] / seen["lower_j"]).mean()
 
 
+def test_new_gpu_gets_the_gpu_grouped_interval() -> None:
+    """A seen architecture on a GPU model not trained on: folds grouped by GPU, not random.
+
+    Regression: the random-fold interval (about x1.1) was used, and on the real
+    runs leave-one-GPU-out covered 0 % of the held-out GPU's runs.
+    """
+    data = synthetic(4, 6, sigma=0.03, seed=5)
+    m = PREModel(**SMALL).fit(data.filter(pl.col("gpu_model") != "A100 40GB"))
+    assert m.cv_["energy"]["gpu_grouped_coverage"] is not None
+    held = m.predict(data.filter(pl.col("gpu_model") == "A100 40GB"))
+    seen = m.predict(data.filter(pl.col("gpu_model") != "A100 40GB"))
+    assert held["seen_architecture"].all() and not held["seen_gpu"].any()
+    width = (held["upper_j"] / held["lower_j"]).to_numpy()
+    assert width.min() > (seen["upper_j"] / seen["lower_j"]).max()
+    fit = m.fitted_["energy"]
+    assert fit.gpu_q is not None
+    assert np.allclose(width, np.exp(fit.gpu_q[1] - fit.gpu_q[0]))
+    # A new architecture on a new GPU: both half-widths added.
+    job = feature_frame(
+        [(JobDescription("new", 32, 20000, 5000, gflops_forward=3.0, layers=77), "T4")]
+    )
+    one = m.predict(job.with_columns(pl.lit("H100 SXM").alias("gpu_model")))
+    assert fit.unseen_q is not None
+    both = fit.unseen_q[1] + fit.gpu_q[1] - fit.unseen_q[0] - fit.gpu_q[0]
+    assert float(one["upper_j"][0] / one["lower_j"][0]) == pytest.approx(np.exp(both))
+
+
+def test_a_single_training_gpu_gives_no_interval_for_a_new_one() -> None:
+    data = synthetic(3, 6, sigma=0.03, seed=6)
+    m = PREModel(**SMALL).fit(data.filter(pl.col("gpu_model") == "T4"))
+    p = m.predict(data.filter(pl.col("gpu_model") == "RTX 3090"))
+    assert p["lower_j"].null_count() == p.height and p["predicted_epoch_energy_j"].null_count() == 0
+
+
 def test_same_name_at_other_flops_is_an_unseen_architecture(tmp_path) -> None:
     data = synthetic(5, 6, sigma=0.03, seed=3)
     m = PREModel(**SMALL).fit(data)
@@ -318,6 +352,27 @@ def seaa(shared_data) -> pl.DataFrame:
     return runs_features(pl.read_parquet(shared_data / "runs.parquet"))
 
 
+def test_real_runs_leave_one_gpu_out_intervals(seaa: pl.DataFrame) -> None:
+    """Each GPU model held out, its runs predicted with the GPU-grouped interval.
+
+    Measured with the defaults: coverage 0 / 100 / 100 % (GTX 750 Ti, RTX
+    3070, RTX 3090 held out), 76 % over all 249 runs; before, 0 % for every
+    GPU. With two training GPUs each inner fold trains on one: the GTX 750
+    Ti (slowest, oldest) is unlike either RTX card, so its interval, learnt
+    from the two RTX cards, is too narrow (MAPE 65 %); the RTX cards' are
+    very wide.
+    """
+    covered, n = 0, 0
+    for g in sorted(set(seaa["gpu_model"].to_list())):
+        held = seaa.filter(pl.col("gpu_model") == g)
+        p = PREModel().fit(seaa.filter(pl.col("gpu_model") != g)).predict(held)
+        assert not p["seen_gpu"].any()
+        y = held["epoch_energy_j"].to_numpy()
+        covered += int(np.sum((y >= p["lower_j"].to_numpy()) & (y <= p["upper_j"].to_numpy())))
+        n += held.height
+    assert covered / n >= 0.75
+
+
 def test_real_runs_random_split_mape(seaa: pl.DataFrame) -> None:
     """The issue's goal, as bench/pre.py measures it: five random 70/30 splits, defaults.
 
@@ -451,3 +506,29 @@ def test_pre_figure_without_truth_draws_sorted_predictions() -> None:
     labels = fig.axes[0].get_legend_handles_labels()[1]
     assert any("(new architecture)" in x for x in labels)
     assert any("(seen architecture)" in x for x in labels)
+
+
+def test_a_failed_save_leaves_no_model_without_its_card(tmp_path) -> None:
+    """The card is written first; a model file exists only with its card.
+
+    Regression: the model was written first, so a failed card write left a
+    model without its card, which `recommend` refused and the next retrain
+    replaced without comparing it to anything.
+    """
+    from cluster.retrain import latest_model, versions
+    from profiler.errors import StoreError
+
+    m = PREModel(**SMALL).fit(synthetic(3, 4, sigma=0.03, seed=7))
+    m.save(tmp_path / "pre-v1.json")
+    (tmp_path / "pre-v2.card.json").mkdir()  # the card cannot be written there
+    with pytest.raises(StoreError, match="pre-v2.card.json"):
+        m.save(tmp_path / "pre-v2.json")
+    assert not (tmp_path / "pre-v2.json").exists()
+    assert versions(tmp_path) == [1]
+    assert latest_model(tmp_path).n_rows_ == m.n_rows_
+    # And a model file that cannot be written takes its new card away again.
+    (tmp_path / "pre-v2.card.json").rmdir()
+    (tmp_path / "pre-v2.json").mkdir()
+    with pytest.raises(StoreError, match="pre-v2.json"):
+        m.save(tmp_path / "pre-v2.json")
+    assert not (tmp_path / "pre-v2.card.json").exists()

@@ -82,9 +82,10 @@ def training_rows_why(
 
     A finished run is left out, not fatal to the retrain, when it lacks energy,
     epochs or its job (counted in ``without_energy_epochs_or_job``), has no
-    ``gpu_model`` (``without_gpu_model``), or its features cannot be built
-    (``features_failed``: an unknown GPU model, an architecture without
-    layers...; the reason per run is returned).
+    ``gpu_model`` (``without_gpu_model``), or its features or truths cannot be
+    built (``features_failed``: an unknown GPU model, an architecture without
+    layers, an infinite or NaN duration, energy or FLOPs, a count that is not a
+    whole number...; the reason per run is returned).
 
     Args:
         runs: The store's runs table.
@@ -156,7 +157,8 @@ def _describable(runs: pl.DataFrame, start: int, stop: int, why: dict[str, str])
             # runs_features numbers rows within the slice; the run id says which.
             run_id = str(runs["run_id"][start])
             msg = str(err).removeprefix("row 1: ").removeprefix("row 1, ")
-            why[run_id] = msg.removeprefix(f"run {run_id!r}: ")
+            # "'duration_s': run 'r': expected ..." names the column first: drop the run id.
+            why[run_id] = msg.replace(f"run {run_id!r}: ", "", 1)
             return []
         mid = (start + stop) // 2
         return _describable(runs, start, mid, why) + _describable(runs, mid, stop, why)

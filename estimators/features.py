@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import hashlib
 import json
 import logging
 import math
@@ -226,6 +227,10 @@ def measure_module(
 ) -> ModelStats:
     """Measure FLOPs, parameters, layers and activation memory of a module on CPU.
 
+    The input takes the dtype and device of the module's first floating
+    parameter (a fp16 or bf16 module is measured as it is; its FLOPs are the
+    fp32 module's, its activation memory in its own dtype).
+
     The module comes back as it was: a copy of it is run (a module that cannot
     be deep-copied is run itself, and its buffers, gradients and training
     modes are restored afterwards), so a pretrained model keeps its batch norm
@@ -282,7 +287,14 @@ def _measure(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int) -
 
     params = sum(p.numel() for p in model.parameters())
     layers = _count_layers(model)
-    x = torch.randn(batch, *input_shape)
+    # The input takes the dtype and device of the module's weights (a fp16 or bf16 module
+    # fails on float32 input); FLOPs do not depend on the dtype.
+    like = next((t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()), None)
+    x = (
+        torch.randn(batch, *input_shape)
+        if like is None
+        else torch.randn(batch, *input_shape, dtype=like.dtype, device=like.device)
+    )
     saved: dict[int, int] = {}
     param_ptrs = {p.data_ptr() for p in model.parameters()}
 
@@ -307,8 +319,9 @@ def _measure(model: torch.nn.Module, input_shape: tuple[int, ...], batch: int) -
             out.float().sum().backward()
     except Exception as err:  # any failure inside user code is bad input here
         raise BadInputError(
-            f"model {type(model).__name__} failed on input of shape {(batch, *input_shape)}: "
-            f"{err}; pass the shape of one sample (channels, height, width)"
+            f"model {type(model).__name__} failed on {x.dtype} input of shape "
+            f"{(batch, *input_shape)} on {x.device}: {err}; pass the shape of one sample "
+            "(channels, height, width)"
         ) from err
     return ModelStats(
         gflops_forward=fwd.get_total_flops() / batch / 1e9,
@@ -356,8 +369,10 @@ def complete_job(job: JobDescription) -> JobDescription:
     from the measured forward FLOPs are logged as a warning.
 
     Raises:
-        BadInputError: A required number is missing and cannot be found; the
-            message names what is missing and what is known.
+        BadInputError: A required number is missing and cannot be found, or a
+            number (FLOPs, training TFLOPs per epoch, parameters, activation
+            memory, image size) is not finite or out of range; the message names
+            what is missing or wrong and what is known.
 
     """
     _check_positive(job)
@@ -408,15 +423,47 @@ def complete_job(job: JobDescription) -> JobDescription:
             f"job {name or '(unnamed)'}: missing {missing}; give them as numbers, or name a "
             f"torchvision model (with the image size) or one of {sorted(KNOWN_ARCHITECTURES)}"
         )
-    if not got["gflops_forward"] > 0:
+    label = f"job {name or '(unnamed)'}"
+    if not is_number(got["gflops_forward"]):
         raise BadInputError(
-            f"job {name or '(unnamed)'}: gflops_forward must be > 0; found "
+            f"{label}: gflops_forward must be a finite number > 0; found {got['gflops_forward']!r}"
+        )
+    if not float(got["gflops_forward"]) > 0:
+        raise BadInputError(
+            f"{label}: gflops_forward must be > 0; found "
             f"{got['gflops_forward']!r} (a model whose layers the FLOP counter does not know "
             "measures 0: give the FLOPs as a number)"
         )
+    derived = ""
     if got["gflops_train"] is None:
         got["gflops_train"] = TRAIN_FLOPS_FACTOR * float(got["gflops_forward"])
+        derived = f" ({TRAIN_FLOPS_FACTOR:g} x gflops_forward {got['gflops_forward']!r})"
+    if not (is_number(got["gflops_train"]) and float(got["gflops_train"]) > 0):
+        raise BadInputError(
+            f"{label}: gflops_train must be a finite number > 0; found "
+            f"{got['gflops_train']!r}{derived}"
+        )
+    for k in ("params", "activation_mb"):
+        if got[k] is not None and not (is_number(got[k]) and float(got[k]) >= 0):
+            raise BadInputError(f"{label}: {k} must be a finite number >= 0; found {got[k]!r}")
+    per_epoch = _tflop_per_epoch(
+        float(got["gflops_train"]),
+        float(got["gflops_forward"]),
+        job.training_size,
+        job.validation_size,
+    )
+    if not math.isfinite(per_epoch):
+        raise BadInputError(
+            f"{label}: training TFLOPs per epoch (gflops_train {got['gflops_train']!r} x "
+            f"training_size {job.training_size!r} + gflops_forward {got['gflops_forward']!r} x "
+            f"validation_size {job.validation_size!r}) must be a finite number; found {per_epoch!r}"
+        )
     return JobDescription(**got)
+
+
+def _tflop_per_epoch(gflops_train: float, gflops_forward: float, train: float, val: float) -> float:
+    """Training TFLOPs of one epoch: training samples forward and backward, validation forward."""
+    return (gflops_train * float(train) + gflops_forward * float(val)) / 1e3
 
 
 def _given_forward_train(job: JobDescription, stats: ModelStats) -> float | None:
@@ -514,6 +561,10 @@ def _check_positive(job: JobDescription) -> None:
         is_number(epochs) and float(epochs) > 0 and float(epochs).is_integer()
     ):
         raise BadInputError(f"job {name}: planned_epochs must be an integer > 0; found {epochs!r}")
+    for k in ("image_height", "image_width"):
+        v = getattr(job, k)
+        if v is not None and not (is_number(v) and float(v) > 0):
+            raise BadInputError(f"job {name}: {k} must be a number > 0 (pixels); found {v!r}")
     if job.layers is not None and not (is_number(job.layers) and float(job.layers) > 0):
         raise BadInputError(
             f"job {name}: layers (with parameters) must be a number > 0; found {job.layers!r}"
@@ -656,7 +707,7 @@ def job_row(job: JobDescription) -> dict[str, Any]:
         "precision_bits": float(_PRECISION_BITS[job.precision]),
         "batches_per_epoch": float(math.ceil(train / bs) + math.ceil(val / bs)),
         # Training samples pass forward and backward, validation samples forward only.
-        "tflop_per_epoch": (job.gflops_train * train + job.gflops_forward * val) / 1e3,
+        "tflop_per_epoch": _tflop_per_epoch(job.gflops_train, job.gflops_forward, train, val),
         # The run's length: per-epoch energy is an average over the run, and schedules
         # (frozen-base epochs first, warm-up, one-off start-up costs) make it depend on it.
         "epochs": None if job.planned_epochs is None else float(job.planned_epochs),
@@ -674,14 +725,17 @@ def feature_frame(pairs: Iterable[tuple[JobDescription, Any]]) -> pl.DataFrame:
     for job, gpu in pairs:
         full = complete_job(job)
         row = job_row(full)
-        row["gpu_model"] = gpu_key(gpu)
+        row["gpu_model"] = spec_name(gpu) if isinstance(gpu, Mapping) else gpu_key(gpu)
         row.update(gpu_features(gpu))
         rows.append(row)
     return _frame(rows)
 
 
 def gpu_key(gpu: Any) -> str:
-    """The name PRE files a GPU under: the table's canonical name, else the user's name.
+    """A GPU's name: the table's canonical name, else the user's name (for placement).
+
+    PRE files a GPU described by numbers under :func:`spec_name`, which tells
+    apart specs of one name but other numbers.
 
     Raises:
         BadInputError: An unknown GPU name.
@@ -694,6 +748,30 @@ def gpu_key(gpu: Any) -> str:
 
         return gpus.lookup(gpu).name
     return str(getattr(gpu, "name", gpu))
+
+
+def spec_name(spec: Mapping[str, Any], fallback: str | None = None) -> str:
+    """The name PRE files a GPU described by numbers under: its name and a digest of its numbers.
+
+    PRE's prior pools runs per ``gpu_model``, so two specs with other numbers
+    must not share a name, nor may a spec share a GPU table name: the digest
+    of the spec's :data:`GPU_COLUMNS` (as :func:`user_gpu_columns` checks them,
+    so ``200`` and ``200.0`` are one GPU) follows the name, e.g.
+    ``"cpu-eco (modelled CPU) [spec 1f0c2a9e]"``.
+
+    Args:
+        spec: A user-described GPU (keys of :data:`GPU_COLUMNS`, optional ``name``).
+        fallback: The name of a spec without ``name`` or ``gpu_model`` (a run's own
+            ``gpu_model``); without it, ``"user-described GPU"``.
+
+    Raises:
+        BadInputError: A value of the spec is not a number > 0 (see :func:`user_gpu_columns`).
+
+    """
+    numbers_ = json.dumps(user_gpu_columns(spec), sort_keys=True)
+    digest = hashlib.sha256(numbers_.encode()).hexdigest()[:8]
+    base = spec.get("name") or spec.get("gpu_model") or fallback or "user-described GPU"
+    return f"{base} [spec {digest}]"
 
 
 def _frame(rows: list[dict[str, Any]]) -> pl.DataFrame:
@@ -727,7 +805,12 @@ def runs_features(
     feature is ``trained_epochs`` (the run's length, which the per-epoch truth
     averages over), else ``planned_epochs`` (column, else ``config`` JSON),
     else null; the one used must be a whole number > 0 (``42.0`` is taken as
-    42; a fraction, 0, a negative, NaN, inf or a string is refused).
+    42; a fraction, 0, a negative, NaN, inf or a string is refused). Counts
+    (``batch_size``, ``training_size``, ``validation_size``, ``gpu_count``)
+    must be whole numbers (a float column's ``32.0`` is 32; NaN is refused),
+    truths finite numbers > 0. A GPU described by its numbers (``config``'s
+    ``gpu_spec``) is filed under :func:`spec_name` (named after the run's
+    ``gpu_model`` when the spec has no name).
 
     Args:
         runs: The runs.
@@ -739,11 +822,11 @@ def runs_features(
         with truth, ``epoch_energy_j`` and ``epoch_time_s``.
 
     Raises:
-        BadInputError: A needed column is missing, a value is null or not
-            positive, the run length used (``trained_epochs``, else
-            ``planned_epochs``) is not a whole number > 0, an architecture
-            lacks layers, or a GPU is unknown. The message names the file, row,
-            column and value.
+        BadInputError: A needed column is missing, a value is null, not
+            positive or not finite, a count is not a whole number, the run
+            length used (``trained_epochs``, else ``planned_epochs``) is not a
+            whole number > 0, an architecture lacks layers, or a GPU is
+            unknown. The message names the file, row, column and value.
 
     """
     need = list(RUN_NEEDS)
@@ -757,7 +840,8 @@ def runs_features(
             "shared runs layout (run_id, gpu_model, architecture, batch_size, training_size, "
             "validation_size, gflops_forward, trained_epochs, duration_s, gpu_energy_j)"
         )
-    gpu_cache: dict[str, dict[str, Any]] = {}
+    # By the run's GPU name, or by a spec's numbers and the run's name (see spec_name).
+    gpu_cache: dict[tuple[str, ...], dict[str, Any]] = {}
     rows = []
     for i, r in enumerate(runs.iter_rows(named=True), start=1):
         cfg = _config(r.get("config"))
@@ -786,15 +870,30 @@ def runs_features(
                 f"{where(file, i, ep_label)}run {r['run_id']!r}: expected a whole number of "
                 f"epochs > 0 (or null: unknown); found {ep_feature!r}"
             )
+
+        def count(key: str, r: dict[str, Any] = r, i: int = i) -> int | None:
+            # A count as an int, null if unset; NaN (a missing integer in a float column of a
+            # pandas-written file), inf or a fraction is refused, not truncated.
+            v = pick(key)
+            if v is None:
+                return None
+            if not _whole(v):
+                label = repr(key) if r.get(key) is not None else f"config {key!r}"
+                raise BadInputError(
+                    f"{where(file, i, label)}run {r['run_id']!r}: expected a whole number; "
+                    f"found {v!r}"
+                )
+            return int(float(v))
+
         job = JobDescription(
             architecture=r["architecture"],
-            batch_size=int(r["batch_size"]),
-            training_size=int(r["training_size"]),
-            validation_size=int(pick("validation_size") or 0),
+            batch_size=int(count("batch_size") or 0),
+            training_size=int(count("training_size") or 0),
+            validation_size=count("validation_size") or 0,
             image_height=pick("image_height"),
             image_width=pick("image_width"),
             precision=str(pick("precision") or "fp32"),
-            gpu_count=int(pick("gpu_count") or 1),
+            gpu_count=count("gpu_count") or 1,
             gflops_forward=float(r["gflops_forward"]),
             gflops_train=pick("gflops_train"),
             params=pick("params"),
@@ -805,23 +904,29 @@ def runs_features(
         try:
             row = job_row(complete_job(job))
             spec = cfg.get("gpu_spec")  # a device described by its numbers (see gpu_features)
-            gm = str(r["gpu_model"]) if not isinstance(spec, Mapping) else gpu_key(spec)
-            if gm not in gpu_cache:
-                gpu = spec if isinstance(spec, Mapping) else gm
-                gpu_cache[gm] = {**gpu_features(gpu), "gpu_model": gpu_key(gpu)}
+            gm = str(r["gpu_model"])
+            if isinstance(spec, Mapping):
+                key: tuple[str, ...] = ("spec", json.dumps(spec, sort_keys=True, default=str), gm)
+                if key not in gpu_cache:
+                    gpu_cache[key] = {**gpu_features(spec), "gpu_model": spec_name(spec, gm)}
+            else:
+                key = ("name", gm)
+                if key not in gpu_cache:
+                    gpu_cache[key] = {**gpu_features(gm), "gpu_model": gpu_key(gm)}
         except BadInputError as err:
             raise BadInputError(f"{where(file, i)}run {r['run_id']!r}: {err}") from err
-        row.update(gpu_cache[gm])
+        row.update(gpu_cache[key])
         row["run_id"] = r["run_id"]
         if with_truth:
-            ep, e, d = r["trained_epochs"], r[energy_col], r["duration_s"]
-            if not (ep > 0 and e > 0 and d > 0):
-                raise BadInputError(
-                    f"{where(file, i)}run {r['run_id']!r}: expected trained_epochs, "
-                    f"{energy_col} and duration_s > 0; found {ep}, {e}, {d}"
-                )
-            row["epoch_energy_j"] = float(e) / ep
-            row["epoch_time_s"] = float(d) / ep
+            for k in ("trained_epochs", energy_col, "duration_s"):
+                if not (is_number(r[k]) and float(r[k]) > 0):
+                    raise BadInputError(
+                        f"{where(file, i, repr(k))}run {r['run_id']!r}: expected a finite "
+                        f"number > 0; found {r[k]!r}"
+                    )
+            ep = float(r["trained_epochs"])
+            row["epoch_energy_j"] = float(r[energy_col]) / ep
+            row["epoch_time_s"] = float(r["duration_s"]) / ep
         rows.append(row)
     df = _frame([{k: v for k, v in r.items() if k not in ("run_id",)} for r in rows])
     extra = {"run_id": pl.Series([r["run_id"] for r in rows], dtype=pl.String)}
@@ -831,9 +936,14 @@ def runs_features(
     return df.with_columns(**extra).select("run_id", *df.columns, *list(extra)[1:])
 
 
+def _whole(v: object) -> TypeGuard[numbers.Real]:
+    """Whether ``v`` is a finite whole number (``32`` or ``32.0``; not NaN, inf or ``32.5``)."""
+    return is_number(v) and float(v).is_integer()
+
+
 def _epoch_count(v: object) -> bool:
     """Whether ``v`` is a number of epochs: a finite whole number > 0 (``42`` or ``42.0``)."""
-    return is_number(v) and float(v) > 0 and float(v).is_integer()
+    return _whole(v) and float(v) > 0
 
 
 def _config(raw: object) -> dict[str, Any]:

@@ -3,9 +3,12 @@
 The hints for one node type come from :func:`estimators.recommend.placement`
 (resource request ``{"node_type:<name>": 0.001}``, ``accelerator_type``,
 label selector ``{"ray.io/accelerator-type": ...}``, nodeSelector
-``{"nvidia.com/gpu.product": ...}``); this module adds where the node types
-come from (an inventory file or the live Ray cluster's resources and labels)
-and which one to pick (the PRE recommendation, else the named or default one).
+``{"nvidia.com/gpu.product": ...}``; a CPU node type gets no selectors, and a
+GPU described by its numbers only those its inventory entry gives), the same
+hints :class:`estimators.recommend.Recommendation` carries. This module adds
+where the node types come from (an inventory file or the live Ray cluster's
+resources and labels) and which one to pick (the PRE recommendation, else the
+named or default one).
 
 A Ray node's type is its ``node_type:<name>`` custom resource (``ray start
 --resources '{"node_type:gpu-a100": 1}'``); its GPU model is Ray's own
@@ -17,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
-from estimators.recommend import NodeType, placement
+from estimators.recommend import NodeType, is_cpu, is_label_value, placement
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -95,6 +98,10 @@ def check_node_type(name: str, types: Mapping[str, Mapping[str, Any]]) -> list[s
 def inventory_from_ray(nodes: Iterable[Mapping[str, Any]]) -> list[NodeType]:
     """Node types with alive nodes and a known GPU model, as an inventory for the recommender.
 
+    Each keeps the accelerator type Ray reports (its ``accelerator_type:<X>``
+    resource or label) for its placement hints, so they select on what Ray
+    itself calls the GPU.
+
     Raises:
         BadInputError: No node type has a GPU model (``accelerator_type:<X>``
             resource or ``ray.io/accelerator-type`` label).
@@ -102,7 +109,13 @@ def inventory_from_ray(nodes: Iterable[Mapping[str, Any]]) -> list[NodeType]:
     """
     types = node_types(nodes)
     inv = [
-        NodeType(name=k, gpu_model=v["gpu_model"], gpu_count=max(int(v["gpus"]), 1))
+        NodeType(
+            name=k,
+            gpu_model=v["gpu_model"],
+            gpu_count=max(int(v["gpus"]), 1),
+            # Ray's own name for the GPU, where it can be a label selector's value.
+            accelerator_type=v["gpu_model"] if is_label_value(v["gpu_model"]) else None,
+        )
         for k, v in types.items()
         if v["alive"] and v["gpu_model"]
     ]
@@ -128,22 +141,16 @@ def ray_options(hints: Mapping[str, Any], *, num_cpus: float = 1.0) -> dict[str,
 def hints_for(node: NodeType) -> dict[str, Any]:
     """Hints for one node type: :func:`estimators.recommend.placement` plus Ray options.
 
-    A CPU node type (see :func:`_is_cpu`) has no accelerator to select on: its
-    hints are :func:`simple_hints`, the node-type resource alone and no GPUs.
+    A CPU node type (see :func:`estimators.recommend.is_cpu`) has no accelerator
+    to select on: its hints are :func:`simple_hints`, the node-type resource alone
+    and no GPUs (:func:`estimators.recommend.placement` gives it the same).
     """
-    if _is_cpu(node.gpu_model):  # before placement(): 'cpu' is no GPU model it knows
+    if is_cpu(node.gpu_model):
         return simple_hints(node.name)
     out = placement(node)
     out["gpu"] = True
     out["ray_options"] = ray_options(out)
     return out
-
-
-def _is_cpu(model: Any) -> bool:
-    """Whether a node type's device is a CPU: the name ``cpu`` or a spec with ``kind: cpu``."""
-    if isinstance(model, str):
-        return model.lower() == "cpu"
-    return isinstance(model, Mapping) and str(model.get("kind", "")).lower() == "cpu"
 
 
 def simple_hints(node_type: str) -> dict[str, Any]:
@@ -210,7 +217,7 @@ def recommend_hints(
             **hints_for(chosen),
             "source": "default node type (no PRE model yet: run 'wattwise retrain')",
         }
-    bare_cpu = [n.name for n in inventory if isinstance(n.gpu_model, str) and _is_cpu(n.gpu_model)]
+    bare_cpu = [n.name for n in inventory if isinstance(n.gpu_model, str) and is_cpu(n.gpu_model)]
     if bare_cpu:
         raise BadInputError(
             f"PRE cannot rank node type {bare_cpu[0]!r}: its gpu_model is just 'cpu', without "

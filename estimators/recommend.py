@@ -3,8 +3,10 @@
 For each node type of an inventory PRE predicts per-epoch energy and time
 (with intervals); totals are per-epoch figures times the planned epochs. The
 ranking objective is energy (default), cost (price per hour times time) or
-carbon (energy times the node type's grid intensity); with a deadline, node
-types whose predicted total time exceeds it rank after all that meet it.
+carbon (energy times the node type's grid intensity); with a deadline (which
+needs the job's planned epochs: without them the times are for one epoch), node
+types whose predicted total time exceeds it rank after all that meet it, and
+:attr:`Recommendation.deadline_met` says whether the chosen one meets it.
 
 Inventory JSON: a list of node types, or ``{"node_types": [...]}``; each::
 
@@ -13,16 +15,31 @@ Inventory JSON: a list of node types, or ``{"node_types": [...]}``; each::
      "gpu_product": "NVIDIA-A100-SXM4-80GB"}
 
 ``gpu_model`` may instead be an object describing an unknown card by its
-numbers (the keys of :data:`estimators.features.GPU_COLUMNS` and ``name``;
-``gpu_generation`` as a name such as ``"ampere"`` or its index). Prices and
-carbon intensities are numbers >= 0, ``gpu_count`` an integer > 0, the GPU's
-numbers > 0; anything else is refused with the file, node type and key.
+numbers (the keys of :data:`estimators.features.GPU_COLUMNS`, ``name`` and
+``kind``; ``gpu_generation`` as a name such as ``"ampere"`` or its index): it
+needs :data:`REQUIRED_GPU_NUMBERS`, each > 0 (a ``kind: cpu`` object without
+any numbers is placed by its node type alone and not ranked). Prices and
+carbon intensities are numbers >= 0, ``gpu_count`` an integer > 0, at most one
+node type is the default, ``gpu_product`` and ``accelerator_type`` are valid
+Kubernetes label values; anything else is refused with the file, node type
+and key.
+
+Placement hints (:func:`placement`) select on the GPU the way Ray and GPU
+feature discovery name it: ``accelerator_type`` follows Ray's own rule for the
+name ``nvidia-smi`` prints (``NVIDIA GeForce RTX 3090`` -> ``GeForce-RTX-3090``,
+``NVIDIA A100-SXM4-80GB`` -> ``A100``) unless the node type gives it (the live
+cluster's inventory gives the value Ray reports). A GPU described by its numbers
+has no name Ray or GPU feature discovery would report, so it gets accelerator
+selectors only where the inventory gives ``accelerator_type`` or
+``gpu_product``; the node-type resource pins it either way. A CPU node type gets
+neither selectors nor GPUs.
 """
 
 from __future__ import annotations
 
 import json
 import numbers
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +48,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import polars as pl
 
 from estimators.features import (
+    GPU_COLUMNS,
     JobDescription,
     complete_job,
     feature_frame,
@@ -45,6 +63,26 @@ if TYPE_CHECKING:
 
 Objective = Literal["energy", "cost", "carbon"]
 
+#: Numbers a GPU described by its numbers must give (each > 0).
+REQUIRED_GPU_NUMBERS: tuple[str, ...] = (
+    "gpu_board_power_w",
+    "gpu_fp32_tflops",
+    "gpu_memory_gb",
+    "gpu_bandwidth_gbs",
+)
+#: Keys of a GPU described by its numbers: its numbers, its ``name`` and its ``kind``.
+GPU_SPEC_KEYS: frozenset[str] = frozenset({*GPU_COLUMNS, "name", "kind"})
+_KINDS = ("gpu", "cpu")
+#: A Kubernetes label value: at most 63 characters, alphanumeric at both ends, ``-_.`` inside.
+_LABEL_VALUE = re.compile(r"(?:[A-Za-z0-9](?:[-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)?")
+#: Ray's rule for the accelerator type of an NVIDIA device name (Ray 2.60,
+#: ``ray._private.accelerators.nvidia_gpu``): the leading all-caps words up to the
+#: first word with a digit (``Tesla V100-SXM2-16GB`` -> ``V100``); names without one
+#: (``NVIDIA GeForce RTX 3090``) fall back to the name without ``NVIDIA``, hyphenated.
+_RAY_NVIDIA_NAME = re.compile(r"\w+\s+((?:[A-Z]+\s+)*[A-Z0-9]*\d[A-Z0-9]*)")
+#: Canonical names of the GPU table's GeForce cards (``RTX 3090``, ``GTX 750 Ti``).
+_GEFORCE = re.compile(r"(?:RTX|GTX) \d")
+
 
 @dataclass(frozen=True, slots=True)
 class NodeType:
@@ -58,6 +96,9 @@ class NodeType:
         carbon_g_per_kwh: Grid carbon intensity in gCO2e/kWh, if known.
         default: Whether jobs land here when nobody chooses.
         gpu_product: Value of the k8s ``nvidia.com/gpu.product`` label, if known.
+        accelerator_type: Ray's accelerator type of its GPU (``accelerator_type:<X>``
+            resource, ``ray.io/accelerator-type`` label), if known; else derived
+            from ``gpu_model`` (see :func:`accelerator_type`).
 
     """
 
@@ -68,6 +109,7 @@ class NodeType:
     carbon_g_per_kwh: float | None = None
     default: bool = False
     gpu_product: str | None = None
+    accelerator_type: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,6 +130,9 @@ class Recommendation:
             was trained on (its model without the length then answers, for runs
             like those; ``None`` when its runs had none); ``None`` when
             ``epochs`` is given.
+        deadline_s: The deadline the ranking honours, in s (``None``: none).
+        deadline_met: Whether the chosen node type meets the deadline (then some
+            does); ``None`` without a deadline.
 
     """
 
@@ -99,11 +144,14 @@ class Recommendation:
     placement: dict[str, Any] = field(default_factory=dict)
     epochs: int | None = None
     reference_epochs: float | None = None
+    deadline_s: float | None = None
+    deadline_met: bool | None = None
 
     def to_json(self) -> dict[str, Any]:
         """Plain JSON (the table as a list of rows, and the run length the figures assume)."""
         return {
             "chosen": self.chosen,
+            "deadline_met": self.deadline_met,
             "objective": self.objective,
             "savings_vs_worst_pct": self.savings_vs_worst_pct,
             "savings_vs_default_pct": self.savings_vs_default_pct,
@@ -113,6 +161,27 @@ class Recommendation:
             "epochs": self.epochs,
             "reference_epochs": self.reference_epochs,
         }
+
+    def summary(self) -> str:
+        """The recommendation in one line: what to choose and what it saves.
+
+        When no node type meets the deadline it says so first, names the fastest
+        and still names the best by the objective, marked as late.
+        """
+        saves = f"saves {self.savings_vs_worst_pct:.1f} % vs the worst" + (
+            ""
+            if self.savings_vs_default_pct is None
+            else f", {self.savings_vs_default_pct:.1f} % vs the default"
+        )
+        if self.deadline_met is not False or self.deadline_s is None:
+            return f"choose {self.chosen}: {saves}"
+        fastest = self.table.sort("total_time_h").row(0, named=True)
+        best = self.table.row(0, named=True)
+        return (
+            f"no node type meets the deadline of {self.deadline_s / 3600:g} h (the fastest, "
+            f"{fastest['node_type']}, needs {fastest['total_time_h']:.2f} h); best by "
+            f"{self.objective}: {self.chosen} (late, {best['total_time_h']:.2f} h): {saves}"
+        )
 
 
 def load_inventory(path: str | Path) -> list[NodeType]:
@@ -138,8 +207,9 @@ def parse_inventory(raw: Any, *, file: str = "inventory") -> list[NodeType]:
 
     Raises:
         BadInputError: Not a non-empty list of objects with ``name`` and
-            ``gpu_model``, an unknown key, repeated names, or a value of the
-            wrong type or sign (see :func:`check_node_type`).
+            ``gpu_model``, an unknown key, repeated names, more than one
+            default, or a value of the wrong type or sign (see
+            :func:`check_node_type`).
 
     """
     items = raw.get("node_types") if isinstance(raw, dict) else raw
@@ -167,6 +237,12 @@ def parse_inventory(raw: Any, *, file: str = "inventory") -> list[NodeType]:
     names = [n.name for n in out]
     if len(set(names)) != len(names):
         raise BadInputError(f"{file}: node type names must be unique; found {names}")
+    defaults = [n.name for n in out if n.default]
+    if len(defaults) > 1:
+        raise BadInputError(
+            f"{file}: expected at most one node type with default: true (where jobs land when "
+            f"nobody chooses); found {len(defaults)}: {defaults}"
+        )
     return out
 
 
@@ -180,12 +256,15 @@ def check_node_type(node: NodeType, *, file: str = "inventory", index: int | Non
 
     Raises:
         BadInputError: ``name`` not a non-empty string; ``gpu_model`` neither a
-            non-empty string nor an object (or an object with a GPU number that
-            is not > 0, see :func:`estimators.features.user_gpu_columns`);
-            ``gpu_count`` not an integer > 0; ``price_per_hour`` or
-            ``carbon_g_per_kwh`` not a number >= 0; ``default`` not a bool;
-            ``gpu_product`` not a string. The message names the file, the node
-            type, the key, what was expected and what was found.
+            non-empty string nor an object (or an object with a key other than
+            :data:`GPU_SPEC_KEYS`, a GPU number that is not > 0, see
+            :func:`estimators.features.user_gpu_columns`, or without one of
+            :data:`REQUIRED_GPU_NUMBERS` unless it is a ``kind: cpu`` object
+            without numbers); ``gpu_count`` not an integer > 0;
+            ``price_per_hour`` or ``carbon_g_per_kwh`` not a number >= 0;
+            ``default`` not a bool; ``gpu_product`` or ``accelerator_type`` not
+            a Kubernetes label value. The message names the file, the node type,
+            the key, what was expected and what was found.
 
     """
     if not isinstance(node.name, str) or not node.name.strip():
@@ -200,10 +279,7 @@ def check_node_type(node: NodeType, *, file: str = "inventory", index: int | Non
 
     gm = node.gpu_model
     if isinstance(gm, Mapping):
-        try:
-            user_gpu_columns(gm)
-        except BadInputError as err:
-            raise BadInputError(f"{file}, node type {node.name!r}: gpu_model: {err}") from err
+        _check_gpu_spec(gm, f"{file}, node type {node.name!r}: gpu_model")
     elif not isinstance(gm, str) or not gm.strip():
         raise bad("gpu_model", "a GPU name or an object describing the GPU by its numbers")
     c = node.gpu_count
@@ -217,34 +293,158 @@ def check_node_type(node: NodeType, *, file: str = "inventory", index: int | Non
             raise bad(key, "a number >= 0 (or null)")
     if not isinstance(node.default, bool):
         raise bad("default", "true or false")
-    if node.gpu_product is not None and not isinstance(node.gpu_product, str):
-        raise bad("gpu_product", "a string (the k8s nvidia.com/gpu.product label)")
+    for key, what in (
+        ("gpu_product", "the k8s nvidia.com/gpu.product label"),
+        ("accelerator_type", "Ray's accelerator type, the ray.io/accelerator-type label"),
+    ):
+        v = getattr(node, key)
+        if v is not None and not is_label_value(v):
+            raise bad(
+                key,
+                f"a Kubernetes label value ({what}: up to 63 letters, digits, '-', '_' or '.', "
+                "beginning and ending with a letter or digit)",
+            )
+
+
+def is_label_value(value: Any) -> bool:
+    """Whether ``value`` can be a Kubernetes label's value (and so a selector's).
+
+    That is a non-empty string of at most 63 letters, digits, ``-``, ``_`` or
+    ``.``, beginning and ending with a letter or digit.
+    """
+    return isinstance(value, str) and bool(value) and _LABEL_VALUE.fullmatch(value) is not None
+
+
+def _check_gpu_spec(spec: Mapping[str, Any], where: str) -> None:
+    """Refuse a GPU described by its numbers with an unknown key, a bad value or a missing number.
+
+    A ``kind: cpu`` object without any number is allowed: it is placed by its
+    node type alone (:func:`recommend` refuses to rank it).
+
+    Raises:
+        BadInputError: The message starts with ``where`` and names the key.
+
+    """
+    unknown = sorted(str(k) for k in spec if k not in GPU_SPEC_KEYS)
+    if unknown:
+        raise BadInputError(
+            f"{where}: unknown key(s) {unknown} of a GPU described by its numbers; known keys "
+            f"{sorted(GPU_SPEC_KEYS)}"
+        )
+    name = spec.get("name")
+    if name is not None and not (isinstance(name, str) and name.strip()):
+        raise BadInputError(f"{where}: name: expected a non-empty string; found {name!r}")
+    kind = spec.get("kind")
+    if kind is not None and not (isinstance(kind, str) and kind.lower() in _KINDS):
+        raise BadInputError(f"{where}: kind: expected one of {list(_KINDS)}; found {kind!r}")
+    try:
+        values = user_gpu_columns(spec)
+    except BadInputError as err:
+        raise BadInputError(f"{where}: {err}") from err
+    if is_cpu(spec) and all(v is None for v in values.values()):
+        return
+    missing = [k for k in REQUIRED_GPU_NUMBERS if values[k] is None]
+    if missing:
+        raise BadInputError(
+            f"{where}: missing {missing}; a GPU described by its numbers needs "
+            f"{', '.join(REQUIRED_GPU_NUMBERS)} (each > 0)"
+        )
+
+
+def is_cpu(model: Any) -> bool:
+    """Whether a node type's device is a CPU: the name ``cpu`` or a spec with ``kind: cpu``."""
+    if isinstance(model, str):
+        return model.strip().lower() == "cpu"
+    return isinstance(model, Mapping) and str(model.get("kind", "")).lower() == "cpu"
+
+
+def ray_accelerator_type(device_name: str) -> str | None:
+    """The accelerator type Ray gives an NVIDIA device by the name ``nvidia-smi`` prints.
+
+    Ray's own rule (2.60, ``NvidiaGPUAcceleratorManager._gpu_name_to_accelerator_type``),
+    replicated so that no Ray import is needed: ``Tesla T4`` -> ``T4``, ``NVIDIA
+    A100-SXM4-80GB`` -> ``A100``, ``NVIDIA GeForce RTX 3090`` -> ``GeForce-RTX-3090``.
+    """
+    match = _RAY_NVIDIA_NAME.match(device_name)
+    result = match.group(1).replace(" ", "-") if match else None
+    if result and len(result) > 1:
+        return result
+    cleaned = re.sub(r"^NVIDIA\s+", "", device_name).strip()
+    return cleaned.replace(" ", "-") if cleaned else None
+
+
+def device_name(canonical: str) -> str:
+    """The name ``nvidia-smi`` prints for a card of the GPU table, by its canonical name.
+
+    ``NVIDIA GeForce <name>`` for the GeForce cards (``RTX 3090``, ``GTX 750 Ti``),
+    else ``NVIDIA <name>`` (all Ray's rule needs of a data-centre card).
+    """
+    return f"NVIDIA GeForce {canonical}" if _GEFORCE.match(canonical) else f"NVIDIA {canonical}"
 
 
 def accelerator_type(gpu_name: str) -> str:
-    """Ray accelerator type of a canonical GPU name (``A100 80GB`` -> ``A100``)."""
-    first = gpu_name.split()[0]
-    if first[:1] in "AHLTVB" and any(ch.isdigit() for ch in first):
-        return first
-    return gpu_name.replace(" ", "-")
+    """Ray's accelerator type of a known GPU, by any of its names.
+
+    The GPU is looked up in :mod:`estimators.gpus` and Ray's rule (see
+    :func:`ray_accelerator_type`) applied to the name its card reports:
+    ``RTX 3090`` -> ``GeForce-RTX-3090``, ``NVIDIA A100-SXM4-80GB`` -> ``A100``.
+
+    Raises:
+        BadInputError: An unknown GPU name.
+
+    """
+    from estimators import gpus
+
+    canonical = gpus.lookup(gpu_name).name
+    acc = ray_accelerator_type(device_name(canonical))
+    assert acc is not None  # a canonical name is never empty
+    return acc
 
 
 def placement(node: NodeType) -> dict[str, Any]:
-    """Scheduler hints that put a job on ``node``."""
-    name = gpu_key(node.gpu_model)
-    acc = accelerator_type(name)
-    product = node.gpu_product or (
-        node.gpu_model.replace(" ", "-") if isinstance(node.gpu_model, str) else name
-    )
-    return {
+    """Scheduler hints that put a job on ``node``.
+
+    Every node type is pinned by a tiny amount of its ``node_type:<name>``
+    resource. A GPU node type adds ``num_gpus``, ``gpu_model`` (its GPU as the
+    inventory names it; a spec by its name) and its accelerator selectors:
+    ``accelerator_type`` (the node type's own, e.g. read from Ray, else
+    :func:`accelerator_type`) as the label selector ``ray.io/accelerator-type``,
+    and ``gpu_product`` (else the GPU name hyphenated) as the nodeSelector
+    ``nvidia.com/gpu.product``. A GPU described by its numbers has no name Ray
+    or GPU feature discovery reports: it gets only the selectors the node type
+    gives. A CPU node type (:func:`is_cpu`) gets no selectors and no GPUs.
+
+    Raises:
+        BadInputError: A GPU name that is not in :mod:`estimators.gpus` and no
+            ``accelerator_type`` for it.
+
+    """
+    out: dict[str, Any] = {
         "node_type": node.name,
         # A tiny amount of the node type's custom resource pins the task there.
         "ray_resources": {f"node_type:{node.name}": 0.001},
-        "accelerator_type": acc,
-        "label_selector": {"ray.io/accelerator-type": acc},
-        "k8s_node_selector": {"nvidia.com/gpu.product": product},
-        "num_gpus": node.gpu_count,
+        "accelerator_type": None,
+        "label_selector": {},
+        "k8s_node_selector": {},
+        "num_gpus": 0,
     }
+    if is_cpu(node.gpu_model):
+        return out
+    gm = node.gpu_model
+    if isinstance(gm, Mapping):
+        acc, product, name = node.accelerator_type, node.gpu_product, gpu_key(gm)
+    else:
+        acc = node.accelerator_type or accelerator_type(gm)
+        product = node.gpu_product or gm.strip().replace(" ", "-")
+        name = gm
+    out.update(
+        accelerator_type=acc,
+        label_selector={} if acc is None else {"ray.io/accelerator-type": acc},
+        k8s_node_selector={} if product is None else {"nvidia.com/gpu.product": product},
+        num_gpus=node.gpu_count,
+        gpu_model=name,
+    )
+    return out
 
 
 def recommend(
@@ -263,11 +463,13 @@ def recommend(
             one, like ``layers``, must be > 0).
         inventory: Node types.
         objective: ``energy`` (J), ``cost`` (price) or ``carbon`` (g CO2e).
-        deadline_s: Longest acceptable total training time in s (> 0), if any.
+        deadline_s: Longest acceptable total training time in s (> 0), if any;
+            it needs the job's planned epochs (totals are for one epoch without them).
 
     Returns:
         The ranking, with the run length its figures assume (``epochs``, else
-        ``reference_epochs``). Table columns: ``rank``, ``node_type``, ``gpu_model``,
+        ``reference_epochs``) and, with a deadline, whether the chosen node
+        type meets it (``deadline_met``). Table columns: ``rank``, ``node_type``, ``gpu_model``,
         ``gpu_count``, ``epoch_energy_j``, ``lower_j``, ``upper_j``,
         ``epoch_time_s``, ``total_energy_kwh`` (with ``total_lower_kwh`` and
         ``total_upper_kwh``), ``total_time_h``, ``cost``, ``carbon_g``,
@@ -279,8 +481,9 @@ def recommend(
     Raises:
         BadInputError: Empty inventory, unknown GPU, a node type with a value
             of the wrong type or sign, a cost/carbon objective with a node type
-            lacking price/intensity, a deadline <= 0, or a bad job (planned
-            epochs or layers <= 0 included).
+            lacking price/intensity, a deadline <= 0 or without planned epochs,
+            a CPU node type without the numbers PRE predicts from, or a bad job
+            (planned epochs or layers <= 0 included).
 
     """
     if not inventory:
@@ -294,8 +497,23 @@ def recommend(
     ):
         # A deadline <= 0 would mark every node type late and rank by nothing.
         raise BadInputError(f"deadline_s must be a number > 0 (s); found {deadline_s!r}")
+    if deadline_s is not None and job.planned_epochs is None:
+        # Without a length the totals are one epoch's: a 24 h job would "meet" a 1 h deadline.
+        raise BadInputError(
+            f"a deadline ({float(deadline_s) / 3600:g} h) needs the job's planned epochs "
+            "(--epochs, planned_epochs): without them the predicted times are for one epoch"
+        )
     for n in inventory:  # node types built in code (Ray's, the HTTP API's) skip parse_inventory
         check_node_type(n)
+        if is_cpu(n.gpu_model) and (
+            isinstance(n.gpu_model, str)
+            or all(v is None for v in user_gpu_columns(n.gpu_model).values())
+        ):
+            raise BadInputError(
+                f"PRE cannot rank node type {n.name!r}: its device is a CPU without the numbers "
+                f"PRE predicts from; describe it by {', '.join(REQUIRED_GPU_NUMBERS)} with "
+                '"kind": "cpu", or leave it out of the ranking'
+            )
     attr = {"cost": "price_per_hour", "carbon": "carbon_g_per_kwh"}.get(objective)
     if attr:
         lacking = [n.name for n in inventory if getattr(n, attr) is None]
@@ -356,6 +574,8 @@ def recommend(
     dflt = t.filter(pl.col("default"))
     vs_default = None if dflt.height == 0 else _saving(float(dflt[key][0]), float(best[key]))
     chosen = next(n for n in inventory if n.name == best["node_type"])
+    # Node types that meet the deadline rank first: the best one meets it, or none does.
+    met = None if deadline_s is None else bool(best["meets_deadline"])
     return Recommendation(
         table=t,
         chosen=chosen.name,
@@ -366,6 +586,8 @@ def recommend(
         epochs=None if full.planned_epochs is None else int(full.planned_epochs),
         # Without a length PRE predicts one epoch of a run of its reference length.
         reference_epochs=model.reference_epochs_ if full.planned_epochs is None else None,
+        deadline_s=None if deadline_s is None else float(deadline_s),
+        deadline_met=met,
     )
 
 

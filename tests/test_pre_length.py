@@ -62,6 +62,7 @@ def test_recommend_json_says_which_run_length_its_figures_are_for(model: PREMode
         "source",
         "epochs",
         "reference_epochs",
+        "deadline_met",
     }
 
 

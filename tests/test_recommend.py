@@ -101,7 +101,13 @@ def test_bad_inventory_and_objective(model: PREModel, tmp_path) -> None:
     f.write_text(json.dumps([{"name": "a", "gpu_model": "RTX 3090", "colour": "red"}]))
     with pytest.raises(BadInputError, match=r"unknown key\(s\) \['colour'\]"):
         load_inventory(f)
-    user_gpu = {"name": "MyCard", "gpu_board_power_w": 100, "gpu_fp32_tflops": 10}
+    user_gpu = {
+        "name": "MyCard",
+        "gpu_board_power_w": 100,
+        "gpu_fp32_tflops": 10,
+        "gpu_memory_gb": 24,
+        "gpu_bandwidth_gbs": 900,
+    }
     rec = recommend(model, JOB, [NodeType("mine", user_gpu), NodeType("b", "RTX 3090")])
     assert set(rec.table["node_type"]) == {"mine", "b"}
     assert not rec.table.filter(pl.col("node_type") == "mine")["seen_gpu"][0]
@@ -206,7 +212,13 @@ def test_inventory_values_are_checked(tmp_path, node: dict, match: str) -> None:
 
 def test_inventory_gpu_generation_by_name(model: PREModel, tmp_path) -> None:
     """Regression: "gpu_generation": "ampere" raised ValueError; it is the GPU table's form."""
-    mine = {"name": "MyCard", "gpu_board_power_w": 200, "gpu_fp32_tflops": 20}
+    mine = {
+        "name": "MyCard",
+        "gpu_board_power_w": 200,
+        "gpu_fp32_tflops": 20,
+        "gpu_memory_gb": 24,
+        "gpu_bandwidth_gbs": 900,
+    }
     f = tmp_path / "inv.json"
     f.write_text(
         json.dumps([{"name": "custom", "gpu_model": {**mine, "gpu_generation": "ampere"}}])
@@ -242,4 +254,4 @@ def test_cli_refuses_bad_job_numbers_with_exit_2(model: PREModel, tmp_path, caps
     assert main([*args, "--epochs", "-5"]) == 2
     assert "planned_epochs must be an integer > 0; found -5" in capsys.readouterr().err
     assert main([*args, "--deadline-h", "-1"]) == 2
-    assert "deadline_s must be a number > 0" in capsys.readouterr().err
+    assert "--deadline-h must be a number of hours > 0; found -1.0" in capsys.readouterr().err

@@ -8,7 +8,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
-from cluster.commands.common import add_store_option, console, open_store, read_parquet, widen
+from cluster.commands.common import (
+    add_store_option,
+    check_positive,
+    console,
+    open_store,
+    read_parquet,
+    widen,
+)
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -123,6 +130,8 @@ def run_recommend(args: argparse.Namespace) -> int:
     from estimators.pre import PREModel
     from estimators.recommend import NodeType, load_inventory, recommend
 
+    if args.deadline_h is not None:
+        check_positive(args.deadline_h, "--deadline-h", "a number of hours")
     model = PREModel.load(args.model) if args.model else latest_model(models_dir(args))
     job = JobDescription(
         architecture=args.arch,
@@ -189,12 +198,7 @@ def _print_table(
     out = widen(console(), t)
     out.print(t)
     out.print(
-        f"choose {rec.chosen}: saves {rec.savings_vs_worst_pct:.1f} % vs the worst"
-        + (
-            ""
-            if rec.savings_vs_default_pct is None
-            else f", {rec.savings_vs_default_pct:.1f} % vs the default"
-        )
+        rec.summary()
         + (
             "; * = GPU not in the training runs (extrapolated)"
             if not rec.table["seen_gpu"].all()

@@ -231,13 +231,41 @@ def _job(args: argparse.Namespace) -> JobDescription:
     )
 
 
+def _check_job_args(args: argparse.Namespace) -> None:
+    """Refuse job numbers no job can have, naming the option (``--epochs -3``, ``--batch-size 0``).
+
+    Checked before anything is chosen: without a PRE model, or with
+    ``--node-type``, the job is never measured, so nothing else would refuse them.
+
+    Raises:
+        BadInputError: ``--batch-size``, ``--image-size``, ``--train-size`` or a
+            given ``--epochs`` not > 0, or ``--validation-size`` < 0.
+
+    """
+    for option, value, least in (
+        ("--batch-size", args.batch_size, 1),
+        ("--image-size", args.image_size, 1),
+        ("--train-size", args.train_size, 1),
+        ("--validation-size", args.validation_size, 0),
+        ("--epochs", args.epochs, 1),
+    ):
+        if value is not None and value < least:
+            expected = "> 0" if least else ">= 0"
+            raise BadInputError(f"{option} must be an integer {expected}; found {value}")
+
+
 def run_placement(args: argparse.Namespace) -> int:
-    """Run ``wattwise placement``."""
+    """Run ``wattwise placement``.
+
+    The job's numbers and the inventory are checked before connecting to Ray
+    or choosing, so bad input is refused (exit 2) with or without a model.
+    """
     from pathlib import Path
 
     from cluster.placement import inventory_from_ray, length_note, recommend_hints
     from cluster.retrain import latest_model
 
+    _check_job_args(args)
     inventory = _inventory(args.inventory)
     if inventory is None:
         import ray

@@ -11,7 +11,8 @@ local disk, and the shipper retries the oldest journal batch every
 ``retry_s``; once it is accepted the journal is drained in order. A batch
 the receiver refuses as bad input (:class:`~profiler.errors.BadInputError`,
 e.g. a schema error or a conflict with a stored sample) is no outage: it is
-set aside as ``rejected-batch-<seq>.parquet`` in the journal directory (a
+set aside as ``rejected-batch-<seq>.parquet`` in the journal directory, with
+why in ``rejected-batch-<seq>.reason.txt`` next to it (a
 ``-<n>`` suffix where that name is taken), the reason is logged, and later
 batches are delivered. Memory is
 bounded: when queued batches exceed ``max_memory_rows`` the sampler spills
@@ -964,6 +965,13 @@ class Sidecar:
                 rows = before - self.journal.rows  # this process spilled it: the journal knew
         self.stats.rejected_batches += 1
         self.stats.rejected_rows += rows or 0
+        if where.startswith("kept as"):
+            why = (
+                f"receiver {type(self.receiver).__name__} refused batch {seq} as bad input"
+                if refused
+                else f"journal batch {seq} cannot be delivered"
+            )
+            _write_reason(aside, f"{why}: {type(err).__name__}: {err}\nrows: {rows}\n")
         if refused:
             log.error(
                 "sidecar: receiver %s refused batch %d as bad input (%s: %s); sending it again "
@@ -1127,6 +1135,20 @@ def _aside(directory: Path, name: str) -> Path:
         aside = directory / f"rejected-{Path(name).stem}-{n}{Path(name).suffix}"
         n += 1
     return aside
+
+
+def reason_path(aside: Path) -> Path:
+    """The text file that says why the batch at ``aside`` was set aside (``<stem>.reason.txt``)."""
+    return aside.with_name(f"{aside.stem}.reason.txt")
+
+
+def _write_reason(aside: Path, text: str) -> None:
+    """Write why a batch was set aside next to it (best effort: the log says it too)."""
+    stamp = datetime.now(UTC).isoformat(timespec="seconds")
+    try:
+        reason_path(aside).write_text(f"set aside {stamp}\n{text}")
+    except OSError as err:
+        log.warning("sidecar: could not write why %s was set aside: %s", aside, err)
 
 
 def _frame(buf: list[tuple[PowerSample, str | None]], node: str) -> pl.DataFrame:

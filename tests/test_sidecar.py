@@ -618,6 +618,9 @@ def test_a_batch_the_receiver_refuses_as_bad_input_is_set_aside_and_the_rest_del
     assert st.lost == 0 and len(side.journal) == 0 and side._outage is False
     kept = tmp_path / "journal" / "rejected-batch-000000000001.parquet"
     assert pl.read_parquet(kept).equals(first)
+    # Why it was set aside is kept next to it, not only in the log.
+    why = (tmp_path / "journal" / "rejected-batch-000000000001.reason.txt").read_text()
+    assert "refused batch 1 as bad input" in why and "rows: 6" in why
     said = [
         r.getMessage() for r in caplog.records if "refused batch 1 as bad input" in r.getMessage()
     ]
@@ -650,7 +653,9 @@ def test_a_batch_set_aside_after_a_restart_keeps_the_earlier_one(tmp_path: Path)
     journal = tmp_path / "journal"
     assert sorted(p.name for p in journal.glob("rejected-*")) == [
         "rejected-batch-000000000001-1.parquet",
+        "rejected-batch-000000000001-1.reason.txt",
         "rejected-batch-000000000001.parquet",
+        "rejected-batch-000000000001.reason.txt",
     ]
     assert pl.read_parquet(journal / "rejected-batch-000000000001.parquet").equals(kept[0])
     assert pl.read_parquet(journal / "rejected-batch-000000000001-1.parquet").equals(kept[1])

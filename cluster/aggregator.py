@@ -307,6 +307,10 @@ class _Run:
     # Gap threshold of each stream in s once its sampler's rhythm is known (NaN: not yet;
     # see estimators.energy.stream_threshold).
     thr_s: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    # Per stream until its threshold is kept: its first sample times (µs, at most
+    # RHYTHM_INTERVALS + 1, kept across pruning) and the provisional thresholds used.
+    head_us: dict[int, np.ndarray] = field(default_factory=dict)
+    thr_used: dict[int, set[float]] = field(default_factory=dict)
     pending: dict[int, tuple[int, int]] = field(default_factory=dict)  # epoch -> (start, end) µs
     done: list[dict[str, Any]] = field(default_factory=list)
     watermark_us: int | None = None  # end of the last finished epoch
@@ -477,13 +481,13 @@ class _View:
     def _thresholds(self) -> None:
         """Each segment's gap threshold: its stream's, as ``energy.stream_threshold`` gives it.
 
-        A stream's threshold comes from its first intervals; it is kept
-        (``thr_g``) once the window holds enough of them, or once they are
-        folded away, and until then recomputed from those the window holds
-        (the floor until there are 3). Epochs that finished before a slow
-        sampler's threshold was kept may have counted its intervals as gaps:
-        the run is marked to be recomputed from the store when it finishes,
-        as ``wattwise energy`` would compute it.
+        A stream's threshold comes from its first intervals: its first sample
+        times are kept in the run (across pruning) until there are
+        ``RHYTHM_INTERVALS + 1`` of them; then the threshold is kept
+        (``thr_g``). Until then it is provisional (the floor below 3
+        intervals). If an epoch finished while a provisional threshold other
+        than the final one was in use, the run is marked to be recomputed
+        from the store when it finishes, as ``wattwise energy`` computes it.
         """
         self.seg_thr = np.full(len(self.seg_a), self.thr)
         need = RHYTHM_INTERVALS + 1
@@ -492,13 +496,25 @@ class _View:
             if not np.isnan(self.thr_g[g]):
                 self.seg_thr[k] = self.thr_g[g]
                 continue
+            r = int(self.seg_run[k])
+            run, sid = self.runs[r], g - int(self.goff[r])
             a, b = int(self.seg_a[k]), int(self.seg_b[k])
-            self.seg_thr[k] = stream_threshold(self.us[a : min(b, a + need)] / 1e6, self.thr)
-            if b - a >= need or self.pruned[g] > 0:
-                self.thr_g[g] = self.seg_thr[k]
-                run = self.runs[int(self.seg_run[k])]
-                if self.seg_thr[k] > self.thr and run.watermark_us is not None:
-                    run.dirty = True
+            head = run.head_us.get(sid)
+            window = self.us[a : min(b, a + need)]
+            head = window if head is None else np.union1d(head, window)[:need]
+            thr = stream_threshold(head / 1e6, self.thr)
+            self.seg_thr[k] = thr
+            used = run.thr_used.setdefault(sid, set())
+            if len(head) < need:
+                run.head_us[sid] = head.copy()
+                if run.watermark_us is not None or run.pending:
+                    used.add(thr)
+                continue
+            self.thr_g[g] = thr
+            run.head_us.pop(sid, None)
+            if run.watermark_us is not None and used - {thr}:
+                run.dirty = True
+            run.thr_used.pop(sid, None)
 
     def _missed(self, fresh: np.ndarray, gid: np.ndarray, us: np.ndarray) -> None:
         """Flag runs given new samples (not duplicates) older than their last finished epoch's end.
@@ -1624,6 +1640,7 @@ class Aggregator:
                 )
             self._advance_many([st], force=True)
             totals = self._totals_many([st])[0]
+            self._settle_thresholds(st)
             if st.dirty and self.store is not None:
                 self.flush()
                 totals, done = self._recompute(st)
@@ -1668,6 +1685,23 @@ class Aggregator:
             except Exception:
                 log.exception("run %s: on_finish callback failed", run_id)
         return summary
+
+    def _settle_thresholds(self, st: _Run) -> None:
+        """Mark a finishing run for recomputation if a stream's threshold was never kept.
+
+        A stream with fewer than ``RHYTHM_INTERVALS + 1`` samples had only
+        provisional thresholds; ``wattwise energy`` uses the one all its samples
+        give. If an epoch finished with another, the run is recomputed.
+        """
+        for sid, used in st.thr_used.items():
+            head = st.head_us.get(sid)
+            final = (
+                self.gap_threshold_s
+                if head is None
+                else stream_threshold(head / 1e6, self.gap_threshold_s)
+            )
+            if st.watermark_us is not None and used - {final}:
+                st.dirty = True
 
     def _totals_many(self, runs: list[_Run]) -> list[dict[str, Any]]:
         """Measured totals of each run so far (merging its queued chunks into its window)."""

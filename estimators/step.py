@@ -61,9 +61,6 @@ PLANNED_UNKNOWN = (
     "planned epochs unknown: give --planned-epochs (STEP needs the number of epochs the run "
     "will have)"
 )
-#: Epoch energies count a stretch without samples as a gap once it is longer than
-#: this many of the stream's median sample intervals (and 5 s).
-GAP_THRESHOLD_INTERVALS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,15 +267,17 @@ class Trace:
         return float(np.median(np.concatenate(diffs))) if diffs else 0.0
 
     def gap_threshold_s(self) -> float:
-        """Gap threshold for :func:`estimators.energy.epoch_energy` that suits this sampler.
+        """Gap threshold floor for :func:`estimators.energy.epoch_energy`: ``wattwise energy``'s.
 
-        ``max(5 s, 3 x the median sample interval)``: a sampler slower than one
-        sample every 5 s is not a run of gaps, while a stretch without samples
-        much longer than the sampler's own rhythm still is.
+        The energy functions give each device ``max(this, 3 x its own sample
+        interval)`` (:func:`estimators.energy.stream_threshold`), so a slow
+        sampler is not a run of gaps; a threshold pooled over all devices
+        here bridged holes that ``wattwise energy`` counts as gaps (a fast
+        device among slow ones, or a sampler that slowed down).
         """
         from estimators.energy import DEFAULT_GAP_THRESHOLD_S
 
-        return max(DEFAULT_GAP_THRESHOLD_S, GAP_THRESHOLD_INTERVALS * self.sample_interval_s())
+        return DEFAULT_GAP_THRESHOLD_S
 
     def energy_at(self, x: np.ndarray | float) -> np.ndarray:
         """Cumulative energy in J of all devices from the first sample to times ``x`` (s).
@@ -986,10 +985,9 @@ def measured_energy_j(
     them (counter deltas where present, power held for at most
     ``gap_threshold_s`` past a device's first and last sample, gaps counted
     0 J and never bridged), up to ``until`` when given. This is STEP's
-    ``measured_j`` and a finished run's total. The gap threshold is the one
-    STEP's epoch units use (:meth:`Trace.gap_threshold_s`): ``wattwise energy``'s
-    default of 5 s for any sampler at least one sample every 5/3 s, longer for
-    slower ones (whose every interval would otherwise be a gap).
+    ``measured_j`` and a finished run's total. The gap threshold is
+    ``wattwise energy``'s default (5 s, or 3 of a slower device's own
+    intervals).
 
     Args:
         samples: The run's samples (``timestamp``, ``power_w``; optional
@@ -1093,8 +1091,8 @@ def left_out_note(per: pl.DataFrame, gap_threshold_s: float) -> str:
     return (
         f"epoch{'s' if out.height > 1 else ''} {names} left out of the stable mean: more than "
         f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {worst['gap_s']:.0f} s of "
-        f"{worst['duration_s']:.0f} s; samples more than {gap_threshold_s:g} s apart count as "
-        "a gap)"
+        f"{worst['duration_s']:.0f} s; samples more than {gap_threshold_s:g} s apart, or 3 of "
+        "a slower device's own intervals, count as a gap)"
     )
 
 

@@ -263,3 +263,77 @@ def test_a_slow_sampler_streamed_to_the_aggregator_is_integrated(
     assert summary["measured_energy_j"] == pytest.approx(48_000.0, rel=1e-12)
     # Finished, the run is recomputed from the store: the first epoch too.
     assert agg.epochs("r")["energy_j"].to_list() == pytest.approx([4_800.0] * EPOCHS, rel=1e-12)
+
+
+def _frame_at(times: list[int], device: str = "0", node: str = "n") -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "run_id": "r",
+            "node": node,
+            "device": device,
+            "timestamp": [at(t) for t in times],
+            "power_w": [WATTS] * len(times),
+            "source": "replay",
+        }
+    )
+
+
+def test_estimate_uses_each_devices_own_threshold_not_a_pooled_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GPU at 1 Hz for 10 s, then every 3 s, with a 9 s hole (99 s to 108 s).
+
+    Its own rhythm (its first 8 intervals) is 1 s: the hole is a gap for
+    ``energy``. Regression: ``estimate`` and ``report`` pooled the median over the
+    whole run (3 s, so a 9 s threshold) and bridged it: 48,000 J for 46,200 J.
+    """
+    times = list(range(10)) + [t for t in range(10, 241, 3) if not 100 < t < 108]
+    store = stored(tmp_path / "st", _frame_at(times), "finished")
+    _, run_j = energy_total(capsys, store)
+    assert run_j == pytest.approx(46_200.0, rel=1e-12)
+    est = cli_json(capsys, "estimate", "--run", "r", "--store", str(store.root), "--json")
+    assert est["measured_j"] == pytest.approx(run_j, rel=1e-12)
+    smp, ep = align(store.samples("r"), store.epochs("r"), store.run("r"))
+    hist = projection_history(smp, ep, RunPlan(planned_epochs=PLANNED))
+    assert hist["measured_j"][-1] == pytest.approx(run_j, rel=1e-12)
+
+
+def test_a_very_slow_sampler_in_the_aggregator_keeps_its_first_intervals_across_pruning(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A sampler every 20 s, 5 s epochs, one sample per batch, a 10 s window.
+
+    The window never holds 4 of its samples, so its rhythm must come from the
+    first sample times the run keeps. Regression: the threshold was fixed at the
+    5 s floor from the pruned window and every live epoch was 0 J for the whole
+    run, with no recomputation at the end.
+    """
+    n, epoch_s = 40, 5
+    times = list(range(0, n * epoch_s + 20, 20))
+    smp = _frame_at(times)
+    mk = pl.DataFrame(
+        {
+            "run_id": "r",
+            "epoch": list(range(n)),
+            "start": [at(epoch_s * k) for k in range(n)],
+            "end": [at(epoch_s * (k + 1)) for k in range(n)],
+        }
+    )
+    store = Store(tmp_path / "agg")
+    agg = Aggregator(store, retain_s=10.0)
+    agg.start_run({"run_id": "r", "planned_epochs": 2 * n})
+    k = 0
+    for i, t in enumerate(times):
+        agg.ingest_samples(smp[i : i + 1])
+        while k < n and (k + 1) * epoch_s <= t:
+            agg.ingest_epochs(mk[k : k + 1])
+            k += 1
+    live = agg.epochs("r")["energy_j"].to_list()
+    # Before its 4th sample (60 s) the rhythm is unknown: those epochs are gaps; after
+    # it every epoch is 5 s at 200 W.
+    assert live[:8] == [0.0] * 8
+    assert live[12:] == pytest.approx([1_000.0] * (n - 12), rel=1e-12)
+    summary = agg.finish_run("r")
+    assert energy_total(capsys, store)[1] == pytest.approx(40_000.0, rel=1e-12)
+    assert summary["measured_energy_j"] == pytest.approx(40_000.0, rel=1e-12)
+    assert agg.epochs("r")["energy_j"].to_list() == pytest.approx([1_000.0] * n, rel=1e-12)

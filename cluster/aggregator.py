@@ -489,13 +489,10 @@ class _View:
         than the final one was in use, the run is marked to be recomputed
         from the store when it finishes, as ``wattwise energy`` computes it.
         """
-        self.seg_thr = np.full(len(self.seg_a), self.thr)
+        self.seg_thr = self.thr_g[self.seg_g] if len(self.seg_g) else np.zeros(0)
         need = RHYTHM_INTERVALS + 1
-        for k in range(len(self.seg_a)):
+        for k in np.flatnonzero(np.isnan(self.seg_thr)).tolist():
             g = int(self.seg_g[k])
-            if not np.isnan(self.thr_g[g]):
-                self.seg_thr[k] = self.thr_g[g]
-                continue
             r = int(self.seg_run[k])
             run, sid = self.runs[r], g - int(self.goff[r])
             a, b = int(self.seg_a[k]), int(self.seg_b[k])

@@ -479,5 +479,6 @@ def _gpu_spec(picked: pl.DataFrame, gpu_model: str) -> dict[str, Any] | None:
         except (ValueError, AttributeError):  # not a JSON object: no spec recorded
             continue
         if isinstance(spec, dict):
-            return spec
+            # Unnamed, PRE filed it under the run's gpu_model: the same name here.
+            return spec if spec.get("name") else {**spec, "name": gpu_model}
     return None

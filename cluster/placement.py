@@ -115,6 +115,9 @@ def inventory_from_ray(nodes: Iterable[Mapping[str, Any]]) -> list[NodeType]:
             gpu_count=max(int(v["gpus"]), 1),
             # Ray's own name for the GPU, where it can be a label selector's value.
             accelerator_type=v["gpu_model"] if is_label_value(v["gpu_model"]) else None,
+            # Ray's name ("A100") is not GPU feature discovery's product label
+            # ("NVIDIA-A100-SXM4-80GB"): no nodeSelector no node would match.
+            gpu_product="",
         )
         for k, v in types.items()
         if v["alive"] and v["gpu_model"]

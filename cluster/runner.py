@@ -755,6 +755,12 @@ def run_job(
             ),
             None,
         )
+        if gpu_model is None and spec is not None:
+            # A CPU node type described by its numbers: hints carry no GPU name, but PRE
+            # files the run under the spec's (else the run is left out of every retrain).
+            from estimators.features import gpu_key
+
+            gpu_model = gpu_key(spec)
         row = run_record(
             run_id,
             node_type=chosen,

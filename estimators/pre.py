@@ -75,8 +75,9 @@ FORMAT = "wattwise-pre"
 #: the model records the FLOPs it saw per architecture. 4: the run's length (``epochs``)
 #: is a feature, and the model records its reference length. 5: a second model without
 #: the length predicts jobs that do not say how long they run. 6: intervals for a GPU the
-#: model has not seen, from folds grouped by GPU.
-FORMAT_VERSION = 6
+#: model has not seen, from folds grouped by GPU. 7: GPUs described by numbers are filed
+#: under their name plus a fingerprint of the numbers.
+FORMAT_VERSION = 7
 TARGETS: dict[str, str] = {"energy": "epoch_energy_j", "time": "epoch_time_s"}
 #: Pooled c0 / c1 (layers) when no GPU has two architectures to fit both.
 DEFAULT_LAYER_RATIO = 90.0

@@ -95,7 +95,8 @@ class NodeType:
         price_per_hour: Price of the node per hour (any currency), if known.
         carbon_g_per_kwh: Grid carbon intensity in gCO2e/kWh, if known.
         default: Whether jobs land here when nobody chooses.
-        gpu_product: Value of the k8s ``nvidia.com/gpu.product`` label, if known.
+        gpu_product: Value of the k8s ``nvidia.com/gpu.product`` label, if known
+            (``""``: no such label to select on).
         accelerator_type: Ray's accelerator type of its GPU (``accelerator_type:<X>``
             resource, ``ray.io/accelerator-type`` label), if known; else derived
             from ``gpu_model`` (see :func:`accelerator_type`).
@@ -409,10 +410,12 @@ def placement(node: NodeType) -> dict[str, Any]:
     inventory names it; a spec by its name) and its accelerator selectors:
     ``accelerator_type`` (the node type's own, e.g. read from Ray, else
     :func:`accelerator_type`) as the label selector ``ray.io/accelerator-type``,
-    and ``gpu_product`` (else the GPU name hyphenated) as the nodeSelector
-    ``nvidia.com/gpu.product``. A GPU described by its numbers has no name Ray
-    or GPU feature discovery reports: it gets only the selectors the node type
-    gives. A CPU node type (:func:`is_cpu`) gets no selectors and no GPUs.
+    and ``gpu_product`` (else the GPU name hyphenated; ``""``: none, as for an
+    inventory read from a Ray cluster, whose GPU names are Ray's accelerator
+    types) as the nodeSelector ``nvidia.com/gpu.product``. A GPU described by
+    its numbers has no name Ray or GPU feature discovery reports: it gets only
+    the selectors the node type gives. A CPU node type (:func:`is_cpu`) gets
+    no selectors and no GPUs.
 
     Raises:
         BadInputError: A GPU name that is not in :mod:`estimators.gpus` and no
@@ -435,12 +438,16 @@ def placement(node: NodeType) -> dict[str, Any]:
         acc, product, name = node.accelerator_type, node.gpu_product, gpu_key(gm)
     else:
         acc = node.accelerator_type or accelerator_type(gm)
-        product = node.gpu_product or gm.strip().replace(" ", "-")
+        # "" (an inventory read from a Ray cluster): the GPU is named by Ray's accelerator
+        # type ("A100"), which is not GPU feature discovery's product label.
+        product = (
+            gm.strip().replace(" ", "-") if node.gpu_product is None else node.gpu_product or None
+        )
         name = gm
     out.update(
         accelerator_type=acc,
         label_selector={} if acc is None else {"ray.io/accelerator-type": acc},
-        k8s_node_selector={} if product is None else {"nvidia.com/gpu.product": product},
+        k8s_node_selector={} if not product else {"nvidia.com/gpu.product": product},
         num_gpus=node.gpu_count,
         gpu_model=name,
     )

@@ -262,6 +262,44 @@ def test_hints_keep_the_accelerator_type_ray_reports() -> None:
     assert hints["pro"]["label_selector"] == {"ray.io/accelerator-type": "RTX-PRO-6000"}
     assert hints["gamer"]["accelerator_type"] == "GeForce-RTX-3090"
     assert hints["spaced"]["accelerator_type"] == "GeForce-RTX-3070"
+    # Ray's accelerator name is not GPU feature discovery's product label
+    # (NVIDIA-A100-SXM4-80GB): no nodeSelector that no node has.
+    assert all(h["k8s_node_selector"] == {} for h in hints.values())
+
+
+def test_recommend_without_an_inventory_leaves_out_gpus_described_by_numbers(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: the default inventory (the model's GPUs) failed on a spec GPU's name.
+
+    A model trained on a card described by its numbers keeps its name, not its
+    numbers: without --inventory the table GPUs are ranked and the spec GPU is
+    named as left out; a model with only spec GPUs asks for --inventory (exit 2).
+    """
+    from cluster.cli import main
+    from estimators.features import feature_frame
+
+    runs = synthetic(3, 4, sigma=0.02, seed=8)
+    box = {"name": "box", **SPEC}
+    spec_rows = feature_frame([(JOB, box)] * 12).with_columns(
+        epoch_energy_j=pl.Series([5_000.0 + 10 * i for i in range(12)]),
+        epoch_time_s=pl.Series([20.0 + 0.1 * i for i in range(12)]),
+        run_id=pl.Series([f"s{i}" for i in range(12)]),
+    )
+    both = pl.concat([runs, spec_rows.select(runs.columns)], how="vertical_relaxed")
+    path = tmp_path / "pre-v1.json"
+    PREModel(**SMALL).fit(both).save(path)
+    args = ["recommend", "--arch", "arch0", "--batch-size", "32", "--train-size", "20000"]
+    args += ["--gflops", "5", "--layers", "50", "--epochs", "10", "--json", "--model", str(path)]
+    assert main(args) == 0
+    out = capsys.readouterr()
+    names = {r["gpu_model"] for r in json.loads(out.out)["node_types"]}
+    assert names == set(runs["gpu_model"].unique().to_list())
+    assert "left out ['box [spec" in out.err and "--inventory" in out.err
+    only = tmp_path / "only" / "pre-v1.json"
+    PREModel(**SMALL).fit(spec_rows).save(only)
+    assert main([*args[:-1], str(only)]) == 2
+    assert "all described by their numbers; give them with --inventory" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------- placement CLI
@@ -357,3 +395,31 @@ def test_only_one_node_type_may_be_the_default() -> None:
             [_T4, {"name": "g", "gpu_model": "RTX 3090", "default": True}], file="inv.json"
         )
     assert "found 2: ['t4', 'g']" in str(err.value)
+
+
+def test_the_replays_inventory_names_an_unnamed_spec_as_training_did() -> None:
+    """A run on a card described by unnamed numbers is filed under its own gpu_model.
+
+    Found in review: the replay's inventory named it "user-described GPU", so PRE
+    saw its own training GPU as a new one (extrapolated, wider interval).
+    """
+    from cluster.demo_replay import _gpu_spec
+    from estimators.features import feature_frame, runs_features
+
+    runs = pl.DataFrame(
+        {
+            "run_id": ["r1"],
+            "gpu_model": ["big-box"],
+            "architecture": ["arch0"],
+            "batch_size": [32],
+            "training_size": [20000],
+            "validation_size": [5000],
+            "gflops_forward": [5.0],
+            "layers": [50],
+            "config": [json.dumps({"gpu_spec": SPEC})],
+        }
+    )
+    trained = runs_features(runs, with_truth=False)["gpu_model"][0]
+    spec = _gpu_spec(runs, "big-box")
+    assert spec is not None
+    assert feature_frame([(JOB, spec)])["gpu_model"][0] == trained

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -145,10 +146,20 @@ def run_recommend(args: argparse.Namespace) -> int:
         gflops_forward=args.gflops,
         layers=args.layers,
     )
+    left_out: list[str] = []
     if args.inventory:
         inventory = load_inventory(args.inventory)
     else:
-        inventory = [NodeType(name=g.replace(" ", "-").lower(), gpu_model=g) for g in model.gpus_]
+        # The GPUs PRE was trained on; one described by its numbers is not in the GPU
+        # table (the model keeps its name, not its numbers): it needs an inventory.
+        known = [g for g in model.gpus_ if _in_gpu_table(g)]
+        left_out = [g for g in model.gpus_ if g not in known]
+        if not known:
+            raise BadInputError(
+                f"the model's GPUs {model.gpus_} are all described by their numbers; give "
+                "them with --inventory FILE (a GPU's numbers as its gpu_model)"
+            )
+        inventory = [NodeType(name=g.replace(" ", "-").lower(), gpu_model=g) for g in known]
     rec = recommend(
         model,
         job,
@@ -156,11 +167,29 @@ def run_recommend(args: argparse.Namespace) -> int:
         objective=args.objective,
         deadline_s=None if args.deadline_h is None else args.deadline_h * 3600,
     )
+    if left_out:
+        # On stderr: the JSON on stdout stays one document.
+        print(
+            f"left out {left_out}: GPUs described by their numbers are ranked only with "
+            "--inventory FILE",
+            file=sys.stderr,
+        )
     if args.json:
         print(json.dumps(rec.to_json(), indent=2, default=str))
         return 0
     _print_table(rec, args, model.architecture_gflops_.get(args.arch, []), model.reference_epochs_)
     return 0
+
+
+def _in_gpu_table(name: str) -> bool:
+    """Whether ``name`` is a GPU of :mod:`estimators.gpus` (not one described by numbers)."""
+    from estimators.gpus import lookup
+
+    try:
+        lookup(name)
+    except BadInputError:
+        return False
+    return True
 
 
 def _print_table(

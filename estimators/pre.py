@@ -954,12 +954,18 @@ class PREModel:
             "efficiency_source": eta_how,
             "efficiency_cv_log_error_pct": eta_scores,
             "random_mape_pct": _mape(roof, y),
-            "random_coverage": _cover(roof, y, seen_q),
+            # Each fold's runs against bounds from the other folds' residuals: a bound
+            # checked on the residuals it came from covers them by construction.
+            "random_coverage": _held_out_cover(roof, y, rfolds, self.coverage),
             "grouped_mape_pct": None if goof is None else _mape(goof, y),
-            "grouped_coverage": None if goof is None else _cover(goof, y, unseen_q),
+            "grouped_coverage": None
+            if goof is None or gfolds is None
+            else _held_out_cover(goof, y, gfolds, self.coverage),
             "grouped_folds": 0 if gfolds is None else len(gfolds),
             "gpu_grouped_mape_pct": None if uoof is None else _mape(uoof, y),
-            "gpu_grouped_coverage": None if uoof is None else _cover(uoof, y, gpu_q),
+            "gpu_grouped_coverage": None
+            if uoof is None or ufolds is None
+            else _held_out_cover(uoof, y, ufolds, self.coverage),
         }
         oof = goof if goof is not None else roof
         return _Fitted(prior, booster, seen_q, unseen_q, gpu_q), cv, oof
@@ -1176,10 +1182,16 @@ def _mape(p: np.ndarray, y: np.ndarray) -> float:
     return float(100.0 * np.mean(np.abs(p - y) / y))
 
 
-def _cover(p: np.ndarray, y: np.ndarray, q: tuple[float, float] | None) -> float | None:
-    if q is None:
-        return None
-    return float(np.mean((y >= p * np.exp(q[0])) & (y <= p * np.exp(q[1]))))
+def _held_out_cover(
+    p: np.ndarray, y: np.ndarray, folds: list[tuple[np.ndarray, np.ndarray]], coverage: float
+) -> float:
+    """Share of rows inside bounds calibrated on the other folds' out-of-fold residuals."""
+    r = np.log(y / p)
+    inside = 0
+    for tr, va in folds:
+        lo, hi = _quantiles(r[tr], coverage)
+        inside += int(np.sum((r[va] >= lo) & (r[va] <= hi)))
+    return inside / len(y)
 
 
 def read_card(cpath: Path) -> dict[str, Any]:

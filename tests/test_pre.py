@@ -532,3 +532,20 @@ def test_a_failed_save_leaves_no_model_without_its_card(tmp_path) -> None:
     with pytest.raises(StoreError, match="pre-v2.json"):
         m.save(tmp_path / "pre-v2.json")
     assert not (tmp_path / "pre-v2.card.json").exists()
+
+
+def test_the_cards_coverage_is_measured_on_runs_the_bounds_did_not_see() -> None:
+    """Found in review: the card's coverage checked bounds on the residuals they came from.
+
+    Two folds, one predicted within 1 %, one 2.7x off: bounds from the good fold miss
+    the bad one, bounds from the bad fold cover the good one; 50 %, where checking
+    the pooled bounds on the same residuals says 100 %.
+    """
+    from estimators.pre import _held_out_cover
+
+    y = np.full(20, 100.0)
+    p = np.concatenate([np.full(10, 99.0), np.full(10, 37.0)])
+    folds = [(np.arange(10, 20), np.arange(10)), (np.arange(10), np.arange(10, 20))]
+    assert _held_out_cover(p, y, folds, 0.9) == 0.5
+    m = PREModel(**SMALL).fit(synthetic(4, 6, sigma=0.05, seed=9))
+    assert 0.7 <= m.cv_["energy"]["random_coverage"] <= 1.0

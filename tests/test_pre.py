@@ -549,3 +549,22 @@ def test_the_cards_coverage_is_measured_on_runs_the_bounds_did_not_see() -> None
     assert _held_out_cover(p, y, folds, 0.9) == 0.5
     m = PREModel(**SMALL).fit(synthetic(4, 6, sigma=0.05, seed=9))
     assert 0.7 <= m.cv_["energy"]["random_coverage"] <= 1.0
+
+
+def test_predicted_energy_never_implies_more_than_board_power(seaa: pl.DataFrame) -> None:
+    """Found in review: a big job on cards PRE did not train on came out at 854 W on a
+    700 W H100 (energy / time, the two predicted by separate models). The time gives way:
+    a run takes at least its energy at board power."""
+    from estimators.pre import _arrays
+
+    m = PREModel().fit(seaa)
+    jobs = [
+        JobDescription("big", 64, 50000, 0, gflops_forward=gf, layers=layers, planned_epochs=90)
+        for gf, layers in ((17.5, 150), (35.0, 150), (1.0, 30))
+    ]
+    rows = feature_frame([(j, g) for j in jobs for g in ("H100 SXM", "A100", "GTX 750 Ti")])
+    p = m.predict(rows)
+    watts = p["predicted_epoch_energy_j"].to_numpy() / p["predicted_epoch_time_s"].to_numpy()
+    assert np.all(watts <= _arrays(rows)["power_w"] * (1 + 1e-9))
+    assert (p["time_lower_s"] <= p["predicted_epoch_time_s"]).all()
+    assert (p["predicted_epoch_time_s"] <= p["time_upper_s"]).all()

@@ -390,7 +390,20 @@ def complete_job(job: JobDescription) -> JobDescription:
                     f"{job.image_height}x{job.image_width}. Give gflops_forward for other sizes"
                 )
             got["gflops_forward"] = info.gflops_forward
-        elif sized and (got["gflops_forward"] is None or info is None):
+        elif sized and (
+            got["gflops_forward"] is None
+            or info is None
+            # A torchvision model that the table also names (resnet50, vgg16,
+            # mobilenet_v2) at other FLOPs or another size is torchvision's: measured,
+            # so given FLOPs keep its train/forward ratio and get the GMAC warning.
+            or (
+                _torchvision(name)
+                and not same_configuration(
+                    info, got["gflops_forward"], job.image_height, job.image_width
+                )
+            )
+        ):
+            _check_measurable(name, job.image_height, job.image_width)
             stats = measure_torchvision(name, int(job.image_height or 0), int(job.image_width or 0))
             if got["gflops_forward"] is not None:
                 got["gflops_train"] = _given_forward_train(job, stats)
@@ -438,6 +451,8 @@ def complete_job(job: JobDescription) -> JobDescription:
     if got["gflops_train"] is None:
         got["gflops_train"] = TRAIN_FLOPS_FACTOR * float(got["gflops_forward"])
         derived = f" ({TRAIN_FLOPS_FACTOR:g} x gflops_forward {got['gflops_forward']!r})"
+    elif job.gflops_train is None:  # scaled from the given forward FLOPs by the measured ratio
+        derived = f" (scaled from gflops_forward {got['gflops_forward']!r})"
     if not (is_number(got["gflops_train"]) and float(got["gflops_train"]) > 0):
         raise BadInputError(
             f"{label}: gflops_train must be a finite number > 0; found "
@@ -500,6 +515,28 @@ def _given_forward_train(job: JobDescription, stats: ModelStats) -> float | None
 def _torchvision(name: str) -> bool:
     """Whether torchvision can build a classification model of this name."""
     return name in torchvision_names()
+
+
+#: Largest image side measured by running the model on CPU (as the HTTP API's cap): a
+#: 2048 px ResNet50 pass needs more than 14 GB and minutes.
+MAX_MEASURED_IMAGE_SIDE = 1024
+
+
+def _check_measurable(name: str, height: Any, width: Any) -> None:
+    """Refuse to measure ``name`` on an input larger than :data:`MAX_MEASURED_IMAGE_SIDE`.
+
+    Raises:
+        BadInputError: An image side above the cap; the message says what to give instead.
+
+    """
+    big = [v for v in (height, width) if is_number(v) and float(v) > MAX_MEASURED_IMAGE_SIDE]
+    if big:
+        raise BadInputError(
+            f"architecture {name!r}: measuring FLOPs runs the model once on this CPU, up to "
+            f"{MAX_MEASURED_IMAGE_SIDE} px a side; found image size {height}x{width}. Give "
+            "gflops_forward and layers for larger inputs (convolutional FLOPs grow with the "
+            "pixel count)"
+        )
 
 
 def same_configuration(

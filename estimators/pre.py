@@ -1012,6 +1012,7 @@ class PREModel:
         ep = _lengths(frame, "prediction")
         has_length = ~np.isnan(ep)
         x = _matrix(frame)
+        _check_float32(x, frame)
         x_free = _matrix(frame, without_length=True)
         seen = _seen(
             arch_keys(frame),
@@ -1194,6 +1195,24 @@ class PREModel:
 
 def _mape(p: np.ndarray, y: np.ndarray) -> float:
     return float(100.0 * np.mean(np.abs(p - y) / y))
+
+
+def _check_float32(x: np.ndarray, frame: pl.DataFrame) -> None:
+    """Refuse features XGBoost (float32) would read as infinite, naming the row and column.
+
+    Raises:
+        BadInputError: A finite value beyond float32's range (``--gflops 1e40``).
+
+    """
+    big = np.isfinite(x) & (np.abs(x) > np.finfo(np.float32).max)
+    if big.any():
+        i, j = (int(v[0]) for v in np.nonzero(big))
+        run = frame.row(i, named=True).get("run_id")
+        raise BadInputError(
+            f"PRE prediction rows: column {FEATURES[j]!r} must be at most "
+            f"{float(np.finfo(np.float32).max):.3g} (the model reads float32); found {x[i, j]:.3g} "
+            f"(row {i + 1}{'' if run is None else f', run {run!r}'})"
+        )
 
 
 def _held_out_cover(

@@ -437,11 +437,22 @@ def placement(node: NodeType) -> dict[str, Any]:
     if isinstance(gm, Mapping):
         acc, product, name = node.accelerator_type, node.gpu_product, gpu_key(gm)
     else:
+        from estimators import gpus
+
         acc = node.accelerator_type or accelerator_type(gm)
         # "" (an inventory read from a Ray cluster): the GPU is named by Ray's accelerator
         # type ("A100"), which is not GPU feature discovery's product label.
+        # GPU feature discovery labels the name the card reports ("NVIDIA-GeForce-RTX-3090",
+        # "NVIDIA-A100-SXM4-80GB"); a short table name ("RTX 3090", "A100") is not it, and
+        # for a data-centre card does not even say which variant: no selector then.
+        try:
+            short = gpus.lookup(gm).name == gm.strip()
+        except BadInputError:  # a card the table lacks, placed by its accelerator_type
+            short = False
         product = (
-            gm.strip().replace(" ", "-") if node.gpu_product is None else node.gpu_product or None
+            (None if short else gm.strip().replace(" ", "-"))
+            if node.gpu_product is None
+            else node.gpu_product or None
         )
         name = gm
     out.update(
@@ -529,6 +540,19 @@ def recommend(
                 f"objective {objective!r} needs {attr} for every node type; missing for {lacking}"
             )
     full = complete_job(job)
+    from estimators import gpus
+
+    for n in inventory:
+        if isinstance(n.gpu_model, str):
+            try:
+                gpus.lookup(n.gpu_model)
+            except BadInputError as err:
+                raise BadInputError(
+                    f"node type {n.name!r}: gpu_model: {err}. In an inventory, describe the "
+                    f'card by its numbers instead: {{"name": ..., '
+                    + ", ".join(f'"{k}": ...' for k in REQUIRED_GPU_NUMBERS)
+                    + "}"
+                ) from None
     jobs = [
         (
             JobDescription(**{**_asdict(full), "gpu_count": n.gpu_count}),

@@ -81,11 +81,14 @@ def test_other_configuration_of_a_known_name_takes_only_its_depth() -> None:
     assert job.layers == 14
     assert job.params is None and job.activation_mb is None and job.image_height is None
     assert job.gflops_train == pytest.approx(3 * 30.9)
-    # Same FLOPs but another stated image size: not the table's configuration either.
+    # Same FLOPs but another stated image size: not the table's configuration either; at
+    # a stated size it is torchvision's VGG16, measured (its parameters and 16 layers),
+    # the given FLOPs kept.
     job = complete_job(
         JobDescription("vgg16", 32, 1000, image_height=224, image_width=224, gflops_forward=10.0)
     )
-    assert job.params is None and job.image_height == 224
+    assert job.image_height == 224 and job.gflops_forward == 10.0
+    assert job.params == 138_357_544 and job.layers == 16
 
 
 def test_table_only_architecture_at_its_size_and_refused_at_others() -> None:

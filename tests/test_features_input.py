@@ -282,3 +282,30 @@ def test_a_half_precision_module_is_measured_like_its_fp32_self(dtype: torch.dty
     assert all(p.dtype == dtype for p in module.parameters())
     for k, v in module.state_dict().items():
         assert torch.equal(v, before[k]), k
+
+
+def test_a_torchvision_model_the_table_also_names_is_measured_when_flops_are_given(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """resnet50 at 224 px with --gflops 4.1 (GMACs): measured as torchvision's, with the
+    warning and its train/forward ratio; the SEAA configuration itself stays the table's."""
+    import logging
+
+    from estimators.features import KNOWN_ARCHITECTURES, JobDescription, complete_job
+
+    with caplog.at_level(logging.WARNING):
+        got = complete_job(JobDescription("resnet50", 64, 50000, 0, 224, 224, gflops_forward=4.1))
+    assert "multiply-add as 2 FLOPs" in caplog.text
+    assert got.layers != KNOWN_ARCHITECTURES["resnet50"].layers  # torchvision's count
+    seaa = KNOWN_ARCHITECTURES["mobilenet_v2"]
+    same = complete_job(
+        JobDescription("mobilenet_v2", 32, 23807, 0, 128, 128, gflops_forward=seaa.gflops_forward)
+    )
+    assert same.layers == seaa.layers
+
+
+def test_measuring_refuses_images_larger_than_1024_px() -> None:
+    from estimators.features import JobDescription, complete_job
+
+    with pytest.raises(BadInputError, match="up to 1024 px a side; found image size 2048x2048"):
+        complete_job(JobDescription("resnet50", 8, 1000, 0, 2048, 2048))

@@ -423,3 +423,26 @@ def test_the_replays_inventory_names_an_unnamed_spec_as_training_did() -> None:
     spec = _gpu_spec(runs, "big-box")
     assert spec is not None
     assert feature_frame([(JOB, spec)])["gpu_model"][0] == trained
+
+
+def test_found_in_the_user_flow_review(
+    model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An unknown card in an inventory file names the file and node type and the inventory
+    keys; a short table name gets no nodeSelector (GPU feature discovery labels the name
+    the card reports); --gflops beyond float32 is refused with exit 2, not a traceback."""
+    from cluster.cli import main
+
+    inv = tmp_path / "inv.json"
+    inv.write_text(json.dumps([{"name": "new", "gpu_model": "NVIDIA GeForce RTX 5090"}]))
+    args = ["recommend", "--arch", "arch0", "--batch-size", "32", "--train-size", "20000"]
+    args += ["--layers", "50", "--epochs", "10", "--model", str(model_file)]
+    assert main([*args, "--gflops", "5", "--inventory", str(inv)]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert f"{inv}, node type 'new': gpu_model: unknown GPU model" in err
+    assert '"gpu_board_power_w": ...' in err
+    assert placement(NodeType("g", "RTX 3090"))["k8s_node_selector"] == {}
+    full = placement(NodeType("g", "NVIDIA GeForce RTX 3090"))["k8s_node_selector"]
+    assert full == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-3090"}
+    assert main([*args, "--gflops", "1e40"]) == 2
+    assert "must be at most 3.4e+38 (the model reads float32)" in capsys.readouterr().err

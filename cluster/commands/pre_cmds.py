@@ -160,13 +160,18 @@ def run_recommend(args: argparse.Namespace) -> int:
                 "them with --inventory FILE (a GPU's numbers as its gpu_model)"
             )
         inventory = [NodeType(name=g.replace(" ", "-").lower(), gpu_model=g) for g in known]
-    rec = recommend(
-        model,
-        job,
-        inventory,
-        objective=args.objective,
-        deadline_s=None if args.deadline_h is None else args.deadline_h * 3600,
-    )
+    try:
+        rec = recommend(
+            model,
+            job,
+            inventory,
+            objective=args.objective,
+            deadline_s=None if args.deadline_h is None else args.deadline_h * 3600,
+        )
+    except BadInputError as err:
+        if args.inventory and str(err).startswith("node type "):
+            raise BadInputError(f"{args.inventory}, {err}") from None  # say which file
+        raise
     if left_out:
         # On stderr: the JSON on stdout stays one document.
         print(

@@ -240,6 +240,15 @@ def _harmless(word: str, spec: GpuSpec) -> bool:
 _INDEX = _index()
 
 
+def is_known(name: str) -> bool:
+    """Whether :func:`lookup` knows ``name`` (a card of the table, by any of its names)."""
+    try:
+        lookup(name)
+    except BadInputError:
+        return False
+    return True
+
+
 def known_models() -> list[str]:
     """Canonical names of every model in the table."""
     return [g.name for g in GPUS]

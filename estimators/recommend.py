@@ -445,10 +445,8 @@ def placement(node: NodeType) -> dict[str, Any]:
         # GPU feature discovery labels the name the card reports ("NVIDIA-GeForce-RTX-3090",
         # "NVIDIA-A100-SXM4-80GB"); a short table name ("RTX 3090", "A100") is not it, and
         # for a data-centre card does not even say which variant: no selector then.
-        try:
-            short = gpus.lookup(gm).name == gm.strip()
-        except BadInputError:  # a card the table lacks, placed by its accelerator_type
-            short = False
+        # A card the table lacks is placed by its accelerator_type: not a short name.
+        short = gpus.is_known(gm) and gpus.lookup(gm).name == gm.strip()
         product = (
             (None if short else gm.strip().replace(" ", "-"))
             if node.gpu_product is None

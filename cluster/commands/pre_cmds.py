@@ -127,6 +127,7 @@ def run_retrain(args: argparse.Namespace) -> int:
 def run_recommend(args: argparse.Namespace) -> int:
     """Run ``wattwise recommend``."""
     from cluster.retrain import latest_model
+    from estimators import gpus
     from estimators.features import JobDescription
     from estimators.pre import PREModel
     from estimators.recommend import NodeType, load_inventory, recommend
@@ -152,7 +153,7 @@ def run_recommend(args: argparse.Namespace) -> int:
     else:
         # The GPUs PRE was trained on; one described by its numbers is not in the GPU
         # table (the model keeps its name, not its numbers): it needs an inventory.
-        known = [g for g in model.gpus_ if _in_gpu_table(g)]
+        known = [g for g in model.gpus_ if gpus.is_known(g)]
         left_out = [g for g in model.gpus_ if g not in known]
         if not known:
             raise BadInputError(
@@ -203,17 +204,6 @@ def _unique_run_ids(runs: Any, file: str) -> None:
             f"{file}: expected each run once; found {dup.len()} run id(s) more than once "
             f"(first: {dup.head(5).to_list()})"
         )
-
-
-def _in_gpu_table(name: str) -> bool:
-    """Whether ``name`` is a GPU of :mod:`estimators.gpus` (not one described by numbers)."""
-    from estimators.gpus import lookup
-
-    try:
-        lookup(name)
-    except BadInputError:
-        return False
-    return True
 
 
 def _print_table(

@@ -102,9 +102,8 @@ def projection_history(
         if trace.n_samples == 0:
             return pl.DataFrame(schema=_HISTORY_SCHEMA)
         per = run_epochs(samples, epochs, trace)
-        thr = trace.gap_threshold_s()
         # Measured energy since the previous epoch's end (the first: since the run's start).
-        measured = measured_epochs(samples, epochs, gap_threshold_s=thr)
+        measured = measured_epochs(samples, epochs)
         t0, t1 = per["t0_s"].to_numpy(), per["t1_s"].to_numpy()
         # A finished run without a plan had the epochs it recorded.
         planned = plan.planned_epochs or per.height

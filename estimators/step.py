@@ -47,6 +47,7 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
+from estimators.energy import DEFAULT_GAP_THRESHOLD_S
 from profiler.errors import BadInputError, NotFittedError
 
 Detector = Literal["online", "pelt", "fluss"]
@@ -265,19 +266,6 @@ class Trace:
         """Median time between consecutive samples of a device in s (0 without two samples)."""
         diffs = [np.diff(t) for t in self.t if len(t) > 1]
         return float(np.median(np.concatenate(diffs))) if diffs else 0.0
-
-    def gap_threshold_s(self) -> float:
-        """Gap threshold floor for :func:`estimators.energy.epoch_energy`: ``wattwise energy``'s.
-
-        The energy functions give each device ``max(this, 3 x its own sample
-        interval)`` (:func:`estimators.energy.stream_threshold`), so a slow
-        sampler is not a run of gaps; a threshold pooled over all devices
-        here bridged holes that ``wattwise energy`` counts as gaps (a fast
-        device among slow ones, or a sampler that slowed down).
-        """
-        from estimators.energy import DEFAULT_GAP_THRESHOLD_S
-
-        return DEFAULT_GAP_THRESHOLD_S
 
     def energy_at(self, x: np.ndarray | float) -> np.ndarray:
         """Cumulative energy in J of all devices from the first sample to times ``x`` (s).
@@ -833,7 +821,6 @@ class Step(ProjectionPredictor):
             measured = measured_energy_j(
                 samples,
                 epochs if has_epochs else None,
-                gap_threshold_s=trace.gap_threshold_s(),
                 until=until,  # type: ignore[arg-type]
             )
         if plan.finished:
@@ -976,7 +963,7 @@ def measured_energy_j(
     samples: pl.DataFrame,
     epochs: pl.DataFrame | None = None,
     *,
-    gap_threshold_s: float | None = None,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
     until: dt.datetime | None = None,
 ) -> float:
     """The energy measured in a run's samples in J, as ``wattwise energy --run`` totals it.
@@ -986,15 +973,14 @@ def measured_energy_j(
     ``gap_threshold_s`` past a device's first and last sample, gaps counted
     0 J and never bridged), up to ``until`` when given. This is STEP's
     ``measured_j`` and a finished run's total. The gap threshold is
-    ``wattwise energy``'s default (5 s, or 3 of a slower device's own
-    intervals).
+    ``wattwise energy``'s (by default 5 s, or 3 of a slower device's own
+    intervals: :func:`estimators.energy.stream_threshold`).
 
     Args:
         samples: The run's samples (``timestamp``, ``power_w``; optional
             ``energy_j`` counter, ``run_id``, ``node``, ``device``).
         epochs: The run's finished epochs (``epoch``, ``start``, ``end``), or ``None``.
-        gap_threshold_s: As ``wattwise energy --gap-threshold``; ``None``:
-            :meth:`Trace.gap_threshold_s` of the samples.
+        gap_threshold_s: As ``wattwise energy --gap-threshold``.
         until: End of the span measured (UTC), or ``None``: the run's end.
 
     Raises:
@@ -1005,8 +991,6 @@ def measured_energy_j(
 
     if samples.height == 0:
         return 0.0
-    if gap_threshold_s is None:
-        gap_threshold_s = Trace.from_samples(samples).gap_threshold_s()
     s, ep = _for_energy(samples, epochs)
     return run_total_j(s, ep, gap_threshold_s=gap_threshold_s, until=until)
 
@@ -1015,7 +999,7 @@ def measured_epochs(
     samples: pl.DataFrame,
     epochs: pl.DataFrame,
     *,
-    gap_threshold_s: float | None = None,
+    gap_threshold_s: float = DEFAULT_GAP_THRESHOLD_S,
 ) -> np.ndarray:
     """Per epoch in time order, the energy measured since the previous epoch's end (J).
 
@@ -1024,8 +1008,7 @@ def measured_epochs(
     to that epoch's end, and after the last epoch (for a run that ended then)
     :func:`measured_energy_j`. The integration is ``wattwise energy``'s
     (:func:`estimators.energy.span_energies`, the counter included, unlike
-    :func:`run_epochs`, STEP's units), with ``gap_threshold_s`` (``None``:
-    :meth:`Trace.gap_threshold_s` of the samples).
+    :func:`run_epochs`, STEP's units), with ``gap_threshold_s``.
 
     Raises:
         BadInputError: See :func:`estimators.energy.epoch_energy`.
@@ -1033,8 +1016,6 @@ def measured_epochs(
     """
     from estimators.energy import run_span, span_energies
 
-    if gap_threshold_s is None:
-        gap_threshold_s = Trace.from_samples(samples).gap_threshold_s()
     s, ep = _for_energy(samples, epochs)
     assert ep is not None
     span = run_span(s, ep)
@@ -1049,7 +1030,8 @@ def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.
 
     :func:`estimators.energy.epoch_energy` on the power samples (a counter is
     not used, as in :class:`Trace`), with NaN power skipped like a null and a
-    gap threshold from the sampler's own rhythm (:meth:`Trace.gap_threshold_s`).
+    gap threshold from each device's own rhythm (``wattwise energy``'s default:
+    :func:`estimators.energy.stream_threshold`).
     Epoch marks without ``run_id``, or when the samples hold one run, belong to
     the samples' run.
 
@@ -1069,7 +1051,7 @@ def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.
 
     s, ep = _for_energy(samples.select([c for c in samples.columns if c != "energy_j"]), epochs)
     assert ep is not None
-    per = epoch_energy(s, ep, gap_threshold_s=trace.gap_threshold_s()).sort("start")
+    per = epoch_energy(s, ep).sort("start")
 
     def seconds(col: str) -> pl.Expr:
         return (pl.col(col).dt.epoch("us") - trace.origin_us) / 1e6
@@ -1147,7 +1129,7 @@ def _epoch_units(
         unit_s=per["duration_s"].to_numpy()[keep].astype(np.float64),
         time_mode=False,
         index=keep if len(keep) < n else None,
-        note=_join(scaled_note(scaled), left_out_note(per, trace.gap_threshold_s())),
+        note=_join(scaled_note(scaled), left_out_note(per, DEFAULT_GAP_THRESHOLD_S)),
     ), ""
 
 

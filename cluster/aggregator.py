@@ -353,6 +353,10 @@ class _Run:
             self.thr_s = np.concatenate((self.thr_s, np.full(grow, np.nan)))
         return sid
 
+    def provisional_differs(self, sid: int, final: float) -> bool:
+        """Whether epochs finished while stream ``sid`` had a threshold other than ``final``."""
+        return self.watermark_us is not None and bool(self.thr_used.get(sid, set()) - {final})
+
     @property
     def devices(self) -> int:
         """Streams that have had a sample with a value."""
@@ -501,16 +505,14 @@ class _View:
             head = window if head is None else np.union1d(head, window)[:need]
             thr = stream_threshold(head / 1e6, self.thr)
             self.seg_thr[k] = thr
-            used = run.thr_used.setdefault(sid, set())
             if len(head) < need:
                 run.head_us[sid] = head.copy()
                 if run.watermark_us is not None or run.pending:
-                    used.add(thr)
+                    run.thr_used.setdefault(sid, set()).add(thr)
                 continue
             self.thr_g[g] = thr
             run.head_us.pop(sid, None)
-            if run.watermark_us is not None and used - {thr}:
-                run.dirty = True
+            run.dirty |= run.provisional_differs(sid, thr)
             run.thr_used.pop(sid, None)
 
     def _missed(self, fresh: np.ndarray, gid: np.ndarray, us: np.ndarray) -> None:
@@ -1690,15 +1692,11 @@ class Aggregator:
         provisional thresholds; ``wattwise energy`` uses the one all its samples
         give. If an epoch finished with another, the run is recomputed.
         """
-        for sid, used in st.thr_used.items():
+        for sid in st.thr_used:
             head = st.head_us.get(sid)
-            final = (
-                self.gap_threshold_s
-                if head is None
-                else stream_threshold(head / 1e6, self.gap_threshold_s)
-            )
-            if st.watermark_us is not None and used - {final}:
-                st.dirty = True
+            floor = self.gap_threshold_s
+            final = floor if head is None else stream_threshold(head / 1e6, floor)
+            st.dirty |= st.provisional_differs(sid, final)
 
     def _totals_many(self, runs: list[_Run]) -> list[dict[str, Any]]:
         """Measured totals of each run so far (merging its queued chunks into its window)."""

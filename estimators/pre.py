@@ -522,11 +522,12 @@ class _Fitted:
     #: From folds grouped by GPU model (None with a single GPU model in training).
     gpu_q: tuple[float, float] | None = None
 
-    def point(self, frame: pl.DataFrame, x: np.ndarray) -> np.ndarray:
+    def point(self, a: dict[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+        """Prior (on the arrays of :func:`_arrays`) times the correction (on inputs ``x``)."""
         import xgboost as xgb
 
         corr = np.exp(self.booster.predict(xgb.DMatrix(x)))
-        return np.asarray(self.prior.predict(frame) * corr, dtype=float)
+        return np.asarray(self.prior._predict(a) * corr, dtype=float)
 
 
 def _lengths(frame: pl.DataFrame, what: str) -> np.ndarray:
@@ -1013,6 +1014,7 @@ class PREModel:
         has_length = ~np.isnan(ep)
         x = _matrix(frame)
         _check_float32(x, frame)
+        arrays = _arrays(frame)  # the priors' inputs, shared by every target and model
         x_free = _matrix(frame, without_length=True)
         seen = _seen(
             arch_keys(frame),
@@ -1031,11 +1033,11 @@ class PREModel:
             free = self.fitted_free_[t]
             # A job that says how long it runs gets the model that uses the length; one
             # that does not, the model trained without it (and that model's intervals).
-            p_len, q_len = fit.point(frame, x), _bounds(fit, seen, seen_gpu)
+            p_len, q_len = fit.point(arrays, x), _bounds(fit, seen, seen_gpu)
             if free is fit:
                 p, (lo_f, hi_f) = p_len, q_len
             else:
-                p_free, q_free = free.point(frame, x_free), _bounds(free, seen, seen_gpu)
+                p_free, q_free = free.point(arrays, x_free), _bounds(free, seen, seen_gpu)
                 p = np.where(has_length, p_len, p_free)
                 lo_f = np.where(has_length, q_len[0], q_free[0])
                 hi_f = np.where(has_length, q_len[1], q_free[1])
@@ -1050,7 +1052,7 @@ class PREModel:
         # below. The time, not the energy, gives way: per-epoch energy is the better
         # predicted of the two (bench/pre.py: time MAPE is the higher in every split and
         # fold; capping the energy instead made leave-one-architecture-out worse).
-        floor = out["predicted_epoch_energy_j"] / _arrays(frame)["power_w"]
+        floor = out["predicted_epoch_energy_j"] / arrays["power_w"]
         with np.errstate(invalid="ignore", divide="ignore"):
             scale = np.where(
                 out["predicted_epoch_time_s"] < floor, floor / out["predicted_epoch_time_s"], 1.0

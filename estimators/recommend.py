@@ -489,7 +489,7 @@ def recommend(
         ``gpu_count``, ``epoch_energy_j``, ``lower_j``, ``upper_j``,
         ``epoch_time_s``, ``total_energy_kwh`` (with ``total_lower_kwh`` and
         ``total_upper_kwh``), ``total_time_h``, ``cost``, ``carbon_g``,
-        ``meets_deadline``, ``gflops_forward`` (the job's, per sample),
+        ``meets_deadline`` (null without a deadline), ``gflops_forward`` (the job's, per sample),
         ``seen_gpu``, ``seen_architecture`` (the
         architecture at these FLOPs per sample was in the training runs; else
         the interval is the wider one of a new architecture), ``default``.
@@ -592,9 +592,12 @@ def recommend(
     ).with_columns(
         (pl.col("total_time_h") * pl.col("price_per_hour")).alias("cost"),
         (pl.col("total_energy_kwh") * pl.col("carbon_g_per_kwh")).alias("carbon_g"),
-        (pl.lit(True) if deadline_s is None else pl.col("total_time_h") * 3600 <= deadline_s).alias(
-            "meets_deadline"
-        ),
+        # Null without a deadline: nothing to meet (true would claim a check that never ran).
+        (
+            pl.lit(None, pl.Boolean)
+            if deadline_s is None
+            else pl.col("total_time_h") * 3600 <= deadline_s
+        ).alias("meets_deadline"),
     )
     key = {"energy": "total_energy_kwh", "cost": "cost", "carbon": "carbon_g"}[objective]
     t = t.sort(["meets_deadline", key], descending=[True, False]).with_row_index("rank", offset=1)

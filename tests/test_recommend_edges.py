@@ -114,7 +114,12 @@ def test_recommend_json_carries_deadline_met(
     assert main([*args, "--deadline-h", "0.0001", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["deadline_met"] is False
     assert main([*args, "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["deadline_met"] is None
+    out = json.loads(capsys.readouterr().out)
+    assert out["deadline_met"] is None
+    # Found in review: every row "met" the deadline that was never given.
+    assert [r["meets_deadline"] for r in out["node_types"]] == [None] * len(out["node_types"])
+    assert main(args) == 0
+    assert "(late)" not in capsys.readouterr().out
 
 
 # ----------------------------------------------------------------------------- CPU node types

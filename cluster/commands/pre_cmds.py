@@ -234,7 +234,7 @@ def _print_table(
             f"{r['gpu_count']}x {r['gpu_model']}",
             f"{r['total_energy_kwh']:.3f}",
             "n/a" if lo is None else f"{lo:.3f}-{hi:.3f}",
-            f"{r['total_time_h']:.2f}" + ("" if r["meets_deadline"] else " (late)"),
+            f"{r['total_time_h']:.2f}" + (" (late)" if r["meets_deadline"] is False else ""),
             "" if r["cost"] is None else f"{r['cost']:.2f}",
             "" if r["carbon_g"] is None else f"{r['carbon_g']:.0f}",
         )

@@ -829,7 +829,11 @@ RUN_NEEDS: tuple[str, ...] = (
 
 
 def runs_features(
-    runs: pl.DataFrame, *, file: str | None = None, with_truth: bool = True
+    runs: pl.DataFrame,
+    *,
+    file: str | None = None,
+    with_truth: bool = True,
+    planned_rows: bool = False,
 ) -> pl.DataFrame:
     """Feature rows (and truths) for runs in the shared layout or the store's runs table.
 
@@ -853,6 +857,9 @@ def runs_features(
         runs: The runs.
         file: Their file, for messages.
         with_truth: Require and compute the truth columns.
+        planned_rows: With ``with_truth``, a row whose truth columns are all
+            null is a planned job: its truths are null, not refused (a row with
+            some of them null is still refused).
 
     Returns:
         ``run_id``, ``architecture``, ``gpu_model``, :data:`FEATURES` and,
@@ -887,8 +894,10 @@ def runs_features(
             v = r.get(key)
             return cfg.get(key) if v is None else v
 
+        truth_keys = (energy_col, "trained_epochs", "duration_s")
+        planned = planned_rows and with_truth and all(r.get(k) is None for k in truth_keys)
         for k in need:
-            if r.get(k) is None:
+            if r.get(k) is None and not (planned and k in truth_keys):
                 raise BadInputError(
                     f"{where(file, i, repr(k))}run {r.get('run_id')!r}: expected a value; "
                     "found null"
@@ -954,7 +963,9 @@ def runs_features(
             raise BadInputError(f"{where(file, i)}run {r['run_id']!r}: {err}") from err
         row.update(gpu_cache[key])
         row["run_id"] = r["run_id"]
-        if with_truth:
+        if planned:
+            row["epoch_energy_j"] = row["epoch_time_s"] = None
+        elif with_truth:
             for k in ("trained_epochs", energy_col, "duration_s"):
                 if not (is_number(r[k]) and float(r[k]) > 0):
                     raise BadInputError(

@@ -82,7 +82,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("--train", required=True, metavar="TRAIN.parquet")
     p.add_argument("--test", required=True, metavar="TEST.parquet")
-    p.add_argument("--out", required=True, metavar="PRED.parquet")
+    p.add_argument(
+        "--out", required=True, metavar="PRED.parquet", help="predictions (.parquet or .csv)"
+    )
     p.add_argument(
         "--plot",
         metavar="FILE.png",
@@ -271,19 +273,26 @@ def run_bench(args: argparse.Namespace) -> int:
 
     if args.plot and not str(args.plot).lower().endswith(".png"):
         raise BadInputError(f"--plot must name a .png file; found {args.plot!r}")
+    if Path(args.out).suffix.lower() not in (".parquet", ".csv"):
+        raise BadInputError(f"--out must name a .parquet or .csv file; found {args.out!r}")
     train_raw = read_parquet(args.train, "training runs")
     test_raw = read_parquet(args.test, "test runs")
     for raw, file in ((train_raw, args.train), (test_raw, args.test)):
         _unique_run_ids(raw, file)
     train = runs_features(train_raw, file=args.train)
     # Truth: the shared layout's gpu_energy_j, else the store's energy_j (as training
-    # reads it); a file whose truth columns are all null holds planned jobs, no truth.
+    # reads it); a row whose truth columns are all null is a planned job, predicted and
+    # not scored.
     energy = "gpu_energy_j" if "gpu_energy_j" in test_raw.columns else "energy_j"
     truth_cols = (energy, "trained_epochs", "duration_s")
-    has_truth = all(c in test_raw.columns for c in truth_cols) and not all(
-        test_raw[c].null_count() == test_raw.height for c in truth_cols
+    has_truth = all(c in test_raw.columns for c in truth_cols)
+    test = runs_features(test_raw, file=args.test, with_truth=has_truth, planned_rows=True)
+    scored = (
+        test["epoch_energy_j"].is_not_null().to_numpy()
+        if has_truth
+        else np.zeros(test.height, dtype=bool)
     )
-    test = runs_features(test_raw, file=args.test, with_truth=has_truth)
+    has_truth = bool(scored.any())
     model = PREModel().fit(train)
     p = model.predict(test)
     out = pl.DataFrame({"run_id": test["run_id"]}).with_columns(
@@ -296,15 +305,22 @@ def run_bench(args: argparse.Namespace) -> int:
             "seen_gpu",
         )
     )
-    atomic_write_parquet(out, Path(args.out))
+    if Path(args.out).suffix.lower() == ".csv":
+        from estimators.pre import atomic_write_bytes
+
+        atomic_write_bytes(out.write_csv().encode(), Path(args.out))
+    else:
+        atomic_write_parquet(out, Path(args.out))
     msg = f"wrote {out.height} predictions to {args.out}"
     if has_truth:
-        y = test["epoch_energy_j"].to_numpy()
-        pe = out["predicted_epoch_energy_j"].to_numpy()
-        lo = out["lower_j"].to_numpy()
-        hi = out["upper_j"].to_numpy()
+        y = test["epoch_energy_j"].to_numpy()[scored]
+        pe = out["predicted_epoch_energy_j"].to_numpy()[scored]
+        lo = out["lower_j"].to_numpy()[scored]
+        hi = out["upper_j"].to_numpy()[scored]
         mape = 100 * np.mean(np.abs(pe - y) / y)
         msg += f"; per-epoch energy MAPE {mape:.2f} %"
+        if not scored.all():
+            msg += f" over the {len(y)} measured runs ({int((~scored).sum())} planned: not scored)"
         # A run without an interval (training could not say) is not a miss: counted apart.
         has = ~np.isnan(lo)
         if has.any():
@@ -316,10 +332,12 @@ def run_bench(args: argparse.Namespace) -> int:
         from estimators.pre import atomic_write_bytes
         from estimators.report import figure_png, pre_figure
 
+        # With truth the plot shows the measured runs (predicted against measured).
+        keep = scored if has_truth else np.ones(test.height, dtype=bool)
         fig = pre_figure(
-            p,
-            test["gpu_model"].to_list(),
-            test["epoch_energy_j"].to_numpy() if has_truth else None,
+            p.filter(pl.Series(keep)),
+            [g for g, k in zip(test["gpu_model"].to_list(), keep, strict=True) if k],
+            test["epoch_energy_j"].to_numpy()[keep] if has_truth else None,
             title=f"PRE trained on {Path(args.train).name}, tested on {Path(args.test).name}",
         )
         atomic_write_bytes(figure_png(fig), Path(args.plot))

@@ -652,7 +652,7 @@ def user_gpu_columns(gpu: Mapping[str, Any]) -> dict[str, float | None]:
 
     Raises:
         BadInputError: A value that is not a number > 0 (a generation: not one of
-            :data:`GENERATIONS` nor an index >= 0); the message names the key.
+            :data:`GENERATIONS` nor a whole index into it); the message names the key.
 
     """
     return {k: _user_gpu_value(k, gpu.get(k)) for k in GPU_COLUMNS}
@@ -665,10 +665,10 @@ def _user_gpu_value(key: str, value: object) -> float | None:
     if key == "gpu_generation":
         # The GPU table's form ("ampere") or its index in GENERATIONS.
         gen = _generation_number(value) if isinstance(value, str) else value
-        if not (is_number(gen) and float(gen) >= 0):
+        if not (is_number(gen) and float(gen).is_integer() and 0 <= gen < len(GENERATIONS)):
             raise BadInputError(
                 f"user-described GPU: {key}: expected a generation name (one of "
-                f"{list(GENERATIONS)}) or its index >= 0; found {value!r}"
+                f"{list(GENERATIONS)}) or its index 0-{len(GENERATIONS) - 1}; found {value!r}"
             )
         return float(gen)
     if not (is_number(value) and float(value) > 0):

@@ -255,6 +255,8 @@ def test_user_described_gpu_generation_by_name() -> None:
         ("gpu_bandwidth_gbs", -1.0, "a number > 0"),
         ("gpu_generation", "martian", r"a generation name \(one of .*ampere"),
         ("gpu_generation", -1, "a generation name"),
+        ("gpu_generation", 99, r"a generation name .* or its index 0-8; found 99"),
+        ("gpu_generation", 2.5, "a generation name"),
     ],
 )
 def test_user_described_gpu_values_are_checked(key: str, value: object, expected: str) -> None:

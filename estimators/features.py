@@ -665,7 +665,7 @@ def _user_gpu_value(key: str, value: object) -> float | None:
     if key == "gpu_generation":
         # The GPU table's form ("ampere") or its index in GENERATIONS.
         gen = _generation_number(value) if isinstance(value, str) else value
-        if not (is_number(gen) and float(gen).is_integer() and 0 <= gen < len(GENERATIONS)):
+        if not (is_number(gen) and float(gen).is_integer() and 0 <= float(gen) < len(GENERATIONS)):
             raise BadInputError(
                 f"user-described GPU: {key}: expected a generation name (one of "
                 f"{list(GENERATIONS)}) or its index 0-{len(GENERATIONS) - 1}; found {value!r}"

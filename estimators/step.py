@@ -327,7 +327,9 @@ class OnlineRegimeDetector:
     mean: each unit adds ``clip((x - mean) / sigma) - drift`` to the upper sum
     (and the mirror image to the lower one), floored at 0. When a sum passes
     ``threshold`` the regime has changed, starting at the unit after the sum
-    was last 0 (the usual CUSUM change-point estimate). ``sigma`` is the
+    was last 0 (the usual CUSUM change-point estimate), or later where the
+    units from there split better into two levels (see :meth:`_split`: a slow
+    drift before a step keeps the sum above 0). ``sigma`` is the
     unit-to-unit noise of the whole run so far, from the median absolute
     successive difference (robust to the few differences that straddle a
     change), never below ``min_rel_sigma`` of the regime's mean; before two
@@ -426,7 +428,8 @@ class OnlineRegimeDetector:
         self._sum += mean + dev * sigma
         insort(self._absdiffs, abs(x - values[i - 1]))
         if self._hi > self.threshold or self._lo > self.threshold:
-            start = (self._hi_zero if self._hi > self.threshold else self._lo_zero) + 1
+            first = (self._hi_zero if self._hi > self.threshold else self._lo_zero) + 1
+            start = self._split(first, i)
             self.regime_start = start
             new = values[start:]
             self._sum = sum(new)
@@ -448,6 +451,28 @@ class OnlineRegimeDetector:
         if self._lo > self.threshold / 2:
             return min(self._lo_zero + 1, last)
         return self.regime_start
+
+    def _split(self, first: int, last: int) -> int:
+        """Where the change lies among units ``first..last``: the split of the regime so far.
+
+        The CUSUM's last zero is the first unit the sum grew from; a slow drift
+        before a step keeps the sum above 0 and moves that estimate units too
+        early (mixing the old level into the new regime). The unit ``k`` in
+        ``first..last`` that best splits the regime's units into two levels
+        (largest ``|mean before - mean from k| x sqrt(n_before n_after / n)``,
+        the binary-segmentation statistic) is taken instead.
+        """
+        rs = self.regime_start
+        if first <= rs or first >= last:
+            return max(first, rs)
+        v = np.asarray(self._values[rs : last + 1], dtype=float)
+        c = np.cumsum(v)
+        n = len(v)
+        k = np.arange(first - rs, last - rs + 1)  # units before the split
+        before = c[k - 1] / k
+        after = (c[-1] - c[k - 1]) / (n - k)
+        stat = np.abs(before - after) * np.sqrt(k * (n - k) / n)
+        return rs + int(k[int(np.argmax(stat))])
 
 
 def detect_online(values: Sequence[float] | np.ndarray, **params: float) -> int:

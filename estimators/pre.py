@@ -1260,11 +1260,14 @@ def atomic_write_bytes(data: bytes, path: Path) -> None:
         StoreError: The write failed; ``path`` is untouched.
 
     """
+    from profiler.store import file_mode
+
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode(path))
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())

@@ -46,6 +46,7 @@ import fcntl
 import logging
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
@@ -123,6 +124,32 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it (``os.umask`` sets it: racy in threads)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    return 0o022
+
+
+def file_mode(path: Path) -> int:
+    """Permission bits a file replacing ``path`` should get.
+
+    Those of the file it replaces, else what ``open`` would create
+    (``0o666`` less the umask). A temporary from :func:`tempfile.mkstemp`
+    is ``0o600``: renamed over a shared report or store file, it made that
+    file unreadable to everyone else.
+    """
+    try:
+        return stat.S_IMODE(path.stat().st_mode)
+    except OSError:
+        return 0o666 & ~_umask()
+
+
 def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     """Write ``df`` to ``path`` so that readers see either the old file or the whole new one.
 
@@ -145,6 +172,7 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
     replaced = False
     try:
         with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode(path))
             df.write_parquet(fh, compression="zstd", statistics=True)
             fh.flush()
             os.fsync(fh.fileno())

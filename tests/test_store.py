@@ -231,3 +231,28 @@ def test_epochs_upsert_by_run_and_epoch(tmp_path):
     assert s.epochs("a")["end"].to_list() == [at(10), at(21)]
     with pytest.raises(SchemaError, match="expected end >= start"):
         s.write_epochs(marks.with_columns(end=pl.lit(at(-5))))
+
+
+def test_atomic_writes_keep_a_files_mode_and_follow_the_umask(tmp_path):
+    """Found in review: the temporaries came from mkstemp (0600), so every report, model
+    and store file became unreadable to others, even one that was 0644 before."""
+    from estimators.pre import atomic_write_bytes
+    from profiler.store import atomic_write_parquet
+
+    old = os.umask(0o022)
+    try:
+        new = tmp_path / "new.parquet"
+        atomic_write_parquet(pl.DataFrame({"a": [1]}), new)
+        assert new.stat().st_mode & 0o777 == 0o644
+        atomic_write_bytes(b"<html></html>", tmp_path / "report.html")
+        assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o644
+        # a replaced file keeps the mode it had
+        new.chmod(0o664)
+        atomic_write_parquet(pl.DataFrame({"a": [2]}), new)
+        assert new.stat().st_mode & 0o777 == 0o664
+        assert pl.read_parquet(new)["a"].to_list() == [2]
+        (tmp_path / "report.html").chmod(0o640)
+        atomic_write_bytes(b"<html>2</html>", tmp_path / "report.html")
+        assert (tmp_path / "report.html").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old)

@@ -36,7 +36,7 @@ from estimators.step import (
     Trace,
     run_epochs,
 )
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, where
 
 #: Memory power of Green Algorithms, in W per GB (Lannelongue et al. 2021).
 GA_MEMORY_W_PER_GB = 0.3725
@@ -377,6 +377,7 @@ def bench_step(
     fraction: float,
     methods: Sequence[str] = DEFAULT_METHODS,
     duration: str = "trace",
+    file: str | None = None,
 ) -> pl.DataFrame:
     """Give every method the first ``fraction`` of each traced run; compare with the truth.
 
@@ -389,7 +390,11 @@ def bench_step(
     ``trained_epochs`` is null (a store's running or failed run), or whose
     total duration is unknown (``duration="runs"`` with a null or NaN
     ``duration_s``, or a trace spanning 0 s without one). Samples without a
-    ``run_id`` or ``timestamp`` are refused, not dropped.
+    ``run_id`` or ``timestamp`` are refused, not dropped, and so are NaN,
+    infinite or negative power and a device's repeated timestamps, naming the
+    row (1-based, in ``traces`` as given), the run and ``file``. A null power
+    is a sample without a value: skipped, as ``wattwise energy`` does. Samples
+    out of time order are put in order (the integral does not depend on it).
 
     Args:
         runs: One row per run: ``run_id``, ``duration_s``, ``trained_epochs``;
@@ -401,6 +406,7 @@ def bench_step(
         methods: Names from :data:`METHODS`.
         duration: ``trace``: the total duration is the trace's span (the
             truth's span); ``runs``: the ``duration_s`` column.
+        file: Where ``traces`` came from, named in its errors.
 
     Returns:
         One row per (run_id, method): ``predicted_energy_j``, ``lower_j``,
@@ -410,8 +416,10 @@ def bench_step(
         ``reason``.
 
     Raises:
-        BadInputError: Bad fraction, unknown method, missing columns, or null
-            ``run_id`` or ``timestamp`` values.
+        BadInputError: Bad fraction, unknown method, missing columns, null
+            ``run_id`` or ``timestamp`` values, non-datetime timestamps,
+            non-numeric, NaN, infinite or negative power, or a device's
+            repeated timestamps.
 
     """
     if not 0.0 < fraction <= 1.0:
@@ -443,6 +451,7 @@ def bench_step(
                     + (f" (runs {ids})" if ids else "")
                     + f"; expected a {c} on every row of {name}"
                 )
+    _check_traces(traces, file)
     info = {r["run_id"]: r for r in runs.iter_rows(named=True)}
     rows: list[dict[str, object]] = []
     traces = traces.sort("run_id", "timestamp")
@@ -450,7 +459,7 @@ def bench_step(
         r = info.get(run_id)
         if r is None:
             continue
-        full = Trace.from_samples(part)
+        full = Trace.from_samples(part, file=f"{file}, run {run_id!r}" if file else None)
         truth = full.total_j() if full.n_samples > 1 else None
         runs_s = r["duration_s"]
         if runs_s is not None and math.isnan(runs_s):
@@ -544,6 +553,54 @@ def bench_step(
         ((pl.col("lower_j") <= true) & (true <= pl.col("upper_j"))).alias("covered"),
         ((pl.col("upper_j") - pl.col("lower_j")) / 2 / true * 100).alias("half_width_pct"),
     )
+
+
+def _check_traces(traces: pl.DataFrame, file: str | None) -> None:
+    """Refuse what :meth:`Trace.from_samples` would drop or refuse, naming the row and run.
+
+    Raises:
+        BadInputError: Non-datetime timestamps; non-numeric, NaN, infinite or
+            negative power; a device's repeated timestamps.
+
+    """
+    stamp, power = traces.schema["timestamp"], traces.schema["power_w"]
+    if not isinstance(stamp, pl.Datetime):
+        raise BadInputError(
+            f"{where(file, label=repr('timestamp'))}expected a datetime column (UTC, or naive "
+            f"meaning UTC); found {stamp}"
+        )
+    if not (power.is_numeric() or power == pl.Null):
+        raise BadInputError(
+            f"{where(file, label=repr('power_w'))}expected numbers (W); found {power}"
+        )
+    keys = ["run_id", *(c for c in ("node", "device") if c in traces.columns)]
+    df = traces.select(*keys, "timestamp", pl.col("power_w").cast(pl.Float64)).with_row_index(
+        "row", offset=1
+    )
+    w = pl.col("power_w")
+    bad = df.filter(w.is_nan() | w.is_infinite() | (w < 0))
+    if bad.height:
+        r = bad.row(0, named=True)
+        run = f"run {r['run_id']!r}"
+        raise BadInputError(
+            f"{where(file, r['row'], run)}expected power_w to be a finite number >= 0 W; "
+            f"found {r['power_w']}"
+        )
+    same = [pl.col(c).eq_missing(pl.col(c).shift(1)) for c in (*keys, "timestamp")]
+    dup = (
+        df.sort(*keys, "timestamp", "row")
+        .with_columns(pl.col("row").shift(1).alias("first"))
+        .filter(pl.all_horizontal(same))
+        .sort("row")
+    )
+    if dup.height:
+        r = dup.row(0, named=True)
+        run = f"run {r['run_id']!r}"
+        device = "".join(f"{c} {r[c]!r} " for c in keys[1:])
+        raise BadInputError(
+            f"{where(file, r['row'], run)}{device}repeated timestamp {r['timestamp']} (also at "
+            f"row {r['first']}); expected one sample per device and time. Drop duplicates first"
+        )
 
 
 def summarise(pred: pl.DataFrame) -> pl.DataFrame:

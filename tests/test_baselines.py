@@ -317,3 +317,116 @@ def test_summarise_stable_figures_match_the_real_runs(
     assert row["stable_runs"] == stable.height
     assert row["stable_coverage"] == stable["covered"].mean()
     assert row["stable_median_half_width_pct"] == stable["half_width_pct"].median()
+
+
+# ---------------------------------------------------------------- bench step: bad traces
+
+
+def _bench_files(tmp_path: Path, traces: pl.DataFrame) -> list[str]:
+    """``wattwise bench step`` arguments for runs "a" and "b" and ``traces``, written to files."""
+    runs = pl.DataFrame(
+        {
+            "run_id": ["a", "b"],
+            "duration_s": [100.0, 100.0],
+            "trained_epochs": [10, 10],
+            "gpu_model": ["NVIDIA GeForce RTX 3090"] * 2,
+        }
+    )
+    runs.write_parquet(tmp_path / "runs.parquet")
+    traces.write_parquet(tmp_path / "traces.parquet")
+    return [
+        "bench",
+        "step",
+        "--runs",
+        str(tmp_path / "runs.parquet"),
+        "--traces",
+        str(tmp_path / "traces.parquet"),
+        "--observe-fraction",
+        "0.5",
+        "--methods",
+        "naive,step",
+    ]
+
+
+def _two_traces() -> pl.DataFrame:
+    """Runs "a" then "b": 101 samples each at 100 W, 1 s apart (rows 1-101 and 102-202)."""
+    return pl.concat([flat(100, 100.0).with_columns(run_id=pl.lit(r)) for r in ("a", "b")])
+
+
+def _power_at(traces: pl.DataFrame, row: int, value: float | None) -> pl.DataFrame:
+    """``traces`` with ``power_w`` of 1-based ``row`` set to ``value``."""
+    return traces.with_columns(
+        power_w=pl.when(pl.int_range(pl.len()) == row - 1)
+        .then(pl.lit(value, pl.Float64))
+        .otherwise("power_w")
+    )
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"), [(float("nan"), "nan"), (float("inf"), "inf"), (-5.0, "-5.0")]
+)
+def test_bench_step_refuses_nan_inf_or_negative_power_naming_file_run_and_row(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], value: float, shown: str
+) -> None:
+    from cluster.cli import main
+
+    args = _bench_files(tmp_path, _power_at(_two_traces(), 130, value))
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'traces.parquet'}, row 130, run 'b': " in err
+    assert f"expected power_w to be a finite number >= 0 W; found {shown}" in err
+    with pytest.raises(BadInputError, match="row 130, run 'b'"):
+        bench_step(*_frames(tmp_path), fraction=0.5, methods=["naive"])
+
+
+def _frames(tmp_path: Path) -> tuple[pl.DataFrame, pl.DataFrame]:
+    return pl.read_parquet(tmp_path / "runs.parquet"), pl.read_parquet(tmp_path / "traces.parquet")
+
+
+def test_bench_step_refuses_a_repeated_timestamp_naming_file_run_and_rows(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    traces = _two_traces()
+    dup = pl.concat([traces[:120], traces[119:120], traces[120:]])  # rows 120 and 121
+    assert main(_bench_files(tmp_path, dup)) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'traces.parquet'}, row 121, run 'b': " in err
+    assert "repeated timestamp 2024-01-01 00:00:18" in err and "(also at row 120)" in err
+
+
+def test_bench_step_refuses_a_non_datetime_timestamp_or_non_numeric_power(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    traces = _two_traces()
+    file = str(tmp_path / "traces.parquet")
+    as_text = traces.with_columns(pl.col("timestamp").cast(pl.String))
+    assert main(_bench_files(tmp_path, as_text)) == 2
+    assert f"{file}, 'timestamp': expected a datetime column" in capsys.readouterr().err
+    as_text = traces.with_columns(pl.col("power_w").cast(pl.String))
+    assert main(_bench_files(tmp_path, as_text)) == 2
+    assert f"{file}, 'power_w': expected numbers (W); found String" in capsys.readouterr().err
+
+
+def test_bench_step_skips_null_power_and_sorts_an_unsorted_trace(tmp_path: Path) -> None:
+    # Null power is a sample without a value (the real SEAA traces have some): skipped, as
+    # in `wattwise energy`. Rows out of time order are put in order: the integral is the same.
+    traces = _two_traces()
+    whole = bench_step(*_frames_of(tmp_path, traces), fraction=0.5, methods=["naive"])
+    assert whole["true_energy_j"].to_list() == pytest.approx([10_000.0, 10_000.0])
+    with_null = bench_step(
+        *_frames_of(tmp_path, _power_at(traces, 130, None)), fraction=0.5, methods=["naive"]
+    )
+    assert with_null["true_energy_j"].to_list() == pytest.approx([10_000.0, 10_000.0])
+    shuffled = traces.sample(fraction=1.0, shuffle=True, seed=1)
+    again = bench_step(*_frames_of(tmp_path, shuffled), fraction=0.5, methods=["naive", "step"])
+    expected = bench_step(*_frames_of(tmp_path, traces), fraction=0.5, methods=["naive", "step"])
+    assert again.equals(expected)
+
+
+def _frames_of(tmp_path: Path, traces: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    _bench_files(tmp_path, traces)
+    return _frames(tmp_path)

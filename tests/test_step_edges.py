@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -381,6 +382,63 @@ def test_cli_without_planned_epochs_says_so(
     assert "planned epochs unknown" in capsys.readouterr().err
     _store_unplanned(tmp_path / "f", "finished")
     done = ["--run", "r1", "--store", str(tmp_path / "f")]
+    assert main(["estimate", *done, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["energy_j"] == pytest.approx(120_000.0)
+    assert main(["report", *done, "--out", str(tmp_path / "f.html")]) == 0
+
+
+def _store_planned(root: Path, status: str, planned: int) -> list[str]:
+    """A run "r1" with 12 recorded epochs and ``planned`` stored; the CLI's run arguments."""
+    _store_unplanned(root, status)
+    from profiler.store import Store
+
+    Store(root).write_runs(
+        pl.DataFrame(
+            {"run_id": ["r1"], "status": [status], "start": [at(0)], "planned_epochs": [planned]}
+        )
+    )
+    return ["--run", "r1", "--store", str(root)]
+
+
+def test_planned_epochs_below_the_recorded_epochs_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from cluster.cli import main
+
+    store = _store_planned(tmp_path / "s", "running", 20)
+    for cmd in (["estimate"], ["report", "--out", str(tmp_path / "r.html")]):
+        assert main([*cmd, *store, "--planned-epochs", "10"]) == 2
+        err = capsys.readouterr().err
+        assert "expected >= 12 recorded epochs, found 10" in err and "'r1'" in err
+    assert not (tmp_path / "r.html").exists()
+    # As many planned as recorded: the last epoch has ended, nothing remains.
+    assert main(["estimate", *store, "--planned-epochs", "12", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["remaining_epochs"] == 0
+
+
+def test_a_stored_plan_below_the_recorded_epochs_is_not_called_finished(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A second training phase numbers its epochs on past the plan stored for the first.
+    from cluster.cli import main
+
+    store = _store_planned(tmp_path / "s", "running", 5)
+    stale = "the run record's planned_epochs (5) are fewer than the 12 epochs recorded"
+    assert main(["estimate", *store, "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    assert row["energy_j"] is None and row["stable"] is False and row["lower_j"] is None
+    assert row["reason"].startswith(f"planned epochs unknown: {stale}; give --planned-epochs")
+    assert row["measured_j"] == pytest.approx(120_000.0)
+    assert main(["estimate", *store]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "not yet" in out and stale in out
+    assert main(["report", *store, "--out", str(tmp_path / "r.html")]) == 2
+    assert stale in capsys.readouterr().err
+    # Given, the planned epochs are used as usual.
+    assert main(["estimate", *store, "--planned-epochs", "20", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["energy_j"] == pytest.approx(TRUTH_J)
+    # A finished run's answer is its measured total; its replay takes the epochs it recorded.
+    done = _store_planned(tmp_path / "f", "finished", 5)
     assert main(["estimate", *done, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["energy_j"] == pytest.approx(120_000.0)
     assert main(["report", *done, "--out", str(tmp_path / "f.html")]) == 0

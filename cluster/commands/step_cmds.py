@@ -97,7 +97,8 @@ def _add_step_options(p: argparse.ArgumentParser, detectors: tuple[str, ...]) ->
         type=int,
         default=None,
         metavar="N",
-        help="planned epochs (default: the run record's planned_epochs, else trained_epochs)",
+        help="planned epochs, at least those recorded (default: the run record's "
+        "planned_epochs, else trained_epochs, when not fewer than the epochs recorded)",
     )
 
 
@@ -115,12 +116,41 @@ def _check_step_options(args: argparse.Namespace) -> None:
         raise BadInputError(f"--planned-epochs must be at least 1; found {args.planned_epochs}")
 
 
-def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame) -> RunPlan:
+def _plan(
+    record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame
+) -> tuple[RunPlan, str]:
+    """The run's plan from its record and the options, and why its stored plan was set aside.
+
+    A ``--planned-epochs`` below the epochs already recorded is refused. A
+    stored ``planned_epochs`` (else ``trained_epochs``) below them, as when a
+    second training phase numbers its epochs on, is not the run's plan: the
+    plan has no planned epochs, so a running run gets no projection (STEP's
+    :data:`~estimators.step.PLANNED_UNKNOWN` answer) rather than a measured
+    total called finished, and the second value says why (empty otherwise).
+
+    Raises:
+        BadInputError: ``--planned-epochs`` is below the epochs recorded.
+
+    """
     from estimators.step import RunPlan
 
+    recorded = epochs.height
     planned = args.planned_epochs
+    stale = ""
+    if planned is not None and planned < recorded:
+        raise BadInputError(
+            f"--planned-epochs is below the epochs run {args.run!r} has already recorded; "
+            f"expected >= {recorded} recorded epochs, found {planned}"
+        )
     if planned is None:
-        planned = record.get("planned_epochs") or record.get("trained_epochs")
+        field = "planned_epochs" if record.get("planned_epochs") else "trained_epochs"
+        planned = record.get(field)
+        if planned is not None and int(planned) < recorded:
+            stale = (
+                f"the run record's {field} ({planned}) are fewer than the {recorded} epochs "
+                "recorded; give --planned-epochs"
+            )
+            planned = None
     config: dict[str, Any] = {}
     if record.get("config"):
         try:
@@ -128,7 +158,7 @@ def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame
         except json.JSONDecodeError:
             config = {}
     cap = config.get("power_limit_w")
-    return RunPlan(
+    plan = RunPlan(
         total_duration_s=record.get("duration_s") if epochs.height == 0 else None,
         planned_epochs=int(planned) if planned is not None else None,
         finished=record.get("status") == "finished",
@@ -136,14 +166,17 @@ def _plan(record: dict[str, Any], args: argparse.Namespace, epochs: pl.DataFrame
         power_cap_w=float(cap) if isinstance(cap, int | float) else None,
         gpu_count=int(record.get("gpu_count") or 1),
     )
+    return plan, "" if plan.finished else stale
 
 
 def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, RunPlan]:
-    from estimators.step import Step
+    from dataclasses import replace
+
+    from estimators.step import PLANNED_UNKNOWN, Step
 
     _check_step_options(args)
     record, samples, epochs = load_run(args)
-    plan = _plan(record, args, epochs)
+    plan, stale = _plan(record, args, epochs)
     if (
         epochs.height == 0
         and not plan.finished
@@ -156,6 +189,10 @@ def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, Run
         )
     step = Step(detector=args.detector, confidence=args.confidence)
     proj = step.fit(samples, epochs if epochs.height else None, plan=plan).predict()
+    if stale and proj.reason.startswith(PLANNED_UNKNOWN):
+        # STEP's reason asks for the planned epochs; say why the stored ones do not count.
+        rest = proj.reason[len(PLANNED_UNKNOWN) :]
+        proj = replace(proj, reason=f"planned epochs unknown: {stale}{rest}")
     return proj, epochs.sort("start") if epochs.height else epochs, plan
 
 
@@ -213,7 +250,9 @@ def run_report(args: argparse.Namespace) -> int:
         raise BadInputError(f"--out must end in .html or .png; found {args.out!r}")
     _check_step_options(args)
     record, samples, epochs = load_run(args)
-    plan = _plan(record, args, epochs)
+    plan, stale = _plan(record, args, epochs)
+    if stale:
+        raise BadInputError(f"run {args.run!r} not finished and planned epochs unknown: {stale}")
     write_report(
         samples,
         epochs if epochs.height else None,
@@ -236,7 +275,12 @@ def run_bench_step(args: argparse.Namespace) -> int:
     traces = read_parquet(args.traces, "power traces (run_id, timestamp, power_w)")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
     pred = bench_step(
-        runs, traces, fraction=args.observe_fraction, methods=methods, duration=args.duration
+        runs,
+        traces,
+        fraction=args.observe_fraction,
+        methods=methods,
+        duration=args.duration,
+        file=args.traces,
     )
     if args.out:
         from profiler.store import atomic_write_parquet

@@ -37,7 +37,14 @@ counted as one long gap, while a stretch without samples much longer than the
 sampler's own rhythm still is a gap.
 
 Samples whose ``power_w`` and ``energy_j`` are both null carry no measurement
-and are skipped; their number is reported as ``n_skipped``.
+and are skipped; their number is reported as ``n_skipped``. A device all of
+whose samples are skipped (say every reading was ``[N/A]``: the GPU fell off
+the bus) still counts in ``devices`` and ``n_skipped``, and it measured none
+of any epoch: the whole epoch is its gap (as the time beyond the edge samples
+is a gap for a device with a few readings).
+
+An epoch may last 0 s (``end == start``: hooks that mark an epoch with nothing
+to do); it gets 0 J and no mean power. One ending before it starts is refused.
 """
 
 from __future__ import annotations
@@ -316,13 +323,20 @@ def _check_values(df: pl.DataFrame, name: str, file: str | None) -> None:
         )
 
 
+_Ident = tuple[str, str, str]
+
+
 def _prepare_streams(
     samples: pl.DataFrame, thr: float, file: str | None
-) -> dict[tuple[str, str, str], EnergyStream]:
+) -> tuple[dict[_Ident, EnergyStream], dict[_Ident, int]]:
     """Validate samples and build one integration stream per (run_id, node, device).
 
     Samples of several devices may be interleaved; within one device they
     must be in strictly increasing time.
+
+    Returns:
+        The streams, and the devices whose samples all lacked a value (no
+        stream: they measured nothing) with the number of their samples.
 
     Raises:
         BadInputError: Missing columns, non-numeric, negative or non-finite
@@ -358,7 +372,8 @@ def _prepare_streams(
                 f"{where(file, r + 1, repr(k))}expected a {k} id; found null. Fill in the "
                 f"{k} of every sample, or drop the column when the run has a single {k}"
             )
-    streams: dict[tuple[str, str, str], EnergyStream] = {}
+    streams: dict[_Ident, EnergyStream] = {}
+    silent: dict[_Ident, int] = {}
     for key, part in _split_streams(df, keys):
         named = dict(zip(keys, key, strict=True))
         ident = (str(named["run_id"]), str(named.get("node", "")), str(named.get("device", "0")))
@@ -372,6 +387,8 @@ def _prepare_streams(
             us, p, part = us[keep], p[keep], part.filter(pl.Series(keep))
             c = None if c is None else c[keep]
         if len(us) == 0:
+            # Not dropped: a device that measured nothing is reported (skipped, gap).
+            silent[ident] = n_skipped
             continue
         back = np.flatnonzero(us[1:] <= us[:-1])
         if len(back):
@@ -380,7 +397,20 @@ def _prepare_streams(
             c = None
         t = us / 1e6
         streams[ident] = EnergyStream.build(t, p, c, stream_threshold(t, thr), n_skipped)
-    return streams
+    return streams, silent
+
+
+def _by_run(
+    streams: dict[_Ident, EnergyStream], silent: dict[_Ident, int]
+) -> tuple[dict[str, list[EnergyStream]], dict[str, list[int]]]:
+    """Streams per run, and the sample counts of each run's devices that measured nothing."""
+    by_run: dict[str, list[EnergyStream]] = {}
+    for (run_id, _, _), st in streams.items():
+        by_run.setdefault(run_id, []).append(st)
+    silent_by_run: dict[str, list[int]] = {}
+    for (run_id, _, _), n in silent.items():
+        silent_by_run.setdefault(run_id, []).append(n)
+    return by_run, silent_by_run
 
 
 def _split_streams(
@@ -430,6 +460,10 @@ def _label(row: dict[str, object], *, epoch: bool = True) -> str:
 def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataFrame:
     """Validate epoch marks.
 
+    An epoch may end when it starts (0 s). Epochs of one run may touch (one
+    starts when the previous ends); a 0 s epoch may sit on another's start or
+    end, not inside it.
+
     Raises:
         BadInputError: Missing columns, null values, an epoch ending before it
             starts, a repeated (run_id, epoch), or epochs of one run overlapping.
@@ -453,12 +487,13 @@ def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataF
         if df[c].null_count():
             i = _first_row(df[c].is_null().to_numpy())
             raise BadInputError(f"{where(file, i + 1, repr(c))}expected a value; found null")
-    bad = df.filter(pl.col("end") <= pl.col("start")).head(1)
+    # end == start is an epoch of 0 s: the store accepts it and EpochHooks writes it.
+    bad = df.filter(pl.col("end") < pl.col("start")).head(1)
     if bad.height:
         r = bad.row(0, named=True)
         raise BadInputError(
-            f"{where(file, r['row'], _label(r))}expected end "
-            f"after start; found start {r['start']} and end {r['end']}"
+            f"{where(file, r['row'], _label(r))}expected end >= start; "
+            f"found start {r['start']} and end {r['end']}"
         )
     dup = df.filter(pl.struct("run_id", "epoch").is_duplicated()).head(1)
     if dup.height:
@@ -467,7 +502,8 @@ def prepare_epochs(epochs: pl.DataFrame, *, file: str | None = None) -> pl.DataF
             f"{where(file, r['row'], _label(r, epoch=False))}epoch {r['epoch']} appears more "
             "than once; expected one mark per (run_id, epoch)"
         )
-    df = df.sort("run_id", "start")
+    # By end too: a 0 s epoch on the next one's start comes first (no overlap either way).
+    df = df.sort("run_id", "start", "end")
     over = df.filter(pl.col("start") < pl.col("end").shift(1).over("run_id")).head(1)
     if over.height:
         r = over.row(0, named=True)
@@ -512,11 +548,12 @@ def epoch_energy(
 
     Returns:
         One row per epoch, ordered by run and start, with ``energy_j`` (J),
-        ``duration_s`` (s), ``mean_power_w`` (W, energy over duration),
-        ``gap_s`` (s without measurement, largest over devices), ``n_samples``
+        ``duration_s`` (s), ``mean_power_w`` (W, energy over duration; null
+        for a 0 s epoch), ``gap_s`` (s without measurement, largest over
+        devices; the whole epoch when a device measured nothing), ``n_samples``
         (samples inside the epoch, all devices), ``n_skipped`` (samples of the
-        run without any value), ``devices`` and ``method`` (counter, power or
-        counter+power).
+        run without any value), ``devices`` (those that measured nothing
+        included) and ``method`` (counter, power or counter+power).
 
     Raises:
         BadInputError: See :func:`_prepare_streams` and :func:`prepare_epochs`.
@@ -524,11 +561,8 @@ def epoch_energy(
     """
     if gap_threshold_s <= 0:
         raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
-    streams = _prepare_streams(samples, gap_threshold_s, samples_file)
+    by_run, silent = _by_run(*_prepare_streams(samples, gap_threshold_s, samples_file))
     ep = prepare_epochs(epochs, file=epochs_file)
-    by_run: dict[str, list[EnergyStream]] = {}
-    for (run_id, _, _), st in streams.items():
-        by_run.setdefault(run_id, []).append(st)
     parts = []
     for (run_id,), marks in ep.partition_by("run_id", as_dict=True, maintain_order=True).items():
         t0 = marks["t0"].to_numpy()
@@ -543,7 +577,9 @@ def epoch_energy(
             energy += e[n:] - e[:n]
             gap = np.maximum(gap, g[n:] - g[:n])
             count += np.searchsorted(st.t, t1, side="left") - np.searchsorted(st.t, t0, "left")
-        if not run_streams:
+        run_silent = silent.get(str(run_id), [])
+        if run_silent or not run_streams:
+            # A device that measured nothing (or none at all): the whole epoch is its gap.
             gap = t1 - t0
         duration = t1 - t0
         parts.append(
@@ -555,14 +591,19 @@ def epoch_energy(
                     "end": marks["end"],
                     "energy_j": energy,
                     "duration_s": duration,
-                    "mean_power_w": energy / duration,
                     "gap_s": gap,
                     "n_samples": count,
-                    "n_skipped": sum(st.n_skipped for st in run_streams),
-                    "devices": len(run_streams),
+                    "n_skipped": sum(st.n_skipped for st in run_streams) + sum(run_silent),
+                    "devices": len(run_streams) + len(run_silent),
                     "method": _method(run_streams),
                 },
                 schema_overrides={"n_skipped": pl.Int64, "devices": pl.Int64},
+            ).with_columns(
+                # A 0 s epoch has 0 J and no mean power.
+                pl.when(pl.col("duration_s") > 0)
+                .then(pl.col("energy_j") / pl.col("duration_s"))
+                .otherwise(None)
+                .alias("mean_power_w")
             )
         )
     if not parts:
@@ -603,29 +644,37 @@ def run_energy(
         file: Where the input came from, for messages.
 
     Returns:
-        One row per run: ``run_id``, ``start``, ``end`` (UTC), ``energy_j``
-        (J, all devices), ``duration_s`` (s, first to last sample of any
-        device), ``mean_power_w`` (W), ``gap_s`` (s, largest over devices),
-        ``n_samples``, ``n_skipped``, ``devices``, ``method``.
+        One row per run with at least one value: ``run_id``, ``start``,
+        ``end`` (UTC), ``energy_j`` (J, all devices), ``duration_s`` (s,
+        first to last sample with a value of any device), ``mean_power_w``
+        (W), ``gap_s`` (s, largest over devices; the whole duration when a
+        device measured nothing), ``n_samples``, ``n_skipped``, ``devices``
+        (those that measured nothing included), ``method``.
 
     """
     if gap_threshold_s <= 0:
         raise BadInputError(f"gap threshold must be > 0 s; found {gap_threshold_s}")
-    streams = _prepare_streams(samples, gap_threshold_s, file)
-    by_run: dict[str, list[EnergyStream]] = {}
-    for (run_id, _, _), st in streams.items():
-        by_run.setdefault(run_id, []).append(st)
+    by_run, silent = _by_run(*_prepare_streams(samples, gap_threshold_s, file))
     runs = list(by_run.values())
+    quiet = [silent.get(run_id, []) for run_id in by_run]
+    t0 = [min(st.t[0] for st in r) for r in runs]
+    t1 = [max(st.t[-1] for st in r) for r in runs]
     out = pl.DataFrame(
         {
             "run_id": list(by_run),
-            "t0": [min(st.t[0] for st in r) for r in runs],
-            "t1": [max(st.t[-1] for st in r) for r in runs],
+            "t0": t0,
+            "t1": t1,
             "energy_j": [sum(float(st.e[-1]) for st in r) for r in runs],
-            "gap_s": [max(float(st.g[-1]) for st in r) for r in runs],
+            # A device that measured nothing has the whole run as its gap.
+            "gap_s": [
+                b - a if q else max(float(st.g[-1]) for st in r)
+                for r, q, a, b in zip(runs, quiet, t0, t1, strict=True)
+            ],
             "n_samples": [sum(len(st.t) for st in r) for r in runs],
-            "n_skipped": [sum(st.n_skipped for st in r) for r in runs],
-            "devices": [len(r) for r in runs],
+            "n_skipped": [
+                sum(st.n_skipped for st in r) + sum(q) for r, q in zip(runs, quiet, strict=True)
+            ],
+            "devices": [len(r) + len(q) for r, q in zip(runs, quiet, strict=True)],
             "method": [_method(r) for r in runs],
         },
         schema_overrides={"n_samples": pl.Int64, "n_skipped": pl.Int64, "devices": pl.Int64},

@@ -661,8 +661,9 @@ def _project(
     need = max(min_stable_epochs, 2)
     if n < need:
         reasons.append(
-            f"STEP needs {need} epochs after the stable point; this run has {n} "
-            f"since epoch {u.epoch_of(start) + 1}"
+            # The stable point's epoch is in the answer (``stable_unit``); numbering it
+            # here too once disagreed with the table (1-based position vs epoch number).
+            f"STEP needs {need} epochs after the stable point; this run has {n}"
         )
     if u.elapsed_units + 1e-9 < settle_epochs:
         reasons.append(
@@ -1054,7 +1055,8 @@ def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.
     """Energy of each finished epoch of one run, as STEP and the baselines use it.
 
     :func:`estimators.energy.epoch_energy` on the power samples (a counter is
-    not used, as in :class:`Trace`), with NaN power skipped like a null and a
+    not used, as in :class:`Trace`; a device without any power reading is left
+    out), with NaN power skipped like a null and a
     gap threshold from each device's own rhythm (``wattwise energy``'s default:
     :func:`estimators.energy.stream_threshold`).
     Epoch marks without ``run_id``, or when the samples hold one run, belong to
@@ -1074,7 +1076,15 @@ def run_epochs(samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace) -> pl.
     """
     from estimators.energy import epoch_energy
 
-    s, ep = _for_energy(samples.select([c for c in samples.columns if c != "energy_j"]), epochs)
+    power = samples.select([c for c in samples.columns if c != "energy_j"])
+    # A device without a single power reading (dead, or counter-only) has nothing for STEP's
+    # units: it is left out here (``wattwise energy`` reports it as a gap), not made a gap
+    # over every epoch, which would leave every epoch out of the stable mean.
+    keys = [c for c in ("run_id", "node", "device") if c in power.columns]
+    if keys and power.height:
+        has = pl.col("power_w").is_not_null() & pl.col("power_w").cast(pl.Float64).is_not_nan()
+        power = power.filter(has.any().over(keys))
+    s, ep = _for_energy(power, epochs)
     assert ep is not None
     per = epoch_energy(s, ep).sort("start")
 
@@ -1122,8 +1132,11 @@ def _epoch_units(
 
     Epochs mostly without samples count as run (elapsed) but are left out of
     the units (see :data:`MAX_GAP_SHARE`); the value of a kept epoch with a
-    shorter gap is its energy scaled to its whole length. ``measured_j`` is the
-    energy measured so far (J, :func:`measured_energy_j`, never scaled).
+    shorter gap is its energy scaled to its whole length. An epoch of 0 s
+    (``end == start``) counts as run too, but as a unit of 0 J it would pull
+    the stable mean down: it is left out, and the note names it.
+    ``measured_j`` is the energy measured so far (J, :func:`measured_energy_j`,
+    never scaled).
     """
     if trace.n_samples == 0:
         n = epochs.height
@@ -1133,7 +1146,16 @@ def _epoch_units(
         return units, "no power samples (all null or none)"
     per = run_epochs(samples, epochs, trace)
     n = per.height
-    keep = np.flatnonzero(per["covered"].to_numpy())
+    instant = per["duration_s"].to_numpy() <= 0
+    keep = np.flatnonzero(per["covered"].to_numpy() & ~instant)
+    zero = per["epoch"].filter(pl.Series(instant)).to_list()
+    zero_note = (
+        f"epoch{'s' if len(zero) > 1 else ''} {', '.join(str(e) for e in zero[:5])}"
+        f"{' ...' if len(zero) > 5 else ''} left out of the stable mean: 0 s long "
+        "(end == start)"
+        if zero
+        else ""
+    )
     last_end = float(per["t1_s"].max())  # type: ignore[arg-type]
     planned = plan.planned_epochs if plan.planned_epochs is not None else n
     remaining = float(max(planned - n, 0))
@@ -1154,7 +1176,7 @@ def _epoch_units(
         unit_s=per["duration_s"].to_numpy()[keep].astype(np.float64),
         time_mode=False,
         index=keep if len(keep) < n else None,
-        note=_join(scaled_note(scaled), left_out_note(per, DEFAULT_GAP_THRESHOLD_S)),
+        note=_join(scaled_note(scaled), left_out_note(per, DEFAULT_GAP_THRESHOLD_S), zero_note),
     ), ""
 
 
@@ -1167,7 +1189,10 @@ class OnlineStep:
     epoch with a shorter gap enters the regime and the stable mean with its
     energy scaled to its whole length, ``energy_j * duration_s / (duration_s -
     gap_s)`` (as :class:`Step` does), and the reason names it too; its
-    measured energy stays ``energy_j``.
+    measured energy stays ``energy_j``. An epoch of 0 s (``end == start``)
+    counts as run and is left out of the mean the same way. A run that has
+    finished more epochs than planned gets no projection (the plan is stale:
+    a second phase numbering on), not its measured energy called final.
 
     Args:
         planned_epochs: Epochs the run is planned for.
@@ -1216,6 +1241,7 @@ class OnlineStep:
         self._epoch: list[int] = []
         self._left_out: list[tuple[int, float, float]] = []  # (epoch, gap_s, duration_s)
         self._scaled: list[tuple[int, float]] = []  # (epoch, gap_s) kept, scaled to its length
+        self._instant: list[int] = []  # epochs of 0 s, left out of the mean
         # Sums over the current regime, rebuilt only when the regime changes.
         self._start = 0
         self._sum = self._sum2 = self._dsum = 0.0
@@ -1259,18 +1285,21 @@ class OnlineStep:
             and math.isfinite(measured)
             and measured >= 0
             and math.isfinite(duration_s)
-            and duration_s > 0
+            and duration_s >= 0
             and math.isfinite(gap_s)
             and gap_s >= 0
         ):
             raise BadInputError(
-                f"epoch {self._n + 1}: expected energy_j >= 0 J, duration_s > 0 s, gap_s >= 0 s "
+                f"epoch {self._n + 1}: expected energy_j >= 0 J, duration_s >= 0 s, gap_s >= 0 s "
                 f"and measured_j >= 0 J; found {energy_j} J over {duration_s} s with {gap_s} s of "
                 f"gap, measured {measured} J"
             )
         self._n += 1
         self._measured += measured + between_j
         self._elapsed += duration_s
+        if duration_s == 0:  # as a 0 J unit it would pull the stable mean down
+            self._instant.append(self._n - 1)
+            return self._projection()
         if gap_s > MAX_GAP_SHARE * duration_s:
             self._left_out.append((self._n - 1, gap_s, duration_s))
             return self._projection()
@@ -1299,8 +1328,15 @@ class OnlineStep:
     def _note(self) -> str:
         """Which epochs were scaled or left out of the stable mean, and why (empty when none)."""
         out = self._left_out
+        zero = self._instant
+        instant = (
+            f"epoch{'s' if len(zero) > 1 else ''} {', '.join(str(e) for e in zero[:5])}"
+            f"{' ...' if len(zero) > 5 else ''} left out of the stable mean: 0 s long"
+            if zero
+            else ""
+        )
         if not out:
-            return scaled_note(self._scaled)
+            return _join(scaled_note(self._scaled), instant)
         # Numbered from 0 in the order fed, as epoch marks are.
         names = ", ".join(str(e) for e, _, _ in out[:5]) + (" ..." if len(out) > 5 else "")
         _, gap, dur = max(out, key=lambda r: r[1] / r[2])
@@ -1308,10 +1344,24 @@ class OnlineStep:
             scaled_note(self._scaled),
             f"epoch{'s' if len(out) > 1 else ''} {names} left out of the stable mean: more than "
             f"{MAX_GAP_SHARE:.0%} of the epoch without samples (up to {gap:.0f} s of {dur:.0f} s)",
+            instant,
         )
 
     def _projection(self) -> Projection:
         remaining = float(max(self.planned_epochs - self._n, 0))
+        if self._n > self.planned_epochs:
+            return Projection(
+                method="step",
+                energy_j=None,
+                confidence=self.confidence,
+                measured_j=self._measured,
+                elapsed_s=self._elapsed,
+                reason=_join(
+                    f"planned epochs unknown: the run has finished {self._n} epochs, more than "
+                    f"the {self.planned_epochs} planned",
+                    self._note(),
+                ),
+            )
         if not self._values:  # every epoch so far was left out
             unit_s = self._elapsed / self._n
             cap = self.power_cap_w * unit_s if self.power_cap_w else None

@@ -159,7 +159,7 @@ def test_bad_samples_are_refused_with_the_row(frame, match):
 @pytest.mark.parametrize(
     ("marks", "match"),
     [
-        (epochs((0, 1), (2, 1)), r"row 2, run 'r' epoch 1: expected end after start"),
+        (epochs((0, 1), (2, 1)), r"row 2, run 'r' epoch 1: expected end >= start"),
         (epochs((0, 2), (1, 3)), r"epoch 1 starts at .* before the previous epoch ends"),
         (epochs((0, 1)).drop("end"), r"need column\(s\) \['end'\]"),
         (pl.concat([epochs((0, 1)), epochs((1, 2))]), r"epoch 0 appears more than once"),

@@ -101,6 +101,10 @@ def _file_mode(args: argparse.Namespace) -> int:
 
     samples = read_parquet(args.samples, "samples (run_id, timestamp, power_w[, energy_j])")
     epochs = read_parquet(args.epochs, "epoch marks (run_id, epoch, start, end)")
+    if epochs.height == 0:
+        raise BadInputError(
+            f"{args.epochs}: expected epoch marks (run_id, epoch, start, end); found no rows"
+        )
     result = epoch_energy(
         samples,
         epochs,
@@ -108,12 +112,39 @@ def _file_mode(args: argparse.Namespace) -> int:
         samples_file=args.samples,
         epochs_file=args.epochs,
     )
+    _check_every_run_sampled(result, samples, args)
     if args.out:
         from pathlib import Path
 
         atomic_write_parquet(result, Path(args.out))
     _show(result, args, title=f"Per-epoch energy ({args.samples})")
     return 0
+
+
+def _check_every_run_sampled(
+    result: pl.DataFrame, samples: pl.DataFrame, args: argparse.Namespace
+) -> None:
+    """Refuse epochs of a run without a single sample (as ``--run`` refuses such a run).
+
+    A run with samples over only part of its epochs is fine: the rest is gap.
+
+    Raises:
+        BadInputError: Naming the samples file, the runs without samples and
+            the runs it has samples of.
+
+    """
+    import polars as pl
+
+    # epoch_energy counts every device with a sample, even one that measured nothing.
+    missing = result.filter(pl.col("devices") == 0)["run_id"].unique(maintain_order=True)
+    if missing.len() == 0:
+        return
+    have = samples["run_id"].cast(pl.String).unique().sort().to_list() if samples.height else []
+    found = f"found samples of run(s) {have}" if have else "found no samples"
+    raise BadInputError(
+        f"{args.samples}: no samples of run(s) {missing.to_list()} of the epoch marks in "
+        f"{args.epochs}; expected samples of every run with epoch marks, {found}"
+    )
 
 
 def _run_mode(args: argparse.Namespace) -> int:

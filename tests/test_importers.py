@@ -393,6 +393,148 @@ def test_shared_csvs_energy_within_1_percent_of_reported() -> None:
         assert elapsed < 1.0  # vectorised: ~30 ms for 5,000 rows on a 2-core CPU
 
 
+# -- header units ------------------------------------------------------------------------------
+def test_header_unit_sets_the_unit_of_the_cells(tmp_path: Path) -> None:
+    """Regression: ``power.draw [mW]`` with cells ``100000`` was read as 100000 W."""
+    from estimators.energy import run_energy
+
+    text = (
+        "timestamp, power.draw [mW], memory.used [GiB], utilization.gpu [%]\n"
+        "2024/01/10 08:00:00.000, 100000, 2, 5 %\n"
+        "2024/01/10 08:00:01.000, 100000 mW, 0.5 GiB, 5\n"
+        "2024/01/10 08:00:02.000, 100000.0mW, [N/A], 5 %\n"
+    )
+    df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
+    assert df["power_w"].to_list() == [100.0, 100.0, 100.0]
+    assert df["mem_used_mib"].to_list() == [2048.0, 512.0, None]
+    assert run_energy(df)["energy_j"].item() == pytest.approx(200.0)
+
+
+def test_kilowatts_and_kibibytes_convert(tmp_path: Path) -> None:
+    text = "timestamp, power.draw [kW], memory.used [KiB]\n2024/01/10 08:00:00, 0.25 kW, 1024 KiB\n"
+    df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
+    assert (df["power_w"].item(), df["mem_used_mib"].item()) == (250.0, 1.0)
+
+
+BAD_UNITS = {
+    "unknown power unit": (
+        "timestamp, power.draw [dBm]\n2024/01/10 08:00:00, 5\n",
+        r"trace\.csv, header: column 'power\.draw \[dBm\]': expected the unit 'W' or 'mW' or "
+        r"'kW' \(or none, meaning 'W'\); found 'dBm'",
+    ),
+    "megawatt is not milliwatt": (
+        "timestamp, power.draw [MW]\n2024/01/10 08:00:00, 5\n",
+        r"header: column 'power\.draw \[MW\]': expected the unit .*; found 'MW'",
+    ),
+    "memory in MB (decimal or binary?)": (
+        "timestamp, power.draw [W], memory.used [MB]\n2024/01/10 08:00:00, 5, 7\n",
+        r"header: column 'memory\.used \[MB\]': expected the unit 'MiB' or 'KiB' or 'GiB' "
+        r"\(or none, meaning 'MiB'\); found 'MB'",
+    ),
+    "temperature in F": (
+        "timestamp, power.draw [W], temperature.gpu [F]\n2024/01/10 08:00:00, 5, 150\n",
+        r"column 'temperature\.gpu \[F\]': expected the unit 'C' .*found 'F'",
+    ),
+    "cell unit disagrees with the header": (
+        "timestamp, power.draw [mW]\n2024/01/10 08:00:00, 100000 mW\n2024/01/10 08:00:01, 100 W\n",
+        r"trace\.csv, row 2, column 'power\.draw \[mW\]': expected a power in mW such as "
+        r"'47\.60 mW' \(or \[N/A\]\); found '100 W': its unit 'W' is not the column's unit 'mW'$",
+    ),
+    "cell in mW under a header without unit": (
+        "timestamp,gpu_power_draw\n2024-01-10 08:00:00,100000 mW\n",
+        r"row 1, column 'gpu_power_draw': expected a power in W .*found '100000 mW': its unit "
+        r"'mW' is not the column's unit 'W' \(the header names no unit, so 'W' is assumed; "
+        r"write 'gpu_power_draw \[mW\]' in the header\)",
+    ),
+    "memory cell in GiB under MiB": (
+        "timestamp, power.draw [W], memory.used [MiB]\n2024/01/10 08:00:00, 5 W, 2 GiB\n",
+        r"row 1, column 'memory\.used \[MiB\]': expected a number such as '11135 MiB' .*"
+        r"found '2 GiB': its unit 'GiB' is not the column's unit 'MiB'$",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_UNITS))
+def test_units_that_cannot_be_read_are_refused(tmp_path: Path, case: str) -> None:
+    text, message = BAD_UNITS[case]
+    with pytest.raises(BadInputError, match=message):
+        read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
+
+
+# -- several GPUs without a device column ------------------------------------------------------
+def gpus_csv(n_gpus: int, *, seconds: int = 60, index: bool = False, step_ms: int = 2) -> str:
+    """nvidia-smi -l 1 on ``n_gpus`` H100s: each GPU's row stamped ``step_ms`` after the last."""
+    rows = ["timestamp, " + ("index, " if index else "") + "power.draw [W]"]
+    for t in range(seconds):
+        for g in range(n_gpus):
+            ms = 1000 * t + step_ms * g
+            stamp = f"2024/01/10 13:{ms // 60_000:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}"
+            rows.append(f"{stamp}, " + (f"{g}, " if index else "") + f"{300 - 200 * (g % 2)}.00 W")
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("n_gpus", [2, 4, 8])
+def test_interleaved_gpus_without_index_are_refused(tmp_path: Path, n_gpus: int) -> None:
+    """Regression: two GPUs 2 ms apart became one alternating trace, half the energy."""
+    with pytest.raises(
+        BadInputError,
+        match=rf"trace\.csv, row 2, 'timestamp': the rows look like several GPUs interleaved: "
+        rf"{60 * (n_gpus - 1)} times a row comes only 2 ms \(median\) after the previous one, "
+        r"while samples are \d+ ms apart.*add index \(or uuid\) to the --query-gpu list",
+    ):
+        read_nvidia_smi_csv(write(tmp_path, gpus_csv(n_gpus)), node="n", run_id="r")
+
+
+def test_interleaved_gpus_with_index_import_whole(tmp_path: Path) -> None:
+    from estimators.energy import run_energy
+
+    df = read_nvidia_smi_csv(write(tmp_path, gpus_csv(2, index=True)), node="n", run_id="r")
+    assert df["device"].unique().sort().to_list() == ["0", "1"]
+    assert run_energy(df)["energy_j"].sum() == pytest.approx(59 * 400.0)
+
+
+def test_one_gpu_with_pauses_and_a_change_of_rate_imports(tmp_path: Path) -> None:
+    """One GPU: a 1 s trace, a restart after a pause, then -lms 50; none of it looks like GPUs."""
+    stamps = [i * 1000 for i in range(30)] + [600_000 + i * 1000 for i in range(30)]
+    stamps += [700_000 + i * 50 for i in range(100)] + [900_000, 960_000]
+    rows = [
+        f"2024/01/10 13:{ms // 60_000:02d}:{ms // 1000 % 60:02d}.{ms % 1000:03d}, 100.00 W"
+        for ms in stamps
+    ]
+    text = "timestamp, power.draw [W]\n" + "\n".join(rows) + "\n"
+    df = read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
+    assert df.height == len(stamps) and set(df["device"]) == {"0"}
+
+
+@pytest.mark.parametrize(
+    ("column", "values", "message"),
+    [
+        (
+            "name",
+            ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB"],
+            r"row 2, column 'name': found 'NVIDIA A100-SXM4-80GB' after 'NVIDIA H100 80GB HBM3'"
+            r": 2 GPUs in a file without an index, uuid or pci\.bus_id column",
+        ),
+        (
+            "serial",
+            ["1650123456789", "1650123456790"],
+            r"row 2, column 'serial': found '1650123456790' after '1650123456789': 2 GPUs",
+        ),
+    ],
+)
+def test_several_names_or_serials_without_index_are_refused(
+    tmp_path: Path, column: str, values: list[str], message: str
+) -> None:
+    rows = [
+        f"2024/01/10 13:00:{t:02d}.{5 * g:03d}, {values[g]}, 100.00 W"
+        for t in range(3)
+        for g in range(2)
+    ]
+    text = f"timestamp, {column}, power.draw [W]\n" + "\n".join(rows) + "\n"
+    with pytest.raises(BadInputError, match=message + r".*add index \(or uuid\) to the"):
+        read_nvidia_smi_csv(write(tmp_path, text), node="n", run_id="r")
+
+
 # ---------------------------------------------------------------------------------------------
 # dcgm-exporter text
 

@@ -1,4 +1,4 @@
-"""Edge cases of the power sources: looping a recorded counter, RAPL psys, one GPU failing."""
+"""Edge cases of the power sources: replay loops and speeds, RAPL psys, one GPU failing."""
 
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from profiler.sidecar import Sidecar
 from profiler.sources.base import PowerSample, samples_frame
 from profiler.sources.nvml import NvmlSource
 from profiler.sources.rapl import RaplSource
-from profiler.sources.replay import ReplaySource
+from profiler.sources.replay import MAX_LAPS_PER_READ, ReplaySource
 from tests.test_sources import T0, StepClock, write_rapl_zones
 
 
@@ -83,6 +83,30 @@ def test_looped_synthetic_counter_counts_the_step_between_laps() -> None:
     src = ReplaySource(trace, loop=True, counter=True, clock=clock)
     got = play(src, clock, 3 * 5 - 0.5)
     assert [s.energy_j for s in got] == pytest.approx([100.0 * i for i in range(15)])
+
+
+# -- replay: huge speeds ---------------------------------------------------------------------
+def test_huge_speed_plays_the_whole_trace_in_one_read() -> None:
+    """Regression: ``speed=1e306`` made ``int(elapsed * speed * 1e6)`` overflow on every read."""
+    clock = StepClock()
+    src = ReplaySource(recorded_nvml_trace(10), clock=clock, speed=1e306)
+    got = play(src, clock, 0.5)
+    assert [s.energy_j for s in got] == [5_000_000.0 + 100.0 * i for i in range(10)]
+    assert src.exhausted and play(src, clock, 1.0) == []
+
+
+def test_huge_speed_looping_releases_a_bounded_number_of_laps_per_read() -> None:
+    """A looping replay at ``1e306`` neither overflows nor loops forever; laps still join up."""
+    clock = StepClock()
+    src = ReplaySource(recorded_nvml_trace(10), loop=True, clock=clock, speed=1e306)
+    first, second = play(src, clock, 0.5), play(src, clock, 0.5)
+    # 16 laps of 10 samples and the next lap's first sample; then 16 laps more.
+    assert (len(first), len(second)) == (MAX_LAPS_PER_READ * 10 + 1, MAX_LAPS_PER_READ * 10)
+    got = first + second
+    steps = np.diff([s.timestamp.timestamp() for s in got])
+    assert steps == pytest.approx(1.0)
+    assert np.diff(np.array([s.energy_j for s in got], dtype=float)) == pytest.approx(100.0)
+    assert not src.exhausted
 
 
 # -- RAPL: the psys platform zone is not a package ------------------------------------------

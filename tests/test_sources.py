@@ -306,9 +306,17 @@ def test_replay_loop_and_counter_keep_increasing() -> None:
     assert not src.exhausted
 
 
-def test_replay_rejects_bad_speed_and_empty_trace() -> None:
-    with pytest.raises(BadInputError, match=r"replay speed must be > 0 .* found 0"):
-        ReplaySource(small_trace(), speed=0)
+@pytest.mark.parametrize("speed", [0, -1.0, math.nan, math.inf])
+def test_replay_rejects_bad_speed(speed: float) -> None:
+    """Regression: ``--speed inf`` was accepted, then every read raised OverflowError."""
+    with pytest.raises(
+        BadInputError,
+        match=rf"replay speed \(--speed\) must be a finite number > 0 .*; found {speed}$",
+    ):
+        ReplaySource(small_trace(), speed=speed)
+
+
+def test_replay_rejects_empty_trace() -> None:
     with pytest.raises(BadInputError, match="at least one sample; it is empty"):
         ReplaySource(small_trace().clear())
 

@@ -7,15 +7,23 @@ Accepted input:
   (``timestamp,gpu_name,gpu_usage,gpu_memory_usage,...,gpu_power_draw,...``);
   matching ignores case, spaces and the ``[unit]`` suffix. Columns that map to
   nothing in the store (``memory.total``, ``power.max_limit``...) are ignored.
+* The ``[unit]`` of a header sets the unit of its column's cells (a header
+  without one means the stored unit: W, %, MiB, C). Power in ``W``, ``mW`` or
+  ``kW`` is stored in W; ``memory.used`` in ``KiB``, ``MiB`` or ``GiB`` is
+  stored in MiB; any other unit is refused, naming the column.
 * Timestamps ``2022-12-05 09:55:42.535`` or ``2023/03/09 13:27:53.079`` (the
   fraction is optional): naive local time of the measuring machine, read in
   the time zone ``tz`` and stored in UTC.
 * Cells with or without units (``47.60 W``, ``0 %``, ``24268 MiB``: the
-  ``nounits`` format too). ``[N/A]``, ``[Not Supported]``, any other
-  bracketed note, ``N/A`` and empty cells are null.
+  ``nounits`` format too); a cell's unit must be its column's. ``[N/A]``,
+  ``[Not Supported]``, any other bracketed note, ``N/A`` and empty cells are
+  null.
 * Several GPUs in one file: the device id is the ``uuid`` column, else
-  ``index``, else ``pci.bus_id``, else ``"0"`` for every row. Rows of several
-  GPUs may interleave.
+  ``index``, else ``pci.bus_id``. Rows of several GPUs may interleave. A file
+  without any of these columns holds one GPU, device ``"0"``; one that shows
+  several (``name`` or ``serial`` values that differ, or rows a few ms apart
+  recurring between samples much further apart, as nvidia-smi stamps each
+  GPU's row) is refused: add ``index`` or ``uuid`` to ``--query-gpu``.
 * Blank lines and repeated header lines (``nvidia-smi ... >> file`` restarted)
   are skipped. A final line without its newline was cut off while nvidia-smi
   was writing it (its last cell may be cut short too, ``5`` of ``54``): it is
@@ -37,6 +45,7 @@ import zoneinfo
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from profiler.errors import BadInputError, where
@@ -56,8 +65,10 @@ class _Field:
     Attributes:
         target: Column name in the samples schema (or an internal name).
         names: Accepted header names, normalised, in order of preference.
-        unit: Unit allowed after the number inside a cell, if any.
-        example: A valid cell, for messages.
+        unit: The stored unit, assumed when the header names none.
+        example: A valid cell in ``unit``, for messages.
+        units: Accepted header units and the exact factor ``(mul, div)`` that
+            converts a value in that unit to ``unit``.
 
     """
 
@@ -65,6 +76,7 @@ class _Field:
     names: tuple[str, ...]
     unit: str | None = None
     example: str = ""
+    units: tuple[tuple[str, int, int], ...] = ()
 
 
 _FIELDS: tuple[_Field, ...] = (
@@ -73,21 +85,36 @@ _FIELDS: tuple[_Field, ...] = (
     _Field("uuid", ("uuid", "gpu_uuid")),
     _Field("index", ("index", "gpu_index")),
     _Field("pci", ("pci.bus_id", "gpu_bus_id", "gpu_pci_bus_id")),
+    _Field("serial", ("serial", "gpu_serial")),
     _Field(
         "power_w",
         ("power.draw", "gpu_power_draw", "power.draw.instant", "power.draw.average"),
         "W",
         "47.60 W",
+        (("W", 1, 1), ("mW", 1, 1000), ("kW", 1000, 1)),
     ),
-    _Field("gpu_util_pct", ("utilization.gpu", "gpu_usage", "gpu_utilization"), "%", "93 %"),
+    _Field(
+        "gpu_util_pct",
+        ("utilization.gpu", "gpu_usage", "gpu_utilization"),
+        "%",
+        "93 %",
+        (("%", 1, 1),),
+    ),
     _Field(
         "mem_util_pct",
         ("utilization.memory", "gpu_memory_usage", "memory_utilization"),
         "%",
         "40 %",
+        (("%", 1, 1),),
     ),
-    _Field("mem_used_mib", ("memory.used", "gpu_memory_used"), "MiB", "11135 MiB"),
-    _Field("temp_c", ("temperature.gpu", "gpu_temperature"), "C", "65"),
+    _Field(
+        "mem_used_mib",
+        ("memory.used", "gpu_memory_used"),
+        "MiB",
+        "11135 MiB",
+        (("MiB", 1, 1), ("KiB", 1, 1024), ("GiB", 1024, 1)),
+    ),
+    _Field("temp_c", ("temperature.gpu", "gpu_temperature"), "C", "65", (("C", 1, 1),)),
 )
 _NUMERIC = ("power_w", "gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c")
 _PERCENT = ("gpu_util_pct", "mem_util_pct")
@@ -97,6 +124,12 @@ _NUMBER = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
 def _normalise(header: str) -> str:
     """``' power.draw [W]'`` -> ``'power.draw'``."""
     return re.sub(r"\s*\[[^\]]*\]\s*$", "", header.strip()).strip().lower()
+
+
+def _header_unit(header: str) -> str | None:
+    """``' power.draw [mW]'`` -> ``'mW'``; ``None`` without a (non-empty) ``[unit]``."""
+    m = re.search(r"\[([^\]]*)\]\s*$", header.strip())
+    return (m.group(1).strip() or None) if m else None
 
 
 def _null_marker(col: pl.Expr) -> pl.Expr:
@@ -109,15 +142,37 @@ def _null_marker(col: pl.Expr) -> pl.Expr:
     )
 
 
-def _resolve_header(header: list[str], file: str) -> dict[str, int]:
-    """Map each known target to its column index (first preferred name found)."""
+def _resolve_header(header: list[str], file: str) -> tuple[dict[str, int], dict[str, str]]:
+    """Map each known target to its column index (first preferred name found) and unit.
+
+    Returns:
+        The column index of each target found, and the unit of each numeric
+        target's cells: the header's ``[unit]``, else the stored unit.
+
+    Raises:
+        BadInputError: A timestamp or power column is missing, or a numeric
+            column's header names a unit it cannot be converted from.
+
+    """
     norm = [_normalise(h) for h in header]
     found: dict[str, int] = {}
+    units: dict[str, str] = {}
     for f in _FIELDS:
         for name in f.names:
             if name in norm:
                 found[f.target] = norm.index(name)
                 break
+        if f.target not in found or not f.units:
+            continue
+        unit = _header_unit(header[found[f.target]]) or f.unit or ""
+        accepted = [u for u, _, _ in f.units]
+        if unit not in accepted:
+            raise BadInputError(
+                f"{where(file, label='header')}column {header[found[f.target]].strip()!r}: "
+                f"expected the unit {' or '.join(repr(u) for u in accepted)} (or none, meaning "
+                f"{f.unit!r}); found {unit!r}"
+            )
+        units[f.target] = unit
     for need in ("timestamp", "power_w"):
         if need not in found:
             names = next(f.names for f in _FIELDS if f.target == need)
@@ -127,7 +182,84 @@ def _resolve_header(header: list[str], file: str) -> dict[str, int]:
                 "nvidia-smi --query-gpu=timestamp,index,uuid,name,power.draw,utilization.gpu,"
                 "utilization.memory,memory.used,temperature.gpu --format=csv -l 1"
             )
-    return found
+    return found, units
+
+
+_ADD_INDEX = (
+    "expected one GPU per file, or a column naming the device: add index (or uuid) to the "
+    "--query-gpu list"
+)
+
+
+def _refuse_several_gpus(df: pl.DataFrame, file: str, label: dict[str, str]) -> None:
+    """Refuse a file without a device column whose ``name`` or ``serial`` takes several values.
+
+    Args:
+        df: The rows, with the data ``row`` and the ``model`` (and ``serial``) cells.
+        file: The file, for messages.
+        label: The header of each target column, for messages.
+
+    Raises:
+        BadInputError: The column holds more than one value: several GPUs, rows
+            that cannot be told apart.
+
+    """
+    for col in ("model", "serial"):
+        if col not in label:
+            continue
+        values = df.filter(~_null_marker(pl.col(col)))
+        if values[col].n_unique() < 2:
+            continue
+        first = values[col][0]
+        other = values.filter(pl.col(col) != first).row(0, named=True)
+        raise BadInputError(
+            f"{where(file, other['row'], 'column ' + label[col])}found {other[col]!r} after "
+            f"{first!r}: {values[col].n_unique()} GPUs in a file without an index, uuid or "
+            f"pci.bus_id column; {_ADD_INDEX}"
+        )
+
+
+def _refuse_interleaved_rows(df: pl.DataFrame, file: str) -> None:
+    """Refuse a file without a device column whose rows look like several GPUs interleaved.
+
+    nvidia-smi writes one row per GPU at each sample, stamped a few ms apart. Read as one
+    device, such a file passes the time-order check but makes one trace alternating
+    between the GPUs (half the energy for two). It shows as two well-separated classes
+    of intervals between consecutive rows: short ones (between the GPUs of one sample,
+    at least a third of all) and long ones (between samples, at least 2 and 5 %), at
+    least ten times longer, with a short interval after most of the long ones. One GPU
+    sampled at a steady rate, with or without pauses or a change of rate, does not.
+
+    Args:
+        df: The rows in file order, with ``timestamp`` strictly increasing.
+        file: The file, for messages.
+
+    Raises:
+        BadInputError: The rows look like several GPUs.
+
+    """
+    if df.height < 6:
+        return
+    d = np.diff(df["timestamp"].dt.epoch("us").to_numpy()).astype(float)
+    s = np.sort(d)
+    ratios = s[1:] / s[:-1]
+    cut = int(np.argmax(ratios))
+    if ratios[cut] < 10:
+        return
+    limit = s[cut]  # the longest short interval
+    short = d <= limit
+    n_short, n_long = int(short.sum()), int((~short).sum())
+    after_long = int((~short[:-1] & short[1:]).sum())  # a short interval right after a long one
+    if n_short * 3 < len(d) or n_long < max(2, 0.05 * len(d)) or after_long * 2 < n_long:
+        return
+    i = int(np.flatnonzero(short)[0]) + 1  # the row after the first short interval
+    raise BadInputError(
+        f"{where(file, int(df['row'][i]), repr('timestamp'))}the rows look like several GPUs "
+        f"interleaved: {n_short} times a row comes only {np.median(d[short]) / 1e3:g} ms "
+        f"(median) after the previous one, while samples are "
+        f"{np.median(d[~short]) / 1e3:g} ms apart, and the file has no index, uuid or "
+        f"pci.bus_id column to tell the GPUs apart; {_ADD_INDEX}"
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +321,10 @@ def read_nvidia_smi_file(
 
     Raises:
         BadInputError: The file is missing, empty or not UTF-8; the header
-            lacks a timestamp or power column; a row has the wrong number of
-            fields; a timestamp is missing, unparsable, or does not exist in
+            lacks a timestamp or power column, or gives a numeric column a unit
+            that cannot be converted; a row has the wrong number of fields; a
+            cell's unit is not its column's; the file has no device column but
+            holds several GPUs; a timestamp is missing, unparsable, or does not exist in
             ``tz`` (or is ambiguous there); a power value is non-numeric or
             negative; a utilisation lies outside 0-100 %; a numeric cell holds
             something else; timestamps of one device are unsorted or
@@ -232,7 +366,7 @@ def read_nvidia_smi_file(
             f"{where(file, label='header')}expected a header line such as 'timestamp, name, "
             f"power.draw [W]'; found data {header_line[:60]!r}. Record without 'noheader'"
         )
-    cols = _resolve_header(header, file)
+    cols, units = _resolve_header(header, file)
     n_fields = len(header)
 
     # nvidia-smi ends every line with a newline: a last line without one was cut off while
@@ -300,26 +434,45 @@ def read_nvidia_smi_file(
         pl.col("_local").dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("timestamp")
     ).drop("_ts", "_local")
 
-    # Numeric cells: number plus the column's unit, or a null marker.
+    # Numeric cells: a number, with the column's unit or none, or a null marker; then
+    # converted from the column's unit to the stored one.
     for f in _FIELDS:
         if f.target not in cols or f.target not in _NUMERIC:
             continue
         col = pl.col(f.target)
-        unit = rf"(?:\s*{re.escape(f.unit)})?" if f.unit else ""
-        num = col.str.extract(rf"^({_NUMBER}){unit}$", 1)
+        unit = units[f.target]
+        parts = col.str.extract_groups(rf"^(?<n>{_NUMBER})\s*(?<u>.*)$")
+        num, cell_unit = parts.struct.field("n"), parts.struct.field("u")
         df = df.with_columns(
             pl.when(_null_marker(col)).then(None).otherwise(num).alias("_num"),
-            (~_null_marker(col) & num.is_null()).alias("_bad"),
+            pl.when(_null_marker(col)).then(None).otherwise(cell_unit).alias("_unit"),
         )
-        bad = df.filter(pl.col("_bad")).head(1)
+        bad = df.filter(
+            pl.col("_unit").is_not_null() & (pl.col("_unit") != "") & (pl.col("_unit") != unit)
+            | (~_null_marker(col) & pl.col("_num").is_null())
+        ).head(1)
         if bad.height:
             r = bad.row(0, named=True)
-            what = "a power in W" if f.target == "power_w" else "a number"
+            what = f"a power in {unit}" if f.target == "power_w" else "a number"
+            example = f.example if unit == f.unit else f"{f.example.split()[0]} {unit}"
+            why = ""
+            if r["_num"] is not None:  # a number in another unit than the column's
+                why = f": its unit {r['_unit']!r} is not the column's unit {unit!r}"
+                head = header[cols[f.target]].strip()
+                if _header_unit(head) is None and r["_unit"] in [u for u, _, _ in f.units]:
+                    why += (
+                        f" (the header names no unit, so {unit!r} is assumed; write "
+                        f"'{head} [{r['_unit']}]' in the header)"
+                    )
             raise BadInputError(
                 f"{where(file, r['row'], 'column ' + label[f.target])}expected {what} such as "
-                f"{f.example!r} (or [N/A]); found {r[f.target]!r}"
+                f"{example!r} (or [N/A]); found {r[f.target]!r}{why}"
             )
-        df = df.with_columns(pl.col("_num").cast(pl.Float64).alias(f.target)).drop("_num", "_bad")
+        mul, div = next((m, d) for u, m, d in f.units if u == unit)
+        value = pl.col("_num").cast(pl.Float64)
+        if (mul, div) != (1, 1):
+            value = value * mul / div
+        df = df.with_columns(value.alias(f.target)).drop("_num", "_unit")
     bad = df.filter(pl.col("power_w") < 0).head(1)
     if bad.height:
         r = bad.row(0, named=True)
@@ -365,7 +518,11 @@ def read_nvidia_smi_file(
         if dev_col is None
         else ""
     )
+    if dev_col is None:
+        _refuse_several_gpus(df, file, label)
     check_increasing(df, file=file, key=("device",), hint=hint)
+    if dev_col is None:
+        _refuse_interleaved_rows(df, file)
     out = df.select(
         pl.lit(run_id, pl.String).alias("run_id"),
         pl.lit(node, pl.String).alias("node"),

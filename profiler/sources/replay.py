@@ -12,6 +12,7 @@ on machines without a GPU.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -24,6 +25,10 @@ from profiler.errors import BadInputError, where
 from profiler.sources.base import PowerSample, utc_now
 
 _EXTRA = ("gpu_util_pct", "mem_util_pct", "mem_used_mib", "temp_c")
+
+#: A looping replay releases at most this many laps per read: a speed so high that more are
+#: due (``1e306``) makes the replay fall behind the clock instead of never returning.
+MAX_LAPS_PER_READ = 16
 
 
 def load_trace(
@@ -136,7 +141,10 @@ class ReplaySource:
         trace: Frame with ``device``, ``timestamp`` (timezone-aware) and
             ``power_w``; optional ``model``, ``energy_j`` and utilisation
             columns (see :func:`load_trace`).
-        speed: Playback speed; 1.0 is real time, 100.0 plays 100 s of trace per s.
+        speed: Playback speed, a finite number > 0; 1.0 is real time, 100.0
+            plays 100 s of trace per s. A looping replay releases at most
+            :data:`MAX_LAPS_PER_READ` laps per read, so at speeds that would
+            need more it falls behind the clock.
         model: Report every device under this model name (a fake GPU); default
             the trace's own ``model`` column.
         device_prefix: Rename devices to ``<prefix>0``, ``<prefix>1``, ... in
@@ -154,7 +162,7 @@ class ReplaySource:
         clock: Monotonic clock in s; replaceable to step time in tests.
 
     Raises:
-        BadInputError: ``speed`` is not positive or the trace is empty.
+        BadInputError: ``speed`` is not a finite number > 0 or the trace is empty.
 
     """
 
@@ -172,8 +180,11 @@ class ReplaySource:
         anchor: datetime | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not speed > 0:
-            raise BadInputError(f"replay speed must be > 0 (1.0 = real time); found {speed}")
+        if not (speed > 0 and math.isfinite(speed)):
+            raise BadInputError(
+                f"replay speed (--speed) must be a finite number > 0 (1.0 = real time); "
+                f"found {speed}"
+            )
         trace = trace.filter(pl.col("timestamp").is_not_null())
         if trace.height == 0:
             raise BadInputError("replay needs a trace with at least one sample; it is empty")
@@ -319,7 +330,18 @@ class ReplaySource:
         return not self.loop and self._pos >= len(self._device)
 
     def _elapsed_us(self) -> int:
-        return int((self._clock() - self._mono0) * self.speed * 1e6)
+        """Trace time played so far in µs, clamped to what the next read can release.
+
+        Computed in floats (a huge speed gives ``inf``, not an error) and clamped to
+        the end of the trace, or, when looping, to :data:`MAX_LAPS_PER_READ` laps past
+        the current one, so that ``int()`` and the read loop stay bounded.
+        """
+        elapsed = (self._clock() - self._mono0) * self.speed * 1e6
+        if self.loop:
+            ceiling = (self._lap + MAX_LAPS_PER_READ) * self._lap_us
+        else:
+            ceiling = int(self._offset_us[-1])
+        return int(min(elapsed, ceiling))
 
     def read(self) -> list[PowerSample]:
         """Every sample due since the previous call (none once exhausted)."""

@@ -17,14 +17,24 @@ measures power independently, so batches cost nothing.
 The store keeps one mark per (run, epoch), so an epoch number names one
 stretch of a run: a number already marked for the run is refused (a second
 mark would silently replace the first), and :meth:`EpochHooks.close` raises
-when marks could not be written, so no mark is lost without an error.
+when marks could not be written, so no mark is lost without an error. The
+store itself refuses a mark for an epoch another writer of the run marked
+meanwhile (two ranks running the same loop, a retried job beside the first
+attempt), under its lock.
+
+Writing to the store, the hooks also give a run that has no ``runs`` row yet
+(one measured by ``wattwise sample --run``, not started by the runner) a row
+of its own, ``running``, with their first mark, and record it ``finished``
+(``failed``) when they close (after an error); a row someone else wrote is
+never changed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -32,12 +42,22 @@ from typing import Any
 import polars as pl
 
 from profiler.errors import BadInputError, StoreError
-from profiler.schema import UTC_US, check_run_id
+from profiler.schema import RUNS, UTC_US, check_run_id, conform
 from profiler.sources.base import utc_now
 
 log = logging.getLogger(__name__)
 
 Sink = Callable[[pl.DataFrame], object]
+
+#: Fields of the run's ``runs`` row that the hooks set themselves (not in ``run_info``).
+OWN_RUN_FIELDS: tuple[str, ...] = (
+    "run_id",
+    "status",
+    "start",
+    "end",
+    "trained_epochs",
+    "duration_s",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,13 +102,25 @@ class EpochHooks:
     numbers, ``epoch_start()`` continues after the last stored epoch. To
     retry an epoch (say after an out-of-memory error), keep it open: call
     ``epoch_start()`` once and ``epoch_end()`` after the attempt that
-    succeeds, so its mark covers every attempt.
+    succeeds, so its mark covers every attempt. Other hooks of the run may
+    write meanwhile (two ranks running one loop): the store checks each mark
+    when it is written and refuses one for an epoch they marked (see
+    ``refused``).
+
+    Writing to a store, the hooks register a run the store has no ``runs``
+    row for with their first mark: status ``running``, ``start`` the first
+    mark's start, and ``run_info``. :meth:`close` records that row
+    ``finished`` (``failed`` when marks were lost, or when leaving a ``with``
+    block on an error), with ``end``, ``duration_s`` and ``trained_epochs``
+    (the marks written). A row they did not create, or one another writer
+    changed since (the runner, an importer, ``wattwise train``), is left alone.
 
     Args:
         run_id: The run's id.
         sink: Called with an ``epochs`` frame at each epoch end; default
-            ``Store().write_epochs``. If it raises :class:`BadInputError`, each
-            pending mark is offered alone and those refused again are refused
+            ``Store().write_epochs`` with ``conflicts="raise"``. If it raises
+            :class:`BadInputError`, each pending mark is offered alone and those
+            refused again are refused
             for good: logged as errors and listed in ``refused``, so they do
             not hold back later marks. Any other error is taken as passing
             (store locked, disk full): the marks stay pending and are written
@@ -99,6 +131,9 @@ class EpochHooks:
             a new run or a custom sink).
         clock: UTC clock of the marks (default :func:`profiler.sources.base.utc_now`,
             the node's clock, which the node's sidecar also uses).
+        run_info: Further fields of the run's ``runs`` row should the hooks
+            create it, e.g. ``{"planned_epochs": 10, "architecture": "resnet50"}``
+            (store only; not the fields in :data:`OWN_RUN_FIELDS`).
 
     Attributes:
         marks: Every mark recorded so far, in order (written or not).
@@ -106,6 +141,8 @@ class EpochHooks:
 
     Raises:
         StoreError: The store's epoch marks cannot be read (no sink given).
+        BadInputError: ``run_info`` holds a field the ``runs`` table lacks, one
+            the hooks set, or a value of the wrong type; or it comes with a sink.
 
     """
 
@@ -117,19 +154,35 @@ class EpochHooks:
         store: object | None = None,
         first_epoch: int | None = None,
         clock: Callable[[], datetime] = utc_now,
+        run_info: Mapping[str, Any] | None = None,
     ) -> None:
         self.run_id = check_run_id(run_id)
         self.clock = clock
+        #: The store whose ``runs`` table gets the run's row (None: a custom sink).
+        self._store: Any = None
+        #: The run's row as these hooks last wrote it; None until they create one.
+        self._row: dict[str, Any] | None = None
+        self._row_error: Exception | None = None
+        if run_info and sink is not None:
+            raise BadInputError(
+                f"run {self.run_id}: run_info is for the run's row in the store; with a sink "
+                "the hooks write no row. Drop run_info, or pass store= instead of sink="
+            )
+        self._run_info = self._check_run_info(run_info or {})
         #: Epoch numbers the store already had for the run when these hooks started.
         self._stored: frozenset[int] = frozenset()
         self._where = "the sink"
+        self._row_due = False  # a run row to create with the first mark (store only)
         if sink is None:
             if store is None:
                 from profiler.store import Store
 
                 store = Store()
-            sink = store.write_epochs  # type: ignore[attr-defined]
+            # Insert only: the store refuses a mark another writer of the run made meanwhile.
+            sink = functools.partial(store.write_epochs, conflicts="raise")  # type: ignore[attr-defined]
             stored = store.epochs(self.run_id)  # type: ignore[attr-defined]
+            self._store = store
+            self._row_due = True
             self._stored = frozenset(int(e) for e in stored["epoch"].to_list())
             self._where = f"the store at {getattr(store, 'root', store)}"
         self.sink: Sink = sink
@@ -143,6 +196,31 @@ class EpochHooks:
         self._next = first_epoch
         self._epoch: int | None = None
         self._start: datetime | None = None
+
+    def _check_run_info(self, info: Mapping[str, Any]) -> dict[str, Any]:
+        """``info`` as fields of the run's row, checked against the ``runs`` table."""
+        known = {c.name for c in RUNS} - set(OWN_RUN_FIELDS)
+        own = sorted(set(info) & set(OWN_RUN_FIELDS))
+        if own:
+            raise BadInputError(
+                f"run {self.run_id}: run_info: the hooks set {', '.join(OWN_RUN_FIELDS)} "
+                f"themselves; found {own}"
+            )
+        unknown = sorted(set(info) - known)
+        if unknown:
+            raise BadInputError(
+                f"run {self.run_id}: run_info: expected columns of the runs table "
+                f"({', '.join(sorted(known))}); found {unknown}"
+            )
+        if info:
+            conform(self._run_frame({**info, "status": "running"}), "runs", file="run_info")
+        return dict(info)
+
+    def _run_frame(self, fields: Mapping[str, Any]) -> pl.DataFrame:
+        """A one-row ``runs`` frame of this run (typed as the table, for null fields)."""
+        types = {c.name: c.dtype for c in RUNS}
+        row = {"run_id": self.run_id, **fields}
+        return pl.DataFrame([row], schema={k: types[k] for k in row}, strict=False)
 
     def _check_new(self, epoch: int) -> None:
         """BadInputError if the run already has a mark for ``epoch``."""
@@ -231,6 +309,7 @@ class EpochHooks:
         """
         if not self._unsent:
             return True
+        self._register_run()
         try:
             self.sink(marks_frame(list(self._unsent.values())))
         except BadInputError:
@@ -240,6 +319,75 @@ class EpochHooks:
         else:
             self._unsent.clear()
         return not self._unsent
+
+    def _register_run(self) -> None:
+        """Give the run a ``runs`` row if the store has none (once; a failure is retried)."""
+        if self._store is None or not self._row_due:
+            return
+        start = self.marks[0].start
+        frame = self._run_frame({**self._run_info, "status": "running", "start": start})
+        made: list[dict[str, Any]] = []
+
+        def rows(old: pl.DataFrame) -> pl.DataFrame:
+            if old.filter(pl.col("run_id") == self.run_id).height:
+                return frame.clear()  # someone else's row: leave it
+            made.append(conform(frame, "runs").row(0, named=True))
+            return frame
+
+        try:
+            self._store.update_runs(rows)
+        except Exception as err:  # keep training; the next mark tries again
+            self._row_error = err
+            log.warning(
+                "run %s: could not register the run in %s: %s; will retry",
+                self.run_id,
+                self._where,
+                err,
+            )
+            return
+        self._row_due = False
+        self._row_error = None
+        if made:
+            self._row = made[0]
+            log.info("run %s: registered in %s (running)", self.run_id, self._where)
+
+    def _finish_run(self, status: str) -> None:
+        """Record the row these hooks created as ended with ``status``, if it is still theirs.
+
+        Raises:
+            StoreError: The row could not be written.
+
+        """
+        if self._store is None or self._row is None or self._row["status"] == status:
+            return
+        end = self.clock()
+        start = self._row["start"]
+        written = len(self.marks) - len(self.refused) - len(self._unsent)
+        update = self._run_frame(
+            {
+                "status": status,
+                "end": end,
+                "trained_epochs": written,
+                "duration_s": (end - start).total_seconds() if start is not None else None,
+            }
+        )
+        done: list[dict[str, Any]] = []
+
+        def rows(old: pl.DataFrame) -> pl.DataFrame:
+            cur = old.filter(pl.col("run_id") == self.run_id)
+            if cur.height != 1 or cur.row(0, named=True) != self._row:
+                return update.clear()  # another writer took the row over: theirs now
+            new = conform(update, "runs").row(0, named=True)
+            done.append({**cur.row(0, named=True), **{k: new[k] for k in update.columns}})
+            return update
+
+        self._store.update_runs(rows)
+        if done:
+            self._row = done[0]
+        else:
+            log.info("run %s: its row in %s was changed by another writer; left as is",
+                     self.run_id, self._where)  # fmt: skip
+            self._row = None
 
     def _passing(self, err: Exception, n: int) -> None:
         """Note a passing sink failure; the marks stay pending."""
@@ -280,13 +428,44 @@ class EpochHooks:
     def close(self) -> None:
         """Write any marks still waiting; raise when a mark could not be written.
 
+        A run row these hooks created is recorded ``finished``, or ``failed``
+        when this raises.
+
         Raises:
             StoreError: Marks are still pending after a last try (the sink kept
                 failing); they are in ``marks``, to be written with
                 ``Store.write_epochs(marks_frame(hooks.marks))`` once it works.
+                Or the run's row could not be written.
             BadInputError: The sink refused marks for good (``refused`` says why).
 
         """
+        try:
+            self._close_marks()
+        except (StoreError, BadInputError):
+            self._end_run("failed")
+            raise
+        self._end_run("finished", must=True)
+
+    def _end_run(self, status: str, *, must: bool = False) -> None:
+        """Record the run's end in its row (if these hooks made it); raise only with ``must``."""
+        try:
+            if self._row_due and self.marks:
+                self._register_run()
+                if self._row_due:
+                    raise StoreError(
+                        f"run {self.run_id}: could not give the run a row in {self._where}: "
+                        f"{self._row_error}; expected one written with the first mark, so "
+                        f"that `wattwise runs` and `wattwise energy --run {self.run_id}` find "
+                        "it. Write it with Store.write_runs once the store works"
+                    ) from self._row_error
+            self._finish_run(status)
+        except Exception as err:
+            if must:
+                raise
+            log.error("run %s: could not record the run %s: %s", self.run_id, status, err)
+
+    def _close_marks(self) -> None:
+        """Write any marks still waiting; raise when a mark could not be written."""
         self.flush()
         refused = "; ".join(f"epoch {m.epoch}: {why}" for m, why in self.refused)
         if self._unsent:
@@ -312,9 +491,10 @@ class EpochHooks:
             self.close()
             return
         try:  # the block's own error goes on; a failing close is only logged
-            self.close()
+            self._close_marks()
         except (StoreError, BadInputError) as err:
             log.error("run %s: %s", self.run_id, err)
+        self._end_run("failed")
 
 
 class NoOpHooks:

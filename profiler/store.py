@@ -3,7 +3,7 @@
 Layout under the store root::
 
     runs.parquet                     one row per run (upserted by run_id)
-    epochs.parquet                   one row per (run_id, epoch) (upserted)
+    epochs.parquet                   one row per (run_id, epoch) (upserted, or inserted only)
     samples/<run_id>/part-<seq>.parquet   appended batches of one run
     samples/<run_id>/base-<seq>.parquet   compaction of every part up to <seq>
     samples/_unassigned/...          samples not yet tied to a run
@@ -876,9 +876,58 @@ class Store:
             _check_frame_ids(df)
             return self._upsert_locked("runs", df, old)
 
-    def write_epochs(self, df: pl.DataFrame, *, file: str | None = None) -> int:
-        """Insert or update epoch marks by (run_id, epoch); returns how many rows changed."""
-        return self._upsert("epochs", df, file)
+    def write_epochs(
+        self,
+        df: pl.DataFrame,
+        *,
+        file: str | None = None,
+        conflicts: Literal["replace", "raise"] = "replace",
+    ) -> int:
+        """Insert or update epoch marks by (run_id, epoch); returns how many rows changed.
+
+        Args:
+            df: Rows in the ``epochs`` schema.
+            file: Where the rows came from, for messages.
+            conflicts: ``replace`` (default): a mark replaces the stored mark of
+                its (run_id, epoch). ``raise`` (what :class:`profiler.hooks.EpochHooks`
+                write with): a mark whose (run_id, epoch) is stored with another
+                ``start`` is another stretch of the run, and the whole batch is
+                refused, checked under the store's lock so that two writers of one
+                run cannot both mark an epoch. The same mark again is no change;
+                the same mark with its ``end`` moved (an epoch that grew, as Ray
+                Train's repeated reports make it) replaces it.
+
+        Raises:
+            SchemaError: The rows do not fit the schema, or (``conflicts="raise"``)
+                a mark clashes with a stored one; also (either mode) two marks of
+                the batch share a (run_id, epoch).
+            StoreError: The store could not be read or written.
+
+        """
+        if conflicts not in ("replace", "raise"):
+            raise BadInputError(f"conflicts must be 'replace' or 'raise'; found {conflicts!r}")
+        if conflicts == "replace":
+            return self._upsert("epochs", df, file)
+        df = conform(df, "epochs", file=file).unique(maintain_order=True)
+        _check_frame_ids(df)
+        key = list(KEYS["epochs"])  # conform refused two marks of one key in the batch
+        with self._locked():
+            old = self._read_small("epochs")
+            both = df.join(old, on=key, how="inner", suffix="_old")
+            clash = both.filter(pl.col("start") != pl.col("start_old"))
+            if clash.height:
+                r = clash.row(0, named=True)
+                top = old.filter(pl.col("run_id") == r["run_id"]).get_column("epoch").max()
+                free = top + 1 if isinstance(top, int) else 0
+                raise SchemaError(
+                    f"{where(file)}run {r['run_id']!r} epoch {r['epoch']} is already in the store "
+                    f"at {self.root} as {r['start_old']} to {r['end_old']}; the new mark is "
+                    f"{r['start']} to {r['end']}. Expected a new epoch number (the store keeps "
+                    "one mark per run and epoch; another writer of the run marked it): number "
+                    f"on from {free}, or use another run id"
+                    + (f" ({clash.height} marks clash)" if clash.height > 1 else "")
+                )
+            return self._upsert_locked("epochs", df, old)
 
     def _read_small(self, table: str) -> pl.DataFrame:
         path = self.root / f"{table}.parquet"

@@ -306,7 +306,7 @@ def test_a_retried_epoch_after_a_passing_write_failure_loses_no_mark(tmp_path: P
 def test_a_mark_refused_for_good_holds_back_no_later_mark(tmp_path: Path) -> None:
     store = Store(tmp_path)
     # The node's clock is stepped back 30 s (NTP) during epoch 1: its end precedes its start.
-    hooks = EpochHooks("r4", store=store, clock=at(0, 10, 20, -5, 30, 40, 50, 60))
+    hooks = EpochHooks("r4", store=store, clock=at(0, 10, 20, -5, 30, 40, 50, 60, 70))
     for _ in range(4):
         with hooks.epoch():
             pass
@@ -314,6 +314,8 @@ def test_a_mark_refused_for_good_holds_back_no_later_mark(tmp_path: Path) -> Non
     assert [m.epoch for m, _ in hooks.refused] == [1]
     with pytest.raises(BadInputError, match=r"refused 1 epoch mark.*epoch 1: .*end >= start"):
         hooks.close()
+    record = Store(tmp_path).run("r4")  # the row the hooks made: the run lacks a mark
+    assert (record["status"], record["trained_epochs"]) == ("failed", 3)
 
 
 def test_close_raises_when_marks_stay_unwritten() -> None:
@@ -362,7 +364,7 @@ def test_train_records_the_run_failed_when_marks_are_not_written(
 ) -> None:
     from cluster.cli import main
 
-    def disk_full(self: Store, df: pl.DataFrame, *, file: str | None = None) -> int:
+    def disk_full(self: Store, df: pl.DataFrame, **kwargs: object) -> int:
         raise StoreError(f"could not write {self.root / 'epochs.parquet'}: the disk is full")
 
     monkeypatch.setattr(Store, "write_epochs", disk_full)

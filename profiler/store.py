@@ -954,6 +954,14 @@ class Store:
         runs = self.runs()
         hit = runs.filter(pl.col("run_id") == safe_run_id(run_id))
         if hit.height == 0:
+            n = self.samples(run_id).height  # an error path: reading them is affordable
+            if n:
+                # The sidecar alone stores samples only: "the store is empty" misled.
+                raise BadInputError(
+                    f"run {run_id!r} has {n} samples in the store at {self.root} but no run "
+                    "record; a record comes from wattwise run, wattwise train, an importer or "
+                    "EpochHooks writing the run's epoch marks"
+                )
             known = runs["run_id"].head(5).to_list()
             raise BadInputError(
                 f"no run {run_id!r} in the store at {self.root}; "

@@ -217,6 +217,10 @@ def test_bad_status_and_unknown_run(tmp_path):
         s.write_runs(pl.DataFrame({"run_id": ["a"], "status": ["done"]}))
     with pytest.raises(BadInputError, match="no run 'zz' in the store .* the store is empty"):
         s.run("zz")
+    # Found in review: samples without a run record (the sidecar alone) said "empty".
+    s.write_samples(batch(run="zz"))
+    with pytest.raises(BadInputError, match="run 'zz' has 3 samples in the store .* no run record"):
+        s.run("zz")
 
 
 def test_epochs_upsert_by_run_and_epoch(tmp_path):

@@ -81,6 +81,14 @@ class _PowerAnchor:
     power_w: float | None
 
 
+@dataclass(slots=True)
+class _EndedEpoch:
+    """The last finished epoch of an ended run, with the summary it was computed for."""
+
+    key: tuple[Any, ...]
+    last: dict[str, Any] | None
+
+
 class WattwiseCollector:
     """Builds wattwise's metric families from an aggregator at each scrape.
 
@@ -119,7 +127,8 @@ class WattwiseCollector:
         self.store_refresh_s = store_refresh_s
         self._lock = threading.Lock()
         self._power: dict[str, _PowerAnchor] = {}
-        self._last_epoch: dict[str, dict[str, Any] | None] = {}
+        self._last_epoch: dict[str, _EndedEpoch] = {}
+        self._epochs_failing: set[str] = set()
         self._runs: pl.DataFrame | None = None
         self._runs_at = 0.0
 
@@ -161,11 +170,15 @@ class WattwiseCollector:
         """Yield every metric family (called by the registry at each scrape)."""
         with self._lock:
             families: list[Metric] = []
+            # A failing query must not break the other families.
             try:
                 families += self._jobs()
+            except Exception as err:
+                log.warning("metrics: job queries failed: %s: %s", type(err).__name__, err)
+            try:
                 families += self._aggregator_stats()
-            except Exception as err:  # a failing query must not break the other families
-                log.warning("metrics: aggregator queries failed: %s: %s", type(err).__name__, err)
+            except Exception as err:
+                log.warning("metrics: aggregator stats failed: %s: %s", type(err).__name__, err)
             families += self._fleet()
             families += self._pre()
             families += self._sidecars()
@@ -243,7 +256,7 @@ class WattwiseCollector:
             )
             e_j = float(s.get("measured_energy_j") or 0.0)
             energy.add_metric(labels, e_j)
-            last = self._last_epoch_of(rid, is_running)
+            last = self._last_epoch_of(rid, s, is_running)
             power.add_metric(labels, self._power_of(rid, s, last) if is_running else 0.0)
             if last is not None:
                 last_e.add_metric(labels, float(last["energy_j"]))
@@ -269,6 +282,7 @@ class WattwiseCollector:
             del self._power[rid]
         for rid in [r for r in self._last_epoch if r not in seen]:
             del self._last_epoch[rid]
+        self._epochs_failing &= seen
         return [
             info,
             energy,
@@ -286,15 +300,44 @@ class WattwiseCollector:
             running_by_type,
         ]
 
-    def _last_epoch_of(self, run_id: str, running: bool) -> dict[str, Any] | None:
-        """The run's last finished epoch; computed once for an ended run."""
-        if not running and run_id in self._last_epoch:
-            return self._last_epoch[run_id]
-        ep = self.aggregator.epochs(run_id)
-        last = None if ep.height == 0 else ep.sort("end").row(-1, named=True)
+    def _last_epoch_of(
+        self, run_id: str, summary: Mapping[str, Any], running: bool
+    ) -> dict[str, Any] | None:
+        """The run's last finished epoch, or ``None`` (none yet, or ``epochs()`` failed).
+
+        A running run's is read at every scrape. An ended run's is read once
+        after it ended (its final epoch and the store's figures are only there
+        then) and kept while its summary (status, epochs done, energy) stays
+        the same. When ``epochs()`` raises, only this run's last-epoch series
+        are left out; the failure is logged once until the run's query works
+        again.
+        """
+        key = (summary.get("status"), summary.get("epochs_done"), summary.get("measured_energy_j"))
+        cached = self._last_epoch.get(run_id)
+        if not running and cached is not None and cached.key == key:
+            return cached.last
+        try:
+            ep = self.aggregator.epochs(run_id)
+            last = None if ep.height == 0 else ep.sort("end").row(-1, named=True)
+        except Exception as err:
+            if run_id not in self._epochs_failing:
+                self._epochs_failing.add(run_id)
+                log.warning(
+                    "metrics: run %s: epochs() failed, its last-epoch series are left out "
+                    "until it works: %s: %s",
+                    run_id,
+                    type(err).__name__,
+                    err,
+                )
+            self._last_epoch.pop(run_id, None)
+            return None
+        self._epochs_failing.discard(run_id)
         if last is not None and last.get("energy_j") is None:
             last = None
-        self._last_epoch[run_id] = last
+        if running:
+            self._last_epoch.pop(run_id, None)
+        else:
+            self._last_epoch[run_id] = _EndedEpoch(key, last)
         return last
 
     def _power_of(self, run_id: str, s: Mapping[str, Any], last: dict[str, Any] | None) -> float:

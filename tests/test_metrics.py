@@ -282,3 +282,79 @@ def test_metrics_cli_rebuilds_running_runs_from_the_store(
 def test_metrics_cli_refuses_a_bad_refresh(store: Store, capsys: pytest.CaptureFixture[str]):
     assert main(["metrics", "--store", str(store.root), "--refresh", "0", "--once"]) == 2
     assert "--refresh must be > 0 s; found 0.0" in capsys.readouterr().err
+
+
+class EpochsFailFor(Aggregator):
+    """A real aggregator whose ``epochs()`` fails for some runs, as it does for a run whose
+    stored marks overlap (a relayed mark resent with other times after the run ended)."""
+
+    def __init__(self, store: Store, failing: set[str]) -> None:
+        super().__init__(store)
+        self.failing = failing
+        self.epoch_calls: list[str] = []
+
+    def epochs(self, run_id: str) -> pl.DataFrame:
+        self.epoch_calls.append(run_id)
+        if run_id in self.failing:
+            from profiler.errors import BadInputError
+
+            raise BadInputError(
+                f"row 2, run {run_id!r}: epoch 1 starts before the previous epoch ends; "
+                "expected epochs that do not overlap"
+            )
+        return super().epochs(run_id)
+
+
+def test_one_run_whose_epochs_fail_leaves_out_only_its_last_epoch(
+    store: Store, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Bug: one run whose ``epochs()`` raised removed every ``wattwise_job_*`` and
+    ``wattwise_aggregator_*`` series, on every scrape."""
+    a = EpochsFailFor(store, {"bad"})
+    for rid in ("good", "bad"):
+        a.start_run({"run_id": rid, "job_name": rid, "node_type": "a100", "planned_epochs": 4})
+        a.ingest_epochs(marks(rid, [(0, 0.0, 4.0)]))
+        a.ingest_samples(samples(rid, [float(t) for t in range(6)], [100.0] * 6))
+    registry = registry_for(a)
+    with caplog.at_level("WARNING", logger="cluster.metrics"):
+        m = scrape(registry)
+        scrape(registry)
+    good, bad = job("good", "good"), job("bad", "bad")
+    assert m[("wattwise_job_energy_joules_total", good)] == pytest.approx(500.0)
+    assert m[("wattwise_job_energy_joules_total", bad)] == pytest.approx(500.0)
+    assert m[("wattwise_job_last_epoch_energy_joules", good)] == pytest.approx(400.0)
+    assert ("wattwise_job_last_epoch_energy_joules", bad) not in m
+    assert ("wattwise_job_last_epoch", bad) not in m
+    assert m[("wattwise_job_epochs_done", bad)] == 1.0
+    assert m[("wattwise_aggregator_samples_total", ())] == 12.0
+    failures = [r for r in caplog.records if "'bad'" in r.getMessage()]
+    assert len(failures) == 1, [r.getMessage() for r in caplog.records]  # once, not per scrape
+
+
+def test_an_ended_run_shows_its_final_epoch_from_the_store(store: Store) -> None:
+    """Bug: the last epoch seen while the run ran was kept forever, so the epoch finished by
+    ``finish_run`` (and the store's recomputed figures) never appeared."""
+    a = EpochsFailFor(store, set())
+    a.start_run({"run_id": "r1", "job_name": "resnet-a", "node_type": "a100", "planned_epochs": 3})
+    a.ingest_epochs(marks("r1", [(0, 0.0, 10.0), (1, 10.0, 20.0), (2, 20.0, 30.0)]))
+    # 0..29.5 s: 100 W, 200 W, 300 W per 10 s; no samples past the last epoch's end.
+    times = [t / 2 for t in range(60)]
+    a.ingest_samples(samples("r1", times, [100.0] * 20 + [200.0] * 20 + [300.0] * 20))
+    registry = registry_for(a)
+    running = scrape(registry)
+    assert running[("wattwise_job_last_epoch", job())] == 1.0  # epoch 2 waits for later samples
+    a.finish_run("r1")
+    ended = scrape(registry)
+    stored = a.epochs("r1").sort("end").row(-1, named=True)
+    assert (stored["epoch"], stored["energy_j"]) == (2, pytest.approx(3000.0))  # 10 s x 300 W
+    assert ended[("wattwise_job_last_epoch", job())] == 2.0
+    assert ended[("wattwise_job_last_epoch_energy_joules", job())] == pytest.approx(
+        stored["energy_j"]
+    )
+    assert ended[("wattwise_job_last_epoch_duration_seconds", job())] == pytest.approx(
+        stored["duration_s"]
+    )
+    # Read once after the run ended, then kept: the store is not re-read at every scrape.
+    calls = len(a.epoch_calls)
+    assert scrape(registry)[("wattwise_job_last_epoch", job())] == 2.0
+    assert len(a.epoch_calls) == calls

@@ -55,6 +55,7 @@ import hmac
 import ipaddress
 import json
 import logging
+import math
 import re
 import socket
 import sys
@@ -110,10 +111,23 @@ PLACEMENT_FIELDS: dict[str, Any] = {
     "train_size": 50_000,
     "validation_size": 0,
     "epochs": None,
+    "layers": None,
+    "gflops": None,
+    "precision": "fp32",
+    "deadline_h": None,
     "node_type": None,
     "objective": "energy",
 }
-_INT_FIELDS = {"batch_size": 1, "image_size": 1, "train_size": 1, "validation_size": 0, "epochs": 1}
+_INT_FIELDS = {
+    "batch_size": 1,
+    "image_size": 1,
+    "train_size": 1,
+    "validation_size": 0,
+    "epochs": 1,
+    "layers": 1,
+}
+#: Number fields of ``/placement`` that must be finite and > 0.
+_POSITIVE_FIELDS = ("gflops", "deadline_h")
 #: Largest ``train_size``/``validation_size`` and ``epochs`` of ``/placement`` (far above any
 #: real job; beyond them the numbers overflow before they mean anything).
 MAX_SET_SIZE = 10**12
@@ -124,6 +138,7 @@ _INT_MOST = {
     "train_size": MAX_SET_SIZE,
     "validation_size": MAX_SET_SIZE,
     "epochs": MAX_EPOCHS,
+    "layers": MAX_EPOCHS,
 }
 _OFFSET_TIME = r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}(:\d{2}(\.\d{1,9})?)?([Zz]|[+-]\d{2}(:?\d{2})?)$"
 _TIME_EXPECTED = "an ISO 8601 time with an offset, as a string such as '2024-01-01T00:00:00+00:00'"
@@ -232,15 +247,18 @@ def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
     return df
 
 
-def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, str]:
-    """The job, named node type and objective of a ``/placement`` request.
+def placement_job(
+    params: dict[str, Any],
+) -> tuple[JobDescription, str | None, str, float | None]:
+    """The job, named node type, objective and deadline of a ``/placement`` request.
 
     Args:
         params: Field -> value (strings from a query, JSON values from a body);
             ``-`` and ``_`` are interchangeable in names.
 
     Returns:
-        (job, node type or ``None``, objective), as ``wattwise placement`` builds them.
+        (job, node type or ``None``, objective, deadline in s or ``None``), as
+        ``wattwise placement`` builds them.
 
     Raises:
         BadInputError: Unknown or missing field, a value of the wrong type or range.
@@ -287,6 +305,28 @@ def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, s
                 f"API{why}; found {v[name]!r}"
             )
         v[name] = x
+    for name in _POSITIVE_FIELDS:
+        x = v[name]
+        if x is None:
+            continue
+        try:
+            num = float(x.strip()) if isinstance(x, str) else x
+        except ValueError:
+            num = None
+        if (
+            isinstance(num, bool)
+            or not isinstance(num, int | float)
+            or not (math.isfinite(num) and num > 0)
+        ):
+            raise BadInputError(f"placement: {name!r} must be a finite number > 0; found {x!r}")
+        v[name] = float(num)
+    if v["deadline_h"] is not None and v["epochs"] is None:
+        raise BadInputError(
+            "placement: 'deadline_h' needs 'epochs': without the planned epochs the predicted "
+            "times are one epoch's"
+        )
+    if not isinstance(v["precision"], str):
+        raise BadInputError(f"placement: 'precision' must be a string; found {v['precision']!r}")
     if v["objective"] not in _OBJECTIVES:
         raise BadInputError(
             f"placement: 'objective' must be one of {list(_OBJECTIVES)}; found {v['objective']!r}"
@@ -301,8 +341,12 @@ def placement_job(params: dict[str, Any]) -> tuple[JobDescription, str | None, s
         image_height=v["image_size"],
         image_width=v["image_size"],
         planned_epochs=v["epochs"],
+        precision=v["precision"],
+        gflops_forward=v["gflops"],
+        layers=v["layers"],
     )
-    return job, v["node_type"], v["objective"]
+    deadline = None if v["deadline_h"] is None else v["deadline_h"] * 3600
+    return job, v["node_type"], v["objective"], deadline
 
 
 def _query_params(query: str) -> dict[str, str]:
@@ -565,7 +609,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._failed(err)
 
     def _placement(self, params: dict[str, Any]) -> None:
-        job, node_type, objective = placement_job(params)
+        job, node_type, objective, deadline_s = placement_job(params)
         try:
             inventory = self.server.placement_inventory()
         except BadInputError as err:
@@ -574,7 +618,14 @@ class _Handler(BaseHTTPRequestHandler):
         from cluster.placement import recommend_hints
 
         with self.server.placement_lock:  # one XGBoost prediction at a time
-            hints = recommend_hints(job, inventory, model, objective=objective, node_type=node_type)
+            hints = recommend_hints(
+                job,
+                inventory,
+                model,
+                objective=objective,
+                node_type=node_type,
+                deadline_s=deadline_s,
+            )
         return self._send(200, hints)
 
     def do_POST(self) -> None:  # noqa: N802 - http.server's naming

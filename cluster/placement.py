@@ -178,6 +178,7 @@ def recommend_hints(
     *,
     objective: str = "energy",
     node_type: str | None = None,
+    deadline_s: float | None = None,
 ) -> dict[str, Any]:
     """Placement hints for ``job``: the PRE recommendation, or a named/default node type.
 
@@ -188,6 +189,8 @@ def recommend_hints(
             inventory's default (else its first) is used, and said so.
         objective: ``energy``, ``cost`` or ``carbon`` (with a model).
         node_type: Use this node type instead of recommending.
+        deadline_s: Longest acceptable training time in s (with a model): node
+            types that meet it rank first (see :func:`estimators.recommend.recommend`).
 
     Returns:
         The hints (see :func:`hints_for`) plus ``source`` (why this node type)
@@ -228,7 +231,13 @@ def recommend_hints(
             '"gpu_board_power_w": ..., "gpu_fp32_tflops": ..., ...} (as the demo does), '
             f"or pick a node type with --node-type (CPU node types: {bare_cpu})"
         )
-    rec = recommend(model, job, inventory, objective=objective)  # type: ignore[arg-type]
+    rec = recommend(
+        model,
+        job,
+        inventory,
+        objective=objective,  # type: ignore[arg-type]
+        deadline_s=deadline_s,
+    )
     best = rec.table.row(0, named=True)
     return {
         **hints_for(by_name[rec.chosen]),

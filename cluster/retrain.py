@@ -7,19 +7,26 @@ retrain``, the demo and the aggregator's background retrain.
 
 from __future__ import annotations
 
+import contextlib
+import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, StoreError
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import numpy as np
     import polars as pl
 
     from estimators.pre import PREModel
     from profiler.store import Store
+
+log = logging.getLogger(__name__)
 
 _MODEL_RE = re.compile(r"^pre-v(\d+)\.json$")
 
@@ -199,6 +206,9 @@ class RetrainResult:
 def retrain(store: Store, folder: Path | None = None) -> RetrainResult:
     """Fit PRE on every usable finished run of the store and keep it if not worse.
 
+    A second retrain of the same folder waits for the first to write its
+    version (see :func:`versions_lock`), then compares against it.
+
     Args:
         store: The run store; failed, running and incomplete runs, and runs whose
             GPU or job cannot be described, are left out (counted, with reasons).
@@ -207,64 +217,136 @@ def retrain(store: Store, folder: Path | None = None) -> RetrainResult:
     Returns:
         What was written and why it was kept or not.
 
+    Raises:
+        BadInputError: No usable run, too few to fit, or a file where the model
+            folder should be (refused before the fit).
+        StoreError: The model folder cannot be created, locked or written.
+
     """
     from estimators.pre import PREModel
 
     folder = folder if folder is not None else store.root / "models"
     rows, counts, why = training_rows_why(store.runs())
+    _make_folder(folder)  # before the fit: a folder that cannot be made fails in seconds
     new = PREModel().fit(rows)
     new_score = new.cv_["energy"]["grouped_mape_pct"]
     if new_score is None:
         new_score = new.cv_["energy"]["random_mape_pct"]
-    decision, accepted, old_score = "first model", True, None
-    old_versions = versions(folder)
-    if old_versions:
-        try:
-            accepted, decision, old_score, new_score = _compare(folder, rows, new)
-        except BadInputError as err:
-            decision = f"current model unusable ({err}); replaced"
-    if why:
-        shown = "; ".join(f"{r}: {m}" for r, m in list(why.items())[:3])
-        more = f"; ... ({len(why) - 3} more in the card)" if len(why) > 3 else ""
-        decision += (
-            f"; left out {len(why)} finished run(s) whose GPU or job could not be "
-            f"described ({shown}{more})"
+    # From reading the current version to writing this one's card and model: another
+    # retrain (the aggregator's, the nightly job) waits, so it neither takes the same
+    # version number nor compares against a model that is being replaced.
+    with versions_lock(folder):
+        decision, accepted, old_score = "first model", True, None
+        old_versions = versions(folder)
+        if old_versions:
+            try:
+                accepted, decision, old_score, new_score = _compare(folder, rows, new)
+            except BadInputError as err:
+                decision = f"current model unusable ({err}); replaced"
+        if why:
+            shown = "; ".join(f"{r}: {m}" for r, m in list(why.items())[:3])
+            more = f"; ... ({len(why) - 3} more in the card)" if len(why) > 3 else ""
+            decision += (
+                f"; left out {len(why)} finished run(s) whose GPU or job could not be "
+                f"described ({shown}{more})"
+            )
+        version = (old_versions[-1] + 1) if old_versions else 1
+        path = folder / f"pre-v{version}.json"
+        new.save(
+            path,
+            card={
+                "version": version,
+                "accepted": accepted,
+                "decision": decision,
+                "previous_score_mape_pct": old_score,
+                "score_mape_pct": new_score,
+                "excluded_runs": counts,
+                "excluded_run_reasons": why,
+                "run_ids": rows["run_id"].to_list(),
+            },
         )
-    version = (old_versions[-1] + 1) if old_versions else 1
-    path = folder / f"pre-v{version}.json"
-    new.save(
-        path,
-        card={
-            "version": version,
-            "accepted": accepted,
-            "decision": decision,
-            "previous_score_mape_pct": old_score,
-            "score_mape_pct": new_score,
-            "excluded_runs": counts,
-            "excluded_run_reasons": why,
-            "run_ids": rows["run_id"].to_list(),
-        },
-    )
     return RetrainResult(version, path, accepted, decision, rows.height, counts, why)
+
+
+#: Lock file in the model folder, held by a retrain while it picks and writes a version.
+LOCK_FILE = ".retrain.lock"
+
+
+def _make_folder(folder: Path) -> None:
+    """Create the model folder, or refuse it before anything is trained.
+
+    Raises:
+        BadInputError: A file stands where the folder (or one above it) should be.
+        StoreError: The folder cannot be created otherwise (no permission...).
+
+    """
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        raise BadInputError(
+            f"{folder}: cannot hold PRE models: a file of that name (or above it) is in the "
+            f"way ({err}); nothing was trained. Give another model folder"
+        ) from err
+    except OSError as err:
+        raise StoreError(
+            f"{folder}: cannot create the model folder ({err}); nothing was trained"
+        ) from err
+
+
+@contextlib.contextmanager
+def versions_lock(folder: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``folder``'s versions (:data:`LOCK_FILE`, ``flock``).
+
+    A second holder, in this process or another on the same host, waits; it
+    logs a warning that it waits, once. The lock goes with the file
+    descriptor, so a crashed retrain leaves none behind.
+
+    Raises:
+        StoreError: The lock file cannot be opened or locked.
+
+    """
+    import fcntl
+
+    lock = folder / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as err:
+        raise StoreError(f"{lock}: cannot open the retrain lock ({err})") from err
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.warning(
+                "%s: another retrain is writing a model version; waiting for it to finish",
+                folder,
+            )
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:
+                raise StoreError(f"{lock}: cannot lock the model folder ({err})") from err
+        except OSError as err:
+            raise StoreError(f"{lock}: cannot lock the model folder ({err})") from err
+        yield
+    finally:
+        os.close(fd)
 
 
 def _compare(folder: Path, rows: pl.DataFrame, new: PREModel) -> tuple[bool, str, float, float]:
     """Held-out energy MAPE of the current and the new model, and the verdict.
 
-    Both models are scored the same way. On the runs added since the current
-    model (at least :data:`MIN_NEW_RUNS`), the current model predicts each as
-    the architecture it has or has not seen (at the same FLOPs per sample);
-    the new model's prediction of the same run comes from a fit in the same
-    situation: one without that run but with its architecture (the new
-    model's recipe refitted on random folds of those runs, see
-    :func:`_held_out_seen`) for an architecture the current model had seen,
-    one without its architecture (the new model's architecture-grouped
-    out-of-fold prediction) for an architecture it had not. New runs whose
-    architecture the current model had not seen cannot be scored that way
-    when the new model has a single architecture; they are left out of the
-    comparison. With fewer than :data:`MIN_NEW_RUNS` scorable new runs both
-    models' cross-validation MAPEs of the same kind are compared: grouped by
-    architecture when both have one, else random folds.
+    Each model is scored on what its users get. On the runs added since the
+    current model (at least :data:`MIN_NEW_RUNS`), the current model predicts
+    each as it does now: as a seen architecture, or as a new one when it has
+    not seen that architecture. The new model predicts each from a refit
+    without that run (random folds of the new runs, see
+    :func:`_held_out_seen`); every other run stays in the fit, those of the
+    same architecture included, as they are in the new model. So a retrain
+    that learns an architecture the current model never saw is scored as a
+    user of it will be served (before, it was refitted without that
+    architecture, scored worse than it is, rejected, and the model never
+    learnt the architecture). With fewer than :data:`MIN_NEW_RUNS` new runs
+    both models' cross-validation MAPEs of the same kind are compared:
+    grouped by architecture when both have one, else random folds.
 
     Returns:
         (accepted, decision naming what was compared, current model's MAPE in
@@ -272,6 +354,7 @@ def _compare(folder: Path, rows: pl.DataFrame, new: PREModel) -> tuple[bool, str
 
     """
     import numpy as np
+    import polars as pl
 
     from estimators.pre import card_path, read_card
 
@@ -286,42 +369,33 @@ def _compare(folder: Path, rows: pl.DataFrame, new: PREModel) -> tuple[bool, str
         else np.zeros(rows.height, dtype=bool)
     )
     y = rows["epoch_energy_j"].to_numpy().astype(float)
-    grouped_new = new.cv_["energy"]["grouped_mape_pct"] is not None
-    seen = np.zeros(rows.height, dtype=bool)
-    p_old = np.full(rows.height, np.nan)
-    if fresh.any():
-        pred = current.predict(rows.filter(fresh))
-        p_old[fresh] = pred["predicted_epoch_energy_j"].to_numpy()
-        seen[fresh] = pred["seen_architecture"].to_numpy()
-    unseen = fresh & ~seen
-    scored = seen | (unseen if grouped_new else np.zeros_like(unseen))
-    if scored.sum() >= MIN_NEW_RUNS:
-        p_new = np.full(rows.height, np.nan)
-        if seen.any():
-            p_new[seen] = _held_out_seen(rows, seen, new)
-        p_new[scored & ~seen] = new.oof_["energy"][scored & ~seen]
-        old_score = float(100 * np.mean(np.abs(p_old[scored] - y[scored]) / y[scored]))
-        new_score = float(100 * np.mean(np.abs(p_new[scored] - y[scored]) / y[scored]))
-        n_seen, n_unseen = int(seen.sum()), int((scored & ~seen).sum())
-        what = f"held-out energy MAPE on {int(scored.sum())} runs new since v{v}"
-        parts = [
+    if fresh.sum() >= MIN_NEW_RUNS:
+        pred = current.predict(rows.filter(pl.Series(fresh)))
+        p_old = pred["predicted_epoch_energy_j"].to_numpy().astype(float)
+        seen = pred["seen_architecture"].to_numpy().astype(bool)
+        p_new = _held_out_seen(rows, fresh, new)
+        yf = y[fresh]
+        old_score = float(100 * np.mean(np.abs(p_old - yf) / yf))
+        new_score = float(100 * np.mean(np.abs(p_new - yf) / yf))
+        n_seen, n_unseen = int(seen.sum()), int((~seen).sum())
+        what = f"held-out energy MAPE on {int(fresh.sum())} runs new since v{v}"
+        counts = [
             f"{n} of architectures {how}"
             for n, how in (
-                (n_seen, f"v{v} had seen, the new model refitted without them (random folds)"),
-                (n_unseen, f"new to v{v}, the new model refitted without their architecture"),
+                (n_seen, "it had seen"),
+                (n_unseen, "new to it, predicted as new architectures"),
             )
             if n
         ]
-        left = int((unseen & ~scored).sum())
-        if left:
-            parts.append(
-                f"{left} of architectures new to v{v} not scored: the new model has one "
-                "architecture, so no fit without theirs"
-            )
-        basis = "; ".join(parts)
+        basis = (
+            "new model: refitted without each run on random folds, the other runs, of its "
+            f"architecture too, kept as in the new model; v{v}: as it predicts now, "
+            + " and ".join(counts)
+        )
     else:
         old_cv = card.get("cv", {}).get("energy", {})
         # Like with like: grouped CV only when both have one (two or more architectures).
+        grouped_new = new.cv_["energy"]["grouped_mape_pct"] is not None
         kind = "grouped" if grouped_new and old_cv.get("grouped_mape_pct") is not None else "random"
         old_score = old_cv.get(f"{kind}_mape_pct")
         old_score = float("inf") if old_score is None else float(old_score)
@@ -330,7 +404,7 @@ def _compare(folder: Path, rows: pl.DataFrame, new: PREModel) -> tuple[bool, str
         what = f"cross-validated energy MAPE ({folds})"
         basis = (
             f"new model on {rows.height} runs, v{v} on {card.get('training_rows')}; "
-            f"{int(scored.sum())} scorable run(s) new since v{v}, fewer than {MIN_NEW_RUNS} "
+            f"{int(fresh.sum())} run(s) new since v{v}, fewer than {MIN_NEW_RUNS} "
             "to compare on"
         )
     ok = new_score <= old_score * 1.0001

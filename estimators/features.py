@@ -425,11 +425,23 @@ def complete_job(job: JobDescription) -> JobDescription:
     missing = [k for k in ("gflops_forward", "layers") if got[k] is None]
     if missing and info is not None and got["gflops_forward"] is None and not sized:
         # The table's FLOPs hold at its image size only: ask for that size, not for the name.
-        anywhere = " (torchvision also builds it at other sizes)" if _torchvision(str(name)) else ""
+        size = f"{info.image_size}x{info.image_size}"
+        if _torchvision(str(name)):
+            # An image size alone measures torchvision's model of that name, which is not the
+            # table's (its own head; MobileNetV2 at full width: 0.198 GFLOPs at 128 px, not
+            # the table's 0.0639): only the table's FLOPs reach the table's model.
+            raise BadInputError(
+                f"job {name}: architecture {name!r} is known at image size {size} (the SEAA "
+                "2023 table: the Keras model that study trained); found no image size. An image "
+                f"size alone (--image-size {info.image_size}) measures torchvision's {name}, "
+                "another network; for the table's model give its FLOPs: --gflops "
+                f"{info.gflops_forward:g} --image-size {info.image_size} (gflops_forward "
+                f"{info.gflops_forward:g}, image_height and image_width {info.image_size})"
+            )
         raise BadInputError(
-            f"job {name}: architecture {name!r} is known at image size {info.image_size}x"
-            f"{info.image_size}{anywhere}; found no image size. Give image_height and image_width "
-            f"{info.image_size} (--image-size {info.image_size}) or gflops_forward (--gflops)"
+            f"job {name}: architecture {name!r} is known at image size {size}; found no image "
+            f"size. Give image_height and image_width {info.image_size} (--image-size "
+            f"{info.image_size}) or gflops_forward (--gflops)"
         )
     if missing:
         raise BadInputError(

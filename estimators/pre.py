@@ -1256,14 +1256,33 @@ def card_path(model_path: Path) -> Path:
 def atomic_write_bytes(data: bytes, path: Path) -> None:
     """Write ``data`` to ``path`` via a fsynced temporary and a rename.
 
+    Missing folders above ``path`` are created.
+
     Raises:
-        StoreError: The write failed; ``path`` is untouched.
+        BadInputError: A file stands where a folder of ``path`` should be (or
+            ``path`` is a folder); nothing was written.
+        StoreError: The write failed otherwise (no permission, disk full...);
+            ``path`` is untouched.
 
     """
     from profiler.store import file_mode
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        # Checked here, not only by callers: a file where the folder should be.
+        raise BadInputError(
+            f"{path}: could not create its folder {path.parent}: a file of that name (or "
+            f"above it) is in the way ({err}); give a path in a folder"
+        ) from err
+    except OSError as err:
+        raise StoreError(f"{path}: could not create its folder {path.parent} ({err})") from err
+    if os.path.isdir(path):  # not Path.is_dir: a name too long is reported by the write
+        raise BadInputError(f"{path}: is a folder; expected a file name to write to")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise StoreError(f"{path}: could not write ({err})") from err
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as fh:

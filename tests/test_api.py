@@ -110,6 +110,13 @@ def test_placement_for_a_named_node_type(
         ({"arch": "resnet50", "gpus": "8"}, r"unknown field(s) ['gpus']; expected some of"),
         ({"arch": "resnet50", "objective": "speed"}, "'objective' must be one of"),
         ({"arch": "resnet50", "node_type": "gpu-h100"}, "unknown node type 'gpu-h100'"),
+        ({"arch": "resnet50", "layers": "0"}, "'layers' must be an integer >= 1; found '0'"),
+        ({"arch": "resnet50", "gflops": "inf"}, "'gflops' must be a finite number > 0"),
+        ({"arch": "resnet50", "deadline_h": "1"}, "'deadline_h' needs 'epochs'"),
+        (
+            {"arch": "resnet50", "epochs": "9", "deadline_h": "0"},
+            "'deadline_h' must be a finite number > 0; found '0'",
+        ),
     ],
 )
 def test_bad_placement_input_is_a_400_with_the_reason(

@@ -309,3 +309,33 @@ def test_measuring_refuses_images_larger_than_1024_px() -> None:
 
     with pytest.raises(BadInputError, match="up to 1024 px a side; found image size 2048x2048"):
         complete_job(JobDescription("resnet50", 8, 1000, 0, 2048, 2048))
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v2", "vgg16", "resnet50"])
+def test_the_flags_a_missing_image_size_asks_for_reach_the_tables_model(arch: str) -> None:
+    """Found in review: without an image size the message for mobilenet_v2 said "known at
+    image size 128x128 ... (--image-size 128)", but following it measured torchvision's
+    full-width MobileNetV2 (0.198 GFLOPs) instead of SEAA's alpha=0.5 model (0.0639), so PRE
+    took it for an unseen architecture (2276 J predicted instead of 2133 J)."""
+    import re
+
+    from estimators.features import KNOWN_ARCHITECTURES
+
+    info = KNOWN_ARCHITECTURES[arch]
+    with pytest.raises(BadInputError) as caught:
+        complete_job(JobDescription(arch, 32, 100))
+    msg = str(caught.value)
+    assert f"--image-size 128) measures torchvision's {arch}, another network" in msg
+    flags = re.search(r"--gflops (\S+) --image-size (\d+)", msg)
+    assert flags is not None, msg
+    gflops, size = float(flags[1]), int(flags[2])
+    job = complete_job(JobDescription(arch, 32, 100, 0, size, size, gflops_forward=gflops))
+    assert (job.gflops_forward, job.gflops_train) == (info.gflops_forward, info.gflops_train)
+    assert (job.layers, job.params) == (info.layers, info.params)
+
+
+def test_an_image_size_alone_still_measures_torchvisions_model() -> None:
+    """The earlier behaviour the message describes: a torchvision name with an image size and
+    no FLOPs is torchvision's model (here full-width MobileNetV2, not the table's)."""
+    job = complete_job(JobDescription("mobilenet_v2", 32, 100, 0, 128, 128))
+    assert job.gflops_forward == pytest.approx(0.198, rel=0.01)

@@ -36,17 +36,22 @@ def recommend_args(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     return ["recommend", *job, "--model", str(model), "--inventory", str(inv)]
 
 
-def _cells(row: dict[str, object]) -> list[str]:
-    """The table's cells for one JSON row, as the table formats them."""
+def _cells(row: dict[str, object], rows: list[dict[str, object]]) -> list[str]:
+    """The table's cells for one JSON row of ``rows``, as the table formats them."""
+    from cluster.commands.pre_cmds import ENERGY_UNITS, TIME_UNITS, column_unit, money, sig
+
+    energies = [r[k] for r in rows for k in ("total_energy_kwh", "total_upper_kwh")]
+    _, e = column_unit(energies, ENERGY_UNITS)  # type: ignore[arg-type]
+    _, h = column_unit([r["total_time_h"] for r in rows], TIME_UNITS)  # type: ignore[misc]
     lo, hi = row["total_lower_kwh"], row["total_upper_kwh"]
     return [
         str(row["node_type"]),
         f"{row['gpu_count']}x {row['gpu_model']}",
-        f"{row['total_energy_kwh']:.3f}",
-        f"{lo:.3f}-{hi:.3f}",
-        f"{row['total_time_h']:.2f}",
-        f"{row['cost']:.2f}",
-        f"{row['carbon_g']:.0f}",
+        sig(row["total_energy_kwh"] * e),  # type: ignore[operator]
+        f"{sig(lo * e)}-{sig(hi * e)}",  # type: ignore[operator]
+        sig(row["total_time_h"] * h),  # type: ignore[operator]
+        money(row["cost"]),  # type: ignore[arg-type]
+        sig(row["carbon_g"]),  # type: ignore[arg-type]
     ]
 
 
@@ -70,7 +75,7 @@ def test_recommend_table_outside_a_terminal_keeps_every_number_and_name(
     assert "…" not in table
     lines = table.splitlines()
     for row in rows:
-        cells = _cells(row)
+        cells = _cells(row, rows)
         # each row of the JSON is one line of the table, every cell whole
         matching = [ln for ln in lines if all(f" {c} " in ln for c in cells)]
         assert len(matching) == 1, (cells, table)
@@ -91,7 +96,7 @@ def test_recommend_table_in_a_narrow_terminal_folds_instead_of_cutting(
     # folded or wrapped, every cell reads whole from top to bottom of its column
     cols = _columns(table)
     for row in rows:
-        for c in _cells(row):
+        for c in _cells(row, rows):
             assert any(c.replace(" ", "") in col for col in cols), (c, table)
 
 
@@ -99,3 +104,34 @@ def _columns(table: str) -> list[str]:
     """Each column of a rich table's body, its pieces joined top to bottom without spaces."""
     lines = [ln.split("│")[1:-1] for ln in table.splitlines() if ln.startswith("│")]
     return ["".join(re.sub(r"\s", "", ln[i]) for ln in lines) for i in range(len(lines[0]))]
+
+
+def test_a_small_jobs_table_shows_its_numbers_not_zeros(
+    recommend_args: list[str], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found in review: kWh, hours and cost had fixed decimals, so a small job read 0.000 kWh
+    and 0.00 h on every row while the summary said "saves 43.9 %"."""
+    monkeypatch.delenv("COLUMNS", raising=False)
+    small = [a if a != "20000" else "20" for a in recommend_args]
+    small[small.index("--epochs") + 1] = "1"
+    assert main([*small, "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["node_types"]
+    assert max(r["total_upper_kwh"] for r in rows) < 1e-5  # below 1 Wh: a small job
+    assert main(small) == 0
+    table = capsys.readouterr().out
+    header = " ".join(table.split())
+    assert "energy J" in header and "interval J" in header and "time s" in header
+    body = [ln for ln in table.splitlines() if ln.startswith("│")]
+    assert len(body) == len(rows)
+    for line, row in zip(body, rows, strict=True):
+        cells = [c.strip() for c in line.split("│")[1:-1]]
+        assert cells[0] == str(row["rank"])
+        # 3 significant figures of each figure in the column's unit (J, s), never zero
+        assert float(cells[3]) == pytest.approx(row["total_energy_kwh"] * 3.6e6, rel=5e-3)
+        lo, hi = (float(v) for v in cells[4].split("-"))
+        assert lo == pytest.approx(row["total_lower_kwh"] * 3.6e6, rel=5e-3)
+        assert hi == pytest.approx(row["total_upper_kwh"] * 3.6e6, rel=5e-3)
+        assert float(cells[5]) == pytest.approx(row["total_time_h"] * 3600, rel=5e-3)
+        assert float(cells[6]) == pytest.approx(row["cost"], rel=5e-3) and row["cost"] > 0
+        assert float(cells[7]) == pytest.approx(row["carbon_g"], rel=5e-3)
+    assert len({c.split("│")[4] for c in body}) == len(rows)  # the rows tell apart

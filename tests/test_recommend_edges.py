@@ -322,6 +322,11 @@ _T4 = {"name": "t4", "gpu_model": "Tesla T4", "default": True}
         (["--image-size", "0"], "--image-size must be an integer > 0; found 0"),
         (["--train-size", "-1"], "--train-size must be an integer > 0; found -1"),
         (["--validation-size", "-1"], "--validation-size must be an integer >= 0; found -1"),
+        # Found in review: placement had none of these options the README says it refuses.
+        (["--layers", "0"], "--layers must be an integer > 0; found 0"),
+        (["--gflops", "nan"], "--gflops must be a finite number of GFLOPs > 0; found nan"),
+        (["--epochs", "9", "--deadline-h", "-1"], "--deadline-h must be a number of hours > 0"),
+        (["--deadline-h", "1"], "--deadline-h needs --epochs"),
     ],
 )
 @pytest.mark.parametrize("named", [False, True])
@@ -451,3 +456,63 @@ def test_found_in_the_user_flow_review(
     assert full == {"nvidia.com/gpu.product": "NVIDIA-GeForce-RTX-3090"}
     assert main([*args, "--gflops", "1e40"]) == 2
     assert "must be at most 3.4e+38 (the model reads float32)" in capsys.readouterr().err
+
+
+def test_recommend_takes_the_validation_size_under_placements_name_too(
+    model_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: ``recommend`` took ``--val-size`` and ``placement``
+    ``--validation-size``; both names now work, through one function that adds the job
+    options (with ``--gflops``, ``--layers`` and ``--deadline-h``)."""
+    import argparse
+
+    from cluster.cli import main
+
+    args = ["recommend", "--arch", "arch0", "--batch-size", "32", "--train-size", "20000"]
+    args += ["--gflops", "5", "--layers", "50", "--epochs", "10", "--model", str(model_file)]
+    out = []
+    for name in ("--val-size", "--validation-size"):
+        assert main([*args, name, "5000", "--json"]) == 0
+        out.append(json.loads(capsys.readouterr().out))
+    assert out[0] == out[1]
+    from cluster.commands.pre_cmds import add_job_options, job_from_args
+
+    # placement's defaults, the same options: a numbers-only job with a deadline parses
+    parser = argparse.ArgumentParser()
+    add_job_options(parser, batch_size=32, image_size=224, train_size=50_000)
+    ns = parser.parse_args(
+        ["--arch", "arch0", "--gflops", "5", "--layers", "50", "--validation-size", "5000"]
+        + ["--epochs", "10", "--deadline-h", "2"]
+    )
+    assert ns.deadline_h == 2.0
+    assert job_from_args(ns) == JobDescription(
+        "arch0", 32, 50_000, 5000, 224, 224, 10, gflops_forward=5.0, layers=50
+    )
+
+
+def test_placement_takes_recommends_job_options_and_deadline(
+    model: PREModel, model_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: placement had no --gflops, --layers or --deadline-h, so a job described
+    by its numbers could not be placed, and a deadline could not steer the choice."""
+    from cluster.cli import main
+
+    inv = tmp_path / "inv.json"
+    inv.write_text(json.dumps([{"name": n.name, "gpu_model": n.gpu_model} for n in INVENTORY]))
+    job = ["--arch", "arch0", "--batch-size", "32", "--train-size", "20000", "--gflops", "5"]
+    job += ["--layers", "50", "--epochs", "10", "--model", str(model_file), "--inventory", str(inv)]
+    assert main(["placement", *job, "--json"]) == 0
+    free = json.loads(capsys.readouterr().out)
+    assert free["node_type"] == recommend(model, JOB, INVENTORY).chosen
+    assert free["recommendation"]["deadline_met"] is None
+    times = _times(model)
+    # A deadline only the fastest node type meets moves the choice there.
+    fastest = min(times, key=times.__getitem__)
+    assert fastest != free["node_type"]  # else the deadline would change nothing
+    tight = min(t for n, t in times.items() if n != fastest) * 0.99
+    assert main(["placement", *job, "--deadline-h", str(tight), "--json"]) == 0
+    hinted = json.loads(capsys.readouterr().out)
+    assert hinted["node_type"] == fastest
+    assert hinted["recommendation"]["deadline_met"] is True
+    assert main(["recommend", *job[:-2], "--inventory", str(inv), "--deadline-h", str(tight)]) == 0
+    assert f"choose {fastest}" in capsys.readouterr().out

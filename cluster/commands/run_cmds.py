@@ -109,12 +109,10 @@ def _common_run_options(p: argparse.ArgumentParser) -> None:
 
 
 def _job_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--arch", required=True, help="architecture (torchvision name)")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--image-size", type=int, default=224, help="image side in pixels (224)")
-    p.add_argument("--train-size", type=int, default=50_000, help="training samples per epoch")
-    p.add_argument("--validation-size", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=None, help="planned epochs")
+    """``recommend``'s job options (with defaults for a quick hint) plus ``--node-type``."""
+    from cluster.commands.pre_cmds import add_job_options
+
+    add_job_options(p, batch_size=32, image_size=224, train_size=50_000)
     p.add_argument("--node-type", default=None, help="give hints for this node type instead")
 
 
@@ -218,17 +216,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def _job(args: argparse.Namespace) -> JobDescription:
-    from estimators.features import JobDescription
+    from cluster.commands.pre_cmds import job_from_args
 
-    return JobDescription(
-        architecture=args.arch,
-        batch_size=args.batch_size,
-        training_size=args.train_size,
-        validation_size=args.validation_size,
-        image_height=args.image_size,
-        image_width=args.image_size,
-        planned_epochs=args.epochs,
-    )
+    return job_from_args(args)
 
 
 def _check_job_args(args: argparse.Namespace) -> None:
@@ -239,7 +229,9 @@ def _check_job_args(args: argparse.Namespace) -> None:
 
     Raises:
         BadInputError: ``--batch-size``, ``--image-size``, ``--train-size`` or a
-            given ``--epochs`` not > 0, or ``--validation-size`` < 0.
+            given ``--epochs`` or ``--layers`` not > 0, ``--validation-size`` < 0,
+            a given ``--gflops`` or ``--deadline-h`` not a finite number > 0, or a
+            deadline without ``--epochs``.
 
     """
     for option, value, least in (
@@ -248,10 +240,20 @@ def _check_job_args(args: argparse.Namespace) -> None:
         ("--train-size", args.train_size, 1),
         ("--validation-size", args.validation_size, 0),
         ("--epochs", args.epochs, 1),
+        ("--layers", args.layers, 1),
     ):
         if value is not None and value < least:
             expected = "> 0" if least else ">= 0"
             raise BadInputError(f"{option} must be an integer {expected}; found {value}")
+    if args.gflops is not None:
+        check_positive(args.gflops, "--gflops", "a finite number of GFLOPs")
+    if args.deadline_h is not None:
+        check_positive(args.deadline_h, "--deadline-h", "a number of hours")
+        if args.epochs is None:
+            raise BadInputError(
+                "--deadline-h needs --epochs: without the planned epochs the predicted times "
+                "are one epoch's"
+            )
 
 
 def run_placement(args: argparse.Namespace) -> int:
@@ -286,7 +288,12 @@ def run_placement(args: argparse.Namespace) -> int:
             except BadInputError as err:
                 print(f"wattwise placement: note: {err}", file=sys.stderr)
     hints = recommend_hints(
-        _job(args), inventory, model, objective=args.objective, node_type=args.node_type
+        _job(args),
+        inventory,
+        model,
+        objective=args.objective,
+        node_type=args.node_type,
+        deadline_s=None if args.deadline_h is None else args.deadline_h * 3600,
     )
     if args.json:
         from cluster.aggregator import _jsonable

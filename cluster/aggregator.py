@@ -7,9 +7,16 @@ A plain class (no Ray; :mod:`cluster.actors` wraps it). Per running run it keeps
   absorb resent batches) and one sample before that (to integrate across the
   boundary). Older samples are folded into a per-stream base (cumulative
   energy and gap time at the window's first sample), so memory grows with the
-  running jobs and their current epoch, never with history;
+  running jobs and their current epoch, never with history. A run with no
+  epoch mark yet keeps its last 5 to 10 minutes (with a store; without one,
+  all its samples): a first mark that starts before them rebuilds the run
+  from the store;
 * the **pending epoch marks** and, per finished epoch, its energy, duration,
-  gap time and sample count;
+  gap time and sample count. Marks are checked before anything is written,
+  as :func:`estimators.energy.prepare_epochs` checks them at the run's end
+  (no overlap, one start per epoch number, none for a run that has ended),
+  so a bad mark is refused (``BadInputError``) instead of making the run
+  impossible to finish;
 * an :class:`estimators.step.OnlineStep` updated once per finished epoch, so
   the projection is current after every epoch.
 
@@ -36,9 +43,15 @@ live state and the rebuild is tried again 5 s later). Otherwise
 than the window) it is *late*: it is stored (the store drops duplicates) but
 does not change finished epochs while the run goes on, so ``late_samples``
 counts it and the run's final totals and epochs are recomputed from the store
-when it ends. A sample sent again with other values keeps its first value, in memory
-and in the store alike (the store skips it and counts it as ``rejected``); one
-batch with two values for one sample is refused. Samples go to the store in
+when it ends. A known stream's new sample at or after that end can still change the
+epoch: if it falls inside the stream's interval that straddled the end when the epoch
+closed (a hole ``max_lag_s`` closed over, or a device silent across the end), it
+splits that interval. If the interval was or becomes a gap (longer than the stream's
+gap threshold), the run is rebuilt from the store as for a new stream; otherwise
+(only the interpolation changes) the sample counts as late. A sample sent again
+with other values keeps its first value, in memory and in the store alike (the
+store skips it and counts it as ``rejected``); one batch with two values for one
+sample is refused. Samples go to the store in
 batches (``flush_rows`` / ``flush_interval_s``); with a write-ahead journal
 (``wal``) every batch is on local disk before :meth:`Aggregator.ingest_samples`
 returns, and a restart replays it.
@@ -84,7 +97,7 @@ import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -114,6 +127,14 @@ _KEEP = ("node", "device", "timestamp", "power_w", "energy_j")
 _KEY = ("run_id", "node", "device", "timestamp")
 #: Summaries of ended runs kept in memory for queries (older ones are read from the store).
 _FINISHED_CACHE = 1024
+#: A run without epoch marks keeps at least this much (µs) of its newest samples in memory,
+#: at most twice as much (older ones are folded; a first mark before them is read back from
+#: the store).
+_UNMARKED_KEEP_US = 300_000_000
+#: A node with no batch for this long (µs) leaves ``node_lag_s`` (and its metric series).
+_NODE_QUIET_US = 600_000_000
+#: How often ingest looks for such nodes (µs).
+_NODE_SWEEP_US = 60_000_000
 
 OnFinish = Callable[[str, str, dict[str, Any]], object]
 
@@ -253,6 +274,8 @@ class Debounced:
 
 #: "Not set" in the per-stream int64 arrays (floor, first sample time).
 _UNSET = np.iinfo(np.int64).min
+#: "No such sample" in int64 µs (later than any).
+_NEVER = np.iinfo(np.int64).max
 #: After a failed rebuild of a reopened run (the store is down), wait this long (µs).
 _REOPEN_RETRY_US = 5_000_000
 _POWER, _COUNTER, _GAP = 0, 1, 2  # interval kinds, as estimators.energy
@@ -316,6 +339,9 @@ class _Run:
     watermark_us: int | None = None  # end of the last finished epoch
     energy_at_watermark_j: float = 0.0
     newest_us: int | None = None
+    # A run with no epoch mark yet (and a store): samples before this were folded
+    # into the stream bases (see Aggregator._fold_unmarked); None: no sample yet.
+    fold_from_us: int | None = None
     oldest_new_us: int | None = None  # oldest sample among the chunks not yet compacted
     received: int = 0  # rows received (before duplicates are dropped)
     late: int = 0
@@ -401,7 +427,15 @@ class _View:
         # Chunks reaching below the end of the run's last finished epoch can hold
         # samples that epoch never saw.
         below_wm = False
+        # Per stream of a run with a finished epoch and new chunks: its samples P and Q
+        # around the end of the run's last finished epoch (P the last before it, Q the
+        # first at or after it; Q absent: the stream was silent since P). (gid, P, Q,
+        # end) per run, checked in _straddled once the new samples are merged.
+        around: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]] = []
         for r, st in enumerate(runs):
+            win = st.window
+            if st.chunks and st.watermark_us is not None and win is not None and win.height:
+                around.append(_around(win, st.watermark_us, int(goff[r])))
             for blk in ([st.window] if st.window is not None else []) + st.chunks:
                 if blk.height:
                     sids.append(blk.sid)
@@ -481,6 +515,8 @@ class _View:
         self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
         self._thresholds()
         self._build()
+        if around:
+            self._straddled(around)
 
     def _thresholds(self) -> None:
         """Each segment's gap threshold: its stream's, as ``energy.stream_threshold`` gives it.
@@ -539,6 +575,48 @@ class _View:
             self.runs[r].dirty = True
         for r, k in self._per_run(gid[missed][~new_stream]):
             self.runs[r].late += k
+            self.runs[r].dirty = True
+
+    def _straddled(self, around: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> None:
+        """Flag runs given new samples inside the interval that straddled a finished epoch's end.
+
+        The run's last finished epoch was integrated (at its end) over the
+        interval from a stream's sample P before its end to Q after it, or
+        with P's power held beyond P if the stream had no Q yet (it closed by
+        ``max_lag_s`` while the stream was silent). A new sample N between
+        the end and Q (one before the end is late, see :meth:`_missed`) splits
+        that interval, so ``wattwise energy`` integrates P-N instead. If P-N is
+        a gap, or P-Q was one (longer than the stream's gap threshold), the
+        held or skipped energy was wrong: the run is marked ``reopened`` and
+        rebuilt from the store (its finished epochs and STEP corrected live,
+        as for a new stream). Otherwise only the interpolation differs: N
+        counts as late and the run's final epochs are recomputed from the
+        store when it ends.
+        """
+        gids = np.concatenate([g for g, _, _, _ in around])
+        p_us = np.concatenate([p for _, p, _, _ in around])
+        q_us = np.concatenate([q for _, _, q, _ in around])
+        wm = np.concatenate([np.full(len(g), w, dtype=np.int64) for g, _, _, w in around])
+        k = np.searchsorted(self.seg_g, gids)
+        held = k < len(self.seg_g)
+        held[held] = self.seg_g[k[held]] == gids[held]
+        k, p_us, q_us, wm = k[held], p_us[held], q_us[held], wm[held]
+        nxt = self.find(k, p_us, "right")  # the row after P in its stream (P is held)
+        more = nxt < self.seg_b[k]
+        k, nxt, p_us, q_us, wm = k[more], nxt[more], p_us[more], q_us[more], wm[more]
+        n_us = self.us[nxt]
+        split = (n_us >= wm) & (n_us < q_us)
+        if not split.any():
+            return
+        k, nxt, p_us, q_us = k[split], nxt[split], p_us[split], q_us[split]
+        silent = q_us == _NEVER
+        was_gap = ~silent & ((q_us - p_us) / 1e6 > self.seg_thr[k])
+        big = (self.kind[nxt - 1] == _GAP) | was_gap
+        for r in np.unique(self.seg_run[k[big]]).tolist():
+            self.runs[r].reopened = True
+            self.runs[r].dirty = True
+        for r, n in self._per_run(self.seg_g[k[~big]]):
+            self.runs[r].late += n
             self.runs[r].dirty = True
 
     def _per_run(self, gids: np.ndarray) -> list[tuple[int, int]]:
@@ -682,10 +760,35 @@ class _View:
         }
 
 
+def _around(win: _Block, end_us: int, goff: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Per stream of a window with a sample before ``end_us``: (gid, P, Q, end) as µs.
+
+    P is the stream's last sample before ``end_us``, Q its first at or after
+    it (``_NEVER`` if none). The window is sorted by (stream, time).
+    """
+    starts = np.flatnonzero(np.concatenate(([True], win.sid[1:] != win.sid[:-1])))
+    stops = np.append(starts[1:], win.height)
+    before = np.add.reduceat((win.us < end_us).astype(np.int64), starts)
+    has = before > 0
+    starts, stops, before = starts[has], stops[has], before[has]
+    q_row = starts + before
+    q = np.where(q_row < stops, win.us[np.minimum(q_row, win.height - 1)], _NEVER)
+    gid = goff + win.sid[starts].astype(np.int64)
+    return gid, win.us[q_row - 1], q, end_us
+
+
 def _cat(parts: list[np.ndarray], dtype: type) -> np.ndarray:
     if not parts:
         return np.zeros(0, dtype=dtype)
     return np.concatenate(parts).astype(dtype, copy=False)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _us_iso(us: int) -> str:
+    """µs since the Unix epoch as an ISO 8601 UTC time (for messages)."""
+    return (_EPOCH + timedelta(microseconds=us)).isoformat()
 
 
 def _now_us() -> int:
@@ -879,7 +982,6 @@ class Aggregator:
         self._pending_rows = 0
         self._pending_since: int | None = None
         self._wal_seqs: list[int] = []
-        self._valid_ids: set[str] = set()
         self._lock = threading.RLock()
         # Store writes happen outside ``_lock`` (ingest and queries go on meanwhile):
         # ``_flush_lock`` lets one flush run at a time; ``_queue_lock`` guards the queue
@@ -892,6 +994,8 @@ class Aggregator:
         self._inflight_rows = 0  # of ``_pending_rows``, those a flush is writing now
         self._reopened: set[str] = set()  # runs a new stream reopened (to rebuild)
         self.node_lag_s: dict[str, float] = {}
+        self._node_seen_us: dict[str, int] = {}  # node -> when its newest batch came
+        self._nodes_swept_us = 0
         self.offsets = ClockOffsets(clock_window)
         self.counters: dict[str, int] = {
             "batches": 0,
@@ -948,13 +1052,12 @@ class Aggregator:
                 return run_id
             self._finished.pop(run_id, None)
             self._runs[run_id] = _set_clock(_Run(run_id, row, _new_projector(row)))
-            self._valid_ids.add(run_id)
         return run_id
 
-    def _refuse_ended(self, run_id: str) -> None:
-        """BadInputError if ``run_id`` names a run that has ended (here or in the store)."""
+    def _ended(self, run_id: str) -> str | None:
+        """How a run that has ended is known (``None`` if it has not): its status and end."""
         if run_id in self._runs:
-            return
+            return None
         status, end = None, None
         held = self._finished.get(run_id)
         if held is not None:
@@ -964,13 +1067,19 @@ class Aggregator:
             if known.height:
                 status, end = known["status"][0], known["end"][0]
         if status is None or status == "running":
-            return
+            return None
         when = f"ended at {end.isoformat()}" if end is not None else "end time not recorded"
         held_by = "this aggregator" if self.store is None else f"the store at {self.store.root}"
-        raise BadInputError(
-            f"run {run_id!r} already ended: {held_by} has it as {status!r} ({when}); expected "
-            "a new run id. Choose another id (or leave it out for a generated one)"
-        )
+        return f"{held_by} has it as {status!r} ({when})"
+
+    def _refuse_ended(self, run_id: str) -> None:
+        """BadInputError if ``run_id`` names a run that has ended (here or in the store)."""
+        ended = self._ended(run_id)
+        if ended is not None:
+            raise BadInputError(
+                f"run {run_id!r} already ended: {ended}; expected a new run id. Choose another "
+                "id (or leave it out for a generated one)"
+            )
 
     def _state(self, run_id: str) -> _Run | None:
         """The run's state; ``None`` for a run that has ended (its samples are only stored)."""
@@ -1142,9 +1251,13 @@ class Aggregator:
         elif nodes[0] == nodes[-1] and nodes.n_unique() == 1:
             newest = ts.max()
             self.node_lag_s[str(nodes[0])] = (now - int(newest.timestamp() * 1e6)) / 1e6  # type: ignore[union-attr]
+            self._node_seen_us[str(nodes[0])] = now
         else:
             for node, newest in batch.group_by("node").agg(pl.col("timestamp").max()).iter_rows():
                 self.node_lag_s[str(node)] = (now - int(newest.timestamp() * 1e6)) / 1e6
+                self._node_seen_us[str(node)] = now
+        if live and now - self._nodes_swept_us >= _NODE_SWEEP_US:
+            self._forget_quiet_nodes(now)
         keys = ("run_id", "node", "device")
         seg = batch.select(pl.struct(*keys).rle_id()).to_series().to_numpy()
         n = batch.height
@@ -1171,9 +1284,11 @@ class Aggregator:
         for j, (rid, node, dev) in enumerate(zip(rid_l, node_l, dev_l, strict=True)):
             pos = pos_of.get(rid)
             if pos is None:
-                if rid is not None and rid not in self._valid_ids:
+                # Ids held here were checked when they came (the store's directory
+                # names): only others are checked again (cheap; batches that came through
+                # ingest_samples have been checked already).
+                if rid is not None and rid not in self._runs and rid not in self._finished:
                     check_run_id(rid)
-                    self._valid_ids.add(rid)
                 pos = pos_of[rid] = len(states)
                 states.append(None if rid is None else self._state(rid))
                 rids.append(rid)
@@ -1212,6 +1327,8 @@ class Aggregator:
         offs_l = offs.tolist()
         ready: list[_Run] = []
         below: list[_Run] = []  # runs given samples older than their last finished epoch's end
+        fold: list[_Run] = []  # runs without marks holding 2 x _UNMARKED_KEEP_US of samples
+        can_fold = live and self.store is not None
         for pos, st in enumerate(states):
             a, b = offs_l[pos], offs_l[pos + 1]
             if st is None:
@@ -1229,11 +1346,18 @@ class Aggregator:
             st.newest_us = hi[pos] if st.newest_us is None else max(st.newest_us, hi[pos])
             if st.pending:
                 ready.append(st)
+            elif can_fold and st.watermark_us is None:
+                if st.fold_from_us is None:
+                    st.fold_from_us = lo[pos]
+                elif st.newest_us - st.fold_from_us >= 2 * _UNMARKED_KEEP_US:
+                    fold.append(st)
             if st.watermark_us is not None and lo[pos] < st.watermark_us:
                 sids = np.unique(row_sid[a:b])
                 if (st.first_us[sids] == _UNSET).any():
                     below.append(st)
         self._advance_many(ready)
+        if fold:
+            self._fold_unmarked(fold)
         # A new stream's samples older than the last finished epoch's end: merge them
         # now, so that the epochs that missed them are recomputed at once.
         merge = [st for st in below if st.chunks]
@@ -1251,9 +1375,17 @@ class Aggregator:
     ) -> int:
         """Take epoch marks (``epochs`` schema); returns the marks taken.
 
-        Marks are written to the store at once (they are few); a mark for an
-        epoch already finished is ignored unless it differs, in which case
-        the run is rebuilt from the store.
+        The marks are first checked with the run's marks taken before (the
+        store's, else those held here), as :func:`estimators.energy.prepare_epochs`
+        checks them when the run ends: each epoch ends at or after its start,
+        one mark per epoch number (the same mark again is no change; its
+        ``end`` may move, as Ray Train's repeated reports make it grow, its
+        ``start`` may not), and no two epochs overlap. A run that has ended
+        takes no marks. If any mark is refused, nothing is taken or written.
+
+        Then the marks are written to the store at once (they are few); a mark
+        for an epoch already finished is ignored unless its end moved, in
+        which case the run is rebuilt from the store.
 
         Args:
             marks: The marks.
@@ -1264,6 +1396,9 @@ class Aggregator:
 
         Raises:
             SchemaError: The marks do not fit the ``epochs`` schema.
+            BadInputError: A mark overlaps another epoch of its run, restarts an
+                epoch marked before with another start, or belongs to a run that
+                has ended; nothing was taken.
 
         """
         if node is not None and sent_at is not None:
@@ -1273,6 +1408,8 @@ class Aggregator:
             return 0
         marks = conform(marks, "epochs")
         with self._lock:
+            if not replay:
+                self._check_marks(marks)
             if write and self.store is not None:
                 self.store.write_epochs(marks)
             rows = marks.select(
@@ -1282,6 +1419,7 @@ class Aggregator:
                 pl.col("end").dt.epoch("us").alias("e"),
             ).sort("run_id", "s")
             rebuild: set[str] = set()
+            refill: set[str] = set()  # runs whose window no longer holds a mark's start
             for rid, epoch, s, e in rows.iter_rows():
                 st = self._state(rid)
                 if st is None:
@@ -1307,6 +1445,14 @@ class Aggregator:
                 if st.watermark_us is not None and s < st.watermark_us:
                     rebuild.add(rid)  # an earlier epoch arrived after later ones finished
                     continue
+                held = len(st.names)
+                folded = (st.floor_us[:held] > s) & (st.pruned[:held] > 0)
+                if write and self.store is not None and folded.any():
+                    # A first mark after _fold_unmarked: its start's samples are in the store.
+                    refill.add(rid)
+                    if not replay:
+                        self.counters["epochs"] += 1
+                    continue
                 st.pending[int(epoch)] = (int(s), int(e))
                 if not replay:
                     self.counters["epochs"] += 1
@@ -1316,9 +1462,16 @@ class Aggregator:
                         "run %s: epoch marks out of order; rebuilding it from the store", rid
                     )
                     self._reload(rid)
+            for rid in refill - rebuild:
+                log.info(
+                    "run %s: its first epoch mark starts before the samples held in memory; "
+                    "rebuilding it from the store",
+                    rid,
+                )
+                self._reload(rid)
             todo = []
             for rid in dict.fromkeys(rows["run_id"].to_list()):
-                if rid in rebuild:
+                if rid in rebuild or rid in refill:
                     continue
                 st = self._runs.get(rid)
                 if st is not None and st.pending:
@@ -1327,6 +1480,73 @@ class Aggregator:
             if write:
                 self._recompute_reopened()
         return marks.height
+
+    def _check_marks(self, marks: pl.DataFrame) -> None:
+        """Refuse marks that would leave a run's marks invalid (see :meth:`ingest_epochs`).
+
+        Checked on the marks as their node stamped them: with a store, against
+        the run's stored marks (what ``finish_run`` and ``wattwise energy``
+        read); without one, against the marks held here, taken back to the
+        marks' clock.
+
+        Raises:
+            BadInputError: Which run and epochs, what was expected and found.
+
+        """
+        rows = marks.unique(maintain_order=True).select(
+            "run_id",
+            "epoch",
+            pl.col("start").dt.epoch("us").alias("s"),
+            pl.col("end").dt.epoch("us").alias("e"),
+        )
+        for (rid,), group in rows.group_by("run_id", maintain_order=True):
+            rid = str(rid)
+            new = {int(ep): (int(s), int(e)) for _, ep, s, e in group.iter_rows()}
+            ended = self._ended(rid)
+            if ended is not None:
+                raise BadInputError(
+                    f"run {rid!r} has ended: {ended}; its epoch marks are final. Expected marks "
+                    f"of a running run; found {len(new)} mark(s) for epoch(s) "
+                    f"{sorted(new)[:5]}. Nothing was taken"
+                )
+            have = self._marks_of(rid)
+            for ep, (s, e) in new.items():
+                old = have.get(ep)
+                if old is not None and old[0] != s:
+                    raise BadInputError(
+                        f"run {rid!r} epoch {ep} is marked already from {_us_iso(old[0])} to "
+                        f"{_us_iso(old[1])}; the new mark starts at {_us_iso(s)}. Expected the "
+                        "same start (a mark's end may move) or a new epoch number. Nothing was "
+                        "taken"
+                    )
+                have[ep] = (s, e)
+            spans = sorted((s, e, ep) for ep, (s, e) in have.items())
+            for (s0, e0, ep0), (s1, e1, ep1) in zip(spans, spans[1:], strict=False):
+                if s1 < e0:
+                    news = [ep for ep in (ep0, ep1) if ep in new]
+                    raise BadInputError(
+                        f"run {rid!r}: epoch {ep1} ({_us_iso(s1)} to {_us_iso(e1)}) starts "
+                        f"before epoch {ep0} ({_us_iso(s0)} to {_us_iso(e0)}) ends; expected "
+                        f"epochs that do not overlap (new mark(s): epoch {news}). Nothing was "
+                        "taken"
+                    )
+
+    def _marks_of(self, run_id: str) -> dict[int, tuple[int, int]]:
+        """The run's marks taken so far: epoch -> (start, end) in µs on the marks' clock."""
+        if self.store is not None:
+            stored = self.store.epochs(run_id).select(
+                "epoch", pl.col("start").dt.epoch("us"), pl.col("end").dt.epoch("us")
+            )
+            return {int(ep): (int(s), int(e)) for ep, s, e in stored.iter_rows()}
+        st = self._runs.get(run_id)
+        if st is None:
+            return {}
+        back = 0  # held marks are on the run's home clock: undo the marks node's shift
+        if st.marks_node is not None and st.marks_node != st.home:
+            back = st.shift_us.get(st.marks_node, 0)
+        held = {int(d["epoch"]): (d["_s"] - back, d["_e"] - back) for d in st.done}
+        held.update({ep: (s - back, e - back) for ep, (s, e) in st.pending.items()})
+        return held
 
     def _recompute_reopened(self) -> None:
         """Rebuild from the store every run a new stream reopened (see :meth:`_View._missed`).
@@ -1376,7 +1596,8 @@ class Aggregator:
         late = sum(st.late for st in runs)
         view = _View(runs, self.gap_threshold_s)
         self.counters["late"] += sum(st.late for st in runs) - late
-        self._reopened.update(st.run_id for st in runs if st.reopened)
+        if self.store is not None:  # without a store there is nothing to rebuild it from
+            self._reopened.update(st.run_id for st in runs if st.reopened)
         return view
 
     def _advance_many(self, runs: list[_Run], *, force: bool = False) -> None:
@@ -1571,8 +1792,28 @@ class Aggregator:
         if st.projector is not None and duration > 0:
             st.projection = _project(st.projector, ej, duration, between, gap)
 
-    def _prune(self, view: _View, runs_done: list[int]) -> None:
-        """Fold samples older than ``watermark - retain_s`` into stream bases; store windows."""
+    def _fold_unmarked(self, runs: list[_Run]) -> None:
+        """Fold the samples of runs without epoch marks older than ``_UNMARKED_KEEP_US``.
+
+        Their totals stay exact (folded into the stream bases, as :meth:`_prune`
+        does after an epoch). A first mark that starts before the samples
+        still held rebuilds the run from the store (:meth:`ingest_epochs`), so
+        memory holds at most ``2 x _UNMARKED_KEEP_US`` of such a run's samples
+        however long it runs without marks. Only with a store.
+        """
+        view = self._view(runs)
+        cuts = []
+        for st in runs:
+            assert st.newest_us is not None
+            st.fold_from_us = st.newest_us - _UNMARKED_KEEP_US
+            cuts.append(st.fold_from_us)
+        self._prune(view, list(range(len(runs))), cuts)
+
+    def _prune(self, view: _View, runs_done: list[int], cuts: list[int] | None = None) -> None:
+        """Fold samples older than ``watermark - retain_s`` (or ``cuts``) into stream bases.
+
+        The windows of all the view's runs are stored.
+        """
         if not runs_done:
             view.store()
             return
@@ -1584,8 +1825,9 @@ class Aggregator:
         if len(seg) == 0:
             view.store()
             return
-        wm = np.array([view.runs[r].watermark_us for r in runs_done], dtype=np.int64)
-        keep_from = np.repeat(wm - self.retain_us, cnt)
+        if cuts is None:
+            cuts = [(view.runs[r].watermark_us or 0) - self.retain_us for r in runs_done]
+        keep_from = np.repeat(np.array(cuts, dtype=np.int64), cnt)
         a = view.seg_a[seg]
         i0 = np.maximum(view.find(seg, keep_from, "right") - 1 - a, 0)
         gid = view.seg_g[seg]
@@ -2110,14 +2352,26 @@ class Aggregator:
         ep = epoch_energy(samples, marks, gap_threshold_s=self.gap_threshold_s)
         return ep.select(list(EPOCH_COLUMNS))
 
+    def _forget_quiet_nodes(self, now: int) -> None:
+        """Drop the arrival lag of nodes with no batch for ``_NODE_QUIET_US`` (gone pods)."""
+        self._nodes_swept_us = now
+        for node in [n for n, t in self._node_seen_us.items() if now - t > _NODE_QUIET_US]:
+            del self._node_seen_us[node]
+            self.node_lag_s.pop(node, None)
+
     def stats(self) -> dict[str, Any]:
         """Counters (rows, batches), pending rows, running runs, per-node arrival lag in s.
+
+        ``node_lag_s`` lists the nodes that sent a batch in the last
+        ``_NODE_QUIET_US`` (10 minutes): a node gone since (an autoscaled pod)
+        is dropped rather than reported with its last lag forever.
 
         ``clock_offset_s``: per node, aggregator clock minus node clock in s as
         estimated (plus the least one-way delay); ``clock_spread_s``: the
         spread of its observations in s.
         """
         with self._lock:
+            self._forget_quiet_nodes(self.clock())
             nodes = self.offsets.nodes()
             return {
                 **self.counters,

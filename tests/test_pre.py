@@ -516,12 +516,11 @@ def test_a_failed_save_leaves_no_model_without_its_card(tmp_path) -> None:
     replaced without comparing it to anything.
     """
     from cluster.retrain import latest_model, versions
-    from profiler.errors import StoreError
 
     m = PREModel(**SMALL).fit(synthetic(3, 4, sigma=0.03, seed=7))
     m.save(tmp_path / "pre-v1.json")
     (tmp_path / "pre-v2.card.json").mkdir()  # the card cannot be written there
-    with pytest.raises(StoreError, match="pre-v2.card.json"):
+    with pytest.raises(BadInputError, match="pre-v2.card.json: is a folder"):
         m.save(tmp_path / "pre-v2.json")
     assert not (tmp_path / "pre-v2.json").exists()
     assert versions(tmp_path) == [1]
@@ -529,7 +528,7 @@ def test_a_failed_save_leaves_no_model_without_its_card(tmp_path) -> None:
     # And a model file that cannot be written takes its new card away again.
     (tmp_path / "pre-v2.card.json").rmdir()
     (tmp_path / "pre-v2.json").mkdir()
-    with pytest.raises(StoreError, match="pre-v2.json"):
+    with pytest.raises(BadInputError, match="pre-v2.json: is a folder"):
         m.save(tmp_path / "pre-v2.json")
     assert not (tmp_path / "pre-v2.card.json").exists()
 

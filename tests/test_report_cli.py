@@ -178,16 +178,17 @@ def test_report_replaces_the_file_whole(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_report_that_cannot_be_written_exits_1_and_leaves_nothing(
+def test_report_that_cannot_be_written_exits_2_and_leaves_nothing(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    """A folder at --out, or a file where its folder would be, is bad input (exit 2)."""
     store = two_node_run(tmp_path / "st")
     out = tmp_path / "r.html"
-    out.mkdir()  # a folder in the way: the rename fails
-    assert main(["report", "--run", "r", "--store", str(store.root), "--out", str(out)]) == 1
-    assert "r.html: could not write" in capsys.readouterr().err
+    out.mkdir()  # a folder in the way
+    assert main(["report", "--run", "r", "--store", str(store.root), "--out", str(out)]) == 2
+    assert "r.html: is a folder; expected a file name" in capsys.readouterr().err
     assert out.is_dir() and list(out.iterdir()) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["r.html", "st"]
     blocked = tmp_path / "st" / "runs.parquet" / "r.png"  # a file where the folder would be
-    assert main(["report", "--run", "r", "--store", str(store.root), "--out", str(blocked)]) == 1
-    assert "r.png: could not write" in capsys.readouterr().err
+    assert main(["report", "--run", "r", "--store", str(store.root), "--out", str(blocked)]) == 2
+    assert "r.png: could not create its folder" in capsys.readouterr().err

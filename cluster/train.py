@@ -147,31 +147,116 @@ def build_model(arch: str, num_classes: int) -> Any:
     return models.get_model(arch, weights=None, num_classes=num_classes)
 
 
+def prepare(cfg: TrainConfig) -> tuple[str, Any]:
+    """The device and the model of ``cfg``, checked so that training does not fail on input.
+
+    Seeds torch, builds the model and passes two blank images of the
+    configured size through it in training mode (see :func:`_check_input`).
+    ``wattwise train`` calls this before recording its run.
+
+    Returns:
+        (device, model on that device).
+
+    Raises:
+        BadInputError: Bad sizes or dataset; ``cuda`` without a CUDA GPU; an
+            unknown architecture; images too small for the architecture; or a
+            last batch of one image that the model's batch norms cannot train on.
+
+    """
+    import torch
+
+    cfg.check()
+    device = _device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg.arch, cfg.num_classes).to(device)
+    _check_input(model, cfg, device)
+    return device, model
+
+
+def _check_input(model: Any, cfg: TrainConfig, device: str) -> None:
+    """Refuse images the model cannot take and a last batch its batch norms cannot train on.
+
+    Two blank images go through the model in training mode (auxiliary heads
+    included, as training runs them) without gradients; the random stream
+    (dropout) and the batch norms' running statistics are restored after, so
+    the seeded run trains as it would without the check.
+
+    Raises:
+        BadInputError: The forward pass fails (``alexnet``, ``vit_b_16`` or
+            ``inception_v3`` on 32x32 images), or ``train_size`` leaves a last
+            batch of one image while a batch norm sees one value per channel
+            (a 1x1 feature map: training raises "Expected more than 1 value
+            per channel").
+
+    """
+    import torch
+
+    sizes: list[int] = []  # values per channel of each batch norm, per image
+
+    def seen(module: Any, inputs: tuple[Any, ...]) -> None:
+        sizes.append(int(inputs[0][0].numel() // inputs[0].shape[1]))
+
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    handles = [m.register_forward_pre_hook(seen) for m in norms]
+    kept = {k: b.clone() for k, b in model.named_buffers()}
+    side = cfg.image_size
+    try:
+        with torch.random.fork_rng(), torch.no_grad():
+            model.train()
+            model(torch.zeros(2, 3, side, side, device=device))
+    except Exception as err:  # torchvision raises RuntimeError, ValueError or AssertionError
+        raise BadInputError(
+            f"--arch {cfg.arch} cannot train on {side}x{side} images ({type(err).__name__}: "
+            f"{err}); give a larger --image-size (224 suits most torchvision models, 299 "
+            "inception_v3)"
+        ) from err
+    finally:
+        for h in handles:
+            h.remove()
+        with torch.no_grad():
+            for k, b in model.named_buffers():
+                b.copy_(kept[k])
+    last = cfg.train_size % cfg.batch_size or cfg.batch_size
+    if last == 1 and sizes and min(sizes) == 1:
+        raise BadInputError(
+            f"--train-size {cfg.train_size} with --batch-size {cfg.batch_size} leaves a last "
+            f"batch of 1 image, and {cfg.arch}'s batch norms at {side}x{side} see one value per "
+            "channel, which training refuses; change --train-size or --batch-size so that no "
+            "batch holds a single image (or give a larger --image-size)"
+        )
+
+
 def train(
     cfg: TrainConfig,
     hooks: EpochHooks | None = None,
     *,
     on_epoch: Callable[[int, float, float], object] | None = None,
+    prepared: tuple[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``cfg.arch`` on generated images, marking each epoch through ``hooks``.
+
+    Models with auxiliary heads (``googlenet``, ``inception_v3``) are trained
+    on their main output.
 
     Args:
         cfg: What to train.
         hooks: Epoch hooks (``epoch_start``/``epoch_end`` around each epoch).
         on_epoch: Called with (epoch, seconds, mean loss) after each epoch.
+        prepared: :func:`prepare`'s (device, model) for ``cfg``, if already
+            made; else it is made here.
 
     Returns:
         Per-epoch times and losses.
+
+    Raises:
+        BadInputError: See :func:`prepare`.
 
     """
     import torch
     from torch.utils.data import DataLoader
     from torchvision import datasets, transforms
 
-    cfg.check()
-    torch.manual_seed(cfg.seed)
-    device = _device(cfg.device)
-    model = build_model(cfg.arch, cfg.num_classes).to(device)
+    device, model = prepared if prepared is not None else prepare(cfg)
     data = datasets.FakeData(
         size=cfg.train_size,
         image_size=(3, cfg.image_size, cfg.image_size),
@@ -193,7 +278,9 @@ def train(
         for x, y in loader:
             x, y = x.to(device), y.to(device)
             opt.zero_grad(set_to_none=True)
-            loss = loss_fn(model(x), y)
+            out = model(x)
+            # googlenet and inception_v3 return their auxiliary heads' outputs too.
+            loss = loss_fn(getattr(out, "logits", out), y)
             loss.backward()
             opt.step()
             total += float(loss.detach()) * len(y)
@@ -271,7 +358,8 @@ def main(args: argparse.Namespace) -> int:
     run ``failed`` when epoch marks could not be written.
 
     Raises:
-        BadInputError: The run id names an ended run of the store, or the
+        BadInputError: Bad input (see :func:`prepare`), checked before the run
+            is recorded; the run id names an ended run of the store; or the
             store refused epoch marks.
         StoreError: Epoch marks could not be written (the run is recorded
             ``failed``).
@@ -292,6 +380,8 @@ def main(args: argparse.Namespace) -> int:
         from cluster.runner import check_new_run_id
 
         check_new_run_id(run_id, store.root)
+    # Everything is checked before the run is recorded: bad input leaves no 'failed' run.
+    prepared = prepare(cfg)
     hooks = EpochHooks(run_id, store=store)
     if standalone:
         _record(store, run_id, cfg, "running")
@@ -305,7 +395,7 @@ def main(args: argparse.Namespace) -> int:
         print(f"epoch {epoch}: {seconds:.2f} s, loss {loss:.4f}", flush=True)
 
     try:
-        result = train(cfg, hooks, on_epoch=report)
+        result = train(cfg, hooks, on_epoch=report, prepared=prepared)
     except BaseException:
         try:  # the training error goes on; marks that cannot be written are only logged
             hooks.close()

@@ -35,6 +35,7 @@ from estimators.step import (
     Step,
     Trace,
     run_epochs,
+    time_unit_problem,
 )
 from profiler.errors import BadInputError, where
 
@@ -387,9 +388,11 @@ def bench_step(
 
     A run this cannot describe is left out the way a method that cannot answer
     is: its rows have no prediction and a ``reason``. That is a run whose
-    ``trained_epochs`` is null (a store's running or failed run), or whose
-    total duration is unknown (``duration="runs"`` with a null or NaN
-    ``duration_s``, or a trace spanning 0 s without one). Samples without a
+    ``trained_epochs`` is null (a store's running or failed run), not a whole
+    number >= 1, or so large that an epoch would be shorter than the time
+    between its samples (``10**15``), or whose total duration is unknown
+    (``duration="runs"`` with a null or NaN ``duration_s``, or a trace
+    spanning 0 s without one). Samples without a
     ``run_id`` or ``timestamp`` are refused, not dropped, and so are NaN,
     infinite or negative power and a device's repeated timestamps, naming the
     row (1-based, in ``traces`` as given), the run and ``file``. A null power
@@ -468,7 +471,8 @@ def bench_step(
         if not total_s or total_s <= 0:
             total_s = runs_s
         why = ""
-        if r["trained_epochs"] is None:
+        epochs = r["trained_epochs"]
+        if epochs is None:
             why = (
                 "runs.trained_epochs is null for this run (a running or failed run?); the bench "
                 "needs it as the planned epochs"
@@ -479,6 +483,8 @@ def bench_step(
                 + ("" if duration == "runs" else f" and its trace spans {full.end_s:.0f} s")
                 + "; the bench needs the run's total duration"
             )
+        else:
+            why = _epochs_problem(epochs, float(total_s), full.sample_interval_s())
         if why:
             rows.extend(
                 {
@@ -497,7 +503,7 @@ def bench_step(
         total_s = float(total_s)
         plan = RunPlan(
             total_duration_s=total_s,
-            planned_epochs=int(r["trained_epochs"]),
+            planned_epochs=int(epochs),
             gpu_model=r.get("gpu_model"),
             power_cap_w=r.get("power_limit_w"),
             gflops_forward=r.get("gflops_forward"),
@@ -553,6 +559,27 @@ def bench_step(
         ((pl.col("lower_j") <= true) & (true <= pl.col("upper_j"))).alias("covered"),
         ((pl.col("upper_j") - pl.col("lower_j")) / 2 / true * 100).alias("half_width_pct"),
     )
+
+
+def _epochs_problem(epochs: object, total_s: float, interval_s: float) -> str:
+    """Why a run's ``trained_epochs`` cannot be its planned epochs ("" when it can).
+
+    Not a whole number >= 1 (0, negative, NaN, 2.5), or so many that an epoch
+    is shorter than the time between the trace's samples
+    (:func:`~estimators.step.time_unit_problem`: ``10**15`` epochs).
+    """
+    n: int | None = None
+    if isinstance(epochs, int) and not isinstance(epochs, bool):
+        n = epochs
+    elif isinstance(epochs, float) and math.isfinite(epochs) and epochs.is_integer():
+        n = int(epochs)
+    if n is None or n < 1:
+        return (
+            f"runs.trained_epochs is {epochs!r} for this run; the bench needs a whole number "
+            ">= 1 as the planned epochs"
+        )
+    problem = time_unit_problem(total_s, n, interval_s)
+    return f"runs.trained_epochs is {n} for this run: {problem}" if problem else ""
 
 
 def _check_traces(traces: pl.DataFrame, file: str | None) -> None:

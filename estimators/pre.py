@@ -1134,8 +1134,9 @@ class PREModel:
         """Load a model saved by :meth:`save`, checking its card's checksum and version.
 
         Raises:
-            BadInputError: Missing file or card, checksum mismatch (tampered
-                or partial file), another format or version, or malformed content.
+            BadInputError: Missing or unreadable (no permission) file or
+                card, checksum mismatch (tampered or partial file), another
+                format or version, or malformed content.
 
         """
         import xgboost as xgb
@@ -1145,7 +1146,10 @@ class PREModel:
         for p, what in ((path, "model file"), (cpath, "model card")):
             if not p.is_file():
                 raise BadInputError(f"{p}: expected a PRE {what}; no such file")
-        body = path.read_bytes()
+        try:
+            body = path.read_bytes()
+        except OSError as err:
+            raise BadInputError(_unreadable(path, "model file", err)) from err
         card = read_card(cpath)
         if card.get("format") != FORMAT or card.get("format_version") != FORMAT_VERSION:
             raise BadInputError(
@@ -1233,19 +1237,30 @@ def read_card(cpath: Path) -> dict[str, Any]:
     """A model card's fields.
 
     Raises:
-        BadInputError: The card is not JSON, or is JSON but not an object.
+        BadInputError: The card cannot be read (no permission), is not JSON,
+            or is JSON but not an object.
 
     """
     try:
         card = json.loads(cpath.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(f"{cpath}: expected a JSON model card; {err}") from err
+    except OSError as err:
+        raise BadInputError(_unreadable(cpath, "model card", err)) from err
     if not isinstance(card, dict):
         raise BadInputError(
             f"{cpath}: expected a JSON object (the model card's fields); found "
             f"{json.dumps(card)[:80]}. Retrain with 'wattwise retrain'"
         )
     return card
+
+
+def _unreadable(path: Path, what: str, err: OSError) -> str:
+    """The message for a PRE model file or card that exists but cannot be read."""
+    return (
+        f"{path}: expected a readable PRE {what}; could not read it ({err.strerror or err}); "
+        "check its permissions"
+    )
 
 
 def card_path(model_path: Path) -> Path:

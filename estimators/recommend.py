@@ -189,8 +189,8 @@ def load_inventory(path: str | Path) -> list[NodeType]:
     """Read an inventory JSON file (see the module docstring).
 
     Raises:
-        BadInputError: Missing file, bad JSON, or a node type without
-            ``name`` or ``gpu_model``.
+        BadInputError: Missing or unreadable file (no permission), bad JSON,
+            or a node type without ``name`` or ``gpu_model``.
 
     """
     p = Path(path)
@@ -200,6 +200,11 @@ def load_inventory(path: str | Path) -> list[NodeType]:
         raw = json.loads(p.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BadInputError(f"{p}: expected JSON; {err}") from err
+    except OSError as err:
+        raise BadInputError(
+            f"{p}: expected a readable inventory JSON file; could not read it "
+            f"({err.strerror or err}); check its permissions"
+        ) from err
     return parse_inventory(raw, file=str(p))
 
 

@@ -918,6 +918,34 @@ class Step(ProjectionPredictor):
         return int(after[0]) if len(after) else len(v)
 
 
+def time_unit_problem(total_s: float, planned_epochs: int, interval_s: float) -> str:
+    """Why time mode cannot cut ``total_s`` into ``planned_epochs`` epochs ("" when it can).
+
+    An epoch (``total_s / planned_epochs``) shorter than the time between
+    samples has no sample of its own: its mean power would be interpolated,
+    not measured. Such a plan (``trained_epochs = 10**15``) is a wrong number,
+    and cutting time into that many units would need arrays of petabytes.
+
+    Args:
+        total_s: The run's total duration in s.
+        planned_epochs: The run's planned epochs.
+        interval_s: Median time between a device's samples in s (0: unknown,
+            fewer than two samples; nothing is refused then, as there is
+            nothing to cut).
+
+    """
+    unit = total_s / planned_epochs
+    if interval_s > 0 and unit < interval_s:
+        most = max(int(total_s / interval_s), 1)
+        return (
+            f"{planned_epochs} planned epochs over {total_s:.0f} s make an epoch of "
+            f"{unit:.3g} s, shorter than the {interval_s:.3g} s between samples, so most epochs "
+            f"would have no sample; expected at most {most} epochs (the duration over the "
+            "sample interval)"
+        )
+    return ""
+
+
 def _time_units(trace: Trace, plan: RunPlan, measured_j: float) -> tuple[_Units, str]:
     """Blocks of one mean epoch (``total_duration_s / planned_epochs``) as units.
 
@@ -925,6 +953,12 @@ def _time_units(trace: Trace, plan: RunPlan, measured_j: float) -> tuple[_Units,
     interval of its end (a trace cut at a block's end rarely has a sample right
     on it); its value is the mean power over the part the samples cover.
     ``measured_j`` is the energy measured so far (J), the projection's start.
+
+    Raises:
+        BadInputError: No total duration or planned epochs, or an epoch
+            shorter than the time between samples (:func:`time_unit_problem`;
+            the number of units, and so the memory, is bounded by the samples).
+
     """
     total, epochs = plan.total_duration_s, plan.planned_epochs
     if total is None or not epochs or total <= 0 or epochs <= 0:
@@ -932,6 +966,9 @@ def _time_units(trace: Trace, plan: RunPlan, measured_j: float) -> tuple[_Units,
             "STEP without epoch marks needs the run's total duration and planned epochs to cut "
             f"time into epochs; found total_duration_s={total}, planned_epochs={epochs}"
         )
+    problem = time_unit_problem(float(total), int(epochs), trace.sample_interval_s())
+    if problem:
+        raise BadInputError(f"STEP without epoch marks: {problem}")
     unit = float(total) / int(epochs)
     end = trace.end_s
     k = 0

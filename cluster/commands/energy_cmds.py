@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands.common import (
@@ -14,7 +15,7 @@ from cluster.commands.common import (
     print_whole,
     read_parquet,
 )
-from profiler.errors import BadInputError
+from profiler.errors import BadInputError, StoreError
 
 if TYPE_CHECKING:
     import polars as pl
@@ -46,6 +47,46 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     add_store_option(p)
     p.set_defaults(func=run)
+
+
+def check_out_file(path: str, option: str = "--out") -> Path:
+    """Refuse, before any input is read, an output file that cannot be written.
+
+    As ``bench pre`` does (:func:`cluster.commands.pre_cmds.check_writable`):
+    a folder where the file must be, a file where a folder must be, a folder
+    without write permission. A file written outside the store says nothing
+    about a store, nor about training.
+
+    Raises:
+        BadInputError: The path cannot be written; nothing was computed.
+
+    """
+    from cluster.commands.pre_cmds import check_writable
+
+    out = Path(path)
+    try:
+        check_writable(out, option)
+    except BadInputError as err:
+        # check_writable speaks for bench pre, which trains; here nothing is.
+        msg = str(err).replace("nothing was trained", "nothing was computed")
+        raise BadInputError(msg) from None
+    return out
+
+
+def write_out_parquet(df: pl.DataFrame, out: Path) -> None:
+    """Write ``df`` to the ``--out`` file ``out`` atomically.
+
+    Raises:
+        StoreError: The write failed; the message says ``out`` is unchanged
+            (the store's writer would say the store is, and there is none here).
+
+    """
+    from profiler.store import UNCHANGED, atomic_write_parquet
+
+    try:
+        atomic_write_parquet(df, out)
+    except StoreError as err:
+        raise StoreError(str(err).replace(UNCHANGED, f"{out} is unchanged")) from err
 
 
 def load_run(args: argparse.Namespace) -> tuple[dict[str, Any], pl.DataFrame, pl.DataFrame]:
@@ -97,8 +138,8 @@ def run(args: argparse.Namespace) -> int:
 
 def _file_mode(args: argparse.Namespace) -> int:
     from estimators.energy import epoch_energy
-    from profiler.store import atomic_write_parquet
 
+    out = check_out_file(args.out) if args.out else None
     samples = read_parquet(args.samples, "samples (run_id, timestamp, power_w[, energy_j])")
     epochs = read_parquet(args.epochs, "epoch marks (run_id, epoch, start, end)")
     if epochs.height == 0:
@@ -113,10 +154,8 @@ def _file_mode(args: argparse.Namespace) -> int:
         epochs_file=args.epochs,
     )
     _check_every_run_sampled(result, samples, args)
-    if args.out:
-        from pathlib import Path
-
-        atomic_write_parquet(result, Path(args.out))
+    if out is not None:
+        write_out_parquet(result, out)
     _show(result, args, title=f"Per-epoch energy ({args.samples})")
     return 0
 

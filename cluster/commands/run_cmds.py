@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from cluster.commands.common import add_store_option, check_positive, console, open_store
@@ -81,19 +82,30 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         ),
     )
     probe.add_argument(
-        "--node-types", default="all", metavar="all|A,B", help="node types to probe (default all)"
+        "--node-types",
+        default="all",
+        metavar="all|A,B",
+        help="node types to probe (default all: every node type with alive nodes, or with "
+        "--inventory those of the inventory)",
     )
     probe.add_argument(
         "--time-limit", type=float, default=300.0, metavar="S", help="longest probe in s (300)"
     )
-    _common_run_options(probe)
+    _common_run_options(
+        probe,
+        inventory_help="node types JSON: the node types to probe (with --node-types all) and "
+        "their GPU models and selectors, recorded with the probe runs for PRE "
+        "(default: what the cluster reports)",
+    )
     probe.add_argument(
         "argv", nargs=argparse.REMAINDER, metavar="-- COMMAND", help="program and arguments"
     )
     probe.set_defaults(func=run_probe)
 
 
-def _common_run_options(p: argparse.ArgumentParser) -> None:
+def _common_run_options(
+    p: argparse.ArgumentParser, *, inventory_help: str = "node types JSON for auto placement"
+) -> None:
     p.add_argument("--epochs", type=int, default=None, help="planned epochs (for STEP)")
     p.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs reserved for the job (1)")
@@ -101,9 +113,7 @@ def _common_run_options(p: argparse.ArgumentParser) -> None:
         "--num-gpus", type=float, default=None, help="GPUs reserved (default 1 on GPU nodes)"
     )
     p.add_argument("--job-name", default=None, help="human name of the job")
-    p.add_argument(
-        "--inventory", default=None, metavar="FILE", help="node types JSON for auto placement"
-    )
+    p.add_argument("--inventory", default=None, metavar="FILE", help=inventory_help)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     add_store_option(p)
 
@@ -312,25 +322,69 @@ def run_placement(args: argparse.Namespace) -> int:
     return 0
 
 
+def probe_candidates(
+    inventory: list[NodeType], types: Mapping[str, Mapping[str, Any]], file: str
+) -> list[str]:
+    """The node types of ``inventory`` to probe: those with alive nodes in the cluster.
+
+    The others are named on stderr (never dropped silently).
+
+    Args:
+        inventory: The ``--inventory`` node types, in the file's order.
+        types: The cluster's node types (:func:`cluster.placement.node_types`).
+        file: The inventory file, for the messages.
+
+    Raises:
+        BadInputError: No node type of the inventory has alive nodes here.
+
+    """
+    chosen = [n.name for n in inventory if n.name in types and types[n.name]["alive"]]
+    left = [
+        f"{n.name} ({'no alive nodes' if n.name in types else 'not in this cluster'})"
+        for n in inventory
+        if n.name not in chosen
+    ]
+    if not chosen:
+        raise BadInputError(
+            f"probe --inventory {file}: no node type of the inventory has alive nodes in this "
+            f"cluster ({', '.join(left)}); cluster node types: {sorted(types)}"
+        )
+    if left:
+        print(f"wattwise probe: note: not probed: {', '.join(left)}", file=sys.stderr)
+    return chosen
+
+
 def run_probe(args: argparse.Namespace) -> int:
-    """Run ``wattwise probe``."""
+    """Run ``wattwise probe``.
+
+    The command, numbers and inventory are checked before connecting to Ray,
+    so bad input is refused (exit 2) with or without a cluster. The inventory
+    gives the node types to probe (with ``--node-types all``) and each one's
+    GPU model and selectors, which the probe runs are placed and recorded with
+    (as ``wattwise run --node-type TYPE --inventory FILE`` does).
+    """
     from cluster.probe import format_probe, probe
-    from cluster.runner import check_job_numbers, connect
+    from cluster.runner import check_job_numbers, cluster_node_types, connect
 
     cmd = _command(args)
     check_job_numbers(epochs=args.epochs, num_cpus=args.num_cpus, num_gpus=args.num_gpus)
     check_positive(args.time_limit, "--time-limit", "a number of seconds")
+    inventory = _inventory(args.inventory)
+    store_root = _store_root(args)
     connect(args.address)
     types = None if args.node_types == "all" else [t for t in args.node_types.split(",") if t]
+    if types is None and inventory is not None:
+        types = probe_candidates(inventory, cluster_node_types(), args.inventory)
     result = probe(
         cmd,
         node_types=types,
         time_limit_s=args.time_limit,
         epochs=args.epochs,
-        store_root=_store_root(args),
+        store_root=store_root,
         num_cpus=args.num_cpus,
         num_gpus=args.num_gpus,
         job_name=args.job_name,
+        inventory=inventory,
     )
     if args.json:
         from cluster.aggregator import _jsonable

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from cluster.commands import bench_subparsers
 from cluster.commands.common import add_store_option, console, print_whole, read_parquet
-from cluster.commands.energy_cmds import load_run
+from cluster.commands.energy_cmds import check_out_file, load_run, write_out_parquet
 from profiler.errors import BadInputError
 
 if TYPE_CHECKING:
@@ -253,6 +253,17 @@ def run_report(args: argparse.Namespace) -> int:
     plan, stale = _plan(record, args, epochs)
     if stale:
         raise BadInputError(f"run {args.run!r} not finished and planned epochs unknown: {stale}")
+    if epochs.height == 0 and not (plan.total_duration_s and plan.planned_epochs):
+        raise BadInputError(_no_marks_message(args.run, samples, plan))
+    if epochs.height == 0 and plan.total_duration_s and plan.planned_epochs:
+        from estimators.step import Trace, time_unit_problem
+
+        # Checked on the whole trace: the replay's first prefixes hold too few samples to
+        # tell, and it would refit once per epoch (10**15 times).
+        interval = Trace.from_samples(samples).sample_interval_s()
+        problem = time_unit_problem(plan.total_duration_s, plan.planned_epochs, interval)
+        if problem:
+            raise BadInputError(f"run {args.run!r} has no epoch marks, and {problem}")
     write_report(
         samples,
         epochs if epochs.height else None,
@@ -266,11 +277,40 @@ def run_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _no_marks_message(run: str, samples: pl.DataFrame, plan: RunPlan) -> str:
+    """Why ``report`` cannot replay a run without epoch marks, and what to pass.
+
+    The report replays STEP over time in units of one mean epoch (the run's
+    duration over its planned epochs), so it needs both; a run imported from
+    an nvidia-smi log has neither epochs nor epoch marks. A finished run's
+    measured total is given too, as ``estimate`` gives it.
+    """
+    from estimators.step import measured_energy_j
+
+    missing = []
+    if not plan.total_duration_s:
+        missing.append("its total duration (the run record has none)")
+    if not plan.planned_epochs:
+        missing.append("its planned epochs (give --planned-epochs N, the epochs it trained)")
+    msg = (
+        f"run {run!r} has no epoch marks; the report replays STEP in units of one mean epoch "
+        f"(duration / epochs) and needs {' and '.join(missing)}"
+    )
+    if plan.finished:
+        total = measured_energy_j(samples)
+        msg += (
+            f". The run is finished: its measured total is {total / 1e3:,.1f} kJ "
+            f"('wattwise estimate --run {run}')"
+        )
+    return msg
+
+
 # ----------------------------------------------------------------------------------- bench step
 def run_bench_step(args: argparse.Namespace) -> int:
     """Run ``wattwise bench step``."""
     from estimators.baselines import DEFAULT_METHODS, bench_step, summarise
 
+    out = check_out_file(args.out) if args.out else None
     runs = read_parquet(args.runs, "runs (run_id, duration_s, trained_epochs, ...)")
     traces = read_parquet(args.traces, "power traces (run_id, timestamp, power_w)")
     methods = tuple(m.strip() for m in args.methods.split(",")) if args.methods else DEFAULT_METHODS
@@ -282,10 +322,8 @@ def run_bench_step(args: argparse.Namespace) -> int:
         duration=args.duration,
         file=args.traces,
     )
-    if args.out:
-        from profiler.store import atomic_write_parquet
-
-        atomic_write_parquet(pred, Path(args.out))
+    if out is not None:
+        write_out_parquet(pred, out)
     print_summary(summarise(pred), title=f"STEP bench at F = {args.observe_fraction:g}")
     return 0
 

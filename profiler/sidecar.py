@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import socket
 import threading
 import time
@@ -103,6 +104,11 @@ class StoreReceiver:
 
             store = Store()
         self.store = store
+
+    @property
+    def destination(self) -> str:
+        """``store <resolved root>``: the spill journal keeps batches for this store only."""
+        return f"store {Path(self.store.root).resolve()}"  # type: ignore[attr-defined]
 
     def send(self, batch: pl.DataFrame) -> None:
         """Write the batch (idempotently) to the store."""
@@ -191,12 +197,16 @@ class Sidecar:
         node: Node name stored with the samples; default the host name.
         run_id: Run the samples belong to (``None``: unassigned).
         interval_s: Seconds between ticks, 0.1 to 3600.
-        batch_interval_s: Seconds between batches (at least one tick).
+        batch_interval_s: Seconds between batches, finite and > 0 (at least one
+            tick is used).
         receiver: A :class:`Receiver`, a :class:`TimedReceiver` (given the send
             time too) or a callable taking the batch frame; default writes to the
             local store.
         journal: Spill journal, or its directory; default
-            ``default_journal_dir()/<node>``.
+            ``default_journal_dir()/<node>``. A directory is opened for the
+            receiver's destination (see :class:`~profiler.journal.Journal`): batches
+            spilled there for another store or receiver are left alone, never
+            delivered to this one.
         max_memory_rows: Rows kept in memory waiting to be shipped before new
             batches go straight to the journal.
         read_timeout_s: Longest a source read may take in s; default the interval, at
@@ -210,7 +220,8 @@ class Sidecar:
         stats: The :class:`SidecarStats` counters.
 
     Raises:
-        BadInputError: An interval outside its range, or a bad run id.
+        BadInputError: An interval outside its range (or not a finite number), or a
+            bad run id.
 
     """
 
@@ -234,6 +245,11 @@ class Sidecar:
             raise BadInputError(
                 f"sidecar interval must be between 0.1 s and 3600 s; found {interval_s} s"
             )
+        if not (math.isfinite(batch_interval_s) and batch_interval_s > 0):
+            raise BadInputError(
+                f"sidecar batch interval must be a finite number of seconds > 0; found "
+                f"{batch_interval_s} s"
+            )
         if not sources:
             raise BadInputError("the sidecar needs at least one power source; none given")
         self.node = node or socket.gethostname()
@@ -254,7 +270,10 @@ class Sidecar:
             receiver = _CallableReceiver(receiver)
         self.receiver: Receiver = receiver  # type: ignore[assignment]
         if not isinstance(journal, Journal):
-            journal = Journal(journal if journal is not None else default_journal_dir() / self.node)
+            journal = Journal(
+                journal if journal is not None else default_journal_dir() / self.node,
+                destination=_destination(self.receiver),
+            )
         self.journal = journal
         self.clock = clock
         self.stats = SidecarStats()
@@ -1121,6 +1140,22 @@ class Sidecar:
         """Rows taken but not yet accepted by the receiver (buffer, memory queue, journal)."""
         with self._lock:
             return len(self._buffer) + self._queued_rows + self.journal.rows
+
+
+def _destination(receiver: object) -> str | None:
+    """Where a receiver delivers, for the spill journal (see :class:`~profiler.journal.Journal`).
+
+    Its ``destination`` (a store: ``store <resolved root>``), else its class (the
+    aggregator's receiver: one per cluster); ``None`` for a plain callable, whose
+    destination is unknown (its journal is neither recorded nor checked).
+    """
+    if isinstance(receiver, _CallableReceiver):
+        return None
+    dest = getattr(receiver, "destination", None)
+    if isinstance(dest, str):
+        return dest
+    cls = type(receiver)
+    return f"receiver {cls.__module__}.{cls.__qualname__}"
 
 
 def _aside(directory: Path, name: str) -> Path:

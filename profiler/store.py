@@ -305,6 +305,21 @@ def _parquet_time_range(path: Path) -> tuple[int, int] | None:
     return lo, hi
 
 
+@contextlib.contextmanager
+def _reading(root: Path, path: Path) -> Iterator[None]:
+    """Turn an OS error while looking at ``path`` (say, permission denied) into a StoreError."""
+    try:
+        yield
+    except OSError as err:
+        if isinstance(err, StoreError):
+            raise
+        why = err.strerror or str(err)
+        raise StoreError(
+            f"cannot read {path} in the store at {root}: {why}; expected a store this user "
+            "can read (check the permissions of the store directory and its files)"
+        ) from err
+
+
 class Store:
     """A run store rooted at a directory.
 
@@ -314,10 +329,23 @@ class Store:
     Attributes:
         root: The store directory (created on first write).
 
+    Raises:
+        BadInputError: ``root`` exists and is not a directory (say, a parquet file
+            given as the store).
+
     """
 
     def __init__(self, root: str | os.PathLike[str] | None = None) -> None:
         self.root = Path(root).expanduser() if root is not None else default_root()
+        try:
+            st = self.root.stat()
+        except OSError:
+            st = None  # not there yet (created on first write), or not reachable: said on use
+        if st is not None and not stat.S_ISDIR(st.st_mode):
+            raise BadInputError(
+                f"{self.root}: expected a store directory; found a file (give the directory "
+                "that holds runs.parquet, or a new path for a new store)"
+            )
         # Time range (µs) of each samples file seen, by path, with the file's identity.
         self._ranges: dict[str, tuple[tuple[int, int, int], tuple[int, int]]] = {}
 
@@ -337,7 +365,8 @@ class Store:
             raise StoreError(f"cannot open the store at {self.root}: {err}") from err
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
-            self._sweep_temporaries()
+            with _reading(self.root, self.root):
+                self._sweep_temporaries()
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
@@ -365,14 +394,20 @@ class Store:
             raise SchemaError(f"run_id {run_id!r} would leave the store at {self.root}")
         return path
 
-    @staticmethod
-    def _live_parts(run_dir: Path) -> tuple[list[Path], int]:
-        """Files of a run that hold its samples, and the highest sequence number in use."""
+    def _live_parts(self, run_dir: Path) -> tuple[list[Path], int]:
+        """Files of a run that hold its samples, and the highest sequence number in use.
+
+        Raises:
+            StoreError: The run directory cannot be listed (say, permission denied).
+
+        """
         parts: list[tuple[int, str, Path]] = []
-        for p in run_dir.iterdir() if run_dir.is_dir() else []:
-            m = _PART_RE.match(p.name)
+        with _reading(self.root, run_dir):
+            names = [p.name for p in run_dir.iterdir()] if run_dir.is_dir() else []
+        for name in names:
+            m = _PART_RE.match(name)
             if m:
-                parts.append((int(m.group(2)), m.group(1), p))
+                parts.append((int(m.group(2)), m.group(1), run_dir / name))
         bases = [seq for seq, kind, _ in parts if kind == "base"]
         base_seq = max(bases) if bases else -1
         live = [
@@ -780,15 +815,14 @@ class Store:
         base = self.root / "samples"
         if run_id is not None:
             dirs = [self._run_dir(run_id)]
-        elif base.is_dir():
-            # A symlinked run directory could point out of the store: it is not read.
-            dirs = sorted(
-                d
-                for d in base.iterdir()
-                if d.is_dir() and not d.is_symlink() and (unassigned or d.name != UNASSIGNED)
-            )
         else:
-            dirs = []
+            with _reading(self.root, base):
+                # A symlinked run directory could point out of the store: it is not read.
+                dirs = sorted(
+                    d
+                    for d in (base.iterdir() if base.is_dir() else [])
+                    if d.is_dir() and not d.is_symlink() and (unassigned or d.name != UNASSIGNED)
+                )
         frames = [df for d in dirs if (df := self._read_run_dir(d)).height]
         if not frames:
             return empty("samples")
@@ -806,7 +840,9 @@ class Store:
             except StoreError:
                 # A corrupt file is still there; a compacted one is gone and its rows are in
                 # the new base file.
-                if all(f.exists() for f in files):
+                with _reading(self.root, run_dir):
+                    gone = not all(f.exists() for f in files)
+                if not gone:
                     raise
                 log.debug("%s: files changed while read (attempt %d); listing again",
                           run_dir, attempt)  # fmt: skip
@@ -931,7 +967,9 @@ class Store:
 
     def _read_small(self, table: str) -> pl.DataFrame:
         path = self.root / f"{table}.parquet"
-        return read_store_files([path], table) if path.exists() else empty(table)
+        with _reading(self.root, path):
+            there = path.exists()
+        return read_store_files([path], table) if there else empty(table)
 
     def runs(self) -> pl.DataFrame:
         """Every run, sorted by ``run_id`` (StoreError if ``runs.parquet`` is corrupt)."""

@@ -139,6 +139,72 @@ def test_journal_left_by_a_dead_sidecar_is_resent_by_the_next(tmp_path: Path) ->
     assert Store(tmp_path / "store").samples("r-1").height == 18
 
 
+def _to_store(root: Path, run: str, clock: StepClock, journal: Path) -> Sidecar:
+    """A sidecar writing run ``run`` to the store at ``root`` through ``journal``."""
+    src = ReplaySource(trace(), clock=clock, speed=1.0)
+    recv = StoreReceiver(Store(root))
+    return Sidecar([src], node="n1", run_id=run, receiver=recv, journal=journal)
+
+
+def test_batches_spilled_for_one_store_are_never_delivered_to_another(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review: ``wattwise sample --store A`` spilled to the node's default journal while A
+    could not be written; the next ``sample --store B`` on the node wrote them into B."""
+    journal = tmp_path / "journal"
+    a, b = tmp_path / "A", tmp_path / "B"
+    for root in (a, b):
+        (root / ".lock").mkdir(parents=True)  # the lock cannot be opened: no write works
+    clock = StepClock()
+    side_a = _to_store(a, "jA", clock, journal)
+    ticks(side_a, clock, 4)
+    side_a.stop()  # store A is down: its 8 samples wait in the journal
+    assert side_a.stats.spilled == 8 and Journal(journal).rows == 8
+    # B is down too: its sidecar leaves A's batches alone and spills to a journal of its own.
+    clock = StepClock()
+    with caplog.at_level(logging.WARNING):
+        side_b = _to_store(b, "jB", clock, journal)
+    said = [r.getMessage() for r in caplog.records if "waiting for" in r.getMessage()]
+    assert len(said) == 1 and f"store {a}" in said[0] and f"store {b}" in said[0]
+    assert side_b.journal.directory.parent == journal
+    ticks(side_b, clock, 3)
+    side_b.stop()
+    assert side_b.stats.spilled == 6 and side_b.stats.sent == 0
+    assert Journal(journal).rows == 8  # A's batches, untouched
+    (b / ".lock").rmdir()
+    side_b = _to_store(b, "jB", StepClock(), journal)  # B is back: only its own 6 go there
+    assert side_b.ship() and side_b.stats.sent == 6
+    assert Store(b).samples().get_column("run_id").unique().to_list() == ["jB"]
+    assert Journal(journal).rows == 8
+    (a / ".lock").rmdir()
+    side_a = _to_store(a, "jA", StepClock(), journal)  # A is back: its 8 go there
+    assert side_a.ship() and side_a.stats.sent == 8
+    assert Store(a).samples().get_column("run_id").unique().to_list() == ["jA"]
+    assert Store(a).samples("jA").height == 8 and Store(b).samples("jB").height == 6
+    # Nothing waits any more: no record is left, the directory is free for any store.
+    assert not [p for p in journal.rglob("*") if p.is_file()]
+
+
+def test_two_journals_opened_together_on_one_directory_keep_their_batches_apart(
+    tmp_path: Path,
+) -> None:
+    """Two sidecars of one node (stores A and B) open the empty default journal at once: the
+    second to spill moves to a directory of its own instead of mixing its batches in."""
+    df = pl.DataFrame({"x": [1, 2, 3]})
+    ja, jb = (Journal(tmp_path, destination=d) for d in ("store /a", "store /b"))
+    assert ja.directory == jb.directory == tmp_path
+    ja.append(df, seq=1)
+    jb.append(df.head(2), seq=1)
+    assert jb.directory.parent == tmp_path and jb.directory != tmp_path
+    assert (ja.rows, jb.rows) == (3, 2)
+    assert (tmp_path / "destination.txt").read_text() == "store /a\n"
+    again = Journal(tmp_path, destination="store /b")  # a restart finds B's own batches
+    assert again.directory == jb.directory and again.rows == 2
+    assert Journal(tmp_path, destination="store /a").rows == 3
+    again.remove(1)
+    assert not (jb.directory / "destination.txt").exists()  # nothing waits: no record
+
+
 def test_full_journal_counts_lost_rows(tmp_path: Path) -> None:
     clock = StepClock()
     recv = FlakyStore(tmp_path / "store")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,10 +28,26 @@ def add_store_option(parser: argparse.ArgumentParser) -> None:
 
 
 def open_store(args: argparse.Namespace) -> Store:
-    """The store named by ``--store``."""
+    """The store named by ``--store`` (or the default one).
+
+    Raises:
+        BadInputError: The path is a file, or a directory this user cannot list
+            (a store that does not exist yet is fine: it is created on first write).
+
+    """
     from profiler.store import Store
 
-    return Store(getattr(args, "store", None))
+    store = Store(getattr(args, "store", None))
+    try:
+        os.listdir(store.root)
+    except FileNotFoundError:
+        pass
+    except OSError as err:
+        raise BadInputError(
+            f"cannot read the store at {store.root}: {err.strerror or err}; expected a store "
+            "directory this user can read (check its permissions, or give another --store)"
+        ) from err
+    return store
 
 
 def console(stderr: bool = False) -> Console:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -45,8 +46,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
+        nargs="?",
+        const="auto",
         default=None,
-        help="read the aggregator actor of this Ray cluster ('auto': the local one)",
+        help="read the aggregator actors of the Ray cluster at ADDRESS (default 'auto': "
+        "the local one)",
     )
     p.add_argument(
         "--once", action="store_true", help="print the metrics once in the text format and exit"
@@ -98,8 +102,10 @@ def run_metrics(args: argparse.Namespace) -> int:
         serve_metrics,
     )
 
-    if args.refresh <= 0:
-        raise BadInputError(f"--refresh must be > 0 s; found {args.refresh}")
+    if not (math.isfinite(args.refresh) and args.refresh > 0):
+        raise BadInputError(
+            f"--refresh must be > 0 s; found {args.refresh} (expected a finite number of seconds)"
+        )
     if not 0 <= args.port <= 65535:
         raise BadInputError(f"--port must be 0..65535; found {args.port}")
     store = open_store(args)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from cluster.commands.common import add_store_option, open_store
+from cluster.commands.common import add_store_option, check_positive, open_store
 from profiler.errors import BadInputError
+
+if TYPE_CHECKING:
+    from profiler.exporter import DcgmExporter
 
 SOURCE_CHOICES = ("nvml", "dcgm", "rapl", "replay", "modelled")
 
@@ -40,7 +43,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         dest="run_ids",
         help="run of a multi-run file to play (repeat for more GPUs)",
     )
-    p.add_argument("--tz", default="UTC", help="time zone of naive timestamps (default UTC)")
+    p.add_argument(
+        "--tz",
+        default="UTC",
+        metavar="TZ",
+        help="IANA time zone of the trace's naive timestamps (default UTC)",
+    )
     p.set_defaults(func=run_exporter)
 
     s = subparsers.add_parser(
@@ -86,7 +94,13 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     s.add_argument("--run", dest="run_id", default=None, help="run id to store the samples under")
     s.add_argument("--node", default=None, help="node name (default: this host's name)")
-    s.add_argument("--journal", metavar="DIR", default=None, help="spill journal directory")
+    s.add_argument(
+        "--journal",
+        metavar="DIR",
+        default=None,
+        help="spill journal directory (default: $WATTWISE_JOURNAL/<node>, else "
+        "~/.local/state/wattwise/journal/<node>); batches there wait for their own store",
+    )
     s.add_argument(
         "--batch-interval",
         type=float,
@@ -98,25 +112,49 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     s.set_defaults(func=run_sample)
 
 
-def run_exporter(args: argparse.Namespace) -> int:
-    """Serve until interrupted."""
+def build_exporter(args: argparse.Namespace) -> DcgmExporter:
+    """The exporter ``wattwise exporter`` serves, listening but not yet serving.
+
+    Raises:
+        BadInputError: A port outside 0..65535, an unknown ``--tz``, a trace that
+            cannot be replayed, or an address that cannot be listened on.
+
+    """
+    import zoneinfo
+
     from profiler.exporter import DcgmExporter
+    from profiler.sources.replay import ReplaySource
 
     if not 0 <= args.port <= 65535:
         raise BadInputError(f"--port must be 0..65535; found {args.port}")
     try:
-        exp = DcgmExporter.for_file(
-            args.replay,
-            speed=args.speed,
-            model=args.model,
-            gpus=args.gpus,
-            run_ids=args.run_ids,
-            node=args.node,
-            host=args.host,
-            port=args.port,
-        )
+        zoneinfo.ZoneInfo(args.tz)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError) as err:
+        raise BadInputError(
+            f"unknown time zone {args.tz!r} (--tz); expected an IANA name such as 'UTC' or "
+            "'Europe/Madrid'"
+        ) from err
+    # As DcgmExporter.for_file does, with the time zone of the trace's naive timestamps.
+    source = ReplaySource.from_file(
+        args.replay,
+        run_ids=args.run_ids,
+        max_runs=None if args.run_ids else args.gpus,
+        tz=args.tz,
+        speed=args.speed,
+        model=args.model,
+        device_prefix="",
+        loop=True,
+        counter=True,
+    )
+    try:
+        return DcgmExporter(source, node=args.node, host=args.host, port=args.port)
     except OSError as err:
         raise BadInputError(f"cannot listen on {args.host}:{args.port}: {err}") from err
+
+
+def run_exporter(args: argparse.Namespace) -> int:
+    """Serve until interrupted."""
+    exp = build_exporter(args)
     print(
         f"serving {len(exp.source.devices)} fake GPU(s) from {args.replay} at {exp.url} "
         f"(speed {args.speed}x); Ctrl-C stops",
@@ -162,8 +200,9 @@ def run_sample(args: argparse.Namespace) -> int:
 
     from profiler.sidecar import Sidecar, StoreReceiver
 
-    if args.duration is not None and args.duration <= 0:
-        raise BadInputError(f"--duration must be > 0 s; found {args.duration}")
+    if args.duration is not None:
+        check_positive(args.duration, "--duration", "a finite number of seconds")
+    check_positive(args.batch_interval, "--batch-interval", "a finite number of seconds")
     node = args.node or socket.gethostname()
     sources = _open_sources(args, node)
     store = open_store(args)

@@ -1162,6 +1162,17 @@ def scaled_note(scaled: Sequence[tuple[object, float]]) -> str:
     return "; ".join(parts)
 
 
+def zero_length_note(epochs: Sequence[object]) -> str:
+    """Which epochs of 0 s (``end == start``) are left out of the stable mean (empty when none)."""
+    if not epochs:
+        return ""
+    names = ", ".join(str(e) for e in epochs[:5]) + (" ..." if len(epochs) > 5 else "")
+    return (
+        f"epoch{'s' if len(epochs) > 1 else ''} {names} left out of the stable mean: 0 s long "
+        "(end == start)"
+    )
+
+
 def _epoch_units(
     samples: pl.DataFrame, epochs: pl.DataFrame, trace: Trace, plan: RunPlan, measured_j: float
 ) -> tuple[_Units, str]:
@@ -1185,14 +1196,7 @@ def _epoch_units(
     n = per.height
     instant = per["duration_s"].to_numpy() <= 0
     keep = np.flatnonzero(per["covered"].to_numpy() & ~instant)
-    zero = per["epoch"].filter(pl.Series(instant)).to_list()
-    zero_note = (
-        f"epoch{'s' if len(zero) > 1 else ''} {', '.join(str(e) for e in zero[:5])}"
-        f"{' ...' if len(zero) > 5 else ''} left out of the stable mean: 0 s long "
-        "(end == start)"
-        if zero
-        else ""
-    )
+    zero_note = zero_length_note(per["epoch"].filter(pl.Series(instant)).to_list())
     last_end = float(per["t1_s"].max())  # type: ignore[arg-type]
     planned = plan.planned_epochs if plan.planned_epochs is not None else n
     remaining = float(max(planned - n, 0))
@@ -1365,13 +1369,7 @@ class OnlineStep:
     def _note(self) -> str:
         """Which epochs were scaled or left out of the stable mean, and why (empty when none)."""
         out = self._left_out
-        zero = self._instant
-        instant = (
-            f"epoch{'s' if len(zero) > 1 else ''} {', '.join(str(e) for e in zero[:5])}"
-            f"{' ...' if len(zero) > 5 else ''} left out of the stable mean: 0 s long"
-            if zero
-            else ""
-        )
+        instant = zero_length_note(self._instant)
         if not out:
             return _join(scaled_note(self._scaled), instant)
         # Numbered from 0 in the order fed, as epoch marks are.

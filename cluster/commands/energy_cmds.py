@@ -64,12 +64,7 @@ def check_out_file(path: str, option: str = "--out") -> Path:
     from cluster.commands.pre_cmds import check_writable
 
     out = Path(path)
-    try:
-        check_writable(out, option)
-    except BadInputError as err:
-        # check_writable speaks for bench pre, which trains; here nothing is.
-        msg = str(err).replace("nothing was trained", "nothing was computed")
-        raise BadInputError(msg) from None
+    check_writable(out, option, work="computed")
     return out
 
 

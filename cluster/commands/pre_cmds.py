@@ -179,8 +179,8 @@ def models_dir(args: argparse.Namespace) -> Path:
     return open_store(args).root / "models"
 
 
-def check_writable(path: Path, option: str, *, folder: bool = False) -> None:
-    """Refuse, before anything is trained, an output path that cannot be written.
+def check_writable(path: Path, option: str, *, folder: bool = False, work: str = "trained") -> None:
+    """Refuse, before any work, an output path that cannot be written.
 
     Missing folders are fine (the write creates them); a file where a folder
     must be, a folder where the file must be, or a folder without write
@@ -190,18 +190,19 @@ def check_writable(path: Path, option: str, *, folder: bool = False) -> None:
         path: The output file, or the output folder when ``folder``.
         option: The option that named it, for the message (``--out``).
         folder: Whether ``path`` is a folder to write files in.
+        work: What was not done, for the message (``trained``, ``computed``).
 
     Raises:
-        BadInputError: The path cannot be written; nothing was trained.
+        BadInputError: The path cannot be written; nothing was done.
 
     """
     # os.path's tests, not Path's: a name the system refuses (too long) is not a
     # traceback here; the write reports it.
     if folder and os.path.exists(path) and not os.path.isdir(path):
-        raise BadInputError(f"{option} {path}: is a file; expected a folder (nothing was trained)")
+        raise BadInputError(f"{option} {path}: is a file; expected a folder (nothing was {work})")
     if not folder and os.path.isdir(path):
         raise BadInputError(
-            f"{option} {path}: is a folder; expected a file name (nothing was trained)"
+            f"{option} {path}: is a folder; expected a file name (nothing was {work})"
         )
     above = path if folder else path.parent
     # The nearest folder that exists: the write creates the others below it.
@@ -210,11 +211,11 @@ def check_writable(path: Path, option: str, *, folder: bool = False) -> None:
     if not os.path.isdir(above):
         raise BadInputError(
             f"{option} {path}: {above} is a file, not a folder, so {path} cannot be written "
-            "(nothing was trained); give a path in a folder"
+            f"(nothing was {work}); give a path in a folder"
         )
     if not os.access(above, os.W_OK | os.X_OK):
         raise BadInputError(
-            f"{option} {path}: no permission to write in {above} (nothing was trained)"
+            f"{option} {path}: no permission to write in {above} (nothing was {work})"
         )
 
 

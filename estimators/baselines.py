@@ -568,16 +568,14 @@ def _epochs_problem(epochs: object, total_s: float, interval_s: float) -> str:
     is shorter than the time between the trace's samples
     (:func:`~estimators.step.time_unit_problem`: ``10**15`` epochs).
     """
-    n: int | None = None
-    if isinstance(epochs, int) and not isinstance(epochs, bool):
-        n = epochs
-    elif isinstance(epochs, float) and math.isfinite(epochs) and epochs.is_integer():
-        n = int(epochs)
-    if n is None or n < 1:
+    from estimators.features import is_epoch_count
+
+    if not is_epoch_count(epochs):
         return (
             f"runs.trained_epochs is {epochs!r} for this run; the bench needs a whole number "
             ">= 1 as the planned epochs"
         )
+    n = int(float(epochs))  # type: ignore[arg-type]
     problem = time_unit_problem(total_s, n, interval_s)
     return f"runs.trained_epochs is {n} for this run: {problem}" if problem else ""
 

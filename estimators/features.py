@@ -923,7 +923,7 @@ def runs_features(
             ep_feature = pick("planned_epochs")
             in_column = r.get("planned_epochs") is not None
             ep_label = "'planned_epochs'" if in_column else "config 'planned_epochs'"
-        if ep_feature is not None and not _epoch_count(ep_feature):
+        if ep_feature is not None and not is_epoch_count(ep_feature):
             raise BadInputError(
                 f"{where(file, i, ep_label)}run {r['run_id']!r}: expected a whole number of "
                 f"epochs > 0 (or null: unknown); found {ep_feature!r}"
@@ -1001,7 +1001,7 @@ def _whole(v: object) -> TypeGuard[numbers.Real]:
     return is_number(v) and float(v).is_integer()
 
 
-def _epoch_count(v: object) -> bool:
+def is_epoch_count(v: object) -> bool:
     """Whether ``v`` is a number of epochs: a finite whole number > 0 (``42`` or ``42.0``)."""
     return _whole(v) and float(v) > 0
 

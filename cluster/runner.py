@@ -55,6 +55,8 @@ from profiler.errors import BadInputError, SourceUnavailableError
 from profiler.schema import check_run_id
 
 if TYPE_CHECKING:
+    import polars as pl
+
     from estimators.features import JobDescription
     from estimators.recommend import NodeType
 
@@ -189,7 +191,10 @@ class _JobActorImpl:
         relay_s: float,
         node: str | None = None,
     ) -> dict[str, Any]:
-        """Run ``command`` to its end; returns ``{"returncode", "stopped", "marks"}``.
+        """Run ``command`` to its end; returns its outcome.
+
+        The outcome is ``{"returncode", "stopped", "marks", "refused_marks"}``
+        (marks delivered to the aggregator and marks it refused).
 
         Output goes to this actor's stdout/stderr, which Ray forwards to the
         driver (the job's log under ``ray job submit``). ``node`` is the
@@ -213,7 +218,12 @@ class _JobActorImpl:
             relay.forward()
             time.sleep(relay_s)
         relay.forward(final=True)
-        return {"returncode": rc, "stopped": self.stopped, "marks": relay.sent}
+        return {
+            "returncode": rc,
+            "stopped": self.stopped,
+            "marks": relay.sent,
+            "refused_marks": relay.refused,
+        }
 
     def reap(self) -> int | None:
         """Reap the ended command (a zombie after :meth:`run` so a final read sees its CPU)."""
@@ -266,6 +276,15 @@ class MarkRelay:
     the send time on this process's clock, from which the aggregator
     estimates that node's clock offset (as it does from sample batches).
 
+    The aggregator refuses a whole batch when one mark is bad (it overlaps
+    a mark it holds, restarts an epoch, or the run has ended). Such a refusal
+    (:class:`profiler.errors.BadInputError`) is deterministic, so the relay
+    then sends that batch's marks one at a time, in epoch order: the good
+    ones are taken and each refused one is logged once and not sent again
+    (a mark whose start or end changes in the store is a new mark and is
+    tried). Any other failure (timeout, aggregator gone) is transient: the
+    marks are kept and sent again on the next forward.
+
     Args:
         run_id: The run.
         store_root: The store the training process writes to.
@@ -275,6 +294,8 @@ class MarkRelay:
 
     Attributes:
         sent: Marks delivered so far.
+        refused: Marks the aggregator refused so far (kept in the store, which
+            the run's final figures read; missing from the live view).
 
     """
 
@@ -294,15 +315,17 @@ class MarkRelay:
         self.run_id = run_id
         self.store = Store(store_root)
         self.sent = 0
+        self.refused = 0
         self._seen: set[tuple[int, Any, Any]] = set()
+        self._refused: set[tuple[int, Any, Any]] = set()
         self._handle: Any = None
 
     def forward(self, *, final: bool = False) -> int:
-        """Send marks not sent yet; returns how many (0 when the aggregator is away)."""
-        import polars as pl
-        import ray
+        """Send marks not sent (nor refused) yet; returns how many were delivered.
 
-        from cluster.actors import Router
+        Returns 0 when the aggregator is away (the marks are sent next time).
+        """
+        import polars as pl
 
         try:
             marks = self.store.epochs(self.run_id)
@@ -310,24 +333,100 @@ class MarkRelay:
             log.debug("run %s: could not read epoch marks yet: %s", self.run_id, err)
             return 0
         keys = [(int(e), s, t) for e, s, t in marks.select("epoch", "start", "end").iter_rows()]
-        new = [k not in self._seen for k in keys]
+        new = [k not in self._seen and k not in self._refused for k in keys]
         if not any(new):
             return 0
-        fresh = marks.filter(pl.Series(new))
+        fresh = marks.filter(pl.Series(new)).sort("epoch")
+        timeout_s = 30.0 if final else 10.0
         try:
-            if self._handle is None:
-                self._handle = Router().for_run(self.run_id)
-            ray.get(
-                self._handle.ingest_epochs.remote(fresh, node=self.node, sent_at=self.clock()),
-                timeout=30 if final else 10,
-            )
-        except Exception as err:  # kept in the store; the aggregator reads it on rebuild
-            self._handle = None
-            log.warning("run %s: aggregator did not take epoch marks: %s", self.run_id, err)
-            return 0
+            self._send(fresh, timeout_s)
+        except Exception as err:
+            reason = self._refusal(err)
+            if reason is None:  # kept in the store; the aggregator reads it on rebuild
+                self._handle = None
+                log.warning("run %s: aggregator did not take epoch marks: %s", self.run_id, err)
+                return 0
+            if fresh.height == 1:
+                self._refuse(fresh, reason)
+                return 0
+            return self._one_by_one(fresh, timeout_s)
         self._seen.update(k for k, n in zip(keys, new, strict=True) if n)
         self.sent += fresh.height
         return fresh.height
+
+    def _send(self, marks: pl.DataFrame, timeout_s: float) -> None:
+        """Hand ``marks`` (an ``epochs`` frame) to the run's aggregator shard; raises as it did."""
+        import ray
+
+        from cluster.actors import Router
+
+        if self._handle is None:
+            self._handle = Router().for_run(self.run_id)
+        ray.get(
+            self._handle.ingest_epochs.remote(marks, node=self.node, sent_at=self.clock()),
+            timeout=timeout_s,
+        )
+
+    def _one_by_one(self, marks: pl.DataFrame, timeout_s: float) -> int:
+        """Send ``marks`` (an ``epochs`` frame sorted by epoch) one at a time after a refusal.
+
+        Returns how many were delivered. A transient failure stops here; the
+        marks not tried yet are sent on the next forward.
+        """
+        taken = 0
+        for i in range(marks.height):
+            one = marks.slice(i, 1)
+            try:
+                self._send(one, timeout_s)
+            except Exception as err:
+                reason = self._refusal(err)
+                if reason is None:
+                    self._handle = None
+                    log.warning("run %s: aggregator did not take epoch marks: %s", self.run_id, err)
+                    break
+                self._refuse(one, reason)
+                continue
+            self._seen.add(self._key(one))
+            self.sent += 1
+            taken += 1
+        return taken
+
+    def _refuse(self, mark: pl.DataFrame, reason: BadInputError) -> None:
+        """Remember one refused mark (not sent again while unchanged) and say why, once."""
+        key = self._key(mark)
+        self._refused.add(key)
+        self.refused += 1
+        epoch, start, end = key
+        log.warning(
+            "run %s: the aggregator refused the mark of epoch %d (%s to %s); it stays in the "
+            "store but not in the live view, and is not sent again unless the store's copy "
+            "changes. Reason: %s",
+            self.run_id,
+            epoch,
+            start.isoformat() if isinstance(start, datetime) else start,
+            end.isoformat() if isinstance(end, datetime) else end,
+            reason,
+        )
+
+    @staticmethod
+    def _key(mark: pl.DataFrame) -> tuple[int, Any, Any]:
+        """(epoch, start, end) of a one-row marks frame, as :meth:`forward` keys marks."""
+        epoch, start, end = mark.select("epoch", "start", "end").row(0)
+        return int(epoch), start, end
+
+    @staticmethod
+    def _refusal(err: BaseException) -> BadInputError | None:
+        """The aggregator's own refusal behind a Ray error (``None``: a transient failure).
+
+        Ray re-raises an actor's exception as a ``RayTaskError`` whose
+        ``cause`` is the original (and, where it can, as a class inheriting
+        from both); the cause's message is the aggregator's reason without
+        Ray's traceback.
+        """
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, BadInputError):
+            return cause
+        return err if isinstance(err, BadInputError) else None
 
 
 # ------------------------------------------------------------------------------ the driver side

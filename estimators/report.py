@@ -4,7 +4,9 @@
 marks, one mean epoch of time at a time) and records the projection and band
 STEP would have shown then; :func:`write_report` draws that against the final
 truth as a PNG, or as a self-contained HTML page (the PNG inline plus the
-numbers in a table).
+numbers in a table). A run that has ended without epoch marks and without the
+plan a time replay needs gets its measured total and the power trace, with
+:data:`NO_MARKS_NOTE` saying why there is nothing else.
 """
 
 from __future__ import annotations
@@ -36,6 +38,11 @@ from profiler.errors import BadInputError, StoreError
 
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
+
+#: Why the report of an ended run without epoch marks has no per-epoch energy or STEP replay.
+NO_MARKS_NOTE = (
+    "no epoch marks: per-epoch energy and STEP need marks from EpochHooks or `wattwise run`"
+)
 
 _HISTORY_SCHEMA = {
     "after_unit": pl.Int64,
@@ -159,8 +166,13 @@ def figure(
     *,
     truth_j: float | None,
     title: str,
+    note: str = "",
 ) -> Figure:
-    """Two panels: power with epoch marks and stable point; projection and band over time."""
+    """Two panels: power with epoch marks and stable point; projection and band over time.
+
+    ``note`` is written in the lower panel when there is no history to draw
+    (why there is none).
+    """
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -199,10 +211,14 @@ def figure(
             label="measured so far",
         )
     if truth_j is not None:
-        ax2.axhline(truth_j / 1e3, color="k", lw=1, label="final total")
+        ax2.axhline(truth_j / 1e3, color="k", lw=1, label=f"final total ({truth_j / 1e3:,.1f} kJ)")
     if history.height and truth_j is not None:
         top = np.nanmax([truth_j / 1e3 * 1.6, *(e[np.isfinite(e)] if len(e) else [])])
         ax2.set_ylim(0, top)
+    elif truth_j is not None and truth_j > 0:
+        ax2.set_ylim(0, truth_j / 1e3 * 1.6)
+    if note and not history.height:
+        ax2.text(0.5, 0.5, note, transform=ax2.transAxes, ha="center", va="center", fontsize=9)
     ax2.set_xlabel("time since first sample (min)")
     ax2.set_ylabel("energy (kJ)")
     ax2.legend(loc="lower right", fontsize=8)
@@ -229,16 +245,30 @@ def write_report(
     title: str = "Run",
     detector: Detector = "online",
     confidence: float = 0.9,
+    status: str = "finished",
 ) -> Path:
     """Write the report as PNG or HTML, chosen by ``out``'s suffix.
 
     The final truth is the measured total of a finished run
     (:func:`~estimators.step.measured_energy_j`, what ``wattwise energy --run``
     totals); for a run still going, the last projection is shown without a
-    truth line. The file is
+    truth line. A finished run (``plan.finished``) without epoch marks and
+    without the total duration and planned epochs of a time replay gets its
+    measured total and power trace only, with :data:`NO_MARKS_NOTE`. The file is
     written through a temporary file and a rename, so it is either the whole
     report or absent (an old one is kept); a missing folder is created, as
     every ``--out`` of the CLI does.
+
+    Args:
+        samples: The run's samples (``timestamp``, ``power_w``; optional ``energy_j``).
+        epochs: The run's epoch marks, or ``None``.
+        plan: As :func:`projection_history`; ``finished`` for a run that has ended.
+        out: ``FILE.png`` or ``FILE.html``.
+        title: Page and figure title.
+        detector: Stable-point detector of the time-mode replay.
+        confidence: Band coverage.
+        status: The ended run's status (``finished``, ``failed``), shown beside
+            its measured total when there is no replay.
 
     Raises:
         BadInputError: ``out`` is neither ``.png`` nor ``.html``, a bad
@@ -251,9 +281,18 @@ def write_report(
     suffix = out.suffix.lower()
     if suffix not in (".png", ".html"):
         raise BadInputError(f"report output must end in .png or .html; found {str(out)!r}")
-    history = projection_history(samples, epochs, plan, detector=detector, confidence=confidence)
+    no_marks = epochs is None or epochs.height == 0
+    note = ""
+    if no_marks and plan.finished and not (plan.total_duration_s and plan.planned_epochs):
+        # Nothing to replay: the run's energy is measured, as `wattwise estimate` gives it.
+        history = pl.DataFrame(schema=_HISTORY_SCHEMA)
+        note = NO_MARKS_NOTE
+    else:
+        history = projection_history(
+            samples, epochs, plan, detector=detector, confidence=confidence
+        )
     truth = measured_energy_j(samples, epochs) if plan.finished else None
-    fig = figure(samples, epochs, history, truth_j=truth, title=title)
+    fig = figure(samples, epochs, history, truth_j=truth, title=title, note=note)
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
     png = buf.getvalue()
@@ -267,7 +306,12 @@ def write_report(
     )
     head = "".join(f"<th>{html.escape(c.replace('_j', ' (kJ)'))}</th>" for c in history.columns)
     summary = ""
-    if last is not None:
+    if note and truth is not None:
+        summary = (
+            f"<p>Measured total: <b>{truth / 1e3:,.1f} kJ</b> (run {html.escape(status)}).</p>"
+            f"<p>{html.escape(note)}.</p>"
+        )
+    elif last is not None:
         summary = (
             f"<p>Last projection: <b>{(last['energy_j'] or 0) / 1e3:,.1f} kJ</b> "
             f"({confidence:.0%} band {(last['lower_j'] or 0) / 1e3:,.1f} .. "
@@ -285,9 +329,14 @@ def write_report(
         f"<h1>{html.escape(title)}</h1>{summary}"
         "<img alt='power and projection' src='data:image/png;base64,"
         f"{base64.b64encode(png).decode()}'>"
-        "<p>Energy measured from the power trace; projections by STEP (stable training epoch "
-        "projection) with their band, as they would have been shown after each epoch.</p>"
-        f"<table><tr>{head}</tr>{rows}</table></body></html>"
+        + (
+            "<p>Energy measured from the power trace, as <code>wattwise energy --run</code> "
+            "totals it.</p></body></html>"
+            if note
+            else "<p>Energy measured from the power trace; projections by STEP (stable "
+            "training epoch projection) with their band, as they would have been shown after "
+            f"each epoch.</p><table><tr>{head}</tr>{rows}</table></body></html>"
+        )
     )
     _write(doc.encode("utf-8"), out)
     return out

@@ -242,7 +242,15 @@ def run_estimate(args: argparse.Namespace) -> int:
 
 # ----------------------------------------------------------------------------------- report
 def run_report(args: argparse.Namespace) -> int:
-    """Run ``wattwise report``."""
+    """Run ``wattwise report``.
+
+    A run that has ended (finished or failed) without epoch marks, and without
+    the total duration and planned epochs of a time replay, is reported with
+    its measured total (``estimate``'s figure) and power trace only; a running
+    one is refused with what it needs.
+    """
+    from dataclasses import replace
+
     from estimators.report import write_report
 
     out = Path(args.out)
@@ -253,8 +261,12 @@ def run_report(args: argparse.Namespace) -> int:
     plan, stale = _plan(record, args, epochs)
     if stale:
         raise BadInputError(f"run {args.run!r} not finished and planned epochs unknown: {stale}")
+    status = str(record.get("status"))
     if epochs.height == 0 and not (plan.total_duration_s and plan.planned_epochs):
-        raise BadInputError(_no_marks_message(args.run, samples, plan))
+        if status not in ("finished", "failed"):
+            raise BadInputError(_no_marks_message(args.run, plan))
+        # The run has ended: its energy is measured, and the report shows that total.
+        plan = replace(plan, finished=True)
     if epochs.height == 0 and plan.total_duration_s and plan.planned_epochs:
         from estimators.step import Trace, time_unit_problem
 
@@ -272,37 +284,28 @@ def run_report(args: argparse.Namespace) -> int:
         title=f"Run {args.run}",
         detector=args.detector,
         confidence=args.confidence,
+        status=status,
     )
     console().print(f"wrote {out}")
     return 0
 
 
-def _no_marks_message(run: str, samples: pl.DataFrame, plan: RunPlan) -> str:
-    """Why ``report`` cannot replay a run without epoch marks, and what to pass.
+def _no_marks_message(run: str, plan: RunPlan) -> str:
+    """Why ``report`` cannot replay a running run without epoch marks, and what to pass.
 
     The report replays STEP over time in units of one mean epoch (the run's
-    duration over its planned epochs), so it needs both; a run imported from
-    an nvidia-smi log has neither epochs nor epoch marks. A finished run's
-    measured total is given too, as ``estimate`` gives it.
+    duration over its planned epochs), so it needs both. (A run that has
+    ended is reported with its measured total instead.)
     """
-    from estimators.step import measured_energy_j
-
     missing = []
     if not plan.total_duration_s:
         missing.append("its total duration (the run record has none)")
     if not plan.planned_epochs:
-        missing.append("its planned epochs (give --planned-epochs N, the epochs it trained)")
-    msg = (
-        f"run {run!r} has no epoch marks; the report replays STEP in units of one mean epoch "
-        f"(duration / epochs) and needs {' and '.join(missing)}"
+        missing.append("its planned epochs (give --planned-epochs N)")
+    return (
+        f"run {run!r} is not finished and has no epoch marks; the report replays STEP in units "
+        f"of one mean epoch (duration / epochs) and needs {' and '.join(missing)}"
     )
-    if plan.finished:
-        total = measured_energy_j(samples)
-        msg += (
-            f". The run is finished: its measured total is {total / 1e3:,.1f} kJ "
-            f"('wattwise estimate --run {run}')"
-        )
-    return msg
 
 
 # ----------------------------------------------------------------------------------- bench step

@@ -120,3 +120,13 @@ def test_report_on_an_imported_nvidia_smi_log(
     out = tmp_path / "r.html"
     assert main(["report", *run, "--out", str(out)]) == 0, capsys.readouterr().err
     assert f"Measured total: <b>{total}</b>" in out.read_text()
+
+
+def test_estimate_on_a_failed_run_without_marks_gives_its_measured_total(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Found in review: report gave a failed run's measured total, estimate refused the run."""
+    run = _store_without_marks(tmp_path / "s", "failed")
+    assert _estimate_kj(run, capsys) == TOTAL_KJ
+    assert main(["estimate", *run]) == 0
+    assert "measured total (run failed)" in capsys.readouterr().out

@@ -169,7 +169,12 @@ def _plan(
     return plan, "" if plan.finished else stale
 
 
-def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, RunPlan]:
+def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, str]:
+    """STEP's projection of ``--run``, its epoch marks (by start) and its status.
+
+    A run that has ended without epoch marks (finished or failed) gets its
+    measured total; a failed run with marks is projected to its plan.
+    """
     from dataclasses import replace
 
     from estimators.step import PLANNED_UNKNOWN, Step
@@ -177,6 +182,9 @@ def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, Run
     _check_step_options(args)
     record, samples, epochs = load_run(args)
     plan, stale = _plan(record, args, epochs)
+    status = str(record.get("status"))
+    if epochs.height == 0 and status == "failed":
+        plan = replace(plan, finished=True)  # its energy is measured, as report shows it
     if (
         epochs.height == 0
         and not plan.finished
@@ -193,12 +201,12 @@ def _projection(args: argparse.Namespace) -> tuple[Projection, pl.DataFrame, Run
         # STEP's reason asks for the planned epochs; say why the stored ones do not count.
         rest = proj.reason[len(PLANNED_UNKNOWN) :]
         proj = replace(proj, reason=f"planned epochs unknown: {stale}{rest}")
-    return proj, epochs.sort("start") if epochs.height else epochs, plan
+    return proj, epochs.sort("start") if epochs.height else epochs, status
 
 
 def run_estimate(args: argparse.Namespace) -> int:
     """Run ``wattwise estimate``."""
-    proj, epochs, _ = _projection(args)
+    proj, epochs, status = _projection(args)
     stable_epoch = None
     if proj.stable_unit is not None and epochs.height > proj.stable_unit:
         stable_epoch = int(epochs["epoch"][proj.stable_unit])
@@ -211,7 +219,7 @@ def run_estimate(args: argparse.Namespace) -> int:
     def kj(x: float | None) -> str:
         return "-" if x is None else f"{x / 1e3:,.1f} kJ"
 
-    kind = "measured total (run finished)" if proj.finished else "projected (STEP)"
+    kind = f"measured total (run {status})" if proj.finished else "projected (STEP)"
     t = Table(show_header=False)
     t.add_column("what")
     t.add_column("value", justify="right")

@@ -38,7 +38,11 @@ epoch was missed by that epoch. If its stream is new (a node whose first batch
 came after the epoch closed), the run's finished epochs and STEP are rebuilt
 from the store at once (``recomputed_runs``; once per such stream; epochs
 finished before stay finished; if the store cannot be read the run keeps its
-live state and the rebuild is tried again 5 s later). Otherwise
+live state and the rebuild is tried again 5 s later). So is a run given any
+stream first seen after one of its epochs finished (a device that joined
+late): :func:`estimators.energy.epoch_energy` counts it in the finished
+epochs too, its first power held back up to the gap threshold and the time
+before that as its gap. Otherwise
 (a known stream's batch that lagged past the epoch's closing, or a sample older
 than the window) it is *late*: it is stored (the store drops duplicates) but
 does not change finished epochs while the run goes on, so ``late_samples``
@@ -67,7 +71,9 @@ with its own clock, and clocks of two nodes can be seconds apart.
   ``clock_window`` deliveries (NTP-like): it is biased by the smallest
   one-way delay seen, never by queueing, so its error is at most that delay
   (milliseconds on a LAN; :meth:`Aggregator.stats` gives ``clock_offset_s``
-  and the spread of the observations, ``clock_spread_s``).
+  and the spread of the observations, ``clock_spread_s``). A node with no
+  delivery for an hour is forgotten (at most 4096 nodes are kept, those heard
+  from most recently); if it comes back, its estimate starts afresh.
 * *Stored raw.* Samples and marks are stored with the timestamps their node
   gave them; nothing in the ``samples`` or ``epochs`` tables is rewritten.
   So the store's idempotent key (node, device, timestamp) stays exact: a
@@ -135,6 +141,11 @@ _UNMARKED_KEEP_US = 300_000_000
 _NODE_QUIET_US = 600_000_000
 #: How often ingest looks for such nodes (µs).
 _NODE_SWEEP_US = 60_000_000
+#: A node with no delivery for this long (µs) loses its clock offset estimate (a fresh one
+#: is made if it comes back).
+_CLOCK_FORGET_US = 3_600_000_000
+#: At most this many nodes keep a clock offset estimate (those heard from most recently).
+_CLOCK_MAX_NODES = 4096
 
 OnFinish = Callable[[str, str, dict[str, Any]], object]
 
@@ -512,6 +523,8 @@ class _View:
         self.seg_run = np.searchsorted(goff, self.seg_g, side="right") - 1
         self.run_seg = np.searchsorted(self.seg_run, np.arange(len(runs) + 1), side="left")
         unset = self.first_us[self.seg_g] == _UNSET
+        if unset.any():
+            self._joined_late(unset)
         self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
         self._thresholds()
         self._build()
@@ -576,6 +589,27 @@ class _View:
         for r, k in self._per_run(gid[missed][~new_stream]):
             self.runs[r].late += k
             self.runs[r].dirty = True
+
+    def _joined_late(self, new: np.ndarray) -> None:
+        """Flag runs with a stream first seen after one of their epochs finished.
+
+        Those epochs were finished without it, while ``wattwise energy`` counts
+        it in them: its first power held back up to its gap threshold (into a
+        finished epoch when its first sample is that close to the epoch's
+        end), and the time before that as its gap (which STEP weighs). The run
+        is marked ``reopened`` and rebuilt from the store, as for a new
+        stream's samples older than the epoch's end (:meth:`_missed`); once
+        per stream, since it is known afterwards.
+
+        Args:
+            new: Per segment, whether its stream is seen for the first time.
+
+        """
+        for r in np.unique(self.seg_run[new]).tolist():
+            st = self.runs[r]
+            if st.watermark_us is not None:
+                st.reopened = True
+                st.dirty = True
 
     def _straddled(self, around: list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]) -> None:
         """Flag runs given new samples inside the interval that straddled a finished epoch's end.
@@ -804,22 +838,51 @@ def _us_to_dt(us: int | None) -> datetime | None:
 class ClockOffsets:
     """Per-node clock offset estimates: min over recent deliveries of (receive - send) time.
 
+    Memory is bounded: a node with no delivery for ``forget_after_us`` (of the
+    receiver's clock) is forgotten, checked on each observation, and at most
+    ``max_nodes`` nodes are kept (those heard from most recently). A node
+    that comes back after being forgotten (a rebooted host, a new pod with an
+    old name) starts a fresh estimate; a node that keeps reporting keeps its
+    own. Runs fix each node's shift when its first samples arrive, so
+    forgetting never changes a running run's alignment.
+
     Args:
         window: Deliveries per node the minimum is taken over (recent ones, so
             a drifting clock is followed).
+        forget_after_us: A node silent this long (µs) loses its estimate.
+        max_nodes: Most nodes with an estimate.
 
     """
 
-    def __init__(self, window: int = 256) -> None:
+    def __init__(
+        self,
+        window: int = 256,
+        *,
+        forget_after_us: int = _CLOCK_FORGET_US,
+        max_nodes: int = _CLOCK_MAX_NODES,
+    ) -> None:
         self.window = window
-        self._obs: dict[str, deque[int]] = {}
+        self.forget_after_us = forget_after_us
+        self.max_nodes = max_nodes
+        # node -> its recent observations (µs), least recently heard from first.
+        self._obs: OrderedDict[str, deque[int]] = OrderedDict()
+        self._seen: dict[str, int] = {}  # node -> receive time of its newest delivery (µs)
 
     def observe(self, node: str, received_us: int, sent_us: int) -> None:
         """Record one delivery: sent at ``sent_us`` (node clock), received at ``received_us``."""
         q = self._obs.get(node)
-        if q is None:
-            q = self._obs[node] = deque(maxlen=self.window)
+        if q is None or received_us - self._seen[node] > self.forget_after_us:
+            q = self._obs[node] = deque(maxlen=self.window)  # new, or back after silence
+        self._obs.move_to_end(node)
+        self._seen[node] = received_us
         q.append(received_us - sent_us)
+        while len(self._obs) > 1:
+            oldest = next(iter(self._obs))
+            silent = received_us - self._seen[oldest] > self.forget_after_us
+            if not silent and len(self._obs) <= self.max_nodes:
+                break
+            del self._obs[oldest]
+            del self._seen[oldest]
 
     def offset_us(self, node: str) -> int | None:
         """Aggregator minus node clock in µs (plus the least one-way delay); None if unseen."""
@@ -904,6 +967,32 @@ def align(
             end=pl.col("end") + pl.duration(microseconds=m),
         )
     return samples, marks
+
+
+def overlapping_marks(marks: pl.DataFrame) -> list[tuple[int, int, int, int, int, int]]:
+    """Pairs of one run's epoch marks that overlap (what ``prepare_epochs`` refuses).
+
+    Args:
+        marks: One run's marks (``epochs`` schema).
+
+    Returns:
+        ``(epoch a, start a, end a, epoch b, start b, end b)`` (times in µs since
+        the Unix epoch) for each mark ``b`` that starts before an earlier-starting
+        mark ``a`` ends (``a``: the one of those ending last), in start order.
+
+    """
+    if marks.height < 2:
+        return []
+    start, end = pl.col("start").dt.epoch("us"), pl.col("end").dt.epoch("us")
+    rows = marks.select("epoch", start, end).sort("start", "end")
+    out: list[tuple[int, int, int, int, int, int]] = []
+    held: tuple[int, int, int] | None = None  # the mark ending last so far
+    for ep, s, e in rows.iter_rows():
+        if held is not None and s < held[2]:
+            out.append((*held, int(ep), int(s), int(e)))
+        if held is None or e > held[2]:
+            held = (int(ep), int(s), int(e))
+    return out
 
 
 EPOCH_COLUMNS: dict[str, pl.DataType] = {
@@ -1520,9 +1609,12 @@ class Aggregator:
                         "taken"
                     )
                 have[ep] = (s, e)
-            spans = sorted((s, e, ep) for ep, (s, e) in have.items())
-            for (s0, e0, ep0), (s1, e1, ep1) in zip(spans, spans[1:], strict=False):
-                if s1 < e0:
+            # Marks already stored that overlap each other (written around the aggregator)
+            # are finish_run's to report; only an overlap with a new mark is refused here.
+            held: tuple[int, int, int] | None = None  # the mark ending last so far
+            for s1, e1, ep1 in sorted((s, e, ep) for ep, (s, e) in have.items()):
+                if held is not None and s1 < held[1] and (ep1 in new or held[2] in new):
+                    s0, e0, ep0 = held
                     news = [ep for ep in (ep0, ep1) if ep in new]
                     raise BadInputError(
                         f"run {rid!r}: epoch {ep1} ({_us_iso(s1)} to {_us_iso(e1)}) starts "
@@ -1530,6 +1622,8 @@ class Aggregator:
                         f"epochs that do not overlap (new mark(s): epoch {news}). Nothing was "
                         "taken"
                     )
+                if held is None or e1 > held[1]:
+                    held = (s1, e1, ep1)
 
     def _marks_of(self, run_id: str) -> dict[int, tuple[int, int]]:
         """The run's marks taken so far: epoch -> (start, end) in µs on the marks' clock."""
@@ -1856,6 +1950,13 @@ class Aggregator:
         summary's ``measured_energy_j`` (the Prometheus energy counter) never
         goes below what was reported while the run ran.
 
+        If the run's stored epoch marks overlap (written straight to the store,
+        e.g. by an older tool or an import: the aggregator refuses such marks),
+        the run still ends: its stored ``energy_j`` is the energy from its first
+        sample to its last, ``trained_epochs`` is left empty, nothing stored is
+        removed, and a warning naming the overlapping epochs and how to fix
+        them is logged and returned as the summary's ``warning``.
+
         Args:
             run_id: The run.
             status: ``finished`` or ``failed``.
@@ -1882,12 +1983,21 @@ class Aggregator:
             self._advance_many([st], force=True)
             totals = self._totals_many([st])[0]
             self._settle_thresholds(st)
-            if st.dirty and self.store is not None:
+            overlap = self._stored_overlaps(st) if self.store is not None else []
+            warning = None
+            if overlap:
+                # Marks written around the aggregator (it refuses overlapping ones): no
+                # per-epoch figure can be trusted, but the run must still end.
+                self.flush()
+                totals, _ = self._recompute(st, with_epochs=False)
+                warning = self._overlap_warning(st, overlap, float(totals["energy_j"]))
+                log.warning("%s", warning)
+            elif st.dirty and self.store is not None:
                 self.flush()
                 totals, done = self._recompute(st)
                 st.done = done
             span_j = float(totals["energy_j"])  # first sample to last, as reported while running
-            if self.store is not None:
+            if self.store is not None and not overlap:
                 self.flush()
                 totals = totals | {"energy_j": self._stored_total(st)}
             end = totals["end"] or _us_to_dt(self.clock())
@@ -1900,7 +2010,8 @@ class Aggregator:
                 # Every number says where it came from: a run measured only by the
                 # modelled CPU source has a modelled total, not a measured one.
                 "energy_source": "modelled" if st.sources == {"modelled"} else "measured",
-                "trained_epochs": len(st.done),
+                # Unknown while its marks overlap (left empty rather than guessed).
+                "trained_epochs": None if overlap else len(st.done),
             }
             if st.row.get("start") is None and totals["start"] is not None:
                 row["start"] = totals["start"]
@@ -1915,6 +2026,8 @@ class Aggregator:
             summary = self._summary(
                 st, live=totals | {"energy_j": max(span_j, float(totals["energy_j"]))}
             )
+            if warning is not None:
+                summary["warning"] = warning
             del self._runs[run_id]
             self._finished[run_id] = summary
             while len(self._finished) > _FINISHED_CACHE:
@@ -1961,11 +2074,40 @@ class Aggregator:
         samples, marks = align(self.store.samples(st.run_id), self.store.epochs(st.run_id), st.row)
         return run_total_j(samples, marks, gap_threshold_s=self.gap_threshold_s)
 
-    def _recompute(self, st: _Run) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _stored_overlaps(self, st: _Run) -> list[tuple[int, int, int, int, int, int]]:
+        """Pairs of the run's stored epoch marks that overlap (see :func:`overlapping_marks`)."""
+        assert self.store is not None
+        return overlapping_marks(self.store.epochs(st.run_id))
+
+    def _overlap_warning(
+        self, st: _Run, overlap: list[tuple[int, int, int, int, int, int]], energy_j: float
+    ) -> str:
+        """What finishing a run whose stored marks overlap did, and how to fix it."""
+        pairs = "; ".join(
+            f"epoch {e1} ({_us_iso(s1)} to {_us_iso(t1)}) starts before epoch {e0} "
+            f"({_us_iso(s0)} to {_us_iso(t0)}) ends"
+            for e0, s0, t0, e1, s1, t1 in overlap[:5]
+        )
+        more = f" (and {len(overlap) - 5} more)" if len(overlap) > 5 else ""
+        root = getattr(self.store, "root", None)
+        return (
+            f"run {st.run_id!r}: its stored epoch marks overlap: {pairs}{more}; expected epochs "
+            "that do not overlap. Its per-epoch energy cannot be computed, so the run ended "
+            f"with energy_j {energy_j:.6g} J, the energy from its first sample to its last, "
+            "and trained_epochs left empty; nothing stored was removed. To fix: rewrite its "
+            f"marks in {root}/epochs.parquet so that no two overlap (Store.write_epochs "
+            "replaces the mark of each (run_id, epoch)), then `wattwise energy --run "
+            f"{st.run_id}` gives its per-epoch energy"
+        )
+
+    def _recompute(
+        self, st: _Run, *, with_epochs: bool = True
+    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Totals and epochs of a run from the store (after late samples).
 
         The totals span the samples (first to last); the stored run total is
-        :meth:`_stored_total`.
+        :meth:`_stored_total`. Without ``with_epochs`` the epochs are not
+        computed (an empty list: marks that overlap cannot be).
         """
         from estimators.energy import epoch_energy, run_energy
 
@@ -1988,7 +2130,7 @@ class Aggregator:
                 k: r[k] for k in ("energy_j", "duration_s", "start", "end", "gap_s", "n_samples")
             }
         done = []
-        if marks.height:
+        if with_epochs and marks.height:
             ep = epoch_energy(samples, marks, gap_threshold_s=thr)
             for r in ep.iter_rows(named=True):
                 d = {k: r[k] for k in EPOCH_COLUMNS}

@@ -39,16 +39,19 @@ row N is line N + 1) and the column.
 
 from __future__ import annotations
 
+import codecs
 import logging
 import re
 import zoneinfo
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import polars as pl
 
-from profiler.errors import BadInputError, where
+from profiler.errors import BadInputError, SchemaError, where
 from profiler.importers import check_increasing
 from profiler.schema import check_run_id, conform
 
@@ -302,10 +305,310 @@ def read_nvidia_smi_csv(
     return read.samples
 
 
+#: Bytes of the file decoded and parsed at a time (more when one line is longer). Parsing a
+#: piece takes several times its size; the samples of all pieces take less than the file.
+_PIECE_BYTES = 4 << 20
+
+
+def _pieces(f: BinaryIO, file: str, size: int | None) -> Iterator[tuple[int, bytes, bool]]:
+    r"""Cut the first ``size`` bytes of ``f`` (all of it when ``None``) into pieces at line ends.
+
+    Every piece but the last ends with ``\n`` or with a ``\r`` not followed by ``\n``, so
+    no piece splits a line, a ``\r\n`` or a UTF-8 character (newline bytes occur in none).
+
+    Yields:
+        The file offset (bytes) of the piece, the piece, and whether it is the last one (the
+        rest of the file: it may end without a newline, or be empty).
+
+    """
+    offset, buf, left = 0, b"", size
+    while True:
+        try:
+            data = f.read(_PIECE_BYTES if left is None else min(_PIECE_BYTES, left))
+        except OSError as err:
+            raise BadInputError(f"{file}: cannot read the file ({err})") from err
+        if left is not None:
+            left -= len(data)
+        if not data or left == 0:
+            yield offset, buf + data, True
+            return
+        buf += data
+        cut = buf.rfind(b"\n") + 1 or buf.rfind(b"\r", 0, len(buf) - 1) + 1
+        if cut:
+            yield offset, buf[:cut], False
+            offset, buf = offset + cut, buf[cut:]
+
+
+def _decode(piece: bytes, offset: int, file: str) -> str:
+    r"""Decode a piece of the file (a leading BOM dropped), with ``\r\n`` and ``\r`` as ``\n``.
+
+    Raises:
+        BadInputError: The piece is not UTF-8; the message gives the file offset of the byte.
+
+    """
+    bom = len(codecs.BOM_UTF8) if offset == 0 and piece.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = piece[bom:].decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise BadInputError(
+            f"{file}: expected a UTF-8 text file written by nvidia-smi; found byte "
+            f"{piece[bom + err.start]:#04x} at offset {offset + bom + err.start}"
+        ) from err
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    """What the header line of a file says about its columns.
+
+    Attributes:
+        names: Its comma-separated fields, as found.
+        cols: The column index of each target found (see :func:`_resolve_header`).
+        units: The unit of each numeric target's cells.
+        label: The header of each target column, quoted, for messages.
+        device: The target naming the device (``uuid``, ``index`` or ``pci``), or ``None``.
+
+    """
+
+    names: list[str]
+    cols: dict[str, int]
+    units: dict[str, str]
+    label: dict[str, str]
+    device: str | None
+
+
+class _RowRefused(Exception):
+    """A row refused by row check number ``check`` (the checks of a row run in that order).
+
+    A file read in pieces reports what one read of the whole file would: the first row
+    refused by the first check that refuses any row.
+    """
+
+    def __init__(self, check: int, error: BadInputError) -> None:
+        super().__init__(str(error))
+        self.check = check
+        self.error = error
+
+
+def _parse_rows(
+    df: pl.DataFrame, h: _Header, file: str, zone: zoneinfo.ZoneInfo, tz: str
+) -> pl.DataFrame:
+    """Parse data lines into typed columns, checking each row on its own.
+
+    Args:
+        df: The data lines (``line``) and their 1-based data rows (``row``), blank lines and
+            repeated headers left out.
+        h: The file's header.
+        file: The file, for messages.
+        zone: The time zone of the naive timestamps.
+        tz: Its name, for messages.
+
+    Returns:
+        ``row``, ``device``, ``model`` (null where the cell says no value), ``timestamp``
+        (UTC), the numeric targets found (stored units) and, in a file without a device
+        column, the ``serial`` cells.
+
+    Raises:
+        _RowRefused: A row is refused; the first one of the first check that refuses any.
+
+    """
+    cols, header, label = h.cols, h.names, h.label
+    n_fields = len(header)
+    df = df.with_columns(pl.col("line").str.split(",").alias("f"))
+    df = df.with_columns(pl.col("f").list.len().alias("n"))
+    bad = df.filter(pl.col("n") != n_fields)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise _RowRefused(
+            1,
+            BadInputError(
+                f"{where(file, r['row'])}expected {n_fields} comma-separated fields as in the "
+                f"header; found {r['n']}: {r['line'][:80]!r}"
+            ),
+        )
+
+    cells = {
+        target: pl.col("f").list.get(i, null_on_oob=True).str.strip_chars().alias(target)
+        for target, i in cols.items()
+    }
+    df = df.select("row", *cells.values())
+
+    # Timestamps: both layouts, then local time in tz -> UTC.
+    ts_raw = pl.col("timestamp")
+    parsed = ts_raw.str.replace_all("/", "-").str.to_datetime(
+        TIMESTAMP_FORMAT, strict=False, time_unit="us"
+    )
+    df = df.with_columns(parsed.alias("_ts"))
+    bad = df.filter(pl.col("_ts").is_null()).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        found = "an empty cell" if not r["timestamp"] else repr(r["timestamp"])
+        raise _RowRefused(
+            2,
+            BadInputError(
+                f"{where(file, r['row'], 'column ' + label['timestamp'])}expected a timestamp "
+                f"like '2022-12-05 09:55:42.535' or '2023/03/09 13:27:53.079'; found {found}"
+            ),
+        )
+    local = pl.col("_ts").dt.replace_time_zone(zone.key, ambiguous="null", non_existent="null")
+    df = df.with_columns(local.alias("_local"))
+    bad = df.filter(pl.col("_local").is_null()).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise _RowRefused(
+            3,
+            BadInputError(
+                f"{where(file, r['row'], 'column ' + label['timestamp'])}local time {r['_ts']} "
+                f"does not exist or is ambiguous in time zone {tz!r} (a daylight-saving "
+                "change); expected an unambiguous time. Pass the zone's fixed offset instead, "
+                "e.g. --tz Etc/GMT-1"
+            ),
+        )
+    df = df.with_columns(
+        pl.col("_local").dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("timestamp")
+    ).drop("_ts", "_local")
+
+    # Numeric cells: a number, with the column's unit or none, or a null marker; then
+    # converted from the column's unit to the stored one.
+    for check, f in enumerate((f for f in _FIELDS if f.target in _NUMERIC), start=4):
+        if f.target not in cols:
+            continue
+        col = pl.col(f.target)
+        unit = h.units[f.target]
+        parts = col.str.extract_groups(rf"^(?<n>{_NUMBER})\s*(?<u>.*)$")
+        num, cell_unit = parts.struct.field("n"), parts.struct.field("u")
+        df = df.with_columns(
+            pl.when(_null_marker(col)).then(None).otherwise(num).alias("_num"),
+            pl.when(_null_marker(col)).then(None).otherwise(cell_unit).alias("_unit"),
+        )
+        bad = df.filter(
+            pl.col("_unit").is_not_null() & (pl.col("_unit") != "") & (pl.col("_unit") != unit)
+            | (~_null_marker(col) & pl.col("_num").is_null())
+        ).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            what = f"a power in {unit}" if f.target == "power_w" else "a number"
+            example = f.example if unit == f.unit else f"{f.example.split()[0]} {unit}"
+            why = ""
+            if r["_num"] is not None:  # a number in another unit than the column's
+                why = f": its unit {r['_unit']!r} is not the column's unit {unit!r}"
+                head = header[cols[f.target]].strip()
+                if _header_unit(head) is None and r["_unit"] in [u for u, _, _ in f.units]:
+                    why += (
+                        f" (the header names no unit, so {unit!r} is assumed; write "
+                        f"'{head} [{r['_unit']}]' in the header)"
+                    )
+            raise _RowRefused(
+                check,
+                BadInputError(
+                    f"{where(file, r['row'], 'column ' + label[f.target])}expected {what} such "
+                    f"as {example!r} (or [N/A]); found {r[f.target]!r}{why}"
+                ),
+            )
+        mul, div = next((m, d) for u, m, d in f.units if u == unit)
+        value = pl.col("_num").cast(pl.Float64)
+        if (mul, div) != (1, 1):
+            value = value * mul / div
+        df = df.with_columns(value.alias(f.target)).drop("_num", "_unit")
+    bad = df.filter(pl.col("power_w") < 0).head(1)
+    if bad.height:
+        r = bad.row(0, named=True)
+        raise _RowRefused(
+            4 + len(_NUMERIC),
+            BadInputError(
+                f"{where(file, r['row'], 'column ' + label['power_w'])}expected a power >= 0 W; "
+                f"found {r['power_w']} W"
+            ),
+        )
+    for check, pct in enumerate(_PERCENT, start=5 + len(_NUMERIC)):
+        if pct not in cols:
+            continue
+        bad = df.filter((pl.col(pct) < 0) | (pl.col(pct) > 100)).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise _RowRefused(
+                check,
+                BadInputError(
+                    f"{where(file, r['row'], 'column ' + label[pct])}expected a utilisation "
+                    f"from 0 to 100 %; found {r[pct]:g} %"
+                ),
+            )
+
+    # Device id: uuid, else index, else PCI bus id, else one device "0".
+    dev_col = h.device
+    if dev_col is None:
+        df = df.with_columns(pl.lit("0").alias("device"))
+    else:
+        df = df.with_columns(
+            pl.when(_null_marker(pl.col(dev_col)))
+            .then(None)
+            .otherwise(pl.col(dev_col))
+            .alias("device")
+        )
+        bad = df.filter(pl.col("device").is_null()).head(1)
+        if bad.height:
+            r = bad.row(0, named=True)
+            raise _RowRefused(
+                5 + len(_NUMERIC) + len(_PERCENT),
+                BadInputError(
+                    f"{where(file, r['row'], 'column ' + label[dev_col])}expected a device id; "
+                    f"found {r[dev_col]!r}"
+                ),
+            )
+    model = (
+        pl.when(_null_marker(pl.col("model"))).then(None).otherwise(pl.col("model"))
+        if "model" in cols
+        else pl.lit(None, pl.String)
+    )
+    keep = ["serial"] if dev_col is None and "serial" in cols else []
+    return df.select(
+        "row",
+        "device",
+        model.alias("model"),
+        "timestamp",
+        *[c for c in _NUMERIC if c in cols],
+        *keep,
+    )
+
+
+#: Samples checked by one call of :func:`profiler.schema.conform` (see :func:`_conform_in_slices`).
+_CONFORM_ROWS = 1 << 16
+
+
+def _conform_in_slices(out: pl.DataFrame, file: str) -> pl.DataFrame:
+    """``conform(out, "samples")``, a slice of :data:`_CONFORM_ROWS` rows at a time.
+
+    Its check for duplicated keys hashes every key, taking about 350 bytes a sample at
+    once (500 MiB for 1.5 million) when given the whole file. The slices need no check
+    against each other: :func:`profiler.importers.check_increasing` has made every
+    (device, timestamp) of the file unique, and run and node are the same for all.
+
+    Raises:
+        SchemaError: As ``conform(out, "samples")``: a slice refused is checked again whole,
+            so that the message counts rows over the whole file.
+
+    """
+    try:
+        return pl.concat(
+            [
+                conform(out.slice(i, _CONFORM_ROWS), "samples", file=file)
+                for i in range(0, max(out.height, 1), _CONFORM_ROWS)
+            ]
+        )
+    except SchemaError:
+        conform(out, "samples", file=file)
+        raise
+
+
 def read_nvidia_smi_file(
     path: str | Path, *, node: str, run_id: str | None, tz: str = "UTC"
 ) -> NvidiaSmiFile:
     """Read one nvidia-smi CSV file into samples.
+
+    The file is read twice, a piece at a time (see :data:`_PIECE_BYTES`): once to check
+    that it is UTF-8 text and find its header, once to parse it; so the memory taken
+    is about that of the samples, whatever the file's length. Bytes appended while it is
+    read (nvidia-smi still writing) are left for a later import.
 
     Args:
         path: The CSV file.
@@ -341,25 +644,32 @@ def read_nvidia_smi_file(
             f"unknown time zone {tz!r}; expected an IANA name such as 'UTC' or 'Europe/Madrid'"
         ) from err
     try:
-        raw = Path(path).read_bytes()
+        f = Path(path).open("rb")
     except FileNotFoundError as err:
         raise BadInputError(f"{file}: expected an nvidia-smi CSV file; no such file") from err
     except OSError as err:
         raise BadInputError(f"{file}: cannot read the file ({err})") from err
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as err:
-        raise BadInputError(
-            f"{file}: expected a UTF-8 text file written by nvidia-smi; found byte "
-            f"{raw[err.start]:#04x} at offset {err.start}"
-        ) from err
-    if not text.strip():
+    with f:
+        return _read(f, file, node=node, run_id=run_id, zone=zone, tz=tz)
+
+
+def _read(
+    f: BinaryIO, file: str, *, node: str, run_id: str | None, zone: zoneinfo.ZoneInfo, tz: str
+) -> NvidiaSmiFile:
+    """:func:`read_nvidia_smi_file` on an open file."""
+    # First pass: the whole file is UTF-8 (that error comes first), not blank, and its header.
+    size, header_line, blank = 0, "", True
+    for offset, piece, _ in _pieces(f, file, None):
+        text = _decode(piece, offset, file)
+        if offset == 0:
+            header_line = text.partition("\n")[0]
+        blank = blank and not text.strip()
+        size = offset + len(piece)
+    if blank:
         raise BadInputError(
             f"{file}: empty file; expected a header line such as 'timestamp, name, power.draw "
             "[W]' followed by one row per sample"
         )
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    header_line = lines[0]
     header = header_line.split(",")
     if re.match(r"^\s*\d{4}[-/]\d{2}[-/]\d{2}", header_line):
         raise BadInputError(
@@ -367,159 +677,79 @@ def read_nvidia_smi_file(
             f"power.draw [W]'; found data {header_line[:60]!r}. Record without 'noheader'"
         )
     cols, units = _resolve_header(header, file)
+    h = _Header(
+        names=header,
+        cols=cols,
+        units=units,
+        label={t: repr(header[i].strip()) for t, i in cols.items()},
+        device=next((c for c in ("uuid", "index", "pci") if c in cols), None),
+    )
     n_fields = len(header)
 
-    # nvidia-smi ends every line with a newline: a last line without one was cut off while
-    # being written, and any of its cells may be cut short ("5" of "54"). Stored, it would
-    # conflict with the whole sample when the finished file is imported, so it is left out.
+    # Second pass: the same bytes (not what was appended since), parsed a piece at a time.
+    f.seek(0)
+    frames: list[pl.DataFrame] = []
+    refused: _RowRefused | None = None
+    kept = 0
+    first = 0  # line number (0: the header) of the piece's first line, i.e. its data row
     cut_off_row: int | None = None
     cut_off_text: str | None = None
-    last = lines[-1]
-    if len(lines) > 1 and last.strip() and last != header_line and len(last.split(",")) <= n_fields:
-        cut_off_row, cut_off_text = len(lines) - 1, last[:80]
-        lines = lines[:-1]
-
-    df = pl.DataFrame({"line": lines[1:]}, schema={"line": pl.String}).with_row_index(
-        "row", offset=1
-    )
-    df = df.with_columns(pl.col("row").cast(pl.Int64)).filter(
-        (pl.col("line").str.strip_chars() != "") & (pl.col("line") != header_line)
-    )
-    if df.height == 0 and cut_off_row is None:
+    for offset, piece, last in _pieces(f, file, size):
+        lines = pl.Series("line", [_decode(piece, offset, file)], pl.String).str.split("\n")
+        lines = lines.explode()
+        if not last:  # the piece ends with a newline: no line after it
+            lines = lines.head(lines.len() - 1)
+        n = lines.len()
+        # nvidia-smi ends every line with a newline: a last line without one was cut off
+        # while being written, and any of its cells may be cut short ("5" of "54"). Stored,
+        # it would conflict with the whole sample when the finished file is imported, so it
+        # is left out.
+        end = lines[-1] if last else ""
+        if first + n > 1 and end.strip() and end != header_line:
+            if len(end.split(",")) <= n_fields:
+                cut_off_row, cut_off_text = first + n - 1, end[:80]
+                lines = lines.head(n - 1)
+        df = (
+            lines.to_frame()
+            .with_row_index("row", offset=first)
+            .with_columns(pl.col("row").cast(pl.Int64))
+            .filter(
+                (pl.col("row") > 0)
+                & (pl.col("line").str.strip_chars() != "")
+                & (pl.col("line") != header_line)
+            )
+        )
+        first += n
+        kept += df.height
+        if df.height == 0:
+            continue
+        try:
+            rows = _parse_rows(df, h, file, zone, tz)
+        except _RowRefused as err:
+            if refused is None or err.check < refused.check:
+                refused = err
+            frames.clear()  # the file is refused: its samples are not needed
+            continue
+        if refused is None:
+            frames.append(rows)
+    if kept == 0 and cut_off_row is None:
         raise BadInputError(
             f"{file}: empty file: the header has no data rows below it; expected one row per sample"
         )
-    df = df.with_columns(pl.col("line").str.split(",").alias("f"))
-    df = df.with_columns(pl.col("f").list.len().alias("n"))
-    bad = df.filter(pl.col("n") != n_fields)
-    if bad.height:
-        r = bad.row(0, named=True)
-        raise BadInputError(
-            f"{where(file, r['row'])}expected {n_fields} comma-separated fields as in the "
-            f"header; found {r['n']}: {r['line'][:80]!r}"
-        )
+    if refused is not None:
+        raise refused.error
+    if not frames:  # only a cut-off line: no samples
+        frames.append(_parse_rows(df, h, file, zone, tz))
+    df = pl.concat(frames)
 
-    cells = {
-        target: pl.col("f").list.get(i, null_on_oob=True).str.strip_chars().alias(target)
-        for target, i in cols.items()
-    }
-    df = df.select("row", *cells.values())
-    label = {t: repr(header[i].strip()) for t, i in cols.items()}
-
-    # Timestamps: both layouts, then local time in tz -> UTC.
-    ts_raw = pl.col("timestamp")
-    parsed = ts_raw.str.replace_all("/", "-").str.to_datetime(
-        TIMESTAMP_FORMAT, strict=False, time_unit="us"
-    )
-    df = df.with_columns(parsed.alias("_ts"))
-    bad = df.filter(pl.col("_ts").is_null()).head(1)
-    if bad.height:
-        r = bad.row(0, named=True)
-        found = "an empty cell" if not r["timestamp"] else repr(r["timestamp"])
-        raise BadInputError(
-            f"{where(file, r['row'], 'column ' + label['timestamp'])}expected a timestamp like "
-            f"'2022-12-05 09:55:42.535' or '2023/03/09 13:27:53.079'; found {found}"
-        )
-    local = pl.col("_ts").dt.replace_time_zone(zone.key, ambiguous="null", non_existent="null")
-    df = df.with_columns(local.alias("_local"))
-    bad = df.filter(pl.col("_local").is_null()).head(1)
-    if bad.height:
-        r = bad.row(0, named=True)
-        raise BadInputError(
-            f"{where(file, r['row'], 'column ' + label['timestamp'])}local time {r['_ts']} does "
-            f"not exist or is ambiguous in time zone {tz!r} (a daylight-saving change); expected "
-            "an unambiguous time. Pass the zone's fixed offset instead, e.g. --tz Etc/GMT-1"
-        )
-    df = df.with_columns(
-        pl.col("_local").dt.convert_time_zone("UTC").dt.cast_time_unit("us").alias("timestamp")
-    ).drop("_ts", "_local")
-
-    # Numeric cells: a number, with the column's unit or none, or a null marker; then
-    # converted from the column's unit to the stored one.
-    for f in _FIELDS:
-        if f.target not in cols or f.target not in _NUMERIC:
-            continue
-        col = pl.col(f.target)
-        unit = units[f.target]
-        parts = col.str.extract_groups(rf"^(?<n>{_NUMBER})\s*(?<u>.*)$")
-        num, cell_unit = parts.struct.field("n"), parts.struct.field("u")
-        df = df.with_columns(
-            pl.when(_null_marker(col)).then(None).otherwise(num).alias("_num"),
-            pl.when(_null_marker(col)).then(None).otherwise(cell_unit).alias("_unit"),
-        )
-        bad = df.filter(
-            pl.col("_unit").is_not_null() & (pl.col("_unit") != "") & (pl.col("_unit") != unit)
-            | (~_null_marker(col) & pl.col("_num").is_null())
-        ).head(1)
-        if bad.height:
-            r = bad.row(0, named=True)
-            what = f"a power in {unit}" if f.target == "power_w" else "a number"
-            example = f.example if unit == f.unit else f"{f.example.split()[0]} {unit}"
-            why = ""
-            if r["_num"] is not None:  # a number in another unit than the column's
-                why = f": its unit {r['_unit']!r} is not the column's unit {unit!r}"
-                head = header[cols[f.target]].strip()
-                if _header_unit(head) is None and r["_unit"] in [u for u, _, _ in f.units]:
-                    why += (
-                        f" (the header names no unit, so {unit!r} is assumed; write "
-                        f"'{head} [{r['_unit']}]' in the header)"
-                    )
-            raise BadInputError(
-                f"{where(file, r['row'], 'column ' + label[f.target])}expected {what} such as "
-                f"{example!r} (or [N/A]); found {r[f.target]!r}{why}"
-            )
-        mul, div = next((m, d) for u, m, d in f.units if u == unit)
-        value = pl.col("_num").cast(pl.Float64)
-        if (mul, div) != (1, 1):
-            value = value * mul / div
-        df = df.with_columns(value.alias(f.target)).drop("_num", "_unit")
-    bad = df.filter(pl.col("power_w") < 0).head(1)
-    if bad.height:
-        r = bad.row(0, named=True)
-        raise BadInputError(
-            f"{where(file, r['row'], 'column ' + label['power_w'])}expected a power >= 0 W; "
-            f"found {r['power_w']} W"
-        )
-    for pct in (c for c in _PERCENT if c in cols):
-        bad = df.filter((pl.col(pct) < 0) | (pl.col(pct) > 100)).head(1)
-        if bad.height:
-            r = bad.row(0, named=True)
-            raise BadInputError(
-                f"{where(file, r['row'], 'column ' + label[pct])}expected a utilisation from 0 "
-                f"to 100 %; found {r[pct]:g} %"
-            )
-
-    # Device id: uuid, else index, else PCI bus id, else one device "0".
-    dev_col = next((c for c in ("uuid", "index", "pci") if c in cols), None)
-    if dev_col is None:
-        df = df.with_columns(pl.lit("0").alias("device"))
-    else:
-        df = df.with_columns(
-            pl.when(_null_marker(pl.col(dev_col)))
-            .then(None)
-            .otherwise(pl.col(dev_col))
-            .alias("device")
-        )
-        bad = df.filter(pl.col("device").is_null()).head(1)
-        if bad.height:
-            r = bad.row(0, named=True)
-            raise BadInputError(
-                f"{where(file, r['row'], 'column ' + label[dev_col])}expected a device id; "
-                f"found {r[dev_col]!r}"
-            )
-    model = (
-        pl.when(_null_marker(pl.col("model"))).then(None).otherwise(pl.col("model"))
-        if "model" in cols
-        else pl.lit(None, pl.String)
-    )
-    df = df.with_columns(model.alias("model"))
+    dev_col = h.device
     hint = (
         "; if the file holds several GPUs, add index or uuid to --query-gpu"
         if dev_col is None
         else ""
     )
     if dev_col is None:
-        _refuse_several_gpus(df, file, label)
+        _refuse_several_gpus(df, file, h.label)
     check_increasing(df, file=file, key=("device",), hint=hint)
     if dev_col is None:
         _refuse_interleaved_rows(df, file)
@@ -533,7 +763,7 @@ def read_nvidia_smi_file(
         pl.lit("nvidia-smi").alias("source"),
     )
     return NvidiaSmiFile(
-        samples=conform(out, "samples", file=file),
+        samples=_conform_in_slices(out, file),
         rows=df["row"],
         cut_off_row=cut_off_row,
         cut_off_text=cut_off_text,

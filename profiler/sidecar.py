@@ -269,6 +269,15 @@ class Sidecar:
         elif not hasattr(receiver, "send") and not hasattr(receiver, "send_at"):
             receiver = _CallableReceiver(receiver)
         self.receiver: Receiver = receiver  # type: ignore[assignment]
+        if journal is None and (
+            self.node in ("", ".", "..") or any(c in self.node for c in ("/", "\\", "\0"))
+        ):
+            # The node names its default journal folder: '../x' would put it elsewhere.
+            raise BadInputError(
+                "sidecar node name must be one folder name (no '/', '\\', NUL, '.' or '..'): "
+                f"it names the default spill journal {default_journal_dir()}/<node>; found "
+                f"{self.node!r} (give another --node, or --journal DIR)"
+            )
         if not isinstance(journal, Journal):
             journal = Journal(
                 journal if journal is not None else default_journal_dir() / self.node,

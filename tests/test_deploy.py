@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -117,12 +118,60 @@ def test_gpu_worker_groups_carry_wattwise_placement_hints() -> None:
         node_types.add(name)
         resources = json.loads(json.loads(g["rayStartParams"]["resources"]))
         assert f"node_type:{name}" in resources  # what placement() asks for (0.001 of it)
-        labels = json.loads(json.loads(g["rayStartParams"]["labels"]))
+        assert ray_start_labels(g) == {"wattwise.io/node-type": name}
+        # placement()'s label selector: Ray sets ray.io/accelerator-type itself from the
+        # GPU it finds, the one the nodeSelector picks.
         product = g["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
         gpu = product.replace("NVIDIA-", "").split("-")[0]
-        assert labels["ray.io/accelerator-type"] == accelerator_type(gpu)
+        assert accelerator_type(gpu) == gpu
         assert g["template"]["metadata"]["labels"]["wattwise.io/node-type"] == name
     assert len(node_types) == len(groups)
+
+
+def ray_start_labels(group: dict[str, Any]) -> dict[str, str]:
+    """The labels ``ray start`` gets for a worker group, parsed as Ray parses them.
+
+    KubeRay (>= 1.5) passes the group's top-level ``labels`` as ``--labels=k=v,...``
+    (keys sorted); a ``labels`` rayStartParam is passed through a shell. ``ray start``
+    reads ``key=value`` pairs, falling back to JSON; both must stay off the ``ray.io/``
+    prefix Ray reserves for its own labels.
+    """
+    label_utils = pytest.importorskip(
+        "ray._private.label_utils", reason="Ray's label parser moved; update this test"
+    )
+    args = []
+    if group.get("labels"):
+        args.append(",".join(f"{k}={v}" for k, v in sorted(group["labels"].items())))
+    if "labels" in group["rayStartParams"]:
+        raw = group["rayStartParams"]["labels"]
+        args.append(shlex.split(f"--labels={raw}")[0].split("=", 1)[1])
+    out: dict[str, str] = {}
+    for arg in args:
+        try:
+            labels = label_utils.parse_node_labels_string(arg)
+        except ValueError:  # as `ray start` does: JSON when not key=value pairs
+            labels = label_utils.parse_node_labels_json(arg)
+        label_utils.validate_node_labels(labels)  # the reserved ray.io/ prefix
+        out.update(labels)
+    return out
+
+
+def test_worker_group_labels_pass_rays_own_label_parser() -> None:
+    """Regression: ``ray.io/accelerator-type`` in rayStartParams made ``ray start`` abort.
+
+    Ray reserves the ``ray.io/`` prefix ("cannot start with the prefix ray.io/"), so
+    every GPU worker crash-looped. KubeRay >= 1.5 also refuses ``labels`` in
+    rayStartParams; the group's own label goes in its top-level ``labels``.
+    """
+    ray = next(d for _, d in documents() if d["kind"] == "RayCluster")
+    for g in ray["spec"]["workerGroupSpecs"]:
+        labels = ray_start_labels(g)
+        assert not [k for k in labels if k.startswith("ray.io/")], g["groupName"]
+        assert "labels" not in g["rayStartParams"], g["groupName"]
+    # The old manifest's value, as the YAML gave it.
+    bad = {"rayStartParams": {"labels": r'"{\"ray.io/accelerator-type\": \"A100\"}"'}}
+    with pytest.raises(ValueError, match="cannot start with the prefix `ray.io/`"):
+        ray_start_labels(bad)
 
 
 def test_scrape_config_and_service_monitors_name_the_same_targets() -> None:
@@ -156,6 +205,49 @@ def test_scrape_config_and_service_monitors_name_the_same_targets() -> None:
         text=True,
     )
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_service_monitors_give_the_job_names_of_prometheus_yml() -> None:
+    """Regression: the wattwise ServiceMonitor's job was ``wattwise``, not ``wattwise-aggregator``.
+
+    The operator sets ``job`` to the value of the Service label named by ``jobLabel``
+    (the Service's name without one); the comment promised prometheus.yml's jobs.
+    """
+    prom = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    services = [d for _, d in documents() if d["kind"] == "Service"]
+    jobs = {}
+    for m in (d for _, d in documents() if d["kind"] == "ServiceMonitor"):
+        sel = m["spec"]["selector"]["matchLabels"]
+        (service,) = [s for s in services if sel.items() <= s["metadata"]["labels"].items()]
+        labels, job_label = service["metadata"]["labels"], m["spec"].get("jobLabel")
+        jobs[service["metadata"]["name"]] = labels.get(job_label, service["metadata"]["name"])
+    assert jobs == {"wattwise-metrics": "wattwise-aggregator", "dcgm-exporter": "dcgm-exporter"}
+    assert sorted(jobs.values()) == sorted(j["job_name"] for j in prom["scrape_configs"])
+
+
+def test_head_pod_containers_share_the_ray_session_and_readiness_waits_on_nothing() -> None:
+    """Regression: the wattwise-metrics container could not join the head's raylet.
+
+    Its ``ray.init`` to 127.0.0.1:6379 needs the raylet and object-store sockets under
+    ``/tmp/ray`` of the ray-head container, which containers do not share unless a
+    volume is mounted there in both. Its readiness probe on /metrics also kept the head
+    pod NotReady until the aggregator existed, out of the head Service that the start
+    Job submits the aggregator through.
+    """
+    ray = next(d for _, d in documents() if d["kind"] == "RayCluster")
+    pod = ray["spec"]["headGroupSpec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    containers = {c["name"]: c for c in pod["containers"]}
+    assert set(containers) == {"ray-head", "wattwise-metrics"}
+    at_tmp_ray = set()
+    for name, c in containers.items():
+        mounts = [m["name"] for m in c["volumeMounts"] if m["mountPath"] == "/tmp/ray"]
+        assert len(mounts) == 1, f"{name} mounts nothing at /tmp/ray"
+        at_tmp_ray.add(mounts[0])
+    (shared,) = at_tmp_ray  # one volume, the same in both
+    assert volumes[shared] == {"name": shared, "emptyDir": {}}
+    assert "127.0.0.1:6379" in " ".join(containers["wattwise-metrics"]["args"])
+    assert "readinessProbe" not in containers["wattwise-metrics"]
 
 
 def test_dashboards_are_generated_and_fit_the_grafana_schema() -> None:

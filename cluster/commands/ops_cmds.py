@@ -151,7 +151,9 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     (:func:`cluster.retrain.latest_model` refuses it, e.g. an older format
     version), and says why; the retrain replaces it.
     With fewer usable finished runs than PRE needs (:data:`PRE_MIN_RUNS`) it
-    does nothing and succeeds, so the nightly job of a new deployment does not fail.
+    does nothing and succeeds, so the nightly job of a new deployment does not fail;
+    finished runs whose GPU or job cannot be described (say, a GPU missing from
+    PRE's table) are not usable, and it prints why for the first few of them.
 
     Args:
         store: The run store.
@@ -164,12 +166,11 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
 
     """
     from cluster.metrics import pre_cards
-    from cluster.retrain import latest_model, retrain, training_rows
+    from cluster.retrain import latest_model, retrain
 
     cards = pre_cards(folder)
     newest = cards[-1] if cards else None
-    rows, _ = training_rows(store.runs())
-    usable = rows["run_id"].to_list()
+    usable, why = _usable_runs(store.runs())
     known = set(newest.get("run_ids") or []) if newest else set()
     added = [r for r in usable if r not in known]
     if newest is not None and not added:
@@ -194,6 +195,16 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
         out.print(
             f"{len(usable)} usable finished runs; PRE needs at least {PRE_MIN_RUNS}: nothing to do"
         )
+        if why:
+            out.print(
+                f"{len(why)} finished run(s) left out because their GPU or job cannot be "
+                "described:",
+                soft_wrap=True,
+            )
+            for run_id, reason in list(why.items())[:_SHOWN_REASONS]:
+                out.print(f"  {run_id}: {reason}", soft_wrap=True, markup=False)
+            if len(why) > _SHOWN_REASONS:
+                out.print(f"  ... ({len(why) - _SHOWN_REASONS} more)")
         return 0
     result = retrain(store, folder)
     card = json.loads(result.path.with_name(f"pre-v{result.version}.card.json").read_text())
@@ -217,6 +228,46 @@ def retrain_if_new_runs(store: Any, folder: Path, out: Any) -> int:
     if dropped:
         out.print(f"runs in v{newest['version']} no longer usable: {len(dropped)}")  # type: ignore[index]
     return 0
+
+
+#: Runs left out whose reason ``retrain --if-new-runs`` prints (the others are counted).
+_SHOWN_REASONS = 5
+
+
+def _usable_runs(runs: Any) -> tuple[list[str], dict[str, str]]:
+    """Ids of the runs a retrain would train on, and why the others with their job are not.
+
+    :func:`cluster.retrain.training_rows_why` raises when not one finished run
+    can be described (say, all on a GPU PRE's table does not know); for the
+    nightly job that is a store with no usable run, not a failure, so each run
+    is then described alone to name every reason.
+
+    Args:
+        runs: The store's runs table.
+
+    Returns:
+        (usable finished run ids, reason per finished run id left out because
+        its GPU or features cannot be described).
+
+    """
+    import polars as pl
+
+    from cluster.retrain import training_rows_why
+
+    try:
+        rows, _, why = training_rows_why(runs)
+    except BadInputError:
+        why = {}
+        for run_id in runs.filter(pl.col("status") == "finished")["run_id"].to_list():
+            try:
+                training_rows_why(runs.filter(pl.col("run_id") == run_id))
+            except BadInputError as err:
+                # "runs, row 1: run 'r': unknown GPU ..." names the frame and row of the
+                # one-run slice, and the run: drop both, the run id is printed beside it.
+                msg = str(err).removeprefix("runs, row 1: ").removeprefix("runs, row 1, ")
+                why[run_id] = msg.replace(f"run {run_id!r}: ", "", 1)
+        return [], why
+    return rows["run_id"].to_list(), why
 
 
 def _pct(value: float | None) -> str:

@@ -29,6 +29,7 @@ import datetime as dt
 import os
 import sys
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("POLARS_MAX_THREADS", "1")  # one core: set before polars is imported
 if hasattr(os, "sched_setaffinity"):
@@ -84,17 +85,24 @@ def make_batches(runs: int, per_batch: int, seconds: int, batch_s: int) -> list[
     return out
 
 
-def marks_for(run_ids: list[str], epoch: int, epoch_s: int) -> pl.DataFrame:
+def marks_for(run_ids: list[str], epochs: list[int], epoch_s: int) -> pl.DataFrame:
+    """Epoch marks of ``epochs`` (each ``epoch_s`` seconds long, from T0) for every run."""
     n = len(run_ids)
     return pl.DataFrame(
         {
-            "run_id": run_ids,
-            "epoch": [epoch] * n,
-            "start": [T0 + dt.timedelta(seconds=epoch * epoch_s)] * n,
-            "end": [T0 + dt.timedelta(seconds=(epoch + 1) * epoch_s)] * n,
+            "run_id": run_ids * len(epochs),
+            "epoch": [e for e in epochs for _ in range(n)],
+            "start": [T0 + dt.timedelta(seconds=e * epoch_s) for e in epochs for _ in range(n)],
+            "end": [T0 + dt.timedelta(seconds=(e + 1) * epoch_s) for e in epochs for _ in range(n)],
         },
         schema_overrides={"start": UTC_US, "end": UTC_US},
     )
+
+
+def span(values: list[int]) -> str:
+    """``"N"`` when every value is N, else ``"lo-hi"`` (formatted with thousands separators)."""
+    lo, hi = min(values), max(values)
+    return f"{lo:,}" if lo == hi else f"{lo:,}-{hi:,}"
 
 
 def run_case(
@@ -113,17 +121,22 @@ def run_case(
     per_second = len(groups)
     latencies: list[float] = []
     busy = 0.0
-    epoch = 0
+    epoch = 0  # the next epoch to mark
     start = time.perf_counter()
     for i, b in enumerate(batches):
         second = (i // per_second) * batch_s
         group = [agg._runs[r] for r in groups[i % per_second]]
         done_before = sum(len(s.done) for s in group)
         t_a = time.perf_counter()
-        if second > 0 and second % epoch_s == 0 and i % per_second == 0:
-            # Marks of the epoch that just ended arrive before the samples that close it.
-            agg.ingest_epochs(marks_for(run_ids, epoch, epoch_s), write=False)
-            epoch += 1
+        if i % per_second == 0:
+            # The marks of every epoch that ends within [second, second + batch_s) arrive
+            # before the samples that close it (the batch holds a sample at each such end).
+            ending = []
+            while (epoch + 1) * epoch_s < second + batch_s:
+                ending.append(epoch)
+                epoch += 1
+            if ending:
+                agg.ingest_epochs(marks_for(run_ids, ending, epoch_s), write=False)
         agg.ingest_samples(b, write=False)
         t_b = time.perf_counter()
         busy += t_b - t_a
@@ -137,16 +150,16 @@ def run_case(
     )
     print(
         f"fleet: {runs} runs x {GPUS} GPUs at {HZ} Hz = {runs * GPUS * HZ:,} "
-        f"samples/s of real time; {len(batches):,} batches of {batches[0].height:,} rows "
-        f"({per_batch} run(s), {batch_s} s each), epochs of {epoch_s} s"
+        f"samples/s of real time; {len(batches):,} batches of {span([b.height for b in batches])} "
+        f"rows ({span([len(g) for g in groups])} run(s), {batch_s} s each), epochs of {epoch_s} s"
     )
     print(
         f"  ingested {rows:,} samples in {wall:.2f} s: {rows / wall:,.0f} samples/s "
         f"({rows / busy:,.0f} samples/s counting only ingest calls)"
     )
     print(
-        f"  epochs finished: {done:,} (STEP updated for each); samples held in memory at "
-        f"the end: {held:,} of {rows:,}"
+        f"  epochs finished: {done:,} of {epoch * runs:,} marked (STEP updated for each); "
+        f"samples held in memory at the end: {held:,} of {rows:,}"
     )
     out = {"samples_per_s": rows / wall}
     if latencies:
@@ -164,20 +177,40 @@ def run_case(
     return out
 
 
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=1250, help="concurrent runs (8 GPUs each)")
-    ap.add_argument("--runs-per-batch", type=int, default=1250)
-    ap.add_argument("--seconds", type=int, default=70, help="seconds of data")
-    ap.add_argument("--batch-seconds", type=int, default=1)
-    ap.add_argument("--epoch-s", type=int, default=30)
+    ap.add_argument("--runs", type=whole(1), default=1250, help="concurrent runs (8 GPUs each)")
+    ap.add_argument("--runs-per-batch", type=whole(1), default=1250)
+    ap.add_argument("--seconds", type=whole(1), default=70, help="seconds of data")
+    ap.add_argument("--batch-seconds", type=whole(1), default=1)
+    ap.add_argument("--epoch-s", type=whole(1), default=30)
     ap.add_argument(
         "--node-batch-seconds",
-        type=int,
+        type=whole(0),
         default=5,
         help="also run the per-node case: one node's batch of this many s (0: skip)",
     )
     args = ap.parse_args()
+    if args.epoch_s >= args.seconds:
+        ap.error(
+            f"--epoch-s ({args.epoch_s} s) must be shorter than --seconds ({args.seconds} s): "
+            "no epoch would end within the data"
+        )
     print(
         f"machine: {os.cpu_count()} CPUs, pinned to 1 core, POLARS_MAX_THREADS="
         f"{os.environ['POLARS_MAX_THREADS']}"

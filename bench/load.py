@@ -32,10 +32,12 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +152,47 @@ def actor_pid(handle: Any) -> int | None:
         return None
 
 
+def layout_problem(jobs: int, devices: int, sidecars: int) -> str | None:
+    """Why ``jobs`` runs sharing ``devices`` devices do not fit ``sidecars``; None if they do."""
+    if min(jobs, devices, sidecars) < 1:
+        return (
+            f"--jobs, --devices and --sidecars must be at least 1; got {jobs}, {devices} "
+            f"and {sidecars}"
+        )
+    if jobs % sidecars or devices % jobs:
+        return (
+            f"--jobs must be a multiple of --sidecars and --devices a multiple of --jobs; got "
+            f"{jobs} jobs, {devices} devices, {sidecars} sidecars"
+        )
+    return None
+
+
+def whole(minimum: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least ``minimum``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def run_load(
     *,
     jobs: int = 50,
@@ -190,6 +233,10 @@ def run_load(
         store flushes and ingest calls, timed inside its actor, s),
         ``trace`` and the set-up.
 
+    Raises:
+        ValueError: A size below 1, ``jobs`` not a multiple of ``sidecars`` or
+            ``devices`` not a multiple of ``jobs`` (before any Ray node starts).
+
     """
     import ray
     from ray.cluster_utils import Cluster
@@ -197,8 +244,9 @@ def run_load(
     from cluster.actors import SIDECAR_PREFIX, aggregator, journal_dir_for, sidecar_actor
     from profiler.store import Store
 
-    if jobs % sidecars or devices % jobs:
-        raise SystemExit("--jobs must be a multiple of --sidecars, --devices of --jobs")
+    problem = layout_problem(jobs, devices, sidecars)
+    if problem:
+        raise ValueError(problem)
     per_job = devices // jobs
     jobs_per_sidecar = jobs // sidecars
     root = root or Path(tempfile.mkdtemp(prefix="wattwise-load-"))
@@ -409,13 +457,17 @@ def run_load(
 def main() -> int:
     """Run the benchmark and print its figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--minutes", type=float, default=10.0, help="sampling time (10)")
-    p.add_argument("--jobs", type=int, default=50)
-    p.add_argument("--devices", type=int, default=1000)
-    p.add_argument("--sidecars", type=int, default=10)
-    p.add_argument("--workers", type=int, default=2, help="Ray worker nodes besides the head")
-    p.add_argument("--epoch-s", type=float, default=60.0, help="seconds per epoch of each job")
-    p.add_argument("--every", type=float, default=30.0, help="seconds between memory readings")
+    p.add_argument("--minutes", type=positive_float, default=10.0, help="sampling time (10)")
+    p.add_argument("--jobs", type=whole(1), default=50, help="a multiple of --sidecars")
+    p.add_argument("--devices", type=whole(1), default=1000, help="a multiple of --jobs")
+    p.add_argument("--sidecars", type=whole(1), default=10)
+    p.add_argument("--workers", type=whole(0), default=2, help="Ray worker nodes besides the head")
+    p.add_argument(
+        "--epoch-s", type=positive_float, default=60.0, help="seconds per epoch of each job"
+    )
+    p.add_argument(
+        "--every", type=positive_float, default=30.0, help="seconds between memory readings"
+    )
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.add_argument(
         "--warm",
@@ -423,6 +475,9 @@ def main() -> int:
         help="import scipy.stats in the aggregator first (else the first STEP band pays ~1 s)",
     )
     args = p.parse_args()
+    problem = layout_problem(args.jobs, args.devices, args.sidecars)
+    if problem:
+        p.error(problem)
     t = time.monotonic()
     r = run_load(
         jobs=args.jobs,

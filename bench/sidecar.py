@@ -11,6 +11,7 @@ and a 1 Hz sidecar running, next to the same loop without them (goal: within 1 %
 from __future__ import annotations
 
 import argparse
+import math
 import resource
 import sys
 import tempfile
@@ -136,12 +137,34 @@ def training_overhead(rounds: int, steps: int) -> tuple[float, float]:
     return sorted(plain)[len(plain) // 2], sorted(hooked)[len(hooked) // 2]
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """An argparse type: a finite number above 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", type=int, default=4)
-    p.add_argument("--seconds", type=float, default=20.0)
-    p.add_argument("--rounds", type=int, default=7)
-    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--devices", type=positive_int, default=4)
+    p.add_argument("--seconds", type=positive_float, default=20.0)
+    p.add_argument("--rounds", type=positive_int, default=7)
+    p.add_argument("--steps", type=positive_int, default=60)
     a = p.parse_args()
     print(f"sidecar cost, replay source with {a.devices} fake devices, {a.seconds:.0f} s each:")
     for hz in (1.0, 10.0):

@@ -19,21 +19,28 @@ stretch of a run: a number already marked for the run is refused (a second
 mark would silently replace the first), and :meth:`EpochHooks.close` raises
 when marks could not be written, so no mark is lost without an error. The
 store itself refuses a mark for an epoch another writer of the run marked
-meanwhile (two ranks running the same loop, a retried job beside the first
-attempt), under its lock.
+meanwhile at another time (a retried job beside the first attempt), under its
+lock; the same epoch marked at overlapping times by another writer (another
+rank of the same loop) is the same epoch, and no error. An epoch whose block
+raises is not marked: it did not finish.
 
 Writing to the store, the hooks also give a run that has no ``runs`` row yet
 (one measured by ``wattwise sample --run``, not started by the runner) a row
-of its own, ``running``, with their first mark, and record it ``finished``
-(``failed``) when they close (after an error); a row someone else wrote is
-never changed.
+of its own, ``running``, when its first epoch starts, marked as theirs in its
+``config`` (:data:`ROW_MARK`), and record it ``finished`` (``failed``) when they
+close (after an error). Any later hooks of the run (a job resumed from a
+checkpoint, a second training phase, another rank) update that row in turn; a
+row someone else wrote is never changed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
+import math
+import numbers
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -59,6 +66,12 @@ OWN_RUN_FIELDS: tuple[str, ...] = (
     "duration_s",
 )
 
+#: Key and value in the ``config`` JSON object of a ``runs`` row the hooks created. Such a
+#: row is the hooks' to update, by any hooks of the run (the process that made it, a job
+#: resumed from a checkpoint, a second training phase, other ranks); a row without it
+#: (written by ``wattwise run``, ``wattwise train``, the aggregator, an importer) is not.
+ROW_MARK: tuple[str, str] = ("recorded_by", "profiler.hooks")
+
 
 @dataclass(frozen=True, slots=True)
 class EpochMark:
@@ -76,6 +89,24 @@ class EpochMark:
     epoch: int
     start: datetime
     end: datetime
+
+
+def _hooks_row(row: Mapping[str, Any]) -> bool:
+    """Whether a ``runs`` row was made by epoch hooks (its ``config`` holds :data:`ROW_MARK`)."""
+    try:
+        config = json.loads(row.get("config") or "null")
+    except ValueError:
+        return False
+    return isinstance(config, dict) and config.get(ROW_MARK[0]) == ROW_MARK[1]
+
+
+def _foreign(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The fields of a ``runs`` row that hooks never change (another writer's, if changed)."""
+    return {k: v for k, v in row.items() if k not in OWN_RUN_FIELDS}
+
+
+def _drop(marks: pl.DataFrame) -> None:
+    """The sink of :class:`NoOpHooks`: keeps nothing."""
 
 
 def marks_frame(marks: list[EpochMark]) -> pl.DataFrame:
@@ -102,18 +133,38 @@ class EpochHooks:
     numbers, ``epoch_start()`` continues after the last stored epoch. To
     retry an epoch (say after an out-of-memory error), keep it open: call
     ``epoch_start()`` once and ``epoch_end()`` after the attempt that
-    succeeds, so its mark covers every attempt. Other hooks of the run may
-    write meanwhile (two ranks running one loop): the store checks each mark
-    when it is written and refuses one for an epoch they marked (see
-    ``refused``).
+    succeeds, so its mark covers every attempt. An epoch whose ``with
+    hooks.epoch():`` block raises is not marked (it did not finish): the error
+    goes on unchanged, the epoch number stays free for a rerun (say from a
+    checkpoint), and its samples count in the run's total as time outside
+    every epoch.
+
+    Other hooks of the run may write meanwhile. The store checks each mark
+    when it is written: a mark for an epoch another writer stored at a time
+    that does not overlap this one (a real numbering clash, say a retried job
+    beside the first attempt) is refused (see ``refused``). One whose stored
+    twin overlaps it in time (``start <= their end`` and ``their start <= end``:
+    another rank of the same data-parallel loop marked the same epoch first)
+    is no error: it is logged at info level and the stored mark stands. With
+    ``torchrun`` the simplest is still to record on rank 0 only, as
+    :func:`ray_train_hooks` does::
+
+        hooks = EpochHooks("my-run") if os.environ.get("RANK", "0") == "0" else NoOpHooks()
 
     Writing to a store, the hooks register a run the store has no ``runs``
-    row for with their first mark: status ``running``, ``start`` the first
-    mark's start, and ``run_info``. :meth:`close` records that row
-    ``finished`` (``failed`` when marks were lost, or when leaving a ``with``
-    block on an error), with ``end``, ``duration_s`` and ``trained_epochs``
-    (the marks written). A row they did not create, or one another writer
-    changed since (the runner, an importer, ``wattwise train``), is left alone.
+    row for when its first epoch starts: status ``running``, ``start`` that
+    epoch's start, ``run_info``, and :data:`ROW_MARK` in its ``config``.
+    :meth:`close` records that row ``finished`` (``failed`` when marks were
+    lost, or when leaving a ``with`` block on an error), with ``end``,
+    ``duration_s`` (from the row's ``start``) and ``trained_epochs`` (the
+    marks the store has for the run, whoever wrote them). Later hooks of the
+    run (a job resumed from a checkpoint, a second training phase, another
+    rank) take that row on: ``running`` again when their first epoch starts
+    (the original ``start`` stays; ``end`` keeps the last one until they
+    close), then ended as above. A row without the mark (from the runner,
+    ``wattwise train``, the aggregator, an importer) is left alone, and so is
+    one whose other fields another writer changed since these hooks last saw
+    it (the runner took it over).
 
     Args:
         run_id: The run's id.
@@ -133,7 +184,10 @@ class EpochHooks:
             the node's clock, which the node's sidecar also uses).
         run_info: Further fields of the run's ``runs`` row should the hooks
             create it, e.g. ``{"planned_epochs": 10, "architecture": "resnet50"}``
-            (store only; not the fields in :data:`OWN_RUN_FIELDS`).
+            (store only; not the fields in :data:`OWN_RUN_FIELDS`). Each value
+            must have its column's type: ``int`` for integer columns, a finite
+            ``int``/``float`` for float ones, ``str`` for text, or ``None``;
+            ``config`` is a JSON object, as its JSON text or as a ``dict``.
 
     Attributes:
         marks: Every mark recorded so far, in order (written or not).
@@ -196,9 +250,16 @@ class EpochHooks:
         self._next = first_epoch
         self._epoch: int | None = None
         self._start: datetime | None = None
+        self._first_start: datetime | None = None  # of the first epoch started: the row's start
 
     def _check_run_info(self, info: Mapping[str, Any]) -> dict[str, Any]:
-        """``info`` as fields of the run's row, checked against the ``runs`` table."""
+        """``info`` as fields of the run's row, checked against the ``runs`` table.
+
+        Returns:
+            The fields with Python values of their columns' types, ``config`` as
+            JSON text of an object holding :data:`ROW_MARK`.
+
+        """
         known = {c.name for c in RUNS} - set(OWN_RUN_FIELDS)
         own = sorted(set(info) & set(OWN_RUN_FIELDS))
         if own:
@@ -212,15 +273,74 @@ class EpochHooks:
                 f"run {self.run_id}: run_info: expected columns of the runs table "
                 f"({', '.join(sorted(known))}); found {unknown}"
             )
-        if info:
-            conform(self._run_frame({**info, "status": "running"}), "runs", file="run_info")
-        return dict(info)
+        types = {c.name: c.dtype for c in RUNS}
+        fields = {k: self._check_field(k, v, types[k]) for k, v in info.items() if k != "config"}
+        fields["config"] = self._check_config(info.get("config"))
+        conform(self._run_frame({**fields, "status": "running"}), "runs", file="run_info")
+        return fields
+
+    def _check_field(self, name: str, value: Any, dtype: pl.DataType) -> Any:
+        """``value`` of ``run_info[name]`` if it has the column's type (no rounding, no parsing).
+
+        Raises:
+            BadInputError: It has another type (``planned_epochs=10.5`` would
+                be stored as 10, ``batch_size="sixty"`` not at all).
+
+        """
+        if value is None:
+            return None
+        ok: Any = None
+        if dtype == pl.Int64:
+            want = "an integer (int)"
+            if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+                ok = int(value)
+        elif dtype == pl.Float64:
+            want = "a finite number (int or float)"
+            if isinstance(value, numbers.Real) and not isinstance(value, bool):
+                ok = float(value) if math.isfinite(float(value)) else None
+        else:
+            want = "text (str)"
+            ok = value if isinstance(value, str) else None
+        if ok is None:
+            raise BadInputError(
+                f"run {self.run_id}: run_info[{name!r}]: expected {want} or None for the runs "
+                f"table's {dtype} column; found {value!r} ({type(value).__name__})"
+            )
+        return ok
+
+    def _check_config(self, config: Any) -> str:
+        """``run_info``'s ``config`` (None, a dict or JSON text of an object) plus :data:`ROW_MARK`.
+
+        Raises:
+            BadInputError: It is not a JSON object, as text or as a dict.
+
+        """
+        want = (
+            f"run {self.run_id}: run_info['config']: expected a JSON object, as JSON text "
+            "(str) or a dict of JSON values"
+        )
+        found: Any = {}
+        if isinstance(config, Mapping):
+            try:
+                found = json.loads(json.dumps(dict(config), allow_nan=False))
+            except (TypeError, ValueError) as err:
+                raise BadInputError(f"{want}; found a dict JSON cannot hold ({err})") from err
+        elif isinstance(config, str):
+            try:
+                found = json.loads(config)
+            except ValueError as err:
+                raise BadInputError(f"{want}; found text that is not JSON ({err})") from err
+            if not isinstance(found, dict):
+                raise BadInputError(f"{want}; found JSON {type(found).__name__}: {config!r}")
+        elif config is not None:
+            raise BadInputError(f"{want}; found {config!r} ({type(config).__name__})")
+        return json.dumps({**found, ROW_MARK[0]: ROW_MARK[1]})
 
     def _run_frame(self, fields: Mapping[str, Any]) -> pl.DataFrame:
         """A one-row ``runs`` frame of this run (typed as the table, for null fields)."""
         types = {c.name: c.dtype for c in RUNS}
         row = {"run_id": self.run_id, **fields}
-        return pl.DataFrame([row], schema={k: types[k] for k in row}, strict=False)
+        return pl.DataFrame([row], schema={k: types[k] for k in row})
 
     def _check_new(self, epoch: int) -> None:
         """BadInputError if the run already has a mark for ``epoch``."""
@@ -247,6 +367,9 @@ class EpochHooks:
     def epoch_start(self, epoch: int | None = None) -> None:
         """Mark the start of an epoch (default: one after the previous).
 
+        Writing to a store, the first epoch also gives the run its row, or sets
+        the hooks' row of the run ``running`` again (see the class docstring).
+
         Raises:
             BadInputError: The previous epoch was not ended, or the run already
                 has a mark for this epoch number.
@@ -262,6 +385,9 @@ class EpochHooks:
         self._check_new(number)
         self._epoch = number
         self._start = self.clock()
+        if self._first_start is None:
+            self._first_start = self._start
+        self._register_run()
 
     def epoch_end(self) -> EpochMark:
         """Mark the end of the open epoch and write its mark.
@@ -321,16 +447,28 @@ class EpochHooks:
         return not self._unsent
 
     def _register_run(self) -> None:
-        """Give the run a ``runs`` row if the store has none (once; a failure is retried)."""
-        if self._store is None or not self._row_due:
+        """Give the run a ``runs`` row, or take on the hooks' row it has (once; retried on failure).
+
+        Nothing happens before an epoch started. Then a run without a row gets
+        one, ``running`` from the first epoch's start; a row holding
+        :data:`ROW_MARK` (made by earlier hooks of the run) is set ``running``
+        again, its start kept; any other row is someone else's and left alone.
+        """
+        start = self._first_start or (self.marks[0].start if self.marks else None)
+        if self._store is None or not self._row_due or start is None:
             return
-        start = self.marks[0].start
-        frame = self._run_frame({**self._run_info, "status": "running", "start": start})
+        running = self._run_frame({"status": "running"})
         made: list[dict[str, Any]] = []
 
         def rows(old: pl.DataFrame) -> pl.DataFrame:
-            if old.filter(pl.col("run_id") == self.run_id).height:
-                return frame.clear()  # someone else's row: leave it
+            cur = old.filter(pl.col("run_id") == self.run_id)
+            if cur.height:
+                row = cur.row(0, named=True)
+                if not _hooks_row(row):
+                    return running.clear()  # someone else's row: leave it
+                made.append({**row, "status": "running"})
+                return running.clear() if row["status"] == "running" else running
+            frame = self._run_frame({**self._run_info, "status": "running", "start": start})
             made.append(conform(frame, "runs").row(0, named=True))
             return frame
 
@@ -345,14 +483,20 @@ class EpochHooks:
                 err,
             )
             return
-        self._row_due = False
         self._row_error = None
+        self._row_due = False
         if made:
             self._row = made[0]
-            log.info("run %s: registered in %s (running)", self.run_id, self._where)
+            log.info("run %s: its row in %s is running", self.run_id, self._where)
 
     def _finish_run(self, status: str) -> None:
-        """Record the row these hooks created as ended with ``status``, if it is still theirs.
+        """Record the hooks' row of the run as ended with ``status``, if it is still theirs.
+
+        ``trained_epochs`` is the number of marks the store has for the run
+        (other hooks of the run may have written some), ``duration_s`` runs
+        from the row's ``start``. The row is left alone when another writer
+        took it over: its mark gone, or a field the hooks do not set changed
+        since these hooks last saw it.
 
         Raises:
             StoreError: The row could not be written.
@@ -361,24 +505,25 @@ class EpochHooks:
         if self._store is None or self._row is None or self._row["status"] == status:
             return
         end = self.clock()
-        start = self._row["start"]
-        written = len(self.marks) - len(self.refused) - len(self._unsent)
-        update = self._run_frame(
-            {
-                "status": status,
-                "end": end,
-                "trained_epochs": written,
-                "duration_s": (end - start).total_seconds() if start is not None else None,
-            }
-        )
+        mine = self._row
         done: list[dict[str, Any]] = []
 
         def rows(old: pl.DataFrame) -> pl.DataFrame:
             cur = old.filter(pl.col("run_id") == self.run_id)
-            if cur.height != 1 or cur.row(0, named=True) != self._row:
-                return update.clear()  # another writer took the row over: theirs now
+            row = cur.row(0, named=True) if cur.height == 1 else None
+            if row is None or not _hooks_row(row) or _foreign(row) != _foreign(mine):
+                return self._run_frame({"status": status}).clear()  # theirs now
+            start = row["start"]
+            update = self._run_frame(
+                {
+                    "status": status,
+                    "end": end,
+                    "trained_epochs": self._store.epochs(self.run_id).height,
+                    "duration_s": (end - start).total_seconds() if start is not None else None,
+                }
+            )
             new = conform(update, "runs").row(0, named=True)
-            done.append({**cur.row(0, named=True), **{k: new[k] for k in update.columns}})
+            done.append({**row, **{k: new[k] for k in update.columns}})
             return update
 
         self._store.update_runs(rows)
@@ -395,12 +540,34 @@ class EpochHooks:
         log.warning("run %s: could not write %d epoch mark(s): %s; will retry", self.run_id, n, err)
 
     def _send_one_by_one(self) -> None:
-        """Offer each pending mark alone; refuse for good those the sink refuses again."""
+        """Offer each pending mark alone; refuse for good those the sink refuses again.
+
+        A mark the store refuses because another writer of the run stored the
+        same epoch at an overlapping time (another rank) is taken as written.
+        """
         for epoch, mark in list(self._unsent.items()):
             try:
                 self.sink(marks_frame([mark]))
             except BadInputError as err:
+                try:
+                    twin = self._twin(mark)
+                except Exception as read_err:  # passing: try again with the next mark
+                    self._passing(read_err, 1)
+                    continue
                 del self._unsent[epoch]
+                if twin is not None:
+                    log.info(
+                        "run %s: epoch %d (%s to %s) was stored first by another writer of the "
+                        "run (%s to %s, overlapping: the same epoch, say another rank); kept "
+                        "theirs",
+                        self.run_id,
+                        epoch,
+                        mark.start.isoformat(),
+                        mark.end.isoformat(),
+                        twin.start.isoformat(),
+                        twin.end.isoformat(),
+                    )
+                    continue
                 self.refused.append((mark, str(err)))
                 log.error(
                     "run %s: %s refused the mark of epoch %d (%s to %s) for good: %s",
@@ -416,20 +583,56 @@ class EpochHooks:
             else:
                 del self._unsent[epoch]
 
+    def _twin(self, mark: EpochMark) -> EpochMark | None:
+        """The store's mark of ``mark``'s epoch if it overlaps ``mark`` in time (store only).
+
+        Two data-parallel ranks mark each epoch at nearly the same times; a
+        real numbering clash (an epoch numbered again later) does not overlap.
+
+        Raises:
+            StoreError: The store's marks cannot be read.
+
+        """
+        if self._store is None:
+            return None
+        stored = self._store.epochs(self.run_id).filter(pl.col("epoch") == mark.epoch)
+        for start, end in stored.select("start", "end").iter_rows():
+            if start <= mark.end and mark.start <= end:
+                return EpochMark(self.run_id, mark.epoch, start, end)
+        return None
+
     @contextlib.contextmanager
     def epoch(self, epoch: int | None = None) -> Iterator[None]:
-        """``with hooks.epoch():`` marks one epoch around the block (also when it raises)."""
+        """``with hooks.epoch():`` marks one epoch around the block, if the block finishes.
+
+        A block that raises leaves the epoch unmarked (a crashed epoch did not
+        finish; its number stays free for a rerun) and its error goes on unchanged.
+        """
         self.epoch_start(epoch)
         try:
             yield
-        finally:
-            self.epoch_end()
+        except BaseException as err:
+            self._drop_open(err)
+            raise
+        self.epoch_end()
+
+    def _drop_open(self, err: BaseException) -> None:
+        """Forget the open epoch without marking it (its block raised ``err``)."""
+        log.info(
+            "run %s: epoch %s (started %s) raised %s; not marked (its samples count in the "
+            "run's total, outside every epoch)",
+            self.run_id,
+            self._epoch,
+            self._start.isoformat() if self._start is not None else "?",
+            type(err).__name__,
+        )
+        self._start = self._epoch = None
 
     def close(self) -> None:
         """Write any marks still waiting; raise when a mark could not be written.
 
-        A run row these hooks created is recorded ``finished``, or ``failed``
-        when this raises.
+        The hooks' row of the run (see the class docstring) is recorded
+        ``finished``, or ``failed`` when this raises.
 
         Raises:
             StoreError: Marks are still pending after a last try (the sink kept
@@ -447,17 +650,16 @@ class EpochHooks:
         self._end_run("finished", must=True)
 
     def _end_run(self, status: str, *, must: bool = False) -> None:
-        """Record the run's end in its row (if these hooks made it); raise only with ``must``."""
+        """Record the run's end in the hooks' row of the run; raise only with ``must``."""
         try:
-            if self._row_due and self.marks:
-                self._register_run()
-                if self._row_due:
-                    raise StoreError(
-                        f"run {self.run_id}: could not give the run a row in {self._where}: "
-                        f"{self._row_error}; expected one written with the first mark, so "
-                        f"that `wattwise runs` and `wattwise energy --run {self.run_id}` find "
-                        "it. Write it with Store.write_runs once the store works"
-                    ) from self._row_error
+            self._register_run()  # a row still due, or the hooks' row to take on
+            if self._row_due and self._row_error is not None:
+                raise StoreError(
+                    f"run {self.run_id}: could not give the run a row in {self._where}: "
+                    f"{self._row_error}; expected one written when the first epoch started, "
+                    f"so that `wattwise runs` and `wattwise energy --run {self.run_id}` find "
+                    "it. Write it with Store.write_runs once the store works"
+                ) from self._row_error
             self._finish_run(status)
         except Exception as err:
             if must:
@@ -498,9 +700,33 @@ class EpochHooks:
 
 
 class NoOpHooks:
-    """Same calls as :class:`EpochHooks`, recording nothing (non-zero ranks)."""
+    """Same calls as :class:`EpochHooks`, recording nothing (ranks other than 0).
 
-    marks: list[EpochMark] = []
+    It stands in for :class:`EpochHooks` in every form the README shows
+    (``with ... as hooks:``, ``with hooks.epoch():``, ``epoch_start()``/
+    ``epoch_end()``, ``close()``), so one training loop runs on every rank.
+
+    Args:
+        run_id: The run's id (checked as :class:`EpochHooks` checks it), or None.
+
+    Attributes:
+        run_id: The run's id, or None.
+        clock: UTC clock (unused; :func:`profiler.sources.base.utc_now`).
+        sink: Takes a frame of marks and drops it (nothing is ever sent).
+        marks: Always empty: nothing is recorded.
+        refused: Always empty: nothing is written.
+
+    Raises:
+        BadInputError: ``run_id`` is not a valid run id.
+
+    """
+
+    def __init__(self, run_id: str | None = None) -> None:
+        self.run_id = None if run_id is None else check_run_id(run_id)
+        self.clock: Callable[[], datetime] = utc_now
+        self.sink: Sink = _drop
+        self.marks: list[EpochMark] = []
+        self.refused: list[tuple[EpochMark, str]] = []
 
     def epoch_start(self, epoch: int | None = None) -> None:
         """Do nothing."""
@@ -519,6 +745,12 @@ class NoOpHooks:
     def flush(self) -> bool:
         """Nothing to write."""
         return True
+
+    def __enter__(self) -> NoOpHooks:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        """Do nothing; the block's error, if any, goes on."""
 
 
 def lightning_callback(hooks: EpochHooks) -> Any:
@@ -573,7 +805,7 @@ def ray_train_hooks(
         import ray.train
 
         rank = ray.train.get_context().get_world_rank()
-    return EpochHooks(run_id, **kwargs) if rank == 0 else NoOpHooks()
+    return EpochHooks(run_id, **kwargs) if rank == 0 else NoOpHooks(run_id)
 
 
 class RayTrainEpochMarks:

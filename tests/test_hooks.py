@@ -50,11 +50,15 @@ def test_explicit_numbers_and_misuse() -> None:
     assert [d["epoch"].to_list() for d in got] == [[1], [5]]
 
 
-def test_epoch_block_that_raises_is_still_marked() -> None:
+def test_epoch_block_that_raises_is_not_marked() -> None:
+    """A crashed epoch did not finish: no mark, and its number stays free for the rerun."""
     got: list[pl.DataFrame] = []
     hooks = EpochHooks("r-1", sink=got.append)
     with pytest.raises(RuntimeError, match="nan loss"), hooks.epoch():
         raise RuntimeError("nan loss")
+    assert got == [] and hooks.marks == []
+    with hooks.epoch():
+        pass
     assert len(got) == 1 and got[0]["epoch"].item() == 0
 
 

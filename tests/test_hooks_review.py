@@ -166,9 +166,9 @@ def test_hooks_record_their_run_failed_when_the_block_raises(tmp_path: Path) -> 
             pass
         with h.epoch():
             raise RuntimeError("nan loss")
-    record = store.run("r2")
-    assert record["status"] == "failed" and record["trained_epochs"] == 2
-    assert record["end"] == t(40)
+    record = store.run("r2")  # the crashed epoch is not marked, so not trained
+    assert record["status"] == "failed" and record["trained_epochs"] == 1
+    assert record["end"] == t(30) and spans(store.epochs("r2")) == [(0, 0.0, 10.0)]
 
 
 def test_hooks_register_the_run_once_the_store_works_again(tmp_path: Path) -> None:

@@ -6,6 +6,7 @@ Used only when nothing measured exists on a node. Its samples always carry
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from profiler.errors import BadInputError, SourceUnavailableError
@@ -59,7 +60,8 @@ class ModelledCpuSource:
         device: Device id of the samples.
 
     Raises:
-        BadInputError: Powers negative or idle above the board power.
+        BadInputError: Powers not finite (inf or nan), board power not positive,
+            idle power negative or above the board power.
         SourceUnavailableError: ``/proc/stat`` cannot be read.
 
     """
@@ -75,10 +77,14 @@ class ModelledCpuSource:
         cpuinfo: str | Path = "/proc/cpuinfo",
         device: str = "cpu",
     ) -> None:
-        if not (board_power_w > 0 and 0 <= idle_w <= board_power_w):
+        finite = math.isfinite(board_power_w) and math.isfinite(idle_w)
+        if not (finite and board_power_w > 0 and 0 <= idle_w <= board_power_w):
+            # An infinite board power made every sample nan (stored null) while the run
+            # went on as if measured: refuse it with the finite range instead.
             raise BadInputError(
-                f"modelled source needs board_power_w > 0 and 0 <= idle_w <= board_power_w; "
-                f"found board_power_w={board_power_w}, idle_w={idle_w}"
+                f"modelled source needs finite powers in W with board_power_w > 0 and "
+                f"0 <= idle_w <= board_power_w; found board_power_w={board_power_w}, "
+                f"idle_w={idle_w}"
             )
         self.board_power_w = float(board_power_w)
         self.idle_w = float(idle_w)

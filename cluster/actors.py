@@ -4,7 +4,12 @@
   (``wattwise-aggregator`` in namespace ``wattwise``, restarted by Ray for
   ever). On every start it rebuilds its state from the store and its
   write-ahead journal (``<store>/aggregator-wal``), so a restart loses nothing
-  that was acknowledged. A run's end triggers a debounced PRE retrain in a
+  that was acknowledged. What the operator asked it to run (the sidecars'
+  sources and options, the HTTP API's address and token) is saved in
+  ``<store>/aggregator/settings.json`` (the token apart, in ``api-token``, mode
+  0600) and started again when Ray restarts the actor; an explicit
+  ``stop_sidecars``/``stop_api`` forgets it, and a newly created actor (not a
+  restart) starts with none. A run's end triggers a debounced PRE retrain in a
   background Ray task.
 * ``SidecarActor`` runs a :class:`profiler.sidecar.Sidecar` on one node
   (pinned with ``NodeAffinitySchedulingStrategy``); its receiver sends each
@@ -22,9 +27,16 @@ Ray is imported inside functions so that importing this module stays cheap.
 
 from __future__ import annotations
 
+import base64
+import contextlib
+import importlib
+import io
+import json
 import logging
+import math
 import os
 import socket
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -58,6 +70,12 @@ class _AggregatorActorImpl:
         store_root: Absolute store directory (shared by the aggregator's nodes).
         options: Keyword arguments for :class:`cluster.aggregator.Aggregator`.
         retrain_delay_s: Quiet time after the last finished run before PRE retrains.
+        shard: This shard's number (0: the plain aggregator).
+        shards: Shards in all.
+        launch_id: Identifies the actor across Ray's restarts (Ray runs ``__init__``
+            again with the same arguments). Saved settings carrying the same id are
+            restored (sidecars and API started again); any others belong to an
+            earlier actor and are removed. ``None``: never restore.
 
     """
 
@@ -68,6 +86,7 @@ class _AggregatorActorImpl:
         retrain_delay_s: float = 30.0,
         shard: int = 0,
         shards: int = 1,
+        launch_id: str | None = None,
     ) -> None:
         from cluster.aggregator import Aggregator, Debounced
         from estimators.step import _t_quantile
@@ -85,10 +104,20 @@ class _AggregatorActorImpl:
         self.agg = Aggregator.rebuild(self.store, on_finish=self._on_finish, owns=owns, **opts)
         self.started = time.time()
         self._stop = threading.Event()
-        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
-        self._flusher.start()
         self.manager: SidecarManager | None = None
         self._api: Any = None
+        self.launch_id = launch_id
+        self._settings_file = settings_path(self.store.root, shard)
+        self._settings_lock = threading.RLock()  # settings, manager and API change together
+        self._sidecar_lock = threading.Lock()  # one reconcile or stop at a time
+        self._sidecar_settings: dict[str, Any] | None = None  # encoded sources and options
+        self._api_settings: dict[str, Any] | None = None  # host, port, bound_port, token
+        self._api_token: str | None = None
+        self._api_retry_at = math.inf  # monotonic time of the next try to serve a restored API
+        self.restore_errors: dict[str, str] = {}
+        self._restore()
+        self._flusher = threading.Thread(target=self._flush_loop, daemon=True)
+        self._flusher.start()
 
     def _on_finish(self, run_id: str, status: str, summary: dict[str, Any]) -> None:
         if status != "finished":
@@ -114,11 +143,148 @@ class _AggregatorActorImpl:
                 self.agg.maybe_flush()
             except Exception:
                 log.exception("aggregator: periodic flush failed")
-            if self.manager is not None and self.manager.due():
+            manager = self.manager
+            if manager is not None and manager.due():
                 try:
-                    self.manager.reconcile()
+                    with self._sidecar_lock:
+                        if manager is self.manager:  # not stopped meanwhile
+                            manager.reconcile()
                 except Exception:
                     log.exception("aggregator: sidecar reconcile failed")
+            if self._api is None and time.monotonic() >= self._api_retry_at:
+                with self._settings_lock:
+                    if self._api is None and self._api_settings is not None:
+                        self._serve_saved_api()
+
+    # Settings that survive a restart.
+    def _restore(self) -> None:
+        """Start again the sidecars and the API saved by this actor's earlier incarnation."""
+        try:
+            saved = read_settings(self._settings_file)
+        except Exception as err:
+            self.restore_errors["settings"] = str(err)
+            log.error("aggregator: %s; starting no sidecars and no API", err)
+            return
+        if saved is None:
+            return
+        if self.launch_id is None or saved.get("launch_id") != self.launch_id:
+            log.info(
+                "aggregator: %s holds the settings of an earlier aggregator (not a restart of "
+                "this one); removing them: sidecars and API start when asked",
+                self._settings_file,
+            )
+            try:
+                self._save()  # nothing held yet: removes the file and the token
+            except Exception as err:
+                log.warning("aggregator: %s", err)
+            return
+        sidecars = saved.get("sidecars")
+        if sidecars is not None:
+            self._sidecar_settings = sidecars
+            try:
+                sources = decode_setting(sidecars["sources"])
+                options = decode_setting(sidecars["options"])
+                self.manager = SidecarManager(sources, **options)  # the flush loop starts them
+                log.info("aggregator restarted: keeping sidecars with %s", _describe(sidecars))
+            except Exception as err:
+                self.restore_errors["sidecars"] = (
+                    f"could not restore the sidecars saved in {self._settings_file}: {err}; "
+                    "start them again (wattwise aggregator start --sidecars ...)"
+                )
+                log.error("aggregator: %s", self.restore_errors["sidecars"])
+        api = saved.get("api")
+        if api is not None:
+            self._api_settings = api
+            if api.get("token"):
+                try:
+                    self._api_token = _token_file(self._settings_file).read_text(encoding="utf-8")
+                except OSError as err:
+                    self.restore_errors["api"] = (
+                        f"the API was started with a token, but "
+                        f"{_token_file(self._settings_file)} cannot be read ({err}); not "
+                        "serving it without one: start it again (wattwise aggregator start --port)"
+                    )
+                    log.error("aggregator: %s", self.restore_errors["api"])
+                    return
+            self._serve_saved_api()
+
+    def _api_view(self) -> Any:
+        return self.agg if self.shards == 1 else ShardView(self.agg, self.shard, self.shards)
+
+    def _serve_saved_api(self) -> None:
+        """Serve the saved API: on the port it had (clients keep their URL), else as asked."""
+        from cluster.api import serve
+
+        s = self._api_settings
+        assert s is not None
+        ports = [int(s["bound_port"])]
+        if int(s["port"]) == 0 and ports[0] != 0:
+            ports.append(0)  # any port was asked for: a new one if the old one is taken
+        error: Exception | None = None
+        for port in ports:
+            try:
+                self._api = serve(
+                    self._api_view(), host=s["host"], port=port, token=self._api_token
+                )
+                break
+            except Exception as err:
+                error = err
+        if self._api is None:
+            self._api_retry_at = time.monotonic() + API_RETRY_S
+            self.restore_errors["api"] = (
+                f"could not serve the API again on {s['host']} port {ports[0]}: {error}; "
+                f"trying again every {API_RETRY_S:.0f} s"
+            )
+            log.warning("aggregator: %s", self.restore_errors["api"])
+            return
+        self._api_retry_at = math.inf
+        self.restore_errors.pop("api", None)
+        log.info("aggregator restarted: serving the API again at %s", self._api.url)
+        bound = int(self._api.server.server_address[1])
+        if bound != s["bound_port"]:
+            s["bound_port"] = bound
+            try:
+                self._save()
+            except Exception as err:
+                log.warning("aggregator: %s", err)
+
+    def _save(self) -> None:
+        """Write what this actor runs to the settings file (or remove it when nothing runs).
+
+        Raises:
+            StoreError: The file could not be written.
+
+        """
+        from profiler.errors import StoreError
+
+        path = self._settings_file
+        token = _token_file(path)
+        keep_token = self._api_settings is not None and self._api_token is not None
+        try:
+            if path.parent.is_symlink():
+                raise OSError(f"{path.parent} is a symbolic link; expected a folder")
+            if keep_token:  # first the token, so that settings naming one always find it
+                _write_atomic(token, str(self._api_token), 0o600)
+            if self._sidecar_settings is None and self._api_settings is None:
+                path.unlink(missing_ok=True)
+            else:
+                data = {
+                    "version": SETTINGS_VERSION,
+                    "launch_id": self.launch_id,
+                    "shard": self.shard,
+                    "sidecars": self._sidecar_settings,
+                    "api": self._api_settings,
+                }
+                from profiler.store import file_mode
+
+                _write_atomic(path, json.dumps(data, indent=1) + "\n", file_mode(path))
+            if not keep_token:
+                token.unlink(missing_ok=True)
+        except OSError as err:
+            raise StoreError(
+                f"could not save the aggregator's settings to {path}: {err}; a restart of the "
+                "actor would not start its sidecars and API again"
+            ) from err
 
     # Delegation: kept explicit so Ray exposes exactly these methods.
     def ping(self) -> dict[str, Any]:
@@ -162,6 +328,14 @@ class _AggregatorActorImpl:
         out["store"] = str(self.store.root)
         out["api"] = None if self._api is None else self._api.url
         out["sidecars"] = None if self.manager is None else self.manager.node_names()
+        api = self._api_settings
+        out["settings"] = {  # what a restart of this actor starts again
+            "sidecars": None
+            if self._sidecar_settings is None
+            else _describe(self._sidecar_settings),
+            "api": None if api is None else {k: api[k] for k in ("host", "port", "token")},
+            "errors": dict(self.restore_errors),
+        }
         return out
 
     def flush(self) -> int:
@@ -169,27 +343,127 @@ class _AggregatorActorImpl:
         return self.agg.flush()
 
     def start_sidecars(
-        self, sources: list[SourceSpec], options: dict[str, Any] | None = None
+        self,
+        sources: list[SourceSpec] | Callable[[dict[str, Any]], Sequence[SourceSpec]],
+        options: dict[str, Any] | None = None,
     ) -> list[str]:
         """Start one sidecar per alive node now and keep them running; returns their node ids.
 
         Calling it again keeps the running manager (and its sidecars) and only
-        fills in nodes that have none.
+        fills in nodes that have none. The sources and options are saved in the
+        store, so a restarted actor starts the same sidecars again.
+
+        Args:
+            sources: (registry name, kwargs) pairs, or a module-level function of the
+                Ray node record returning them (found again by name after a restart).
+            options: :class:`SidecarManager` options (``interval_s``, ...).
+
+        Raises:
+            BadInputError: Sources or options a restart could not rebuild: a lambda or
+                nested function, or a value other than JSON values, tuples, datetimes,
+                paths, polars frames and module-level functions (nothing is started).
+            StoreError: The settings could not be saved (nothing was started).
+
         """
-        if self.manager is None:
-            self.manager = SidecarManager(sources, **(options or {}))
-        return self.manager.reconcile()
+        with self._settings_lock:
+            if self.manager is None:
+                opts = dict(options or {})
+                enc = {
+                    "sources": encode_setting(sources, "sidecars.sources"),
+                    "options": encode_setting(opts, "sidecars.options"),
+                }
+                manager = SidecarManager(sources, **opts)  # bad option names raise here
+                self._sidecar_settings = enc
+                try:
+                    self._save()
+                except Exception:
+                    self._sidecar_settings = None
+                    raise
+                self.manager = manager
+                self.restore_errors.pop("sidecars", None)
+            manager = self.manager
+        with self._sidecar_lock:
+            return manager.reconcile()
+
+    def stop_sidecars(self) -> dict[str, dict[str, int]]:
+        """Stop every sidecar and forget them (a restart starts none); node name -> counters.
+
+        Raises:
+            StoreError: The settings could not be saved (the sidecars keep running).
+
+        """
+        with self._settings_lock:
+            saved = self._sidecar_settings
+            self._sidecar_settings = None
+            try:
+                self._save()
+            except Exception:
+                self._sidecar_settings = saved
+                raise
+            manager, self.manager = self.manager, None
+            self.restore_errors.pop("sidecars", None)
+        if manager is None:
+            return {}
+        with self._sidecar_lock:
+            return manager.stop_all()
 
     def start_api(self, host: str = "127.0.0.1", port: int = 0, token: str | None = None) -> str:
-        """Serve the HTTP/JSON API from this actor; returns its URL."""
+        """Serve the HTTP/JSON API from this actor; returns its URL.
+
+        The address and the token are saved in the store (the token in a file only
+        its owner reads), so a restarted actor serves the API again, on the same port.
+
+        Raises:
+            BadInputError: See :func:`cluster.api.serve`.
+            StoreError: The settings could not be saved (the API was not started).
+
+        """
         from cluster.api import serve
 
-        if self._api is None:
-            view: Any = self.agg
-            if self.shards > 1:
-                view = ShardView(self.agg, self.shard, self.shards)
-            self._api = serve(view, host=host, port=port, token=token)
-        return str(self._api.url)
+        with self._settings_lock:
+            if self._api is None:
+                api = serve(self._api_view(), host=host, port=port, token=token)
+                saved = self._api_settings, self._api_token
+                self._api_settings = {
+                    "host": host,
+                    "port": port,
+                    "bound_port": int(api.server.server_address[1]),
+                    "token": token is not None,
+                }
+                self._api_token = token
+                try:
+                    self._save()
+                except Exception:
+                    api.close()
+                    self._api_settings, self._api_token = saved
+                    raise
+                self._api = api
+                self._api_retry_at = math.inf
+                self.restore_errors.pop("api", None)
+            return str(self._api.url)
+
+    def stop_api(self) -> bool:
+        """Stop serving the API and forget it (a restart serves none); whether one was set.
+
+        Raises:
+            StoreError: The settings could not be saved (the API keeps running).
+
+        """
+        with self._settings_lock:
+            had = self._api is not None or self._api_settings is not None
+            saved = self._api_settings, self._api_token
+            self._api_settings, self._api_token = None, None
+            try:
+                self._save()
+            except Exception:
+                self._api_settings, self._api_token = saved
+                raise
+            api, self._api = self._api, None
+            self._api_retry_at = math.inf
+            self.restore_errors.pop("api", None)
+        if api is not None:
+            api.close()
+        return had
 
 
 def _launch_retrain(store_root: str) -> None:
@@ -204,6 +478,194 @@ def _launch_retrain(store_root: str) -> None:
         return _retrain(Store(root))
 
     _retrain_task.remote(store_root)
+
+
+SETTINGS_VERSION = 1
+
+#: Seconds between two tries to serve a restored API whose port was taken.
+API_RETRY_S = 5.0
+
+
+def settings_path(store_root: str | os.PathLike[str], shard: int) -> Path:
+    """The file where aggregator shard ``shard`` keeps what a restart starts again."""
+    name = "settings.json" if shard == 0 else f"settings-{shard}.json"
+    return Path(store_root) / "aggregator" / name
+
+
+def _token_file(settings: Path) -> Path:
+    """The API token beside ``settings`` (``api-token``, ``api-token-<shard>``)."""
+    return settings.with_name("api-token" + settings.stem.removeprefix("settings"))
+
+
+def read_settings(path: Path) -> dict[str, Any] | None:
+    """The saved settings at ``path``, or ``None`` when there are none.
+
+    Raises:
+        StoreError: The file cannot be read or is not settings of this version.
+
+    """
+    from profiler.errors import StoreError
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        raise StoreError(f"cannot read the aggregator's settings {path}: {err}") from err
+    if not isinstance(data, dict) or data.get("version") != SETTINGS_VERSION:
+        found = data.get("version") if isinstance(data, dict) else type(data).__name__
+        raise StoreError(
+            f"{path}: expected aggregator settings of version {SETTINGS_VERSION}; found "
+            f"{found!r}. Remove the file and start the sidecars and API again"
+        )
+    return data
+
+
+def _write_atomic(path: Path, text: str, mode: int) -> None:
+    """Write ``text`` to ``path`` (permission bits ``mode``): readers see old or new, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), mode)
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _describe(sidecars: Mapping[str, Any]) -> dict[str, Any]:
+    """Saved sidecar settings as shown in ``stats``: source names (or function) and options."""
+    sources = sidecars["sources"]
+    if isinstance(sources, dict) and "$function" in sources:
+        shown: Any = sources["$function"]
+    else:
+        specs = [s["$tuple"] if isinstance(s, dict) and "$tuple" in s else s for s in sources]
+        shown = [spec[0] for spec in specs]
+    return {"sources": shown, "options": sidecars["options"]}
+
+
+def _function_ref(fn: Callable[..., Any], where: str) -> str:
+    """``module:qualname`` of a function that can be imported again by that name."""
+    from profiler.errors import BadInputError
+
+    module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
+    found: Any = None
+    if module and qualname and "<" not in qualname:
+        try:
+            found = importlib.import_module(module)
+            for part in qualname.split("."):
+                found = getattr(found, part)
+        except (ImportError, AttributeError):
+            found = None
+    if found is not fn:
+        raise BadInputError(
+            f"{where}: a restarted aggregator finds a sources function again by its name, so "
+            f"expected a module-level function; found {module}.{qualname}. Define it at the top "
+            "of an importable module, or give a list of (source, kwargs)"
+        )
+    return f"{module}:{qualname}"
+
+
+def encode_setting(value: Any, where: str) -> Any:
+    """``value`` as JSON that :func:`decode_setting` turns back into an equal value.
+
+    Plain JSON values stay as they are; tuples, datetimes, paths, polars frames
+    (Arrow IPC, base64) and module-level functions (by name) become one-key
+    objects tagged ``$tuple``, ``$datetime``, ``$path``, ``$frame``, ``$function``
+    (a dict with a key starting with ``$`` becomes ``$dict``).
+
+    Args:
+        value: What to encode.
+        where: Its name, for error messages (``sidecars.sources``).
+
+    Raises:
+        BadInputError: A value of another type, a dict key that is not a string,
+            or a function that cannot be imported again by name.
+
+    """
+    from profiler.errors import BadInputError
+
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list):
+        return [encode_setting(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if isinstance(value, tuple):
+        return {"$tuple": [encode_setting(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, dict):
+        for k in value:
+            if not isinstance(k, str):
+                raise BadInputError(
+                    f"{where}: expected string keys; found {k!r} ({type(k).__name__})"
+                )
+        items = {k: encode_setting(v, f"{where}[{k!r}]") for k, v in value.items()}
+        if any(k.startswith("$") for k in items):
+            return {"$dict": [[k, v] for k, v in items.items()]}
+        return items
+    if isinstance(value, datetime):
+        return {"$datetime": value.isoformat()}
+    if isinstance(value, Path):
+        return {"$path": str(value)}
+    if isinstance(value, pl.DataFrame):
+        buf = io.BytesIO()
+        value.write_ipc(buf)
+        return {"$frame": base64.b64encode(buf.getvalue()).decode("ascii")}
+    if callable(value):
+        return {"$function": _function_ref(value, where)}
+    raise BadInputError(
+        f"{where}: a restarted aggregator must rebuild this value, so expected JSON values, "
+        f"tuples, datetimes, paths, polars frames or module-level functions; found "
+        f"{type(value).__name__}"
+    )
+
+
+def decode_setting(value: Any) -> Any:
+    """The value :func:`encode_setting` encoded.
+
+    Raises:
+        StoreError: An unknown tag, or a function no longer found by its name.
+
+    """
+    from profiler.errors import StoreError
+
+    if isinstance(value, list):
+        return [decode_setting(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if len(value) == 1 and next(iter(value)).startswith("$"):
+        tag, body = next(iter(value.items()))
+        if tag == "$tuple":
+            return tuple(decode_setting(v) for v in body)
+        if tag == "$dict":
+            return {k: decode_setting(v) for k, v in body}
+        if tag == "$datetime":
+            return datetime.fromisoformat(body)
+        if tag == "$path":
+            return Path(body)
+        if tag == "$frame":
+            return pl.read_ipc(io.BytesIO(base64.b64decode(body)))
+        if tag == "$function":
+            module, _, qualname = str(body).partition(":")
+            try:
+                found: Any = importlib.import_module(module)
+                for part in qualname.split("."):
+                    found = getattr(found, part)
+            except (ImportError, AttributeError) as err:
+                raise StoreError(f"the sources function {body} is no longer found: {err}") from err
+            return found
+        raise StoreError(
+            f"expected one of $tuple, $dict, $datetime, $path, $frame, $function; found {tag!r}"
+        )
+    return {k: decode_setting(v) for k, v in value.items()}
 
 
 def shard_name(shard: int) -> str:
@@ -420,6 +882,8 @@ def aggregator(
         SourceUnavailableError: ``create`` is false and no aggregator runs.
 
     """
+    import secrets
+
     import ray
 
     from profiler.errors import SourceUnavailableError
@@ -443,7 +907,9 @@ def aggregator(
         max_restarts=-1,
         num_cpus=0,
         max_concurrency=4,  # queries and the API answer while a batch is being ingested
-    ).remote(root, options, retrain_delay_s, shard, shards)
+        # A new launch id for a new actor; Ray's restarts of it run __init__ with the same one,
+        # which is how it tells a restart (restore the saved settings) from a fresh start.
+    ).remote(root, options, retrain_delay_s, shard, shards, secrets.token_hex(8))
 
 
 # ------------------------------------------------------------------------------ sidecars

@@ -20,6 +20,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from cluster.cli import main
 from profiler.errors import BadInputError
 
 SOURCES = [("modelled", {"board_power_w": 65.0})]
@@ -193,7 +194,7 @@ def _sidecars_back(agg: Any, want: dict[str, str]) -> bool:
 
 @pytest.mark.slow
 def test_a_restarted_aggregator_runs_the_same_sidecars_and_api(
-    ray_cluster: Any, tmp_path: Path
+    ray_cluster: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     import ray
 
@@ -221,8 +222,11 @@ def test_a_restarted_aggregator_runs_the_same_sidecars_and_api(
         assert _get(url + "/runs")[0] == 200
 
         # An explicit stop is remembered too: the next restart starts neither.
-        assert set(ray.get(agg.stop_sidecars.remote(), timeout=120)) == set(want.values())
-        assert ray.get(agg.stop_api.remote(), timeout=60) is True
+        # (through the CLI an operator types: `wattwise aggregator stop --sidecars --api`)
+        assert main(["aggregator", "stop", "--sidecars", "--api"]) == 0
+        said = capsys.readouterr().out
+        assert "stopped the sidecars of 2 node(s)" in said and "stopped the HTTP API" in said
+        assert ray.get(agg.stats.remote(), timeout=30)["settings"]["sidecars"] is None
         pid = ray.get(agg.ping.remote(), timeout=30)["pid"]
         ray.kill(agg, no_restart=False)
         _wait("a third incarnation", lambda: ray.get(agg.ping.remote(), timeout=10)["pid"] != pid)
@@ -231,3 +235,10 @@ def test_a_restarted_aggregator_runs_the_same_sidecars_and_api(
         assert stats["sidecars"] is None and stats["api"] is None
     finally:
         ray.kill(agg, no_restart=True)
+
+
+def test_aggregator_stop_without_what_to_stop_is_refused(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert main(["aggregator", "stop"]) == 2
+    assert "--sidecars, --api or both" in capsys.readouterr().err

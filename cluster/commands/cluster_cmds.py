@@ -1,4 +1,4 @@
-"""``wattwise aggregator start|status``: the cluster's aggregator actor from the command line."""
+"""``wattwise aggregator start|stop|status``: the aggregator actor from the command line."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from profiler.errors import BadInputError, SourceUnavailableError
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    """Add ``aggregator start`` and ``aggregator status``."""
+    """Add ``aggregator start``, ``aggregator stop`` and ``aggregator status``."""
     p = subparsers.add_parser("aggregator", help="the cluster's aggregator (a Ray actor)")
     sub = p.add_subparsers(dest="aggregator_command", required=True, metavar="ACTION")
 
@@ -44,6 +44,16 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     start.add_argument("--json", action="store_true", help="print the status as JSON")
     start.set_defaults(func=run_start)
+
+    stop = sub.add_parser(
+        "stop",
+        help="stop the aggregator's sidecars and/or HTTP API, so that a restart does not "
+        "start them again (the aggregator itself keeps running)",
+    )
+    stop.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
+    stop.add_argument("--sidecars", action="store_true", help="stop every node's sidecar")
+    stop.add_argument("--api", action="store_true", help="stop serving the HTTP API")
+    stop.set_defaults(func=run_stop)
 
     status = sub.add_parser("status", help="runs, counters and API address of the aggregator")
     status.add_argument("--address", default="auto", help="Ray cluster address (default: auto)")
@@ -153,4 +163,27 @@ def run_status(args: argparse.Namespace) -> int:
     _connect(args.address)
     aggregator(create=False)  # a clear message when none runs
     _print(*_merged(Router().handles()), args.json)
+    return 0
+
+
+def run_stop(args: argparse.Namespace) -> int:
+    """Run ``wattwise aggregator stop``."""
+    import ray
+
+    from cluster.actors import aggregator
+
+    if not (args.sidecars or args.api):
+        raise BadInputError(
+            "aggregator stop needs what to stop: --sidecars, --api or both; found neither "
+            "(the aggregator itself keeps running: it is a detached actor)"
+        )
+    _connect(args.address)
+    handle = aggregator(create=False)  # a clear message when none runs
+    out = console()
+    if args.sidecars:
+        stopped = ray.get(handle.stop_sidecars.remote())
+        out.print(f"stopped the sidecars of {len(stopped)} node(s); a restart starts none")
+    if args.api:
+        had = ray.get(handle.stop_api.remote())
+        out.print("stopped the HTTP API" if had else "the HTTP API was not running")
     return 0

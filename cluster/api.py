@@ -20,8 +20,11 @@ are those of the CLI's job options: ``arch`` (required), ``batch_size`` (32),
 ``epochs``, ``node_type`` and ``objective`` (energy, cost, carbon).
 
 Timestamps are ISO 8601 strings with an offset (``2024-01-01T00:00:00+00:00`` or
-``...Z``); numbers, booleans and times without an offset are refused (400), not read
-as seconds or microseconds since 1970 nor as UTC.
+``...Z``; ``t`` and ``z`` in lower case are read as ``T`` and ``Z``); numbers, booleans and
+times without an offset are refused (400), not read as seconds or microseconds since 1970
+nor as UTC. So is a time that is no date (``2024-02-30``) or lies outside
+:data:`profiler.schema.TIME_MIN` .. :data:`profiler.schema.TIME_END` once in UTC (1970 to
+2262: ``9999-12-31T23:59:59-05:00`` is year 10000 in UTC, which no reader could hold).
 
 ``image_size`` is at most :data:`MAX_IMAGE_SIZE` and ``batch_size`` at most
 :data:`MAX_BATCH_SIZE` here (the aggregator measures a torchvision model at the
@@ -72,7 +75,13 @@ import polars as pl
 
 from cluster.aggregator import Aggregator, _jsonable, runs_table
 from profiler.errors import BadInputError, SchemaError, WattwiseError, where
-from profiler.schema import RUN_ID_RE, UTC_US, check_run_id
+from profiler.schema import (
+    RUN_ID_RE,
+    TIME_RANGE,
+    UTC_US,
+    check_run_id,
+    first_time_out_of_range,
+)
 
 if TYPE_CHECKING:
     from estimators.features import JobDescription
@@ -220,6 +229,37 @@ def _check_offsets(df: pl.DataFrame, what: str, time_cols: tuple[str, ...]) -> N
             )
 
 
+def _check_parsed(df: pl.DataFrame, texts: dict[str, pl.Series], what: str) -> None:
+    """Refuse a time string polars could not read, or a time outside the store's range.
+
+    Args:
+        df: The rows, their time columns parsed (``UTC_US``; null where unreadable).
+        texts: Time column -> the strings as sent, for the message.
+        what: The body's field, for the message.
+
+    Raises:
+        BadInputError: The first such value, with its 1-based row, field and the
+            string as sent (and, when out of range, its time in UTC).
+
+    """
+    for c, sent in texts.items():
+        bad = df.select((pl.col(c).is_null() & sent.is_not_null()).arg_true().first().alias("i"))[
+            "i"
+        ][0]
+        if bad is not None:
+            raise BadInputError(
+                f"{where(what, int(bad) + 1, repr(c))}expected {_TIME_EXPECTED}, a date and "
+                f"time that exist; found {sent[int(bad)][:80]!r}"
+            )
+    out = first_time_out_of_range(df, list(texts))
+    if out is not None:
+        row, c, utc = out
+        raise BadInputError(
+            f"{where(what, row + 1, repr(c))}expected {TIME_RANGE}; found "
+            f"{texts[c][row][:80]!r} ({utc} in UTC)"
+        )
+
+
 def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
     if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
         raise BadInputError(f"expected {{{what!r}: [objects]}} in the request body")
@@ -229,12 +269,17 @@ def _frame(rows: Any, what: str, time_cols: tuple[str, ...]) -> pl.DataFrame:
     try:
         df = pl.DataFrame(rows, infer_schema_length=None)
         _check_offsets(df, what, time_cols)
+        texts = {c: df[c] for c in time_cols if c in df.columns and df.schema[c] == pl.String}
+        # Upper case: polars refuses the 't' and 'z' that ISO 8601 allows (the strings
+        # passed _OFFSET_TIME, so nothing else in them has a case).
         df = df.with_columns(
-            pl.col(c).str.to_datetime(time_unit="us", time_zone="UTC")
-            for c in time_cols
-            if c in df.columns and df.schema[c] == pl.String
+            pl.col(c)
+            .str.to_uppercase()
+            .str.to_datetime(time_unit="us", time_zone="UTC", strict=False)
+            for c in texts
         ).with_columns(pl.col(c).cast(UTC_US) for c in time_cols if c in df.columns)
-    except BadInputError:  # _check_offsets: already says where and why
+        _check_parsed(df, texts, what)
+    except BadInputError:  # _check_offsets, _check_parsed: already say where and why
         raise
     except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError) as err:
         # polars raises TypeError/ValueError/OverflowError for a column of mixed JSON types

@@ -7,7 +7,8 @@ Three tables (see ``profiler.store``):
   within a run.
 * ``epochs``: epoch marks, keyed by (``run_id``, ``epoch``).
 
-All timestamps are ``Datetime("us", "UTC")``. Energies are in joules, power in
+All timestamps are ``Datetime("us", "UTC")``, from :data:`TIME_MIN` up to (not
+including) :data:`TIME_END`. Energies are in joules, power in
 watts, durations in seconds, memory in MiB, temperatures in degrees Celsius.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Literal
 
 import polars as pl
@@ -28,6 +30,19 @@ TableName = Literal["runs", "samples", "epochs"]
 RunStatus = Literal["running", "finished", "failed"]
 RUN_STATUSES: tuple[str, ...] = ("running", "finished", "failed")
 SOURCES: tuple[str, ...] = ("nvml", "dcgm", "rapl", "replay", "modelled", "nvidia-smi")
+
+#: Earliest time a table holds (UTC): the Unix epoch. No power sample or epoch of a training
+#: run is older; an earlier time is a wrong unit or a clock that was never set.
+TIME_MIN = datetime(1970, 1, 1, tzinfo=UTC)
+#: First time a table refuses (UTC). Nanoseconds since 1970 in an int64 (numpy, pandas, Arrow
+#: ns timestamps) end on 2262-04-11; Python's datetime ends with year 9999, which an
+#: offset can push into year 10000 in UTC (polars would store it, every reader then fails).
+TIME_END = datetime(2262, 4, 11, tzinfo=UTC)
+#: What a time must be, for messages.
+TIME_RANGE = (
+    f"a time from {TIME_MIN:%Y-%m-%dT%H:%M:%SZ} up to (not including) "
+    f"{TIME_END:%Y-%m-%dT%H:%M:%SZ} (UTC)"
+)
 
 #: Run ids become directory names, so they are restricted to a safe alphabet
 #: (no path separators, no leading dot): this is what stops path traversal.
@@ -243,7 +258,8 @@ def conform(df: pl.DataFrame, table: str, *, file: str | None = None) -> pl.Data
 
     Raises:
         SchemaError: Unknown or missing columns, wrong dtypes, nulls in
-            required columns, bad run ids, statuses or sources, negative or
+            required columns, times outside :data:`TIME_MIN` ..
+            :data:`TIME_END`, bad run ids, statuses or sources, negative or
             non-finite power or energy, epochs ending before they start, two
             different rows with one key.
 
@@ -294,6 +310,43 @@ def conform(df: pl.DataFrame, table: str, *, file: str | None = None) -> pl.Data
     return res
 
 
+def first_time_out_of_range(
+    df: pl.DataFrame, columns: Sequence[str] | None = None
+) -> tuple[int, str, str] | None:
+    """The first time outside :data:`TIME_MIN` .. :data:`TIME_END` in ``df``'s datetime columns.
+
+    Nulls are not checked (the schema check says whether they are allowed).
+
+    Args:
+        df: A frame; only its time-zone-aware ``Datetime`` columns are looked at.
+        columns: The columns to check, in this order; default every such column.
+
+    Returns:
+        ``None`` when every time is in range, else (row index counted from 0,
+        column, the value as ISO 8601 text in UTC), first by column then by row.
+        The text is formatted by polars: the value may lie beyond what Python's
+        ``datetime`` can hold.
+
+    """
+    names = df.columns if columns is None else list(columns)
+    for name in names:
+        dtype = df.schema.get(name)
+        if not isinstance(dtype, pl.Datetime) or dtype.time_zone is None:
+            continue
+        col = pl.col(name)
+        bad = df.select(
+            (col.is_not_null() & ((col < TIME_MIN) | (col >= TIME_END))).arg_true().first()
+        ).item()
+        if bad is not None:
+            text = df.select(
+                col.gather(int(bad))
+                .dt.convert_time_zone("UTC")
+                .dt.to_string("%Y-%m-%dT%H:%M:%S%.f%:z")
+            ).item()
+            return int(bad), name, str(text)
+    return None
+
+
 def _first_bad(df: pl.DataFrame, mask: pl.Expr) -> tuple[int, dict[str, object]] | None:
     hit = df.with_row_index("_row").filter(mask).head(1)
     if hit.height == 0:
@@ -303,6 +356,11 @@ def _first_bad(df: pl.DataFrame, mask: pl.Expr) -> tuple[int, dict[str, object]]
 
 
 def _check_values(df: pl.DataFrame, table: str, file: str | None) -> None:
+    # First: the other checks quote rows as Python values, and Python cannot hold year 10000.
+    bad_time = first_time_out_of_range(df, [c.name for c in TABLES[table]])
+    if bad_time:
+        i, name, text = bad_time
+        raise SchemaError(f"{where(file, i + 1, repr(name))}expected {TIME_RANGE}; found {text}")
     for c in TABLES[table]:
         if c.required:
             bad = _first_bad(df, pl.col(c.name).is_null())

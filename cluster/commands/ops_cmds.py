@@ -27,8 +27,10 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="serve Prometheus metrics (job energy, STEP, PRE, sidecars) at /metrics",
         description=(
             "Serve the aggregator's metrics for Prometheus. Without --ray, an aggregator is "
-            "rebuilt from the store (running runs replayed) every --refresh seconds: for a "
-            "single node or tests. With --ray, the cluster's aggregator actors (every shard) "
+            "rebuilt from the store (running runs replayed) every --refresh seconds, and runs "
+            "that ended within a day of the store's newest run are served as stored; of the "
+            "aggregator counters only finished runs (from the store). For a single node or "
+            "tests. With --ray, the cluster's aggregator actors (every shard) "
             "and its sidecar actors are queried at each scrape."
         ),
     )
@@ -58,29 +60,81 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.set_defaults(func=run_metrics)
 
 
+#: Ended runs ``wattwise metrics`` serves without ``--ray``: those whose latest recorded time
+#: (start or end) lies within this many seconds (s) of the latest such time of all runs (the
+#: store's own clock: replayed and imported runs carry their recorded times, not today's).
+ENDED_SHOWN_S = 86_400.0
+#: Most ended runs served, most recent first (as many as a live aggregator keeps).
+ENDED_SHOWN_MAX = 1024
+#: Run statuses that mean the run has ended.
+_ENDED = ("finished", "failed")
+
+
 class _Rebuilding:
-    """An aggregator rebuilt from the store at most every ``refresh_s`` seconds."""
+    """An aggregator rebuilt from the store at most every ``refresh_s`` seconds.
+
+    Besides the running runs the rebuilt aggregator holds, it serves the runs
+    that ended recently (see :data:`ENDED_SHOWN_S`) with their figures as
+    stored: total energy, epochs, final STEP figure (the total), last epoch
+    (:meth:`cluster.aggregator.Aggregator.epochs` reads it from the store).
+    A live aggregator holds them after they end; a rebuilt one does not, so
+    without this they vanished at the next refresh.
+
+    Of the aggregator's counters it gives only ``finished_runs``, counted from
+    the store (runs finished or failed); the others (samples received, late,
+    flushed, epoch marks taken...) exist only in a live aggregator and are left
+    out rather than reported as zeros.
+    """
 
     def __init__(self, store: Any, refresh_s: float) -> None:
-        from cluster.aggregator import Aggregator
-
         self.store = store
         self.refresh_s = refresh_s
-        self._agg = Aggregator.rebuild(store)
-        self._at = time.monotonic()
         self._lock = threading.Lock()
+        self._agg, self._ended, self._ended_count = self._build()
+        self._at = time.monotonic()
 
-    def _current(self) -> Any:
+    def _build(self) -> tuple[Any, list[dict[str, Any]], int]:
+        """The rebuilt aggregator, the recently ended runs' summaries, how many runs ended."""
+        import polars as pl
+
         from cluster.aggregator import Aggregator
 
+        agg = Aggregator.rebuild(self.store)
+        runs = self.store.runs()  # after the rebuild: a run that ended meanwhile is ended here
+        # A run's start is the aggregator's clock when it began, its end the time of its last
+        # sample: the later of the two says how recent the run is. Kept in polars: a time
+        # stored before times were checked may lie beyond Python's datetime.
+        latest = pl.max_horizontal("start", "end")
+        runs = runs.with_columns(
+            _latest=latest, _cutoff=latest.max() - pl.duration(seconds=ENDED_SHOWN_S)
+        )
+        ended = runs.filter(pl.col("status").is_in(_ENDED))
+        recent = (
+            ended.filter(
+                (pl.col("_latest") >= pl.col("_cutoff")) & ~pl.col("run_id").is_in(agg.running())
+            )
+            .sort("_latest", descending=True)
+            .head(ENDED_SHOWN_MAX)
+        )
+        return agg, [_ended_summary(r) for r in _summary_rows(recent)], ended.height
+
+    def _current(self) -> Any:
         with self._lock:
             if time.monotonic() - self._at >= self.refresh_s:
-                self._agg = Aggregator.rebuild(self.store)
+                self._agg, self._ended, self._ended_count = self._build()
                 self._at = time.monotonic()
             return self._agg
 
+    def _state(self) -> tuple[Any, list[dict[str, Any]], int]:
+        agg = self._current()
+        with self._lock:
+            return agg, self._ended, self._ended_count
+
     def status(self) -> Any:
-        return self._current().status()
+        agg, ended, _ = self._state()
+        held = list(agg.status())
+        seen = {s["run_id"] for s in held}
+        return held + [s for s in ended if s["run_id"] not in seen]
 
     def running(self) -> list[str]:
         return list(self._current().running())
@@ -89,7 +143,53 @@ class _Rebuilding:
         return self._current().epochs(run_id)
 
     def stats(self) -> dict[str, Any]:
-        return dict(self._current().stats())
+        _, _, ended = self._state()
+        return {"finished_runs": ended}
+
+
+def _summary_rows(runs: Any) -> list[dict[str, Any]]:
+    """The fields of a status summary, as Python values (no times: they may not fit Python)."""
+    cols = ["run_id", "status", "node_type", "planned_epochs", "trained_epochs"]
+    cols += ["energy_j", "duration_s"]
+    return list(runs.select(cols).iter_rows(named=True))
+
+
+def _ended_summary(row: dict[str, Any]) -> dict[str, Any]:
+    """A run's summary as the live aggregator gives it once the run has ended.
+
+    Its STEP figure is final: the stored total, with a band of zero width
+    (what :meth:`estimators.step.OnlineStep.finish` gives), when its planned
+    epochs are known.
+    """
+    from estimators.step import Projection
+
+    total, planned = row["energy_j"], row["planned_epochs"]
+    if total is not None and planned is not None and planned > 0:
+        projection = Projection(
+            method="step",
+            energy_j=total,
+            lower_j=total,
+            upper_j=total,
+            stable=True,
+            measured_j=total,
+            elapsed_s=row["duration_s"] or 0.0,
+            remaining_s=0.0,
+            remaining_epochs=0.0,
+            finished=True,
+        ).as_row()
+    else:
+        why = "planned_epochs unknown: STEP needs it" if total is not None else "no stored energy"
+        projection = {"method": "step", "energy_j": None, "stable": False, "reason": why}
+    return {
+        "run_id": row["run_id"],
+        "status": row["status"],
+        "node_type": row["node_type"],
+        "planned_epochs": planned,
+        "epochs_done": row["trained_epochs"],
+        "measured_energy_j": total,
+        "duration_s": row["duration_s"],
+        "projection": projection,
+    }
 
 
 def run_metrics(args: argparse.Namespace) -> int:

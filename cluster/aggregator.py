@@ -42,7 +42,10 @@ live state and the rebuild is tried again 5 s later). So is a run given any
 stream first seen after one of its epochs finished (a device that joined
 late): :func:`estimators.energy.epoch_energy` counts it in the finished
 epochs too, its first power held back up to the gap threshold and the time
-before that as its gap. Otherwise
+before that as its gap. So is a run given a known stream's samples older than
+that stream's first sample seen live (a backfill: a sidecar's first batches,
+failed at startup, resent after later ones; once per such batch, which is
+bounded by the stream's batches before its first). Otherwise
 (a known stream's batch that lagged past the epoch's closing, or a sample older
 than the window) it is *late*: it is stored (the store drops duplicates) but
 does not change finished epochs while the run goes on, so ``late_samples``
@@ -55,7 +58,11 @@ gap threshold), the run is rebuilt from the store as for a new stream; otherwise
 (only the interpolation changes) the sample counts as late. A sample sent again
 with other values keeps its first value, in memory and in the store alike (the
 store skips it and counts it as ``rejected``); one batch with two values for one
-sample is refused. Samples go to the store in
+sample is refused. Samples of a run that has ended are stored too (counted as
+``after_finish``; a restarted sidecar resends its journal), and after the flush
+that writes them the run's stored ``energy_j``, ``end``, ``duration_s`` and its
+held summary are recomputed from the store, as :meth:`Aggregator.finish_run`
+computes them (once per run per flush). Samples go to the store in
 batches (``flush_rows`` / ``flush_interval_s``); with a write-ahead journal
 (``wal``) every batch is on local disk before :meth:`Aggregator.ingest_samples`
 returns, and a restart replays it.
@@ -119,7 +126,16 @@ from estimators.energy import (
     stream_threshold,
 )
 from profiler.errors import BadInputError, SchemaError, StoreError
-from profiler.schema import RUN_STATUSES, SOURCES, UTC_US, check_run_id, conform, schema
+from profiler.schema import (
+    RUN_STATUSES,
+    SOURCES,
+    TIME_END,
+    TIME_MIN,
+    UTC_US,
+    check_run_id,
+    conform,
+    schema,
+)
 
 if TYPE_CHECKING:
     from profiler.journal import Journal
@@ -322,7 +338,10 @@ class _Run:
     ``base_e``/``base_g`` are the energy (J) and gap time (s) folded away
     before the window's first sample of each stream; ``floor_us`` the time of
     that first sample once pruned; ``first_us`` the stream's first sample
-    time; ``pruned`` how many samples were folded (``_UNSET`` = not yet).
+    time; ``join_us`` its first sample time when it was first merged live,
+    kept across rebuilds from the store (samples older than that are a
+    backfill: :meth:`_View._missed`); ``pruned`` how many samples were folded
+    (``_UNSET`` = not yet).
     """
 
     run_id: str
@@ -337,6 +356,7 @@ class _Run:
     base_g: np.ndarray = field(default_factory=lambda: np.zeros(0))
     floor_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     first_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
+    join_us: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     pruned: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     # Gap threshold of each stream in s once its sampler's rhythm is known (NaN: not yet;
     # see estimators.energy.stream_threshold).
@@ -386,6 +406,7 @@ class _Run:
             self.base_g = np.concatenate((self.base_g, np.zeros(grow)))
             self.floor_us = np.concatenate((self.floor_us, np.full(grow, _UNSET, np.int64)))
             self.first_us = np.concatenate((self.first_us, np.full(grow, _UNSET, np.int64)))
+            self.join_us = np.concatenate((self.join_us, np.full(grow, _UNSET, np.int64)))
             self.pruned = np.concatenate((self.pruned, np.zeros(grow, np.int64)))
             self.thr_s = np.concatenate((self.thr_s, np.full(grow, np.nan)))
         return sid
@@ -410,16 +431,19 @@ class _View:
     ``inc``, edge powers), computed for all streams at once. Interval ``i``
     lies between rows ``i`` and ``i + 1``; those between two segments are
     meaningless and never read.
+
+    ``rebuild``: the runs can be rebuilt from a store (a backfill older than the
+    window reopens its run; without a store it counts as late).
     """
 
     __slots__ = (
         "runs", "goff", "gid", "us", "t", "p", "c", "key", "span", "umin", "ranks",
         "seg_a", "seg_b", "seg_g", "seg_run", "run_seg", "dt", "inc", "kind", "e", "g",
-        "edge_first", "edge_last", "base_e", "base_g", "floor_us", "first_us", "pruned",
-        "thr", "thr_g", "seg_thr",
+        "edge_first", "edge_last", "base_e", "base_g", "floor_us", "first_us", "join_us",
+        "pruned", "thr", "thr_g", "seg_thr",
     )  # fmt: skip
 
-    def __init__(self, runs: list[_Run], thr: float) -> None:
+    def __init__(self, runs: list[_Run], thr: float, *, rebuild: bool = True) -> None:
         self.runs = runs
         self.thr = thr
         ns = np.array([len(st.names) for st in runs], dtype=np.int64)
@@ -429,6 +453,7 @@ class _View:
         self.base_g = _cat([st.base_g[: len(st.names)] for st in runs], np.float64)
         self.floor_us = _cat([st.floor_us[: len(st.names)] for st in runs], np.int64)
         self.first_us = _cat([st.first_us[: len(st.names)] for st in runs], np.int64)
+        self.join_us = _cat([st.join_us[: len(st.names)] for st in runs], np.int64)
         self.pruned = _cat([st.pruned[: len(st.names)] for st in runs], np.int64)
         self.thr_g = _cat([st.thr_s[: len(st.names)] for st in runs], np.float64)
         sids, uss, ps, cs = [], [], [], []
@@ -506,7 +531,14 @@ class _View:
         # A sample older than its stream's window cannot change finished epochs.
         late = us < self.floor_us[gid] if may_be_late else None
         if late is not None and late.any():
-            for r, k in self._per_run(gid[late]):
+            # ... unless it is a backfill (older than its stream's first sample seen live,
+            # in a finished epoch) and there is a store to rebuild the run from with it.
+            back = late & (us < self.join_us[gid]) & (us < self._watermarks()[self._run_of(gid)])
+            back &= rebuild
+            for r, _ in self._per_run(gid[back]):
+                runs[r].reopened = True
+                runs[r].dirty = True
+            for r, k in self._per_run(gid[late & ~back]):
                 runs[r].late += k
                 runs[r].dirty = True
             keep = ~late
@@ -526,6 +558,8 @@ class _View:
         if unset.any():
             self._joined_late(unset)
         self.first_us[self.seg_g[unset]] = us[self.seg_a[unset]]
+        joined = self.join_us[self.seg_g] == _UNSET
+        self.join_us[self.seg_g[joined]] = us[self.seg_a[joined]]
         self._thresholds()
         self._build()
         if around:
@@ -564,29 +598,39 @@ class _View:
             run.dirty |= run.provisional_differs(sid, thr)
             run.thr_used.pop(sid, None)
 
+    def _watermarks(self) -> np.ndarray:
+        """Per run, the end of its last finished epoch in µs (``_UNSET``: none yet)."""
+        return np.array(
+            [_UNSET if st.watermark_us is None else st.watermark_us for st in self.runs],
+            dtype=np.int64,
+        )
+
+    def _run_of(self, gid: np.ndarray) -> np.ndarray:
+        """Run index of each global stream id."""
+        return np.searchsorted(self.goff, gid, side="right") - 1
+
     def _missed(self, fresh: np.ndarray, gid: np.ndarray, us: np.ndarray) -> None:
         """Flag runs given new samples (not duplicates) older than their last finished epoch's end.
 
         Such a sample belongs to a finished epoch that was computed without it.
         If its stream was first seen now (a node whose first batch came after the
-        epoch closed), the run is marked ``reopened``: the aggregator rebuilds it
-        from the store, once per such stream. Otherwise (a known stream's batch
-        that lagged past the epoch's closing) the sample is counted as late and
-        the run's final totals are recomputed from the store when it ends.
+        epoch closed), or the sample is older than its stream's first sample seen
+        live (``join_us``: a backfill, e.g. a sidecar's first batches, failed at
+        startup, resent after later ones), the run is marked ``reopened``: the
+        aggregator rebuilds it from the store, once per such batch. Otherwise (a
+        known stream's batch that lagged past the epoch's closing) the sample is
+        counted as late and the run's final totals are recomputed from the store
+        when it ends.
         """
-        wm = np.array(
-            [_UNSET if st.watermark_us is None else st.watermark_us for st in self.runs],
-            dtype=np.int64,
-        )
-        run_of = np.searchsorted(self.goff, gid, side="right") - 1
-        missed = fresh & (us < wm[run_of])
+        missed = fresh & (us < self._watermarks()[self._run_of(gid)])
         if not missed.any():
             return
-        new_stream = self.first_us[gid[missed]] == _UNSET
-        for r, _ in self._per_run(gid[missed][new_stream]):
+        g, u = gid[missed], us[missed]
+        reopen = (self.first_us[g] == _UNSET) | (u < self.join_us[g])
+        for r, _ in self._per_run(g[reopen]):
             self.runs[r].reopened = True
             self.runs[r].dirty = True
-        for r, k in self._per_run(gid[missed][~new_stream]):
+        for r, k in self._per_run(g[~reopen]):
             self.runs[r].late += k
             self.runs[r].dirty = True
 
@@ -761,6 +805,7 @@ class _View:
             st.base_g[:m] = self.base_g[g0:g1]
             st.floor_us[:m] = self.floor_us[g0:g1]
             st.first_us[:m] = self.first_us[g0:g1]
+            st.join_us[:m] = self.join_us[g0:g1]
             st.pruned[:m] = self.pruned[g0:g1]
             st.thr_s[:m] = self.thr_g[g0:g1]
 
@@ -1082,6 +1127,12 @@ class Aggregator:
         self._wal_lock = threading.Lock()
         self._inflight_rows = 0  # of ``_pending_rows``, those a flush is writing now
         self._reopened: set[str] = set()  # runs a new stream reopened (to rebuild)
+        # Runs that had ended when samples of theirs came (``after_finish``): seen by the
+        # batch being ingested, queued with the pending batches, and written by a flush
+        # (their stored figures are brought up to date after it: _refresh_ended).
+        self._ended_seen: set[str] = set()
+        self._ended_pending: set[str] = set()
+        self._ended_written: set[str] = set()
         self.node_lag_s: dict[str, float] = {}
         self._node_seen_us: dict[str, int] = {}  # node -> when its newest batch came
         self._nodes_swept_us = 0
@@ -1282,9 +1333,12 @@ class Aggregator:
             try:
                 self._absorb(batch, write=write)
             except BaseException:
+                self._ended_seen.clear()
                 self._enqueue(None, seq)  # its journal entry is dropped with the next flush
                 raise
-            self._enqueue(batch if write and self.store is not None else None, seq)
+            stored = write and self.store is not None
+            ended, self._ended_seen = self._ended_seen, set()
+            self._enqueue(batch if stored else None, seq, ended=ended if stored else None)
             if write:
                 self._recompute_reopened()
         if write and self.store is not None:
@@ -1304,6 +1358,8 @@ class Aggregator:
             ((~p.is_finite()) | (p < 0)).any(),
             ((~e.is_finite()) | (e < 0)).any(),
             (~pl.col("source").is_in(SOURCES)).any(),
+            # Times Python cannot hold (year 10000) would break every later read.
+            ((pl.col("timestamp") < TIME_MIN) | (pl.col("timestamp") >= TIME_END)).any(),
             # Two rows of one sample: harmless if equal, refused if not (conform tells).
             pl.struct(_KEY).hash().is_duplicated().any(),
         ).row(0)
@@ -1421,7 +1477,10 @@ class Aggregator:
         for pos, st in enumerate(states):
             a, b = offs_l[pos], offs_l[pos + 1]
             if st is None:
-                self.counters["unassigned" if rids[pos] is None else "after_finish"] += b - a
+                rid = rids[pos]
+                self.counters["unassigned" if rid is None else "after_finish"] += b - a
+                if rid is not None and live:
+                    self._ended_seen.add(rid)
                 continue
             if per_run_sources is None:
                 st.sources.add(one)
@@ -1442,13 +1501,15 @@ class Aggregator:
                     fold.append(st)
             if st.watermark_us is not None and lo[pos] < st.watermark_us:
                 sids = np.unique(row_sid[a:b])
-                if (st.first_us[sids] == _UNSET).any():
+                # A new stream, or one given samples older than its first seen live.
+                if (st.first_us[sids] == _UNSET).any() or lo[pos] < int(st.join_us[sids].max()):
                     below.append(st)
         self._advance_many(ready)
         if fold:
             self._fold_unmarked(fold)
-        # A new stream's samples older than the last finished epoch's end: merge them
-        # now, so that the epochs that missed them are recomputed at once.
+        # A new stream's samples older than the last finished epoch's end (or a known
+        # stream's older than its first sample): merge them now, so that the epochs that
+        # missed them are recomputed at once.
         merge = [st for st in below if st.chunks]
         if merge:
             self._view(merge).store()
@@ -1649,7 +1710,9 @@ class Aggregator:
         that epoch; the run's finished epochs and its STEP projection are
         recomputed from the store with them (once per such stream: afterwards
         the stream is known, and its samples that come too late count as late).
-        Without a store the run is only marked for recomputation at its end.
+        So does a known stream's batch older than its first sample seen live (a
+        backfill: once per such batch). Without a store the run is only marked
+        for recomputation at its end.
         """
         if self.store is None or not self._reopened:
             return
@@ -1662,8 +1725,8 @@ class Aggregator:
             if now < st.retry_reopen_us:
                 continue
             log.info(
-                "run %s: a node's first samples arrived after an epoch closed; recomputing "
-                "its finished epochs from the store",
+                "run %s: a node's first samples (or samples older than them) arrived after "
+                "an epoch closed; recomputing its finished epochs from the store",
                 rid,
             )
             try:
@@ -1688,7 +1751,7 @@ class Aggregator:
     def _view(self, runs: list[_Run]) -> _View:
         """Merge the runs' new chunks into their windows and build their integration streams."""
         late = sum(st.late for st in runs)
-        view = _View(runs, self.gap_threshold_s)
+        view = _View(runs, self.gap_threshold_s, rebuild=self.store is not None)
         self.counters["late"] += sum(st.late for st in runs) - late
         if self.store is not None:  # without a store there is nothing to rebuild it from
             self._reopened.update(st.run_id for st in runs if st.reopened)
@@ -2147,11 +2210,19 @@ class Aggregator:
         with self._wal_lock:
             return self.wal.append(batch)
 
-    def _enqueue(self, batch: pl.DataFrame | None, seq: int | None) -> None:
-        """Queue a batch for the store together with its journal entry (``None``: none)."""
+    def _enqueue(
+        self, batch: pl.DataFrame | None, seq: int | None, *, ended: set[str] | None = None
+    ) -> None:
+        """Queue a batch for the store together with its journal entry (``None``: none).
+
+        ``ended``: runs that had ended when the batch came; their stored figures
+        are brought up to date after the flush that writes it.
+        """
         with self._queue_lock:
             if seq is not None:
                 self._wal_seqs.append(seq)
+            if ended:
+                self._ended_pending |= ended
             if batch is not None:
                 self._pending.append(batch)
                 self._pending_rows += batch.height
@@ -2186,7 +2257,7 @@ class Aggregator:
         if not self._flush_lock.acquire(blocking=force):
             return 0
         try:
-            return self._flush_locked()
+            n = self._flush_locked()
         except StoreError as err:
             log.warning(
                 "aggregator: store write failed (%s); %d samples kept for retry",
@@ -2196,6 +2267,8 @@ class Aggregator:
             return 0
         finally:
             self._flush_lock.release()
+        self._refresh_ended()
+        return n
 
     def flush(self) -> int:
         """Write every pending sample to the store now (after any flush already running).
@@ -2214,7 +2287,9 @@ class Aggregator:
         if self.store is None:
             return 0
         with self._flush_lock:
-            return self._flush_locked()
+            n = self._flush_locked()
+        self._refresh_ended()
+        return n
 
     def _flush_locked(self) -> int:
         """Write the queued batches (caller holds ``_flush_lock``, not necessarily ``_lock``).
@@ -2230,6 +2305,7 @@ class Aggregator:
             if not self._pending:
                 return 0
             taken, seqs, since = self._pending, self._wal_seqs, self._pending_since
+            ended, self._ended_pending = self._ended_pending, set()
             rows = self._pending_rows - self._inflight_rows
             self._pending, self._wal_seqs, self._pending_since = [], [], None
             self._inflight_rows += rows
@@ -2262,6 +2338,7 @@ class Aggregator:
             with self._queue_lock:
                 self._pending = taken + self._pending
                 self._wal_seqs = seqs + self._wal_seqs
+                self._ended_pending |= ended
                 self._inflight_rows -= rows
                 if since is not None:
                     self._pending_since = min(since, self._pending_since or since)
@@ -2271,6 +2348,7 @@ class Aggregator:
             self._pending_rows -= rows
             self.counters["flushed"] += n
             self.counters["rejected"] += rejected
+            self._ended_written |= ended
         if self.wal is not None:
             with self._wal_lock:
                 for seq in seqs:
@@ -2281,6 +2359,132 @@ class Aggregator:
         """Flush everything that waits."""
         self.flush()
 
+    def _refresh_ended(self) -> None:
+        """Bring the stored figures of ended runs given samples since up to date.
+
+        Samples of a run that has ended (a restarted sidecar resending its
+        journal, a lagging node) are stored like any others, so ``wattwise
+        energy --run`` counts them; here, after the flush that wrote them
+        (once per run per flush, however many batches came), the run's record
+        gets what :meth:`finish_run` would have stored with them: ``energy_j``
+        (:func:`estimators.energy.run_total_j` on the store; the first sample
+        to the last if its marks overlap), ``end`` and ``duration_s`` (first
+        sample to last) and ``energy_source``. The record is computed and
+        written under the store's lock (:meth:`Store.update_runs`), so a
+        concurrent writer cannot slip samples in between. Runs whose energy was
+        reported rather than measured (``energy_source`` ``reported``, an
+        import) are left as they are. The summary :meth:`status` serves for
+        the run, if held, is updated too (its ``measured_energy_j``, the
+        Prometheus counter, never goes down). Per-epoch energy of an ended run
+        is computed from the store when asked (:meth:`epochs`), so it is
+        current already.
+
+        A store that cannot be read or written is logged and the runs are
+        tried again after the next flush; this never raises.
+        """
+        if self.store is None:
+            return
+        with self._queue_lock:
+            ids, self._ended_written = self._ended_written, set()
+        if not ids:
+            return
+        figures: dict[str, dict[str, Any]] = {}
+
+        def rows(runs: pl.DataFrame) -> pl.DataFrame:
+            out = []
+            for row in runs.filter(pl.col("run_id").is_in(sorted(ids))).iter_rows(named=True):
+                if row["status"] == "running" or row.get("energy_source") == "reported":
+                    continue
+                fig = self._ended_figures(row)
+                if fig is not None:
+                    figures[str(row["run_id"])] = fig
+                    out.append(fig["row"])
+            if not out:
+                return pl.DataFrame(schema={"run_id": pl.String(), "status": pl.String()})
+            return pl.DataFrame(out, schema_overrides={"end": UTC_US})
+
+        try:
+            self.store.update_runs(rows)
+        except Exception as err:  # never fail the flush (the samples are stored)
+            retry = isinstance(err, StoreError)
+            if retry:
+                with self._queue_lock:
+                    self._ended_written |= ids
+            log.warning(
+                "aggregator: runs %s got samples after they ended, but their stored energy "
+                "could not be updated (%s: %s)%s",
+                sorted(ids)[:5],
+                type(err).__name__,
+                err,
+                "; tried again after the next flush" if retry else "",
+            )
+            return
+        with self._lock:
+            for rid, fig in figures.items():
+                held = self._finished.get(rid)
+                if held is None:
+                    continue
+                total = float(fig["row"]["energy_j"])
+                new = dict(held)
+                new["measured_energy_j"] = max(
+                    float(held.get("measured_energy_j") or 0.0), fig["span_j"], total
+                )
+                for key in ("duration_s", "gap_s", "samples"):
+                    if key in held:
+                        new[key] = fig[key]
+                proj = held.get("projection")
+                if isinstance(proj, dict) and proj.get("finished"):
+                    new["projection"] = proj | dict.fromkeys(
+                        ("energy_j", "lower_j", "upper_j", "measured_j"), total
+                    )
+                self._finished[rid] = new  # replaced, not changed: readers may hold the old
+        if figures:
+            log.info(
+                "aggregator: stored energy of ended runs updated after samples came late: %s",
+                {rid: round(float(f["row"]["energy_j"]), 3) for rid, f in figures.items()},
+            )
+
+    def _ended_figures(self, row: dict[str, Any]) -> dict[str, Any] | None:
+        """An ended run's record fields recomputed from the store (see :meth:`_refresh_ended`).
+
+        Returns:
+            ``row`` (the fields to upsert), ``span_j`` (J, first sample to last),
+            ``duration_s`` (s), ``gap_s`` (s) and ``samples``; ``None`` when the
+            run has no sample with a value.
+
+        """
+        from estimators.energy import run_energy, run_total_j
+
+        assert self.store is not None
+        run_id = str(row["run_id"])
+        stored = self.store.samples(run_id)
+        samples, marks = align(stored, self.store.epochs(run_id), row)
+        thr = self.gap_threshold_s
+        span = run_energy(samples, gap_threshold_s=thr) if samples.height else None
+        if span is None or span.height == 0:
+            return None
+        sp = span.row(0, named=True)
+        if marks.height and not overlapping_marks(marks):
+            total = run_total_j(samples, marks, gap_threshold_s=thr)
+        else:  # as finish_run: no marks, or marks that overlap (first sample to last)
+            total = float(sp["energy_j"])
+        end = sp["end"] if row.get("end") is None else max(row["end"], sp["end"])
+        sources = set(stored["source"].unique().to_list())
+        return {
+            "row": {
+                "run_id": run_id,
+                "status": row["status"],
+                "end": end,
+                "duration_s": sp["duration_s"],
+                "energy_j": total,
+                "energy_source": "modelled" if sources == {"modelled"} else "measured",
+            },
+            "span_j": float(sp["energy_j"]),
+            "duration_s": sp["duration_s"],
+            "gap_s": sp["gap_s"],
+            "samples": sp["n_samples"],
+        }
+
     # -------------------------------------------------------------------------------- rebuild
     @classmethod
     def rebuild(
@@ -2290,7 +2494,8 @@ class Aggregator:
 
         Batches left in the write-ahead journal by a process that died are
         written to the store first (a sample stored already with other values
-        keeps the stored value, as in :meth:`flush`); then each running run's
+        keeps the stored value, as in :meth:`flush`; runs that had ended get
+        their stored figures updated, as after a flush); then each running run's
         samples and epoch marks are replayed (one run at a time, so memory
         stays bounded by the largest run's current window plus one run's
         history). A run that cannot be rebuilt is logged and left out (its
@@ -2312,9 +2517,8 @@ class Aggregator:
 
                 for seq, path in agg.wal.pending():
                     try:
-                        store.write_samples(
-                            agg.wal.read(path), conflicts="keep_stored", on_conflict=skipped
-                        )
+                        part = agg.wal.read(path)
+                        store.write_samples(part, conflicts="keep_stored", on_conflict=skipped)
                     except (SchemaError, BadInputError) as err:
                         # Never a crash loop: keep the batch aside for a person to look at.
                         aside = path.with_name(f"rejected-{path.name}")
@@ -2322,11 +2526,14 @@ class Aggregator:
                         log.error("aggregator: journal batch %s refused (%s); kept as %s",
                                   path, err, aside)  # fmt: skip
                         continue
+                    # Samples of runs that had ended (the refresh skips running ones).
+                    agg._ended_written.update(part["run_id"].drop_nulls().unique().to_list())
                     agg.wal.remove(seq)
             runs = store.runs()
             for row in runs.filter(pl.col("status") == "running").iter_rows(named=True):
                 if owns is None or owns(str(row["run_id"])):
                     agg._load_or_skip(row)
+        agg._refresh_ended()
         return agg
 
     def _load_or_skip(self, row: dict[str, Any]) -> None:
@@ -2375,6 +2582,13 @@ class Aggregator:
             self.start_run(row, write=False)
             st = self._runs[run_id]
             st.keep_done_us, st.late = keep_done_us, late
+            if old is not None:
+                # Each stream's first sample seen live stays what it was: samples older
+                # than that which come after the rebuild are a backfill too.
+                for sid, name in enumerate(old.names):
+                    if old.join_us[sid] != _UNSET:
+                        new_sid = st.stream(*name)  # may grow the arrays: first
+                        st.join_us[new_sid] = old.join_us[sid]
             if samples.height:
                 self._absorb(samples, live=False)
             if marks.height:

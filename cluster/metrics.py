@@ -27,6 +27,7 @@ in the names, ``_total`` on counters; labels ``run_id``, ``job_name``,
     wattwise_sidecar_{samples,sent_samples,spilled_samples,lost_samples}_total{node}
     wattwise_sidecar_pending_samples{node}
     wattwise_aggregator_{samples,late_samples,flushed_samples,epochs,finished_runs}_total
+    wattwise_aggregator_{recomputed_runs,rejected_samples,after_finish_samples}_total
     wattwise_aggregator_pending_samples, wattwise_aggregator_node_lag_seconds{node}
 
 **Current power** is not one of the aggregator's queries, so it is derived
@@ -379,11 +380,16 @@ class WattwiseCollector:
             (
                 "recomputed_runs",
                 "recomputed_runs",
-                "Runs rebuilt from the store because a node's first samples came after "
-                "an epoch had closed.",
+                "Runs rebuilt from the store because a node's first samples (or samples "
+                "older than them) came after an epoch had closed.",
             ),
             ("flushed", "flushed_samples", "Samples new to the store when written."),
             ("rejected", "rejected_samples", "Samples dropped because they conflict."),
+            (
+                "after_finish",
+                "after_finish_samples",
+                "Samples of runs that had ended (stored; the run's stored energy is updated).",
+            ),
             ("epochs", "epochs", "Epoch marks taken."),
             ("finished_runs", "finished_runs", "Runs ended."),
         ):
@@ -394,7 +400,8 @@ class WattwiseCollector:
         pending = GaugeMetricFamily(
             "wattwise_aggregator_pending_samples", "Samples waiting to be written to the store."
         )
-        pending.add_metric([], float(st.get("pending_rows", 0)))
+        if "pending_rows" in st:  # only a live aggregator knows (not a store rebuild)
+            pending.add_metric([], float(st["pending_rows"]))
         lag = GaugeMetricFamily(
             "wattwise_aggregator_node_lag_seconds",
             "Delay between a node's newest sample and its arrival, in s (negative: skewed clock).",

@@ -27,6 +27,7 @@ LIVE_ONLY = (
     "wattwise_aggregator_rejected_samples_total",
     "wattwise_aggregator_epochs_total",
     "wattwise_aggregator_recomputed_runs_total",
+    "wattwise_aggregator_pending_samples",  # a gauge, but also unknown without the aggregator
 )
 
 

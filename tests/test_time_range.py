@@ -216,3 +216,32 @@ def test_import_of_a_scrape_in_2300_exits_2(
     err = capsys.readouterr().err
     assert f"{path}, row 1, 'timestamp': expected a time from 1970-01-01T00:00:00Z" in err
     assert "found 2300-01-01T00:00:00+00:00" in err
+
+
+def test_a_typed_sample_batch_sent_straight_to_the_aggregator_is_checked_too(
+    tmp_path: Path,
+) -> None:
+    """Found in review: a batch already in the samples schema skipped ``conform`` (the fast
+    path), so a year-10000 time sent straight to ``ingest_samples`` reached the store."""
+    from datetime import UTC, datetime
+
+    from profiler.schema import schema
+
+    store = Store(tmp_path / "s")
+    agg = Aggregator(store)
+    agg.start_run({"run_id": "r1"})
+    late = pl.Series([datetime(2262, 4, 11, tzinfo=UTC)]).cast(pl.Datetime("us", "UTC"))
+    ok = pl.Series([datetime(2024, 1, 1, tzinfo=UTC)]).cast(pl.Datetime("us", "UTC"))
+    rows = {"run_id": ["r1"] * 2, "node": "n", "device": "0", "power_w": [1.0, 1.0]}
+    rows |= {"source": "replay", "timestamp": pl.concat([ok, late])}
+    full = schema("samples")
+    batch = (
+        pl.DataFrame(rows)
+        .with_columns(pl.lit(None, full[c]).alias(c) for c in full if c not in rows)
+        .select([pl.col(c).cast(t) for c, t in full.items()])
+    )
+    assert batch.schema == schema("samples")
+    with pytest.raises(SchemaError, match="2262-04-11"):
+        agg.ingest_samples(batch)
+    agg.flush()
+    assert store.samples("r1").height == 0

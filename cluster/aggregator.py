@@ -108,7 +108,7 @@ import math
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -533,8 +533,11 @@ class _View:
         if late is not None and late.any():
             # ... unless it is a backfill (older than its stream's first sample seen live,
             # in a finished epoch) and there is a store to rebuild the run from with it.
-            back = late & (us < self.join_us[gid]) & (us < self._watermarks()[self._run_of(gid)])
-            back &= rebuild
+            back = np.zeros(len(late), dtype=bool)
+            if rebuild:
+                idx = np.flatnonzero(late)
+                g, u = gid[idx], us[idx]
+                back[idx] = (u < self.join_us[g]) & (u < self._watermarks()[self._run_of(g)])
             for r, _ in self._per_run(gid[back]):
                 runs[r].reopened = True
                 runs[r].dirty = True
@@ -1029,10 +1032,16 @@ def overlapping_marks(marks: pl.DataFrame) -> list[tuple[int, int, int, int, int
     if marks.height < 2:
         return []
     start, end = pl.col("start").dt.epoch("us"), pl.col("end").dt.epoch("us")
-    rows = marks.select("epoch", start, end).sort("start", "end")
+    return _overlap_pairs(marks.select("epoch", start, end).iter_rows())
+
+
+def _overlap_pairs(
+    marks: Iterable[tuple[int, int, int]],
+) -> list[tuple[int, int, int, int, int, int]]:
+    """:func:`overlapping_marks` on ``(epoch, start µs, end µs)`` tuples, in any order."""
     out: list[tuple[int, int, int, int, int, int]] = []
     held: tuple[int, int, int] | None = None  # the mark ending last so far
-    for ep, s, e in rows.iter_rows():
+    for ep, s, e in sorted(marks, key=lambda m: (m[1], m[2], m[0])):
         if held is not None and s < held[2]:
             out.append((*held, int(ep), int(s), int(e)))
         if held is None or e > held[2]:
@@ -1672,19 +1681,17 @@ class Aggregator:
                 have[ep] = (s, e)
             # Marks already stored that overlap each other (written around the aggregator)
             # are finish_run's to report; only an overlap with a new mark is refused here.
-            held: tuple[int, int, int] | None = None  # the mark ending last so far
-            for s1, e1, ep1 in sorted((s, e, ep) for ep, (s, e) in have.items()):
-                if held is not None and s1 < held[1] and (ep1 in new or held[2] in new):
-                    s0, e0, ep0 = held
-                    news = [ep for ep in (ep0, ep1) if ep in new]
+            for ep0, s0, e0, ep1, s1, e1 in _overlap_pairs(
+                (ep, s, e) for ep, (s, e) in have.items()
+            ):
+                news = [ep for ep in (ep0, ep1) if ep in new]
+                if news:
                     raise BadInputError(
                         f"run {rid!r}: epoch {ep1} ({_us_iso(s1)} to {_us_iso(e1)}) starts "
                         f"before epoch {ep0} ({_us_iso(s0)} to {_us_iso(e0)}) ends; expected "
                         f"epochs that do not overlap (new mark(s): epoch {news}). Nothing was "
                         "taken"
                     )
-                if held is None or e1 > held[1]:
-                    held = (s1, e1, ep1)
 
     def _marks_of(self, run_id: str) -> dict[int, tuple[int, int]]:
         """The run's marks taken so far: epoch -> (start, end) in µs on the marks' clock."""

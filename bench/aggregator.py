@@ -29,7 +29,6 @@ import datetime as dt
 import os
 import sys
 import time
-from collections.abc import Callable
 
 os.environ.setdefault("POLARS_MAX_THREADS", "1")  # one core: set before polars is imported
 if hasattr(os, "sched_setaffinity"):
@@ -41,6 +40,7 @@ import polars as pl  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cluster.aggregator import Aggregator  # noqa: E402
+from cluster.commands.common import whole_arg  # noqa: E402
 from profiler.schema import UTC_US, schema  # noqa: E402
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.UTC)
@@ -177,31 +177,16 @@ def run_case(
     return out
 
 
-def whole(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=whole(1), default=1250, help="concurrent runs (8 GPUs each)")
-    ap.add_argument("--runs-per-batch", type=whole(1), default=1250)
-    ap.add_argument("--seconds", type=whole(1), default=70, help="seconds of data")
-    ap.add_argument("--batch-seconds", type=whole(1), default=1)
-    ap.add_argument("--epoch-s", type=whole(1), default=30)
+    ap.add_argument("--runs", type=whole_arg(1), default=1250, help="concurrent runs (8 GPUs each)")
+    ap.add_argument("--runs-per-batch", type=whole_arg(1), default=1250)
+    ap.add_argument("--seconds", type=whole_arg(1), default=70, help="seconds of data")
+    ap.add_argument("--batch-seconds", type=whole_arg(1), default=1)
+    ap.add_argument("--epoch-s", type=whole_arg(1), default=30)
     ap.add_argument(
         "--node-batch-seconds",
-        type=whole(0),
+        type=whole_arg(0),
         default=5,
         help="also run the per-node case: one node's batch of this many s (0: skip)",
     )

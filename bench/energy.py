@@ -28,24 +28,15 @@ import time
 from pathlib import Path
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def main() -> None:
+    from cluster.commands.common import whole_arg
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=positive_int, default=10_000_000)
-    ap.add_argument("--epochs", type=positive_int, default=1_000)
-    ap.add_argument("--devices", type=positive_int, default=4)
-    ap.add_argument("--threads", type=positive_int, default=1, help="polars threads (default 1)")
-    ap.add_argument("--repeat", type=positive_int, default=3)
+    ap.add_argument("--samples", type=whole_arg(1), default=10_000_000)
+    ap.add_argument("--epochs", type=whole_arg(1), default=1_000)
+    ap.add_argument("--devices", type=whole_arg(1), default=4)
+    ap.add_argument("--threads", type=whole_arg(1), default=1, help="polars threads (default 1)")
+    ap.add_argument("--repeat", type=whole_arg(1), default=3)
     args = ap.parse_args()
     if args.samples < 2 * args.devices:
         ap.error(

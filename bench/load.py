@@ -32,12 +32,10 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import math
 import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +44,9 @@ import polars as pl
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+
+from cluster.commands.common import positive_arg, whole_arg  # noqa: E402
+
 SHARED = REPO.parent / "shared" / "data" / "seaa2023" / "traces.parquet"
 UTC = dt.UTC
 UTC_US = pl.Datetime("us", "UTC")
@@ -165,32 +166,6 @@ def layout_problem(jobs: int, devices: int, sidecars: int) -> str | None:
             f"{jobs} jobs, {devices} devices, {sidecars} sidecars"
         )
     return None
-
-
-def whole(minimum: int) -> Callable[[str], int]:
-    """An argparse type: a whole number of at least ``minimum``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            value = minimum - 1
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
-        return value
-
-    return parse
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 def run_load(
@@ -457,16 +432,18 @@ def run_load(
 def main() -> int:
     """Run the benchmark and print its figures."""
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--minutes", type=positive_float, default=10.0, help="sampling time (10)")
-    p.add_argument("--jobs", type=whole(1), default=50, help="a multiple of --sidecars")
-    p.add_argument("--devices", type=whole(1), default=1000, help="a multiple of --jobs")
-    p.add_argument("--sidecars", type=whole(1), default=10)
-    p.add_argument("--workers", type=whole(0), default=2, help="Ray worker nodes besides the head")
+    p.add_argument("--minutes", type=positive_arg, default=10.0, help="sampling time (10)")
+    p.add_argument("--jobs", type=whole_arg(1), default=50, help="a multiple of --sidecars")
+    p.add_argument("--devices", type=whole_arg(1), default=1000, help="a multiple of --jobs")
+    p.add_argument("--sidecars", type=whole_arg(1), default=10)
     p.add_argument(
-        "--epoch-s", type=positive_float, default=60.0, help="seconds per epoch of each job"
+        "--workers", type=whole_arg(0), default=2, help="Ray worker nodes besides the head"
     )
     p.add_argument(
-        "--every", type=positive_float, default=30.0, help="seconds between memory readings"
+        "--epoch-s", type=positive_arg, default=60.0, help="seconds per epoch of each job"
+    )
+    p.add_argument(
+        "--every", type=positive_arg, default=30.0, help="seconds between memory readings"
     )
     p.add_argument("--json", action="store_true", help="also print the figures as JSON")
     p.add_argument(

@@ -11,7 +11,6 @@ and a 1 Hz sidecar running, next to the same loop without them (goal: within 1 %
 from __future__ import annotations
 
 import argparse
-import math
 import resource
 import sys
 import tempfile
@@ -25,6 +24,7 @@ if str(ROOT) not in sys.path:
 
 import polars as pl  # noqa: E402
 
+from cluster.commands.common import positive_arg, whole_arg  # noqa: E402
 from profiler.hooks import EpochHooks  # noqa: E402
 from profiler.sidecar import Sidecar, StoreReceiver  # noqa: E402
 from profiler.sources.replay import ReplaySource, load_trace  # noqa: E402
@@ -137,34 +137,12 @@ def training_overhead(rounds: int, steps: int) -> tuple[float, float]:
     return sorted(plain)[len(plain) // 2], sorted(hooked)[len(hooked) // 2]
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number of at least 1."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    """An argparse type: a finite number above 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--devices", type=positive_int, default=4)
-    p.add_argument("--seconds", type=positive_float, default=20.0)
-    p.add_argument("--rounds", type=positive_int, default=7)
-    p.add_argument("--steps", type=positive_int, default=60)
+    p.add_argument("--devices", type=whole_arg(1), default=4)
+    p.add_argument("--seconds", type=positive_arg, default=20.0)
+    p.add_argument("--rounds", type=whole_arg(1), default=7)
+    p.add_argument("--steps", type=whole_arg(1), default=60)
     a = p.parse_args()
     print(f"sidecar cost, replay source with {a.devices} fake devices, {a.seconds:.0f} s each:")
     for hz in (1.0, 10.0):

@@ -28,7 +28,6 @@ Ray is imported inside functions so that importing this module stays cheap.
 from __future__ import annotations
 
 import base64
-import contextlib
 import importlib
 import io
 import json
@@ -36,7 +35,6 @@ import logging
 import math
 import os
 import socket
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -255,7 +253,8 @@ class _AggregatorActorImpl:
             StoreError: The file could not be written.
 
         """
-        from profiler.errors import StoreError
+        from profiler.errors import StoreError, WattwiseError
+        from profiler.store import atomic_write_bytes
 
         path = self._settings_file
         token = _token_file(path)
@@ -264,7 +263,7 @@ class _AggregatorActorImpl:
             if path.parent.is_symlink():
                 raise OSError(f"{path.parent} is a symbolic link; expected a folder")
             if keep_token:  # first the token, so that settings naming one always find it
-                _write_atomic(token, str(self._api_token), 0o600)
+                atomic_write_bytes(str(self._api_token).encode(), token, mode=0o600)
             if self._sidecar_settings is None and self._api_settings is None:
                 path.unlink(missing_ok=True)
             else:
@@ -275,12 +274,10 @@ class _AggregatorActorImpl:
                     "sidecars": self._sidecar_settings,
                     "api": self._api_settings,
                 }
-                from profiler.store import file_mode
-
-                _write_atomic(path, json.dumps(data, indent=1) + "\n", file_mode(path))
+                atomic_write_bytes((json.dumps(data, indent=1) + "\n").encode(), path)
             if not keep_token:
                 token.unlink(missing_ok=True)
-        except OSError as err:
+        except (OSError, WattwiseError) as err:
             raise StoreError(
                 f"could not save the aggregator's settings to {path}: {err}; a restart of the "
                 "actor would not start its sidecars and API again"
@@ -519,28 +516,6 @@ def read_settings(path: Path) -> dict[str, Any] | None:
             f"{found!r}. Remove the file and start the sidecars and API again"
         )
     return data
-
-
-def _write_atomic(path: Path, text: str, mode: int) -> None:
-    """Write ``text`` to ``path`` (permission bits ``mode``): readers see old or new, never half."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), mode)
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _describe(sidecars: Mapping[str, Any]) -> dict[str, Any]:

@@ -54,8 +54,6 @@ import datetime as dt
 import hashlib
 import json
 import math
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,7 +63,8 @@ import numpy as np
 import polars as pl
 
 from estimators.features import FEATURES, same_flops
-from profiler.errors import BadInputError, NotFittedError, StoreError
+from profiler.errors import BadInputError, NotFittedError
+from profiler.store import atomic_write_bytes
 
 if TYPE_CHECKING:
     import xgboost as xgb
@@ -1266,47 +1265,3 @@ def _unreadable(path: Path, what: str, err: OSError) -> str:
 def card_path(model_path: Path) -> Path:
     """``pre-v3.json`` -> ``pre-v3.card.json``."""
     return model_path.with_name(model_path.stem + ".card.json")
-
-
-def atomic_write_bytes(data: bytes, path: Path) -> None:
-    """Write ``data`` to ``path`` via a fsynced temporary and a rename.
-
-    Missing folders above ``path`` are created.
-
-    Raises:
-        BadInputError: A file stands where a folder of ``path`` should be (or
-            ``path`` is a folder); nothing was written.
-        StoreError: The write failed otherwise (no permission, disk full...);
-            ``path`` is untouched.
-
-    """
-    from profiler.store import file_mode
-
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError) as err:
-        # Checked here, not only by callers: a file where the folder should be.
-        raise BadInputError(
-            f"{path}: could not create its folder {path.parent}: a file of that name (or "
-            f"above it) is in the way ({err}); give a path in a folder"
-        ) from err
-    except OSError as err:
-        raise StoreError(f"{path}: could not create its folder {path.parent} ({err})") from err
-    if os.path.isdir(path):  # not Path.is_dir: a name too long is reported by the write
-        raise BadInputError(f"{path}: is a folder; expected a file name to write to")
-    try:
-        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
-    except OSError as err:
-        raise StoreError(f"{path}: could not write ({err})") from err
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            os.fchmod(fh.fileno(), file_mode(path))
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise StoreError(f"{path}: could not write ({err})") from err

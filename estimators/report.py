@@ -349,7 +349,7 @@ def _write(data: bytes, out: Path) -> None:
         StoreError: The folder or the file could not be written; ``out`` is untouched.
 
     """
-    from estimators.pre import atomic_write_bytes
+    from profiler.store import atomic_write_bytes
 
     try:
         atomic_write_bytes(data, out)

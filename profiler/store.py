@@ -196,6 +196,56 @@ def atomic_write_parquet(df: pl.DataFrame, path: Path) -> None:
         raise
 
 
+def atomic_write_bytes(data: bytes, path: Path, *, mode: int | None = None) -> None:
+    """Write ``data`` to ``path`` via a fsynced temporary and a rename.
+
+    Missing folders above ``path`` are created. The file gets permission bits
+    ``mode`` (default :func:`file_mode`: those of the file it replaces).
+
+    Raises:
+        BadInputError: A file stands where a folder of ``path`` should be (or
+            ``path`` is a folder); nothing was written.
+        StoreError: The write failed otherwise (no permission, disk full...);
+            ``path`` is untouched.
+
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as err:
+        # Checked here, not only by callers: a file where the folder should be.
+        raise BadInputError(
+            f"{path}: could not create its folder {path.parent}: a file of that name (or "
+            f"above it) is in the way ({err}); give a path in a folder"
+        ) from err
+    except OSError as err:
+        raise StoreError(f"{path}: could not create its folder {path.parent} ({err})") from err
+    if os.path.isdir(path):  # not Path.is_dir: a name too long is reported by the write
+        raise BadInputError(f"{path}: is a folder; expected a file name to write to")
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=".tmp-", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise StoreError(f"{path}: could not write ({err})") from err
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            os.fchmod(fh.fileno(), file_mode(path) if mode is None else mode)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise StoreError(f"{path}: could not write ({err})") from err
+    try:
+        _fsync_dir(path.parent)
+    except OSError as err:
+        raise StoreError(
+            f"could not sync the directory of {path} after writing it: {err}; {path} was "
+            f"replaced {NOT_DURABLE} (a crash could undo the write)"
+        ) from err
+
+
 def read_store_files(
     files: list[Path], table: str, columns: list[str] | None = None
 ) -> pl.DataFrame:

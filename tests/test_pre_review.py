@@ -13,8 +13,9 @@ import polars as pl
 import pytest
 
 from cluster.cli import main
-from estimators.pre import PREModel, atomic_write_bytes
+from estimators.pre import PREModel
 from profiler.errors import BadInputError
+from profiler.store import atomic_write_bytes
 
 
 @pytest.fixture

@@ -240,8 +240,7 @@ def test_epochs_upsert_by_run_and_epoch(tmp_path):
 def test_atomic_writes_keep_a_files_mode_and_follow_the_umask(tmp_path):
     """Found in review: the temporaries came from mkstemp (0600), so every report, model
     and store file became unreadable to others, even one that was 0644 before."""
-    from estimators.pre import atomic_write_bytes
-    from profiler.store import atomic_write_parquet
+    from profiler.store import atomic_write_bytes, atomic_write_parquet
 
     old = os.umask(0o022)
     try:

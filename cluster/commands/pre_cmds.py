@@ -469,7 +469,7 @@ def run_bench(args: argparse.Namespace) -> int:
         )
     )
     if Path(args.out).suffix.lower() == ".csv":
-        from estimators.pre import atomic_write_bytes
+        from profiler.store import atomic_write_bytes
 
         atomic_write_bytes(out.write_csv().encode(), Path(args.out))
     else:
@@ -496,8 +496,8 @@ def run_bench(args: argparse.Namespace) -> int:
         if not has.all():
             msg += f" ({int((~has).sum())} of {len(y)} runs without an interval: not counted)"
     if args.plot:
-        from estimators.pre import atomic_write_bytes
         from estimators.report import figure_png, pre_figure
+        from profiler.store import atomic_write_bytes
 
         # With truth the plot shows the measured runs (predicted against measured).
         keep = scored if has_truth else np.ones(test.height, dtype=bool)

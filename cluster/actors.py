@@ -28,6 +28,7 @@ Ray is imported inside functions so that importing this module stays cheap.
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib
 import io
 import json
@@ -529,6 +530,14 @@ def _describe(sidecars: Mapping[str, Any]) -> dict[str, Any]:
     return {"sources": shown, "options": sidecars["options"]}
 
 
+def _resolve(module: str, qualname: str) -> Any:
+    """The object ``qualname`` names in ``module`` (ImportError or AttributeError if none)."""
+    found: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        found = getattr(found, part)
+    return found
+
+
 def _function_ref(fn: Callable[..., Any], where: str) -> str:
     """``module:qualname`` of a function that can be imported again by that name."""
     from profiler.errors import BadInputError
@@ -536,12 +545,8 @@ def _function_ref(fn: Callable[..., Any], where: str) -> str:
     module, qualname = getattr(fn, "__module__", None), getattr(fn, "__qualname__", None)
     found: Any = None
     if module and qualname and "<" not in qualname:
-        try:
-            found = importlib.import_module(module)
-            for part in qualname.split("."):
-                found = getattr(found, part)
-        except (ImportError, AttributeError):
-            found = None
+        with contextlib.suppress(ImportError, AttributeError):
+            found = _resolve(module, qualname)
     if found is not fn:
         raise BadInputError(
             f"{where}: a restarted aggregator finds a sources function again by its name, so "
@@ -631,12 +636,9 @@ def decode_setting(value: Any) -> Any:
         if tag == "$function":
             module, _, qualname = str(body).partition(":")
             try:
-                found: Any = importlib.import_module(module)
-                for part in qualname.split("."):
-                    found = getattr(found, part)
+                return _resolve(module, qualname)
             except (ImportError, AttributeError) as err:
                 raise StoreError(f"the sources function {body} is no longer found: {err}") from err
-            return found
         raise StoreError(
             f"expected one of $tuple, $dict, $datetime, $path, $frame, $function; found {tag!r}"
         )
